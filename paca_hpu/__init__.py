@@ -1,0 +1,42 @@
+"""paca_hpu: PaCA (Partial Connection Adaptation, ICLR 2025) fine-tuning, Intel Gaudi (HPU) first.
+
+Importing this package is light: it imports neither optimum-habana nor ``habana_frameworks``; its only side
+effect is registering the global optimizer step post-hook that refreshes PaCA's merged weights (done on first
+:func:`apply_paca`, and here).
+"""
+
+from .adapter import load_adapter, save_adapter
+from .config import PaCAConfig
+from .layer import PaCALinear, select_indices
+from .model import (
+    _ensure_hook,
+    apply_paca,
+    disable_paca,
+    find_target_modules,
+    merge_paca,
+    paca_layers,
+    sync_paca,
+    trainable_parameters,
+    unload_paca,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PaCAConfig",
+    "PaCALinear",
+    "apply_paca",
+    "sync_paca",
+    "disable_paca",
+    "merge_paca",
+    "unload_paca",
+    "save_adapter",
+    "load_adapter",
+    "paca_layers",
+    "find_target_modules",
+    "trainable_parameters",
+    "select_indices",
+]
+
+_ensure_hook()
+del _ensure_hook

@@ -1,0 +1,205 @@
+"""PaCA adapter files: ``adapter_config.json`` + ``adapter_model.safetensors`` (peft's layout).
+
+``adapter_model.safetensors`` holds, for every PaCA layer ``<name>``:
+
+* ``<name>.delta``   float32 ``(out_features, r)``
+* ``<name>.indices`` int64 ``(r,)`` -- always stored, so loading needs no seed and every process agrees;
+
+and ``modules_to_save.<param_name>`` for the parameters of ``modules_to_save``.
+``adapter_config.json`` holds the :class:`PaCAConfig` plus ``format``, ``format_version``, ``peft_type`` and
+``base_model_name_or_path`` (when the model knows it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+import torch
+from torch import nn
+
+from .config import PaCAConfig
+from .layer import PaCALinear
+from .model import _is_supported, _matches, apply_paca, paca_layers
+
+__all__ = ["save_adapter", "load_adapter", "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "FORMAT_VERSION"]
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT_NAME = "paca_hpu"
+FORMAT_VERSION = 1
+_MTS_PREFIX = "modules_to_save."
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same directory, fsync, then ``os.replace``: readers see either the
+    old file or the complete new one, never a half-written file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The tensors :func:`save_adapter` writes (contiguous CPU copies). Raises ValueError without PaCA layers."""
+    state: Dict[str, torch.Tensor] = {}
+    for name, layer in paca_layers(model):
+        state[f"{name}.delta"] = layer.delta.detach().to("cpu").contiguous().clone()
+        state[f"{name}.indices"] = layer.indices.detach().to("cpu", torch.int64).contiguous().clone()
+    if not state:
+        raise ValueError("the model has no PaCA layers; call apply_paca(model, config) before save_adapter")
+    config = getattr(model, "paca_config", None)
+    if config is not None and config.modules_to_save:
+        for mname, module in model.named_modules():
+            if mname and _matches(mname, config.modules_to_save):
+                for pname, p in module.named_parameters():
+                    state[f"{_MTS_PREFIX}{mname}.{pname}"] = p.detach().to("cpu").contiguous().clone()
+    return state
+
+
+def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
+    """Save the PaCA adapter of ``model`` into directory ``path`` (created if missing).
+
+    Files are written atomically one by one (weights first, config last), so an interrupted save never leaves a
+    half-written file; other files in ``path`` (e.g. a Trainer checkpoint's optimizer state) are left alone.
+
+    Raises:
+        ValueError: ``model`` has no PaCA layers.
+        NotADirectoryError: ``path`` exists and is a file.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"save_adapter: '{path}' is a file; pass a directory path")
+    state = adapter_state_dict(model)
+    config: Optional[PaCAConfig] = getattr(model, "paca_config", None)
+    if config is None:  # PaCA layers were built by hand: record what they use
+        first = next(layer for _, layer in paca_layers(model))
+        config = PaCAConfig(r=first.r, paca_alpha=first.scaling * first.r,
+                            target_modules=[n for n, _ in paca_layers(model)])
+    path.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "peft_type": "PACA",
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        **config.to_dict(),
+    }
+    _atomic_write(path / ADAPTER_WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    _atomic_write(path / ADAPTER_CONFIG_NAME,
+                  lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
+
+
+def read_adapter(path: Union[str, os.PathLike]):
+    """``(PaCAConfig, metadata dict, tensors dict)`` read from an adapter directory.
+
+    Raises:
+        FileNotFoundError: the directory or one of its two files is missing (names it).
+        ValueError: the files are not a paca_hpu adapter or come from a newer format version.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_file, w_file = path / ADAPTER_CONFIG_NAME, path / ADAPTER_WEIGHTS_NAME
+    for f in (cfg_file, w_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"PaCA adapter file '{f}' not found; pass the directory written by "
+                                    "save_adapter (it holds adapter_config.json and adapter_model.safetensors)")
+    meta = json.loads(cfg_file.read_text())
+    if meta.get("format") != FORMAT_NAME:
+        raise ValueError(f"'{cfg_file}' is not a paca_hpu adapter (format={meta.get('format')!r}, "
+                         f"peft_type={meta.get('peft_type')!r})")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise ValueError(f"'{cfg_file}' has format_version {meta['format_version']}, newer than this paca_hpu "
+                         f"supports ({FORMAT_VERSION}); upgrade paca_hpu")
+    return PaCAConfig.from_dict(meta), meta, load_file(str(w_file))
+
+
+def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
+                 index_dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Load a PaCA adapter saved by :func:`save_adapter` into ``model`` and return it.
+
+    ``model`` is normally the UN-adapted base model: PaCA is applied to exactly the saved layers with the saved
+    indices (no seed needed), the deltas are loaded and the merged weights refreshed, so the logits equal the
+    trained model's. If ``model`` already carries PaCA layers with the same names (e.g. a Trainer resuming), they
+    are updated in place (their ``delta`` Parameter objects are kept, so an optimizer holding them stays valid).
+
+    Args:
+        model: base model (or a PaCA model with the same layers).
+        path: adapter directory.
+        index_dtype: gather index dtype for new layers (default: int32 on HPU, int64 elsewhere).
+
+    Raises:
+        FileNotFoundError / ValueError: see :func:`read_adapter`.
+        ValueError: a saved module is missing from ``model``, is not a linear layer, or has other shapes; the
+            message names the first mismatching module.
+    """
+    config, _, tensors = read_adapter(path)
+    names = [k[: -len(".delta")] for k in tensors if k.endswith(".delta") and not k.startswith(_MTS_PREFIX)]
+    modules = dict(model.named_modules())
+    # validate everything before touching the model
+    for name in names:
+        delta, idx = tensors[f"{name}.delta"], tensors.get(f"{name}.indices")
+        module = modules.get(name)
+        if idx is None:
+            raise ValueError(f"adapter file lacks '{name}.indices'; the file is corrupt")
+        if module is None:
+            raise ValueError(f"adapter module '{name}' does not exist in {type(model).__name__}; the adapter was "
+                             "trained on a different model")
+        if isinstance(module, PaCALinear):
+            out_f, in_f = module.out_features, module.in_features
+            if module.r != config.r:
+                raise ValueError(f"PaCA layer '{name}' has r={module.r}, the adapter r={config.r}; load onto the "
+                                 "un-adapted base model instead")
+        elif _is_supported(module):
+            w = module.weight
+            out_f, in_f = (w.shape[0], w.shape[1]) if isinstance(module, nn.Linear) else (w.shape[1], w.shape[0])
+        else:
+            raise ValueError(f"adapter module '{name}' is a {type(module).__name__} in this model, not a linear layer")
+        if delta.dim() != 2 or delta.shape[0] != out_f or delta.shape[1] != config.r or idx.shape != (config.r,) \
+                or int(idx.max()) >= in_f or int(idx.min()) < 0:
+            raise ValueError(
+                f"adapter module '{name}' does not fit this model: adapter delta {tuple(delta.shape)} with indices up "
+                f"to {int(idx.max())}, model layer has out_features={out_f}, in_features={in_f}; the adapter was "
+                "trained on a different model")
+    existing = dict(paca_layers(model))
+    if existing:
+        extra = sorted(set(existing) - set(names))
+        if extra:
+            raise ValueError(f"model has PaCA layer '{extra[0]}' that the adapter at '{path}' does not contain; load "
+                             "onto the un-adapted base model or a model adapted with the same targets")
+    new_names = [n for n in names if n not in existing]
+    if new_names:
+        apply_paca(model, config, indices={n: tensors[f"{n}.indices"] for n in new_names}, index_dtype=index_dtype)
+    model.paca_config = config
+    with torch.no_grad():
+        for name, layer in paca_layers(model):
+            idx = tensors[f"{name}.indices"]
+            if not torch.equal(layer.indices.to("cpu", torch.int64), idx):
+                layer.set_indices(idx)
+            layer.scaling = config.scaling
+            layer.delta.copy_(tensors[f"{name}.delta"].to(layer.delta.dtype))
+            layer.sync()
+        mts = {k[len(_MTS_PREFIX):]: v for k, v in tensors.items() if k.startswith(_MTS_PREFIX)}
+        if mts:
+            params = dict(model.named_parameters(remove_duplicate=False))
+            for key, value in mts.items():
+                if key not in params:
+                    raise ValueError(f"adapter modules_to_save parameter '{key}' does not exist in this model")
+                if params[key].shape != value.shape:
+                    raise ValueError(f"adapter modules_to_save parameter '{key}' has shape {tuple(value.shape)}, "
+                                     f"model has {tuple(params[key].shape)}")
+                params[key].copy_(value.to(params[key].dtype))
+                params[key].requires_grad_(True)
+    return model

@@ -1,0 +1,117 @@
+"""Configuration of a PaCA adapter (peft-style ``tuners/<method>/config.py``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Union
+
+__all__ = ["PaCAConfig"]
+
+
+@dataclass
+class PaCAConfig:
+    """What to adapt with PaCA (Partial Connection Adaptation, Woo et al., ICLR 2025, arXiv 2503.01905).
+
+    Each targeted linear layer ``W`` of shape ``(out_features, in_features)`` gets ``r`` fixed, randomly chosen
+    input columns ``idx``; only those columns are trained, through ``delta`` of shape ``(out_features, r)``:
+    ``W[:, idx] = W0[:, idx] + (paca_alpha / r) * delta``.
+
+    Args:
+        r: number of trained input columns per layer (the "rank"), ``>= 1`` and ``<= in_features`` of every
+            targeted layer.
+        paca_alpha: scaling numerator; the update is scaled by ``paca_alpha / r`` (as LoRA's ``lora_alpha``).
+            Must be ``> 0``.
+        target_modules: which layers to adapt. ``"all-linear"``: every ``nn.Linear`` / transformers ``Conv1D``
+            except the output head (``lm_head`` or any layer tied to the input embedding). A list of names:
+            a layer matches when its qualified name equals an entry or ends with ``"." + entry``
+            (e.g. ``["q_proj", "v_proj"]``). Any other string: a regular expression that must match the whole
+            qualified name (peft semantics).
+        exclude_modules: layers to leave alone, same matching rules as ``target_modules`` (``None``: none).
+        random_seed: seed of the column selection. The indices of a layer are a function of this seed and the
+            layer's qualified name only, never of the global RNG, so every process selects the same columns.
+        modules_to_save: modules (name or suffix, as ``target_modules`` lists) kept fully trainable and stored
+            in the adapter file, e.g. ``["lm_head"]``.
+
+    Raises:
+        ValueError: a field has an invalid value; the message names the field and the fix.
+    """
+
+    r: int = 8
+    paca_alpha: float = 16
+    target_modules: Union[str, List[str]] = "all-linear"
+    exclude_modules: Optional[Union[str, List[str]]] = None
+    random_seed: int = 0
+    modules_to_save: Optional[List[str]] = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"PaCAConfig.r must be an integer >= 1 (number of trained columns), got {self.r!r}")
+        if isinstance(self.paca_alpha, bool) or not isinstance(self.paca_alpha, (int, float)) or not (
+            self.paca_alpha > 0
+        ) or self.paca_alpha == float("inf"):
+            raise ValueError(f"PaCAConfig.paca_alpha must be a finite number > 0, got {self.paca_alpha!r}")
+        if isinstance(self.random_seed, bool) or not isinstance(self.random_seed, int):
+            raise ValueError(f"PaCAConfig.random_seed must be an integer, got {self.random_seed!r}")
+        self.target_modules = self._check_patterns("target_modules", self.target_modules, allow_none=False)
+        self.exclude_modules = self._check_patterns("exclude_modules", self.exclude_modules, allow_none=True)
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str):
+                self.modules_to_save = [self.modules_to_save]
+            self.modules_to_save = self._check_patterns("modules_to_save", list(self.modules_to_save), True)
+
+    @staticmethod
+    def _check_patterns(name: str, value: Any, allow_none: bool):
+        if value is None:
+            if allow_none:
+                return None
+            raise ValueError(f"PaCAConfig.{name} must not be None; use 'all-linear' or a list of module names")
+        if isinstance(value, str):
+            if not value:
+                raise ValueError(f"PaCAConfig.{name} must not be an empty string")
+            if value != "all-linear":
+                try:
+                    re.compile(value)
+                except re.error as e:
+                    raise ValueError(f"PaCAConfig.{name}={value!r} is not a valid regular expression: {e}") from e
+            return value
+        if isinstance(value, (list, tuple, set)):
+            items = sorted(value) if isinstance(value, set) else list(value)
+            if not items:
+                raise ValueError(f"PaCAConfig.{name} must not be an empty list")
+            for item in items:
+                if not isinstance(item, str) or not item:
+                    raise ValueError(f"PaCAConfig.{name} entries must be non-empty strings, got {item!r}")
+            return items
+        raise ValueError(
+            f"PaCAConfig.{name} must be 'all-linear', a regular expression string or a list of module names, "
+            f"got {type(value).__name__}"
+        )
+
+    @property
+    def scaling(self) -> float:
+        """``paca_alpha / r``, the factor applied to ``delta``."""
+        return float(self.paca_alpha) / self.r
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-serialisable dict of all fields (lists stay lists)."""
+        return {f.name: (list(v) if isinstance(v, tuple) else v) for f in dataclasses.fields(self)
+                for v in [getattr(self, f.name)]}
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "PaCAConfig":
+        """Build a config from :meth:`to_dict` output (extra keys such as ``format_version`` are ignored).
+
+        Raises:
+            ValueError: ``data`` is not a dict, or a field is invalid.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"PaCAConfig.from_dict expects a dict, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+

@@ -1,0 +1,368 @@
+"""Converting a model to PaCA and back (peft-style ``tuners/<method>/model.py``).
+
+* :func:`apply_paca` swaps targeted ``nn.Linear`` / transformers ``Conv1D`` layers for :class:`PaCALinear`.
+* A global optimizer step post-hook (``torch.optim.optimizer.register_optimizer_step_post_hook``) writes the
+  adapted columns into the merged weights after EVERY ``Optimizer.step()`` of an optimizer that holds a
+  ``delta`` (SGD, AdamW, fused/foreach variants, optimizers wrapped by accelerate or a Trainer). The write-back is
+  therefore tied to parameter updates, not to forward calls: it is right under gradient accumulation,
+  evaluation, gradient checkpointing recompute and repeated forwards.
+* :func:`sync_paca`, :func:`disable_paca`, :func:`merge_paca`, :func:`unload_paca`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import sys
+import weakref
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .config import PaCAConfig
+from .layer import PaCALinear, select_indices
+
+__all__ = [
+    "apply_paca",
+    "sync_paca",
+    "disable_paca",
+    "merge_paca",
+    "unload_paca",
+    "paca_layers",
+    "find_target_modules",
+    "trainable_parameters",
+]
+
+# ---------------------------------------------------------------------------------------------------------------
+# write-back after every optimizer step
+# ---------------------------------------------------------------------------------------------------------------
+
+#: id(delta) -> weak reference to its PaCALinear (only live layers; entries vanish with their layer).
+_LAYERS_BY_DELTA: "weakref.WeakValueDictionary[int, PaCALinear]" = weakref.WeakValueDictionary()
+_HOOK_HANDLE = None
+
+
+def _register(layer: PaCALinear) -> None:
+    _LAYERS_BY_DELTA[id(layer.delta)] = layer
+
+
+def _optimizer_step_post_hook(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Refresh the merged columns of every PaCA layer whose ``delta`` this optimizer holds."""
+    if not _LAYERS_BY_DELTA:
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            layer = _LAYERS_BY_DELTA.get(id(p))
+            if layer is not None and layer.delta is p:
+                layer.sync()
+
+
+def _ensure_hook() -> None:
+    global _HOOK_HANDLE
+    if _HOOK_HANDLE is None:
+        # Not reachable as torch.optim.register_optimizer_step_post_hook in torch 2.13 (DESIGN.md section 5).
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _HOOK_HANDLE = register_optimizer_step_post_hook(_optimizer_step_post_hook)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# target selection
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _conv1d_class():
+    """transformers' GPT-2 style ``Conv1D`` if transformers is already imported (never imports it)."""
+    mod = sys.modules.get("transformers.pytorch_utils")
+    return getattr(mod, "Conv1D", None) if mod is not None else None
+
+
+def _is_supported(module: nn.Module) -> bool:
+    conv1d = _conv1d_class()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def _matches(name: str, patterns: Union[str, Sequence[str]]) -> bool:
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _output_head_names(model: nn.Module) -> set:
+    """Names of the output head and of every layer whose weight is the input embedding's weight."""
+    heads = set()
+    tied_ids = set()
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    emb = out = None
+    try:
+        emb = get_in() if callable(get_in) else None
+    except (NotImplementedError, AttributeError):
+        emb = None
+    try:
+        out = get_out() if callable(get_out) else None
+    except (NotImplementedError, AttributeError):
+        out = None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        tied_ids.add(id(emb.weight))
+    for name, module in model.named_modules():
+        if module is out or name.split(".")[-1] == "lm_head":
+            heads.add(name)
+        w = getattr(module, "weight", None)
+        if w is not None and id(w) in tied_ids and _is_supported(module):
+            heads.add(name)
+    return heads
+
+
+def find_target_modules(model: nn.Module, config: PaCAConfig) -> List[str]:
+    """Qualified names of the layers :func:`apply_paca` would convert, in ``named_modules`` order.
+
+    Raises:
+        ValueError: nothing matches (names the patterns and shows some linear layers), or a matched module is
+            not an ``nn.Linear`` / ``Conv1D`` (names it), or a match is already a PaCA layer.
+    """
+    heads = _output_head_names(model) if config.target_modules == "all-linear" else set()
+    names: List[str] = []
+    linear_names: List[str] = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if _is_supported(module):
+            linear_names.append(name)
+        if config.target_modules == "all-linear":
+            matched = _is_supported(module) and name not in heads
+        else:
+            matched = _matches(name, config.target_modules)
+        if not matched or (config.exclude_modules is not None and _matches(name, config.exclude_modules)):
+            continue
+        if isinstance(module, PaCALinear):
+            raise ValueError(f"module '{name}' is already a PaCALinear: the model already has PaCA applied; "
+                             "call unload_paca(model) or merge_paca(model) first")
+        if not _is_supported(module):
+            raise ValueError(
+                f"target module '{name}' is a {type(module).__name__}, which PaCA does not support; PaCA adapts "
+                "torch.nn.Linear and transformers Conv1D layers. Narrow target_modules to the linear layers "
+                "(e.g. ['q_proj', 'v_proj'] or 'all-linear')"
+            )
+        names.append(name)
+    if not names:
+        shown = ", ".join(linear_names[:8]) + (" ..." if len(linear_names) > 8 else "")
+        raise ValueError(
+            f"PaCA target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) matched "
+            f"no layer of {type(model).__name__}. Linear layers in this model: {shown or 'none'}. "
+            "Use 'all-linear' or names from that list."
+        )
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# conversion
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _to_paca(name: str, module: nn.Module, indices: torch.Tensor, scaling: float,
+             index_dtype: Optional[torch.dtype]) -> PaCALinear:
+    if isinstance(module, nn.Linear):
+        weight, kind = module.weight, "linear"
+    else:  # Conv1D: weight (in, out) -> nn.Linear layout (out, in)
+        weight = nn.Parameter(module.weight.detach().t().contiguous(), requires_grad=module.weight.requires_grad)
+        kind = "conv1d"
+    layer = PaCALinear(weight, module.bias, indices, scaling, base_layer_type=kind, index_dtype=index_dtype)
+    layer.train(module.training)
+    return layer
+
+
+def apply_paca(
+    model: nn.Module,
+    config: PaCAConfig,
+    *,
+    indices: Optional[Dict[str, torch.Tensor]] = None,
+    index_dtype: Optional[torch.dtype] = None,
+) -> nn.Module:
+    """Convert ``model`` to PaCA in place and return it.
+
+    Every targeted ``nn.Linear`` / ``Conv1D`` becomes a :class:`PaCALinear` (weights reused, no copy for
+    ``nn.Linear``); every other parameter is frozen except those of ``config.modules_to_save``.
+
+    Args:
+        model: any ``nn.Module`` (typically a transformers ``PreTrainedModel``).
+        config: :class:`PaCAConfig`.
+        indices: optional ``{qualified_name: (r,) tensor}``; when given, exactly these layers are converted with
+            these columns (used by :func:`paca_hpu.load_adapter`) and ``target_modules`` is not consulted.
+        index_dtype: ``torch.int32`` / ``torch.int64`` for the gather; default int32 on HPU, int64 elsewhere.
+
+    Returns:
+        The same ``model`` object; ``model.paca_config`` holds ``config``.
+
+    Raises:
+        ValueError: nothing matches (names the patterns), ``r`` exceeds a layer's ``in_features`` (names the
+            layer), a target is not a supported type, a target's weight is tied to another module's, or a name in
+            ``indices`` is missing from the model.
+    """
+    if not isinstance(config, PaCAConfig):
+        raise TypeError(f"apply_paca expects a PaCAConfig, got {type(config).__name__}")
+    if indices is None:
+        names = find_target_modules(model, config)
+    else:
+        names = list(indices)
+        modules = dict(model.named_modules())
+        for name in names:
+            if name not in modules:
+                raise ValueError(f"adapter module '{name}' does not exist in {type(model).__name__}; the adapter was "
+                                 "trained on a different architecture")
+            if not _is_supported(modules[name]):
+                raise ValueError(f"adapter module '{name}' is a {type(modules[name]).__name__} in this model, not an "
+                                 "nn.Linear / Conv1D")
+    # weights shared between modules (tied) cannot carry a PaCA update for one module only
+    owners: Dict[int, List[str]] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for pname, p in module._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
+
+    modules = dict(model.named_modules())
+    planned: List[Tuple[str, nn.Module, torch.Tensor]] = []
+    for name in names:
+        module = modules[name]
+        in_features = module.weight.shape[1] if isinstance(module, nn.Linear) else module.weight.shape[0]
+        out_features = module.weight.shape[0] if isinstance(module, nn.Linear) else module.weight.shape[1]
+        sharers = [o for o in owners.get(id(module.weight), []) if o != f"{name}.weight"]
+        if sharers:
+            raise ValueError(f"layer '{name}' shares its weight with {sharers[0]} (tied weights); PaCA cannot adapt "
+                             "it alone. Exclude it (exclude_modules) or untie the weights")
+        if indices is None:
+            idx = select_indices(name, in_features, config.r, config.random_seed)
+        else:
+            idx = torch.as_tensor(indices[name]).to("cpu", torch.int64)
+            if idx.dim() != 1 or idx.numel() != config.r:
+                raise ValueError(f"adapter indices of '{name}' have shape {tuple(idx.shape)}, expected ({config.r},)")
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= in_features):
+                raise ValueError(f"adapter indices of '{name}' exceed in_features={in_features} of this model's "
+                                 f"layer (out_features={out_features}); the adapter belongs to another model")
+        planned.append((name, module, idx))
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, module, idx in planned:
+        layer = _to_paca(name, module, idx, config.scaling, index_dtype)
+        _set_submodule(model, name, layer)
+        _register(layer)
+    if config.modules_to_save:
+        found = False
+        for name, module in model.named_modules():
+            if name and _matches(name, config.modules_to_save):
+                found = True
+                for p in module.parameters():
+                    p.requires_grad_(True)
+        if not found:
+            raise ValueError(f"modules_to_save={config.modules_to_save!r} matched no module of "
+                             f"{type(model).__name__}")
+    model.paca_config = config
+    _ensure_hook()
+    return model
+
+
+def paca_layers(model: nn.Module) -> Iterator[Tuple[str, PaCALinear]]:
+    """``(qualified_name, layer)`` for every :class:`PaCALinear` in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, PaCALinear):
+            yield name, module
+
+
+def sync_paca(model: nn.Module) -> nn.Module:
+    """Write ``original_columns + scaling * delta`` into the merged weight of every PaCA layer, now.
+
+    The optimizer hook does this after every step; call it after changing ``delta`` by hand (e.g. loading a
+    state dict). Returns ``model``."""
+    for _, layer in paca_layers(model):
+        layer.sync()
+    return model
+
+
+@contextlib.contextmanager
+def disable_paca(model: nn.Module):
+    """Context manager: inside, the model computes exactly the base model's outputs (original columns restored);
+    on exit the adapted columns are written back. Optimizer steps taken inside do not touch the weights until
+    exit."""
+    layers = [layer for _, layer in paca_layers(model)]
+    prior = [layer._paca_enabled for layer in layers]
+    try:
+        for layer in layers:
+            layer._paca_enabled = False
+            layer.restore_original()
+        yield model
+    finally:
+        for layer, was in zip(layers, prior):
+            layer._paca_enabled = was
+            if was:
+                layer.sync()
+
+
+def _to_base(layer: PaCALinear, weight: torch.Tensor) -> nn.Module:
+    """A plain ``nn.Linear`` / ``Conv1D`` with ``weight`` (nn.Linear layout) and the layer's bias."""
+    requires_grad = layer._base_weight_requires_grad
+    if layer.base_layer_type == "linear":
+        new = nn.Linear.__new__(nn.Linear)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = layer.in_features, layer.out_features
+        new.weight = nn.Parameter(weight, requires_grad=requires_grad)
+    else:
+        from transformers.pytorch_utils import Conv1D
+
+        new = Conv1D.__new__(Conv1D)
+        nn.Module.__init__(new)
+        new.nf, new.nx = layer.out_features, layer.in_features
+        new.weight = nn.Parameter(weight.t().contiguous(), requires_grad=requires_grad)
+    if layer.bias is not None:
+        layer.bias.requires_grad_(layer._base_bias_requires_grad)
+        new.bias = layer.bias
+    else:
+        new.register_parameter("bias", None)
+    new.train(layer.training)
+    return new
+
+
+def _replace_all(model: nn.Module, merged: bool) -> nn.Module:
+    for name, layer in list(paca_layers(model)):
+        with torch.no_grad():
+            if merged:
+                w = layer.weight.detach()
+                w.index_copy_(1, layer.indices.long(), layer.merged_columns())
+            else:
+                layer.restore_original()
+                w = layer.weight.detach()
+        _set_submodule(model, name, _to_base(layer, w))
+    if hasattr(model, "paca_config"):
+        del model.paca_config
+    return model
+
+
+def merge_paca(model: nn.Module) -> nn.Module:
+    """Replace every :class:`PaCALinear` by its original layer type (``nn.Linear`` or ``Conv1D``) carrying the
+    merged weight ``W0`` with ``W0[:, idx] + scaling * delta``. Nothing PaCA-specific remains; outputs are
+    identical to the PaCA model's. In place; returns ``model``. (peft: ``merge_and_unload``.)"""
+    return _replace_all(model, merged=True)
+
+
+def unload_paca(model: nn.Module) -> nn.Module:
+    """Replace every :class:`PaCALinear` by its original layer type with the ORIGINAL weights (bit-for-bit the
+    base model); the adaptation is discarded. In place; returns ``model``. (peft: ``unload``.)"""
+    return _replace_all(model, merged=False)
+
+
+def trainable_parameters(model: nn.Module) -> Tuple[int, int]:
+    """``(trainable, total)`` parameter counts (elements) of ``model``."""
+    trainable = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
