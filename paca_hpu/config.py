@@ -60,6 +60,9 @@ class PaCAConfig:
         if self.modules_to_save is not None:
             if isinstance(self.modules_to_save, str):
                 self.modules_to_save = [self.modules_to_save]
+            if not isinstance(self.modules_to_save, (list, tuple)):
+                raise ValueError(f"PaCAConfig.modules_to_save must be a list of module names, e.g. ['lm_head'], "
+                                 f"got {self.modules_to_save!r}")
             self.modules_to_save = self._check_patterns("modules_to_save", list(self.modules_to_save), True)
 
     @staticmethod

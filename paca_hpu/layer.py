@@ -24,14 +24,25 @@ the input lives on (``hpu``, ``cuda``, ``cpu``): under autocast the GEMMs run in
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import weakref
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PaCALinear", "select_indices", "default_index_dtype"]
+__all__ = ["PaCALinear", "select_indices", "default_index_dtype", "live_paca_layers"]
+
+#: Every PaCALinear alive in this process (built, deep-copied or unpickled); the optimizer step hook in
+#: :mod:`paca_hpu.model` looks here for the layers whose ``delta`` an optimizer just updated.
+_LIVE_LAYERS: "weakref.WeakSet[PaCALinear]" = weakref.WeakSet()
+
+
+def live_paca_layers():
+    """A snapshot list of every :class:`PaCALinear` alive in this process."""
+    return list(_LIVE_LAYERS)
 
 
 def select_indices(name: str, in_features: int, r: int, random_seed: int) -> torch.Tensor:
@@ -81,6 +92,17 @@ def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device_type)
 
 
+_is_autocast_available = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.4
+
+
+def _autocast_off(device_type: str):
+    """Autocast disabled for ``device_type``; a no-op context for device types without autocast (e.g. ``meta``,
+    where ``torch.autocast(device_type="meta", enabled=False)`` raises)."""
+    if _is_autocast_available is None or _is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _PaCAFunction(torch.autograd.Function):
     """``y = F.linear(x, weight, bias)``, saving only ``x[..., indices]``; gradient for ``delta`` (see module doc).
 
@@ -92,7 +114,7 @@ class _PaCAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, delta, indices, scaling):
         compute_dtype = _autocast_dtype(x) or x.dtype
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with _autocast_off(x.device.type):
             xc = x if x.dtype == compute_dtype else x.to(compute_dtype)
             wc = weight if weight.dtype == compute_dtype else weight.to(compute_dtype)
             bc = None if bias is None else (bias if bias.dtype == compute_dtype else bias.to(compute_dtype))
@@ -108,7 +130,7 @@ class _PaCAFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x_sel, weight = ctx.saved_tensors
         grad_x = grad_delta = None
-        with torch.autocast(device_type=grad_y.device.type, enabled=False):
+        with _autocast_off(grad_y.device.type):
             if ctx.needs_input_grad[0]:
                 cd = ctx.compute_dtype
                 g = grad_y if grad_y.dtype == cd else grad_y.to(cd)
@@ -136,7 +158,7 @@ class PaCALinear(nn.Module):
         weight: frozen ``nn.Parameter`` ``(out_features, in_features)``, always the MERGED weight
             (``W0`` with ``W0[:, indices] + scaling * delta`` written into the selected columns).
         bias: frozen ``nn.Parameter`` ``(out_features,)`` or ``None``.
-        indices: buffer ``(r,)``, unique, sorted, int64 (int32 on HPU by default).
+        indices: buffer ``(r,)``, unique, sorted, int64 (int32 on HPU by default, also after ``.to("hpu")``).
         delta: trainable ``nn.Parameter`` ``(out_features, r)``, float32 (float64 if the weight is float64),
             zeros at start.
         original_columns: non-persistent buffer ``(out_features, r)``: ``W0[:, indices]`` in the weight's dtype,
@@ -185,6 +207,8 @@ class PaCALinear(nn.Module):
             raise ValueError("PaCALinear indices must be unique")
         if base_layer_type not in ("linear", "conv1d"):
             raise ValueError(f"base_layer_type must be 'linear' or 'conv1d', got {base_layer_type!r}")
+        # None: follow the device, also when the layer is moved later (built on CPU, then .to("hpu"): int32)
+        self._index_dtype_auto = index_dtype is None
         if index_dtype is None:
             index_dtype = default_index_dtype(weight.device)
         if index_dtype not in (torch.int32, torch.int64):
@@ -216,6 +240,22 @@ class PaCALinear(nn.Module):
         delta_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
         self.delta = nn.Parameter(torch.zeros(out_features, self.r, dtype=delta_dtype, device=weight.device))
         self._paca_enabled = True
+        _LIVE_LAYERS.add(self)
+
+    def __setstate__(self, state):
+        """Unpickling and ``copy.deepcopy`` build layers without ``__init__``: register those too."""
+        super().__setstate__(state)
+        _LIVE_LAYERS.add(self)
+
+    def _apply(self, fn, recurse=True):
+        """``nn.Module._apply`` (behind ``.to()``, ``.cuda()``, ...), then re-pick the default index dtype for the new
+        device when none was given: a model converted on the CPU and moved to an HPU gathers with int32 indices."""
+        super()._apply(fn, recurse)
+        if getattr(self, "_index_dtype_auto", False):
+            wanted = default_index_dtype(self.indices.device)
+            if self.indices.dtype != wanted:
+                self.indices = self.indices.to(wanted)
+        return self
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "

@@ -14,14 +14,13 @@ from __future__ import annotations
 import contextlib
 import re
 import sys
-import weakref
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from .config import PaCAConfig
-from .layer import PaCALinear, select_indices
+from .layer import PaCALinear, live_paca_layers, select_indices
 
 __all__ = [
     "apply_paca",
@@ -38,24 +37,19 @@ __all__ = [
 # write-back after every optimizer step
 # ---------------------------------------------------------------------------------------------------------------
 
-#: id(delta) -> weak reference to its PaCALinear (only live layers; entries vanish with their layer).
-_LAYERS_BY_DELTA: "weakref.WeakValueDictionary[int, PaCALinear]" = weakref.WeakValueDictionary()
 _HOOK_HANDLE = None
 
 
-def _register(layer: PaCALinear) -> None:
-    _LAYERS_BY_DELTA[id(layer.delta)] = layer
-
-
 def _optimizer_step_post_hook(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    """Refresh the merged columns of every PaCA layer whose ``delta`` this optimizer holds."""
-    if not _LAYERS_BY_DELTA:
+    """Refresh the merged columns of every live PaCA layer whose ``delta`` this optimizer holds (matched by
+    identity, so layers built by hand, deep-copied or unpickled are covered too)."""
+    layers = live_paca_layers()
+    if not layers:
         return
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            layer = _LAYERS_BY_DELTA.get(id(p))
-            if layer is not None and layer.delta is p:
-                layer.sync()
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for layer in layers:
+        if id(layer.delta) in held:
+            layer.sync()
 
 
 def _ensure_hook() -> None:
@@ -106,6 +100,9 @@ def _output_head_names(model: nn.Module) -> set:
         out = None
     if emb is not None and getattr(emb, "weight", None) is not None:
         tied_ids.add(id(emb.weight))
+    for module in model.modules():  # models without get_input_embeddings: any embedding table counts
+        if isinstance(module, nn.Embedding):
+            tied_ids.add(id(module.weight))
     for name, module in model.named_modules():
         if module is out or name.split(".")[-1] == "lm_head":
             heads.add(name)
@@ -253,7 +250,6 @@ def apply_paca(
     for name, module, idx in planned:
         layer = _to_paca(name, module, idx, config.scaling, index_dtype)
         _set_submodule(model, name, layer)
-        _register(layer)
     if config.modules_to_save:
         found = False
         for name, module in model.named_modules():
