@@ -245,21 +245,21 @@ def apply_paca(
                                  f"layer (out_features={out_features}); the adapter belongs to another model")
         planned.append((name, module, idx))
 
+    to_save = []
+    if config.modules_to_save:
+        to_save = [m for n, m in model.named_modules() if n and _matches(n, config.modules_to_save)]
+        if not to_save:  # checked before anything changes: a failed apply_paca leaves the model untouched
+            raise ValueError(f"modules_to_save={config.modules_to_save!r} matched no module of "
+                             f"{type(model).__name__}")
+
     for p in model.parameters():
         p.requires_grad_(False)
     for name, module, idx in planned:
         layer = _to_paca(name, module, idx, config.scaling, index_dtype)
         _set_submodule(model, name, layer)
-    if config.modules_to_save:
-        found = False
-        for name, module in model.named_modules():
-            if name and _matches(name, config.modules_to_save):
-                found = True
-                for p in module.parameters():
-                    p.requires_grad_(True)
-        if not found:
-            raise ValueError(f"modules_to_save={config.modules_to_save!r} matched no module of "
-                             f"{type(model).__name__}")
+    for module in to_save:
+        for p in module.parameters():
+            p.requires_grad_(True)
     model.paca_config = config
     _ensure_hook()
     return model
