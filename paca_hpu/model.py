@@ -46,10 +46,13 @@ def _optimizer_step_post_hook(optimizer: torch.optim.Optimizer, args, kwargs) ->
     layers = live_paca_layers()
     if not layers:
         return
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for layer in layers:
-        if id(layer.delta) in held:
-            layer.sync()
+    by_delta = {id(layer.delta): layer for layer in layers}
+    # in the optimizer's parameter order: the same op sequence every step (one graph for lazy mode / HPU graphs)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            layer = by_delta.get(id(p))
+            if layer is not None and layer.delta is p:
+                layer.sync()
 
 
 def _ensure_hook() -> None:

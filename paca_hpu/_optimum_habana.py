@@ -1,0 +1,292 @@
+"""Scoped access to optimum-habana (``GaudiTrainer`` & co.) on machines with and without Gaudi software.
+
+optimum-habana 1.21.2 assumes the Intel Gaudi software stack.  Its ``GaudiTrainer`` also has a CPU
+path (``use_cpu=True``), which is how this project tests the Gaudi training loop without an HPU, but
+several things break on the way there.  Every workaround lives here (or, for ``log()``, in
+:mod:`paca_hpu.trainer`), is scoped to the smallest region possible, and names the upstream code
+it works around.  Nothing here edits site-packages or leaves a patch in place after it returns.
+
+1. ``import optimum.habana`` crashes without Gaudi software.
+   Upstream: ``optimum/habana/__init__.py`` calls ``optimum.habana.utils.misc.check_synapse_version()``,
+   which calls ``get_habana_frameworks_version()``; that runs ``pip list | grep habana-torch-plugin``
+   in a shell and indexes the (empty) output -> ``IndexError``.  No environment variable skips it.
+   Workaround (:func:`import_optimum_habana`): only when the ``habana-torch-plugin`` distribution is
+   absent (the exact condition of the crash), import under a temporary ``sys.meta_path`` finder that,
+   right after ``optimum.habana.utils.misc`` executes, replaces *that module's*
+   ``check_synapse_version`` with a no-op that logs at debug level why it was skipped.  The finder
+   is removed in a ``finally`` as soon as the import returns.  With Gaudi software installed the
+   import is left completely alone (the version check then works and its warnings are useful).
+
+2. ``GaudiTrainer(gaudi_config=None)`` downloads ``args.gaudi_config_name`` from the Hub.
+   Upstream: ``GaudiTrainer.__init__`` (``GaudiConfig.from_pretrained(args.gaudi_config_name)``).
+   Workaround: :func:`make_gaudi_config` always builds an explicit ``GaudiConfig``.
+
+3. ``GaudiTrainingArguments(use_lazy_mode=True)`` (the default!) raises ``ValueError`` without
+   ``use_habana``.  Upstream: ``GaudiTrainingArguments.__post_init__``.  Workaround: the argument
+   builder in :mod:`paca_hpu.trainer` sets ``use_cpu=True, use_habana=False, use_lazy_mode=False``
+   (and no HPU graphs) off HPU, before the dataclass is constructed.
+
+4. ``torch_compile=True`` defaults to backend ``"hpu_backend"``, which only exists with the Gaudi
+   plugin; giving a backend without ``--torch_compile`` asserts on ``get_habana_frameworks_version()``
+   (the same ``pip list`` crash).  Upstream: ``GaudiTrainingArguments.__post_init__``.
+   Workaround: :func:`compile_backend_for` picks ``aot_eager`` off HPU (or keeps ``inductor`` /
+   ``aot_eager`` / ``eager`` when asked for) and the argument builder sets ``torch_compile=True``
+   whenever a backend is given.
+
+5. For llama / qwen2 / gemma (and a few more) the trainer reads four Gaudi-only attributes from
+   ``model.generation_config``: ``attn_softmax_bf16``, ``use_flash_attention``,
+   ``flash_attention_recompute``, ``flash_attention_causal_mask``.  They exist only on
+   ``GaudiGenerationConfig``, which ``adapt_transformers_to_gaudi()`` installs on HPU; a plain
+   ``transformers.GenerationConfig`` raises ``AttributeError``.
+   Upstream: ``optimum.habana.transformers.trainer._get_input_update_settings`` (called from
+   ``_inner_training_loop`` and ``evaluation_loop``).
+   Workaround: :func:`gaudi_generation_fields`, a context manager that adds the missing attributes
+   (all ``False``, i.e. the HPU defaults: no special attention path) and removes exactly those again
+   on exit, so they never end up in a saved ``generation_config.json``.  The trainer wraps
+   ``train`` / ``evaluate`` / ``predict`` / ``_save`` in it.
+
+6. ``GaudiTrainer.log()`` calls ``optimum.habana.utils.get_hpu_memory_stats()``, which imports
+   ``habana_frameworks.torch.hpu`` -> ``ImportError`` on CPU at the first logging step.
+   Upstream: ``optimum.habana.transformers.trainer.GaudiTrainer.log``.  Workaround: the trainer
+   mixin in :mod:`paca_hpu.trainer` overrides ``log`` when ``args.use_habana`` is False (same
+   bookkeeping, memory numbers from :func:`paca_hpu.device.memory_stats` instead).
+
+7. ``optimum.habana.utils.set_seed`` imports ``habana_frameworks``; use ``transformers.set_seed``
+   off HPU (``GaudiTrainer.train`` only calls it with ``model_init``, which we do not use).
+
+8. ``--bf16`` with the default ``half_precision_backend="hpu_amp"`` makes the trainer run
+   ``torch.autocast(device_type="hpu")``, which does not exist without the plugin.
+   Upstream: ``GaudiTrainer.__init__`` (``use_hpu_amp``) and ``autocast_smart_context_manager``.
+   Workaround: the argument builder sets ``half_precision_backend="cpu_amp"`` off HPU (CPU bf16 autocast).
+
+9. Resuming from a checkpoint that already reached ``max_steps`` makes the training loop run one more
+   step (``GaudiTrainer._inner_training_loop``, like ``transformers.Trainer``'s, checks ``max_steps`` only in
+   ``on_step_end``, i.e. after a step).  Not Gaudi-specific; :mod:`paca_hpu.cli` checks the checkpoint's
+   ``global_step`` and only loads the adapter then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.metadata
+import importlib.util
+import logging
+import sys
+from types import ModuleType
+from typing import Iterator, List, Optional, Tuple
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "GAUDI_GENERATION_FIELDS",
+    "is_optimum_habana_installed",
+    "synapse_check_would_crash",
+    "import_optimum_habana",
+    "gaudi_classes",
+    "make_gaudi_config",
+    "compile_backend_for",
+    "gaudi_generation_fields",
+    "hidden_generation_fields",
+]
+
+_MISC_MODULE = "optimum.habana.utils.misc"
+_PLUGIN_DIST = "habana-torch-plugin"
+
+#: Attributes ``_get_input_update_settings`` reads from ``model.generation_config`` (workaround 5).
+GAUDI_GENERATION_FIELDS = (
+    "attn_softmax_bf16",
+    "use_flash_attention",
+    "flash_attention_recompute",
+    "flash_attention_causal_mask",
+)
+
+# Backends torch.compile accepts without the Gaudi plugin (workaround 4).
+_OFF_HPU_BACKENDS = ("aot_eager", "inductor", "eager")
+
+
+def is_optimum_habana_installed() -> bool:
+    """optimum-habana is installed (found without importing it)."""
+    try:
+        return importlib.util.find_spec("optimum.habana") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def synapse_check_would_crash() -> bool:
+    """True when ``check_synapse_version()`` would raise: no ``habana-torch-plugin`` distribution."""
+    try:
+        importlib.metadata.distribution(_PLUGIN_DIST)
+        return False
+    except importlib.metadata.PackageNotFoundError:
+        return True
+
+
+def _skipped_check_synapse_version() -> None:
+    logger.debug(
+        "optimum.habana: check_synapse_version() skipped by paca_hpu: no '%s' distribution is installed "
+        "(no Intel Gaudi software on this machine), and upstream would raise IndexError parsing the empty "
+        "output of `pip list | grep %s`.",
+        _PLUGIN_DIST,
+        _PLUGIN_DIST,
+    )
+
+
+class _PatchMiscLoader(importlib.abc.Loader):
+    """Runs the real loader, then swaps ``check_synapse_version`` in the fresh module."""
+
+    def __init__(self, inner: importlib.abc.Loader):
+        self._inner = inner
+
+    def create_module(self, spec):
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self._inner.exec_module(module)
+        module.check_synapse_version = _skipped_check_synapse_version
+
+    def __getattr__(self, name):  # get_source, get_filename, ... for tracebacks and inspect
+        return getattr(self._inner, name)
+
+
+class _SkipSynapseCheckFinder(importlib.abc.MetaPathFinder):
+    """Temporary ``sys.meta_path`` entry: wraps the loader of ``optimum.habana.utils.misc`` only."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _MISC_MODULE:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        if spec is None or spec.loader is None:
+            return None
+        spec.loader = _PatchMiscLoader(spec.loader)
+        return spec
+
+
+def import_optimum_habana() -> ModuleType:
+    """``import optimum.habana``, also on machines without Gaudi software (workaround 1).
+
+    Raises ``ImportError`` when optimum-habana is not installed.
+    """
+    mod = sys.modules.get("optimum.habana")
+    if mod is not None:
+        return mod
+    if not synapse_check_would_crash() or _MISC_MODULE in sys.modules:
+        return importlib.import_module("optimum.habana")
+    finder = _SkipSynapseCheckFinder()
+    sys.meta_path.insert(0, finder)
+    try:
+        return importlib.import_module("optimum.habana")
+    finally:
+        try:
+            sys.meta_path.remove(finder)
+        except ValueError:
+            pass
+
+
+def gaudi_classes() -> Tuple[type, type, type]:
+    """``(GaudiTrainer, GaudiTrainingArguments, GaudiConfig)``, importable on any machine."""
+    ohpu = import_optimum_habana()
+    return ohpu.GaudiTrainer, ohpu.GaudiTrainingArguments, ohpu.GaudiConfig
+
+
+def make_gaudi_config(use_habana: bool, **overrides):
+    """An explicit ``GaudiConfig`` (workaround 2).
+
+    On HPU: Habana's fused AdamW and fused gradient clipping (what ``run_lora_clm.py`` uses).
+    Off HPU the two flags are ignored by upstream anyway (it checks ``args.use_habana``); they are set
+    to False so the saved ``gaudi_config.json`` says what actually ran.
+    """
+    _, _, GaudiConfig = gaudi_classes()
+    kwargs = {"use_fused_adam": bool(use_habana), "use_fused_clip_norm": bool(use_habana)}
+    kwargs.update(overrides)
+    return GaudiConfig(**kwargs)
+
+
+def compile_backend_for(device_type: str, requested: Optional[str]) -> Optional[str]:
+    """``torch.compile`` backend for ``device_type`` (workaround 4).
+
+    HPU: the requested one, default ``hpu_backend``.  Elsewhere ``hpu_backend`` / ``None`` become
+    ``aot_eager`` (needs no C++ compiler); ``inductor`` / ``aot_eager`` / ``eager`` are kept.
+    """
+    if device_type == "hpu":
+        return requested or "hpu_backend"
+    if requested in (None, "", "hpu_backend"):
+        if requested == "hpu_backend":
+            logger.warning("torch_compile_backend 'hpu_backend' needs an HPU; using 'aot_eager' on %s.", device_type)
+        return "aot_eager"
+    if requested not in _OFF_HPU_BACKENDS:
+        logger.warning("torch_compile_backend %r is not one paca_hpu tested off HPU (%s).", requested, _OFF_HPU_BACKENDS)
+    return requested
+
+
+def _find_generation_config(model):
+    if model is None:
+        return None
+    try:
+        gc = getattr(model, "generation_config", None)  # PeftModel forwards to the base model
+    except Exception:
+        gc = None
+    if gc is not None:
+        return gc
+    seen = set()
+    while model is not None and id(model) not in seen:
+        seen.add(id(model))
+        gc = model.__dict__.get("generation_config") if hasattr(model, "__dict__") else None
+        if gc is not None:
+            return gc
+        # unwrap peft (base_model.model), DDP / compile (module, _orig_mod)
+        nxt = None
+        for attr in ("base_model", "model", "module", "_orig_mod"):
+            try:
+                cand = getattr(model, attr)
+            except AttributeError:
+                continue
+            if cand is not model and cand is not None:
+                nxt = cand
+                break
+        model = nxt
+    return None
+
+
+@contextlib.contextmanager
+def gaudi_generation_fields(model) -> Iterator[List[str]]:
+    """Give ``model.generation_config`` the Gaudi-only attributes for the duration (workaround 5).
+
+    Only missing attributes are added (as ``False``) and only those are removed on exit; an existing
+    value (e.g. a ``GaudiGenerationConfig`` on HPU, or a user's ``attn_softmax_bf16=True``) is kept.
+    Yields the names that were added.  Re-entrant.
+    """
+    gc = _find_generation_config(model)
+    added: List[str] = []
+    if gc is not None:
+        for name in GAUDI_GENERATION_FIELDS:
+            if not hasattr(gc, name):
+                setattr(gc, name, False)
+                added.append(name)
+    try:
+        yield added
+    finally:
+        for name in added:
+            gc.__dict__.pop(name, None)
+
+
+@contextlib.contextmanager
+def hidden_generation_fields(model, names) -> Iterator[None]:
+    """Temporarily remove ``names`` (added by :func:`gaudi_generation_fields`) from the generation config.
+
+    Used around ``save_pretrained`` inside a training run, so checkpoints keep a clean
+    ``generation_config.json``.
+    """
+    gc = _find_generation_config(model)
+    removed = {}
+    if gc is not None:
+        for name in names:
+            if name in gc.__dict__:
+                removed[name] = gc.__dict__.pop(name)
+    try:
+        yield
+    finally:
+        if gc is not None:
+            gc.__dict__.update(removed)

@@ -1,0 +1,603 @@
+"""Trainer integration: the right Hugging Face trainer for the device, with adapter-only PaCA checkpoints.
+
+Device -> trainer (the device is decided by :mod:`paca_hpu.device`):
+
+* HPU  -> optimum-habana ``GaudiTrainer`` + ``GaudiTrainingArguments(use_habana=True, use_lazy_mode=...)`` +
+  ``GaudiConfig(use_fused_adam=True, use_fused_clip_norm=True)``.
+* CPU  -> the same ``GaudiTrainer`` with ``use_cpu=True, use_habana=False, use_lazy_mode=False`` (optimum-habana's
+  CPU path: it runs the Gaudi training loop without an HPU; see :mod:`paca_hpu._optimum_habana` for what that
+  takes).
+* CUDA -> plain ``transformers.Trainer`` (``GaudiTrainer`` has no CUDA path).
+
+The same code runs three fine-tuning methods (``peft_type``): ``"paca"`` (this package), ``"lora"`` (peft
+0.21.2 ``LoraConfig``, same rank / alpha / target modules, dropout 0 by default) and ``"none"`` (full fine-tuning).
+
+With PaCA the trainer writes adapter-only checkpoints: :func:`paca_hpu.save_adapter` (deltas + indices +
+config) plus the usual trainer / optimizer / scheduler / RNG state, never the base weights.  Resuming
+(``trainer.train(resume_from_checkpoint=...)``) loads the adapter into the freshly adapted model with
+:func:`paca_hpu.load_adapter` (in place, the ``delta`` Parameters the optimizer holds are kept) and refreshes the
+merged weight columns (:func:`paca_hpu.sync_paca`), so training continues exactly where it stopped.
+
+This module uses only the public ``paca_hpu`` API; it knows nothing of PaCA's internals.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from . import device as _device
+from . import _optimum_habana as _oh
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "PEFT_TYPES",
+    "is_paca_model",
+    "count_parameters",
+    "prepare_model",
+    "build_training_arguments",
+    "make_trainer",
+    "trainer_class",
+    "PaCATrainerMixin",
+    "save_merged_model",
+    "resolve_checkpoint",
+    "ThroughputCallback",
+]
+
+PEFT_TYPES = ("paca", "lora", "none")
+
+TRAINING_ARGS_NAME = "training_args.bin"
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """Strip DDP / torch.compile wrappers (``module`` / ``_orig_mod``)."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+            continue
+        if type(model).__name__ in ("DistributedDataParallel", "DataParallel") and isinstance(
+            getattr(model, "module", None), nn.Module
+        ):
+            model = model.module
+            continue
+    return model
+
+
+def is_paca_model(model: Optional[nn.Module]) -> bool:
+    """``model`` carries PaCA layers."""
+    from . import PaCALinear
+
+    if model is None:
+        return False
+    return any(isinstance(m, PaCALinear) for m in _unwrap(model).modules())
+
+
+def count_parameters(model: nn.Module) -> Tuple[int, int]:
+    """``(trainable, total)`` parameter counts; tied / shared parameters are counted once."""
+    trainable = total = 0
+    seen = set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def _as_target(value: Union[str, Sequence[str], None]) -> Union[str, List[str], None]:
+    """``["all-linear"]`` / a one-element regex list from the command line -> the string form."""
+    if value is None or isinstance(value, str):
+        return value
+    value = list(value)
+    if len(value) == 1 and (value[0] == "all-linear" or any(c in value[0] for c in "*[]()|^$\\+?")):
+        return value[0]
+    return value
+
+
+def prepare_model(
+    model: nn.Module,
+    peft_type: str = "paca",
+    *,
+    r: int = 8,
+    alpha: float = 16,
+    target_modules: Union[str, Sequence[str]] = "all-linear",
+    exclude_modules: Union[str, Sequence[str], None] = None,
+    modules_to_save: Optional[Sequence[str]] = None,
+    random_seed: int = 0,
+    lora_dropout: float = 0.0,
+    gradient_checkpointing: bool = False,
+) -> nn.Module:
+    """Make ``model`` trainable with ``peft_type`` and return the model to hand to the trainer.
+
+    * ``"paca"``: :func:`paca_hpu.apply_paca` with ``PaCAConfig(r, paca_alpha=alpha, ...)`` (in place).
+    * ``"lora"``: peft ``get_peft_model`` with ``LoraConfig(r, lora_alpha=alpha, lora_dropout, target_modules,
+      exclude_modules, modules_to_save, bias="none", task_type="CAUSAL_LM")``; returns the ``PeftModel``.
+    * ``"none"``: every parameter trainable (full fine-tuning).
+
+    With ``gradient_checkpointing`` and a frozen base, the input embeddings are made to require grad
+    (``enable_input_require_grads``) so that reentrant checkpointing still back-propagates into the adapters.
+
+    Raises:
+        ValueError: unknown ``peft_type``; no module matches ``target_modules`` (message from apply_paca / peft).
+    """
+    if peft_type not in PEFT_TYPES:
+        raise ValueError(f"peft_type must be one of {', '.join(PEFT_TYPES)}, got {peft_type!r}")
+    target = _as_target(target_modules)
+    exclude = _as_target(exclude_modules)
+    mts = list(modules_to_save) if modules_to_save else None
+    if peft_type == "paca":
+        from . import PaCAConfig, apply_paca
+
+        config = PaCAConfig(
+            r=r,
+            paca_alpha=alpha,
+            target_modules=target,
+            exclude_modules=exclude,
+            random_seed=random_seed,
+            modules_to_save=mts,
+        )
+        model = apply_paca(model, config)
+    elif peft_type == "lora":
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as err:  # pragma: no cover - peft is a test/demo dependency
+            raise ImportError("peft_type 'lora' needs peft: pip install peft==0.21.2") from err
+        lora_config = LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=lora_dropout,
+            target_modules=target,
+            exclude_modules=exclude,
+            modules_to_save=mts,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora_config)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    if gradient_checkpointing and peft_type != "none" and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    return model
+
+
+# --------------------------------------------------------------------------- training arguments
+
+
+def _training_args_classes():
+    """``(GaudiTrainingArguments or None, transformers.TrainingArguments)``."""
+    from transformers import TrainingArguments
+
+    gta = None
+    if _oh.is_optimum_habana_installed():
+        _, gta, _ = _oh.gaudi_classes()
+    return gta, TrainingArguments
+
+
+def arguments_class(device_type: Optional[str] = None):
+    """The training-arguments dataclass a run on ``device_type`` uses (for ``HfArgumentParser``).
+
+    HPU and CPU: ``GaudiTrainingArguments`` (CPU falls back to ``TrainingArguments`` when optimum-habana is not
+    installed); CUDA: ``transformers.TrainingArguments``.
+    """
+    device_type = device_type or _device.device_type()
+    gta, ta = _training_args_classes()
+    if device_type == "hpu":
+        if gta is None:
+            raise ImportError("Training on HPU needs optimum-habana: pip install optimum-habana==1.21.2")
+        return gta
+    if device_type == "cpu" and gta is not None:
+        return gta
+    return ta
+
+
+def adjust_for_device(values: Dict[str, Any], info: Optional[_device.DeviceInfo] = None, cls=None) -> Dict[str, Any]:
+    """Rewrite training-argument ``values`` (field -> value) for the device before the dataclass is built.
+
+    HPU: ``use_habana=True``, lazy mode only if ``PT_HPU_LAZY_MODE`` allows it, ``torch.compile`` backend
+    ``hpu_backend`` by default.  CPU (the GaudiTrainer emulation path): ``use_cpu=True``, ``use_habana=False``,
+    ``use_lazy_mode=False``, no HPU graphs, ``half_precision_backend="cpu_amp"`` and an ``aot_eager`` compile
+    backend (workarounds 3, 4 and 8 in :mod:`paca_hpu._optimum_habana`).  CUDA: Gaudi-only flags dropped
+    (with a warning when one was switched on).
+    """
+    info = info or _device.get_device_info()
+    cls = cls or arguments_class(info.type)
+    v = dict(values)
+    is_gaudi_args = any(f.name == "use_habana" for f in dataclasses.fields(cls))
+    if info.type == "hpu":
+        v["use_habana"] = True
+        v["use_cpu"] = False
+        if v.get("use_lazy_mode", True) and not info.lazy_mode:
+            logger.info("PT_HPU_LAZY_MODE=0: running HPU in eager / torch.compile mode (use_lazy_mode=False).")
+            v["use_lazy_mode"] = False
+        if v.get("torch_compile") or v.get("torch_compile_backend"):
+            v["torch_compile"] = True
+            v["torch_compile_backend"] = _oh.compile_backend_for("hpu", v.get("torch_compile_backend"))
+        return v
+    if info.type == "cpu" and is_gaudi_args:
+        if v.get("use_habana"):
+            logger.warning("--use_habana given but no HPU is available: running GaudiTrainer's CPU path.")
+        for flag in ("use_hpu_graphs", "use_hpu_graphs_for_training", "use_hpu_graphs_for_inference"):
+            if v.get(flag):
+                logger.warning("--%s needs an HPU; ignored on CPU.", flag)
+            v[flag] = False
+        v.update(use_cpu=True, use_habana=False, use_lazy_mode=False, gaudi_config_name=None)
+        v["disable_tensor_cache_hpu_graphs"] = False
+        v["max_hpu_graphs"] = None
+        if v.get("bf16"):
+            v["half_precision_backend"] = "cpu_amp"
+        if v.get("torch_compile") or v.get("torch_compile_backend"):
+            v["torch_compile"] = True
+            v["torch_compile_backend"] = _oh.compile_backend_for("cpu", v.get("torch_compile_backend"))
+        return v
+    # CUDA, or CPU without optimum-habana: transformers.TrainingArguments
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    for key in list(v):
+        if key not in names:
+            # use_lazy_mode is True by default in GaudiTrainingArguments: only warn about flags a user switched on
+            if key in ("use_habana", "use_hpu_graphs_for_training", "use_hpu_graphs") and v[key]:
+                logger.warning("--%s has no effect on %s; ignored.", key, info.type)
+            del v[key]
+    if info.type == "cpu":
+        v["use_cpu"] = True
+    if v.get("torch_compile_backend") == "hpu_backend":
+        v["torch_compile_backend"] = _oh.compile_backend_for(info.type, "hpu_backend")
+    return v
+
+
+def build_training_arguments(info: Optional[_device.DeviceInfo] = None, **values):
+    """Training arguments for the device (see :func:`adjust_for_device`); ``values`` are dataclass fields.
+
+    Example (CPU, tests)::
+
+        args = build_training_arguments(output_dir=tmp, max_steps=4, per_device_train_batch_size=2)
+    """
+    info = info or _device.get_device_info()
+    cls = arguments_class(info.type)
+    v = adjust_for_device(values, info, cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(v) - names)
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field(s) {unknown}")
+    return cls(**v)
+
+
+# --------------------------------------------------------------------------- trainers
+
+
+def resolve_checkpoint(resume_from_checkpoint: Union[str, bool, None], output_dir: str) -> Optional[str]:
+    """``True`` / ``"true"`` / ``"last"`` -> the newest ``checkpoint-N`` in ``output_dir``; a path is kept.
+
+    Raises:
+        FileNotFoundError: asked for the last checkpoint but there is none, or the path does not exist.
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if resume_from_checkpoint in (None, False, "", "false", "False", "no", "none", "None"):
+        return None
+    if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() in ("true", "last", "yes"):
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is None:
+            raise FileNotFoundError(f"no checkpoint-N directory to resume from in '{output_dir}'")
+        return last
+    path = str(resume_from_checkpoint)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory '{path}' not found")
+    return path
+
+
+def _callback_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+def _optimizer_step_hook_covers(optimizer, deltas) -> bool:
+    """Whether PaCA's global optimizer-step post-hook refreshes the merged columns after ``optimizer.step()``.
+
+    The hook fires after the ``step()`` of a ``torch.optim.Optimizer`` and refreshes the layers whose ``delta`` that
+    optimizer holds.  Wrappers are unwrapped through ``.optimizer`` (accelerate's ``AcceleratedOptimizer``).  Not
+    covered: optimizers that are no ``torch.optim.Optimizer`` and step a master copy of the parameters, copying it
+    back afterwards (DeepSpeed ZeRO), where the hook sees no ``delta`` (or an outdated one).
+    """
+    seen = set()
+    opt = optimizer
+    while opt is not None and id(opt) not in seen:
+        seen.add(id(opt))
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(opt, torch.optim.Optimizer) and not (inner is not None and type(opt).__name__ == "AcceleratedOptimizer"):
+            held = {id(p) for group in opt.param_groups for p in group["params"]}
+            return all(id(d) in held for d in deltas)
+        opt = inner
+    return False
+
+
+class _WriteBackGuard(_callback_base()):
+    """Refreshes PaCA's merged columns (``sync_paca``) after each optimizer step that the global post-hook does not
+    cover (see :func:`_optimizer_step_hook_covers`); a no-op with ordinary torch optimizers, so no double write-back."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self._needed = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._needed = None
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        model = _unwrap(self.trainer.model)
+        if self._needed is None:
+            from . import PaCALinear
+
+            deltas = [m.delta for m in model.modules() if isinstance(m, PaCALinear)]
+            self._needed = bool(deltas) and not _optimizer_step_hook_covers(self.trainer.optimizer, deltas)
+            if self._needed:
+                logger.info("optimizer %s is not covered by PaCA's step hook: syncing PaCA weights after each step",
+                            type(self.trainer.optimizer).__name__)
+        if self._needed:
+            from . import sync_paca
+
+            sync_paca(model)
+
+
+class PaCATrainerMixin:
+    """Adds to a ``transformers.Trainer`` subclass (``GaudiTrainer`` or ``Trainer``):
+
+    * adapter-only checkpoints for PaCA models (``_save``), resume (``_load_from_checkpoint``) and
+      ``load_best_model_at_end`` (``_load_best_model``) through ``save_adapter`` / ``load_adapter`` / ``sync_paca``;
+    * a PaCA write-back after every optimizer step that PaCA's global step hook does not see (DeepSpeed ZeRO style
+      optimizers; see :class:`_WriteBackGuard`);
+    * the Gaudi-only ``generation_config`` fields for the duration of ``train`` / ``evaluate`` / ``predict``
+      (workaround 5 in :mod:`paca_hpu._optimum_habana`), hidden again while a checkpoint is written.
+
+    LoRA (``PeftModel``) and full fine-tuning keep the base class's behaviour.
+    """
+
+    _paca_gen_fields_added: Tuple[str, ...] = ()
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_callback(_WriteBackGuard(self))
+
+    # -- generation_config fields (workaround 5) --------------------------------------------------
+    def _with_gen_fields(self, fn, *args, **kwargs):
+        with _oh.gaudi_generation_fields(self.model) as added:
+            outer = self._paca_gen_fields_added
+            if added:
+                self._paca_gen_fields_added = tuple(added)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._paca_gen_fields_added = outer
+
+    def train(self, *args, **kwargs):
+        return self._with_gen_fields(super().train, *args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return self._with_gen_fields(super().evaluate, *args, **kwargs)
+        finally:
+            self._paca_side_seconds = getattr(self, "_paca_side_seconds", 0.0) + time.perf_counter() - t0
+
+    def _save_checkpoint(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return super()._save_checkpoint(*args, **kwargs)
+        finally:
+            self._paca_side_seconds = getattr(self, "_paca_side_seconds", 0.0) + time.perf_counter() - t0
+
+    def predict(self, *args, **kwargs):
+        return self._with_gen_fields(super().predict, *args, **kwargs)
+
+    # -- saving ----------------------------------------------------------------------------------
+    def _save(self, output_dir: Optional[str] = None, state_dict=None):
+        model = _unwrap(self.model)
+        if not is_paca_model(model):
+            with _oh.hidden_generation_fields(model, self._paca_gen_fields_added):
+                return super()._save(output_dir, state_dict=state_dict)
+        from . import save_adapter
+
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        logger.info("Saving PaCA adapter to %s", output_dir)
+        save_adapter(model, output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        gaudi_config = getattr(self, "gaudi_config", None)
+        if gaudi_config is not None:
+            gaudi_config.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    # -- loading ---------------------------------------------------------------------------------
+    def _load_paca_adapter(self, checkpoint: str, model: Optional[nn.Module] = None) -> None:
+        from . import load_adapter, sync_paca
+
+        model = _unwrap(model if model is not None else self.model)
+        load_adapter(model, checkpoint)  # in place: the optimizer's delta Parameters are kept
+        sync_paca(model)  # merged weight columns = base columns + scaling * loaded delta
+        _device.mark_step()  # HPU lazy mode: run the queued copies now, not inside the first training graph
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        target = model if model is not None else self.model
+        if is_paca_model(target):
+            logger.info("Resuming PaCA adapter from %s", resume_from_checkpoint)
+            self._load_paca_adapter(resume_from_checkpoint, target)
+            return None
+        return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+
+    def _load_best_model(self):
+        if is_paca_model(self.model) and self.state.best_model_checkpoint:
+            logger.info("Loading best PaCA adapter from %s", self.state.best_model_checkpoint)
+            self._load_paca_adapter(self.state.best_model_checkpoint)
+            return None
+        return super()._load_best_model()
+
+
+class ThroughputCallback(_callback_base()):
+    """Training throughput without warm-up, evaluation and checkpoint time.
+
+    Counts input tokens with ``state.num_input_tokens_seen`` (``include_num_input_tokens_seen=True``; padding
+    included) from the end of the first ``warmup_steps`` optimizer steps of this ``train()`` call (graph
+    compilation on HPU) to its end; time spent in ``evaluate`` and ``_save_checkpoint`` meanwhile is subtracted
+    (tracked by :class:`PaCATrainerMixin`).  After training: ``tokens``, ``seconds``, ``steps``,
+    ``tokens_per_second`` (``None`` when nothing was measured).
+    """
+
+    def __init__(self, trainer=None, warmup_steps: int = 0):
+        self.trainer = trainer
+        self.warmup_steps = max(0, int(warmup_steps))
+        self.tokens = self.seconds = self.steps = self.tokens_per_second = None
+        self._mark = None
+
+    def _now(self, state):
+        side = getattr(self.trainer, "_paca_side_seconds", 0.0) if self.trainer is not None else 0.0
+        return time.perf_counter(), side, state.num_input_tokens_seen, state.global_step
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start_step = state.global_step
+        self._mark = self._now(state) if self.warmup_steps == 0 else None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._mark is None and state.global_step - self._start_step >= self.warmup_steps:
+            self._mark = self._now(state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._mark is None:
+            return
+        _device.synchronize()
+        t1, side1, tok1, step1 = self._now(state)
+        t0, side0, tok0, step0 = self._mark
+        self.seconds = max(1e-9, (t1 - t0) - (side1 - side0))
+        self.tokens = int(tok1 - tok0)
+        self.steps = int(step1 - step0)
+        self.tokens_per_second = self.tokens / self.seconds if self.steps > 0 and self.tokens > 0 else None
+
+
+_TRAINER_CLASSES: Dict[str, type] = {}
+
+
+def trainer_class(kind: str) -> type:
+    """``"gaudi"`` -> ``PaCAGaudiTrainer`` (optimum-habana ``GaudiTrainer`` + mixin); ``"hf"`` -> ``PaCATrainer``."""
+    if kind in _TRAINER_CLASSES:
+        return _TRAINER_CLASSES[kind]
+    if kind == "gaudi":
+        GaudiTrainer, _, _ = _oh.gaudi_classes()
+
+        class PaCAGaudiTrainer(PaCATrainerMixin, GaudiTrainer):
+            """``GaudiTrainer`` with adapter-only PaCA checkpoints; also runs without an HPU (``use_cpu=True``)."""
+
+            def log(self, logs: Dict[str, float], start_time: Optional[float] = None, end_time: Optional[float] = None):
+                # Workaround 6: upstream GaudiTrainer.log() calls get_hpu_memory_stats(), which imports
+                # habana_frameworks; off HPU do the same bookkeeping with paca_hpu.device's memory numbers.
+                if self.args.use_habana:
+                    return super().log(logs, start_time=start_time, end_time=end_time)
+                if self.state.epoch is not None:
+                    logs["epoch"] = self.state.epoch
+                if self.args.include_num_input_tokens_seen:
+                    logs["num_input_tokens_seen"] = self.state.num_input_tokens_seen
+                    if start_time is not None and end_time is not None:
+                        from optimum.habana.utils import speed_metrics
+
+                        logs.update(
+                            speed_metrics("train", start_time, end_time, num_tokens=self.state.num_input_tokens_seen)
+                        )
+                logs.update(_device.memory_stats(self.args.device.type))
+                output = {**logs, **{"step": self.state.global_step}}
+                self.state.log_history.append(output)
+                self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
+
+        cls = PaCAGaudiTrainer
+    elif kind == "hf":
+        from transformers import Trainer
+
+        class PaCATrainer(PaCATrainerMixin, Trainer):
+            """``transformers.Trainer`` with adapter-only PaCA checkpoints (CUDA, or CPU without optimum-habana)."""
+
+        cls = PaCATrainer
+    else:
+        raise ValueError(f"trainer kind must be 'gaudi' or 'hf', got {kind!r}")
+    _TRAINER_CLASSES[kind] = cls
+    return cls
+
+
+def make_trainer(
+    model: nn.Module,
+    args,
+    *,
+    train_dataset=None,
+    eval_dataset=None,
+    data_collator=None,
+    processing_class=None,
+    callbacks=None,
+    gaudi_config=None,
+    **kwargs,
+):
+    """The trainer for ``args``: ``GaudiTrainingArguments`` -> ``PaCAGaudiTrainer`` (with an explicit
+    ``GaudiConfig``: ``--gaudi_config_name`` on HPU if given, else fused AdamW + fused clip-norm on HPU and neither
+    off HPU), otherwise ``PaCATrainer``."""
+    is_gaudi = hasattr(args, "use_habana")
+    common = dict(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=data_collator,
+        processing_class=processing_class,
+        callbacks=callbacks,
+        **kwargs,
+    )
+    if is_gaudi:
+        if gaudi_config is None and args.use_habana and getattr(args, "gaudi_config_name", None):
+            _, _, GaudiConfig = _oh.gaudi_classes()
+            gaudi_config = GaudiConfig.from_pretrained(args.gaudi_config_name)  # the user's choice, on HPU
+        if gaudi_config is None:
+            gaudi_config = _oh.make_gaudi_config(use_habana=bool(args.use_habana))
+        return trainer_class("gaudi")(gaudi_config=gaudi_config, **common)
+    return trainer_class("hf")(**common)
+
+
+# --------------------------------------------------------------------------- merged export
+
+
+def save_merged_model(
+    model: nn.Module, output_dir: str, tokenizer=None, *, inplace: bool = False, safe_serialization: bool = True
+) -> str:
+    """Write a plain transformers checkpoint (``AutoModelForCausalLM.from_pretrained`` loads it) with the adapter
+    merged in.  Returns ``output_dir``.
+
+    PaCA: :func:`paca_hpu.merge_paca`; LoRA: peft ``merge_and_unload``; full fine-tuning: the model as is.
+    ``inplace=False`` (default) merges a deep copy and leaves ``model`` untouched (twice the weight memory for a
+    moment); ``inplace=True`` merges ``model`` itself (for the end of a run), after which ``model`` is a plain
+    model without adapters.
+    """
+    model = _unwrap(model)
+    if is_paca_model(model):
+        from . import merge_paca
+
+        merged = merge_paca(model if inplace else copy.deepcopy(model))
+    elif hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
+        merged = (model if inplace else copy.deepcopy(model)).merge_and_unload()
+    else:
+        merged = model
+    merged.__dict__.pop("paca_config", None)  # not part of a plain transformers model
+    os.makedirs(output_dir, exist_ok=True)
+    merged.save_pretrained(output_dir, safe_serialization=safe_serialization)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output_dir)
+    return output_dir

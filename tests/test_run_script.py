@@ -1,0 +1,265 @@
+"""scripts/run_paca_clm.py end to end on the CPU GaudiTrainer path (in-process via paca_hpu.cli.main, plus real
+subprocess runs)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from test_trainer import WEIGHT_FILES, StopAt, make_tiny_checkpoint, qa_records, write_jsonl
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "scripts", "run_paca_clm.py")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run_script")
+    ckpt = make_tiny_checkpoint(root / "model")
+    train = write_jsonl(root / "train.jsonl", qa_records(24))
+    return {"root": root, "model": ckpt, "train": train}
+
+
+def _argv(tiny, out, *extra):
+    return [
+        "--model_name_or_path", tiny["model"], "--train_file", tiny["train"],
+        "--validation_split_percentage", "25", "--max_seq_len", "64",
+        "--per_device_train_batch_size", "4", "--learning_rate", "5e-3", "--seed", "11",
+        "--output_dir", str(out), *extra,
+    ]
+
+
+def _main(argv, callbacks=None):
+    from paca_hpu.cli import main
+
+    return main(argv, callbacks=callbacks)
+
+
+def _losses(out):
+    state = json.load(open(os.path.join(out, "trainer_state.json")))
+    return [(h["step"], h["loss"]) for h in state["log_history"] if "loss" in h]
+
+
+def _adapter(out):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(out, "adapter_model.safetensors"))
+
+
+def test_paca_run_outputs_and_summary(tiny, tmp_path, capsys):
+    out = tmp_path / "paca"
+    assert _main(_argv(tiny, out, "--max_steps", "4", "--save_steps", "2")) == 0
+    printed = capsys.readouterr().out
+    files = set(os.listdir(out))
+    assert {"adapter_config.json", "adapter_model.safetensors", "metrics.json", "loss_curves.png"} <= files
+    assert not files & set(WEIGHT_FILES), files  # adapter only
+    for ck in ("checkpoint-2", "checkpoint-4"):
+        ck_files = set(os.listdir(out / ck))
+        assert "adapter_model.safetensors" in ck_files and not ck_files & set(WEIGHT_FILES)
+        assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= ck_files
+    assert open(out / "loss_curves.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    m = json.load(open(out / "metrics.json"))
+    assert m["device"] == "cpu" and m["trainer"] == "GaudiTrainer" and m["peft_type"] == "paca"
+    assert 0 < m["trainable_params"] < m["total_params"]
+    assert m["eval_loss_before"] > m["eval_loss_after"] > 0
+    assert m["train_steps"] == 4 and m["train_tokens_per_second"] > 0 and m["peak_memory_bytes"] > 0
+    assert any("eval_loss" in h for h in m["log_history"])
+    for needle in ("run_paca_clm summary", "trainable parameters", "held-out loss", "train tokens/s", "peak memory",
+                   "cpu"):
+        assert needle in printed, needle
+    cfg = json.load(open(out / "adapter_config.json"))
+    assert cfg["r"] == 8 and cfg["paca_alpha"] == 16 and cfg["target_modules"] == "all-linear"
+
+
+def test_resume_through_script_is_exact(tiny, tmp_path, capsys):
+    """Interrupted at step 3 + --resume_from_checkpoint == uninterrupted run (losses, deltas, indices, eval loss)."""
+    common = ("--max_steps", "6", "--save_steps", "3", "--lr_scheduler_type", "linear", "--eval_strategy", "no")
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert _main(_argv(tiny, full, *common)) == 0
+    assert _main(_argv(tiny, cut, *common), callbacks=[StopAt(3)]) == 0
+    assert [s for s, _ in _losses(cut)] == [1, 2, 3]
+    assert _main(_argv(tiny, cut, *common, "--resume_from_checkpoint", str(cut / "checkpoint-3"))) == 0
+    assert _losses(cut) == _losses(full) and len(_losses(full)) == 6
+    a, b = _adapter(full), _adapter(cut)
+    assert a.keys() == b.keys() and any(k.endswith(".indices") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+    ma, mb = json.load(open(full / "metrics.json")), json.load(open(cut / "metrics.json"))
+    assert ma["eval_loss_after"] == mb["eval_loss_after"]
+    # a run whose PaCA shape differs from the checkpoint's is refused up front, with the flag to fix
+    capsys.readouterr()
+    assert _main(_argv(tiny, cut, *common, "--paca_r", "4", "--resume_from_checkpoint", str(cut / "checkpoint-3"))) == 2
+    assert "--paca_r" in capsys.readouterr().err
+    # "--resume_from_checkpoint true" picks the last checkpoint; at max_steps there is nothing left to train
+    assert _main(_argv(tiny, cut, *common, "--resume_from_checkpoint", "true")) == 0
+    assert sorted(d for d in os.listdir(cut) if d.startswith("checkpoint-")) == ["checkpoint-3", "checkpoint-6"]
+    assert json.load(open(cut / "metrics.json"))["eval_loss_after"] == ma["eval_loss_after"]
+
+
+def test_save_merged_same_logits(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from paca_hpu import load_adapter
+
+    out = tmp_path / "merged_run"
+    assert _main(_argv(tiny, out, "--max_steps", "3", "--save_merged", "--paca_r", "4", "--target_modules",
+                       "q_proj", "v_proj", "down_proj")) == 0
+    paca = load_adapter(AutoModelForCausalLM.from_pretrained(tiny["model"]), out).eval()
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    assert not any("PaCA" in type(m).__name__ for m in merged.modules())
+    ids = torch.tensor([[1, 9, 40, 77, 120, 200, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, paca(ids).logits, rtol=0, atol=1e-6)
+        base = AutoModelForCausalLM.from_pretrained(tiny["model"]).eval()
+        assert not torch.allclose(base(ids).logits, paca(ids).logits)  # training changed something
+    cfg = json.load(open(out / "adapter_config.json"))
+    assert cfg["r"] == 4 and cfg["target_modules"] == ["q_proj", "v_proj", "down_proj"]
+
+
+def test_gaudi_flags_bf16_and_gradient_checkpointing_on_cpu(tiny, tmp_path):
+    """A Gaudi command line (run_lora_clm.py style) runs unchanged on CPU: the HPU-only flags are turned off."""
+    out = tmp_path / "gaudi_flags"
+    argv = _argv(tiny, out, "--max_steps", "3", "--use_habana", "--use_lazy_mode", "--use_hpu_graphs_for_training",
+                 "--throughput_warmup_steps", "1", "--bf16", "--gradient_checkpointing", "--lora_rank", "4",
+                 "--lora_target_modules", "q_proj", "v_proj")
+    assert _main(argv) == 0
+    m = json.load(open(out / "metrics.json"))
+    assert m["throughput_warmup_steps"] == 1 and m["throughput_measured_steps"] == 2
+    assert m["eval_loss_after"] < m["eval_loss_before"]
+    cfg = json.load(open(out / "adapter_config.json"))
+    assert cfg["r"] == 4 and cfg["target_modules"] == ["q_proj", "v_proj"]
+    args = torch.load(out / "training_args.bin", weights_only=False)
+    assert args.use_cpu and not args.use_habana and not args.use_lazy_mode and not args.use_hpu_graphs_for_training
+    assert args.half_precision_backend == "cpu_amp"
+    delta = _adapter(out)["model.layers.0.self_attn.q_proj.delta"]
+    assert delta.dtype == torch.float32 and delta.abs().sum() > 0
+
+
+@pytest.mark.parametrize("peft_type", ["lora", "none"])
+def test_lora_and_full_through_same_script(tiny, tmp_path, peft_type):
+    out = tmp_path / peft_type
+    assert _main(_argv(tiny, out, "--peft_type", peft_type, "--max_steps", "2", "--paca_r", "4")) == 0
+    files = set(os.listdir(out))
+    m = json.load(open(out / "metrics.json"))
+    assert m["peft_type"] == peft_type and "loss_curves.png" in files
+    if peft_type == "lora":
+        assert json.load(open(out / "adapter_config.json"))["peft_type"] == "LORA"
+        assert not files & set(WEIGHT_FILES)
+        assert m["trainable_params"] < m["total_params"]
+    else:
+        assert "model.safetensors" in files
+        assert m["trainable_params"] == m["total_params"]
+        gen = json.load(open(out / "generation_config.json"))
+        assert "use_flash_attention" not in gen
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing_file", "not found"),
+        ("bad_columns", "layout"),
+        ("no_targets", "no_such_proj"),
+        ("bad_flag", None),
+    ],
+)
+def test_clean_errors(tiny, tmp_path, capsys, case, expected):
+    out = tmp_path / case
+    if case == "missing_file":
+        argv = _argv(tiny, out, "--max_steps", "1")
+        argv[argv.index("--train_file") + 1] = str(tmp_path / "nope.jsonl")
+    elif case == "bad_columns":
+        bad = write_jsonl(tmp_path / "bad.jsonl", [{"foo": f"x{i}", "bar": "y"} for i in range(8)])
+        argv = _argv(tiny, out, "--max_steps", "1")
+        argv[argv.index("--train_file") + 1] = bad
+    elif case == "no_targets":
+        argv = _argv(tiny, out, "--max_steps", "1", "--target_modules", "no_such_proj")
+    else:
+        argv = _argv(tiny, out, "--max_steps", "1", "--peft_type", "ia3")
+    if case == "bad_flag":
+        with pytest.raises(SystemExit) as exc:  # argparse: usage + one error line, exit 2
+            _main(argv)
+        assert exc.value.code == 2
+        assert "invalid choice" in capsys.readouterr().err
+        return
+    assert _main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and expected in lines[0], err[-2000:]
+    assert "Traceback" not in err
+
+
+def _run_subprocess(argv, timeout=600):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, SCRIPT, *argv], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=timeout)
+
+
+def test_real_subprocess_run(tiny, tmp_path):
+    out = tmp_path / "sub"
+    proc = _run_subprocess(_argv(tiny, out, "--max_steps", "2", "--save_steps", "1", "--save_total_limit", "1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "run_paca_clm summary" in proc.stdout
+    assert "%|" in proc.stderr  # the Trainer's tqdm progress bar
+    assert {"adapter_model.safetensors", "metrics.json", "loss_curves.png"} <= set(os.listdir(out))
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-2"]
+
+
+def test_real_subprocess_error_exit_code(tiny, tmp_path):
+    argv = _argv(tiny, tmp_path / "e", "--max_steps", "1")
+    argv[argv.index("--train_file") + 1] = str(tmp_path / "missing.jsonl")
+    proc = _run_subprocess(argv)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_parse_args_defaults_aliases_and_json(tmp_path):
+    from paca_hpu import device as dev
+    from paca_hpu.cli import UsageError, parse_args
+
+    m, d, a, t, explicit, _ = parse_args(["--model_name_or_path", "x", "--train_file", "t.jsonl",
+                                       "--max_seq_length", "128", "--lora_rank", "4", "--lora_alpha", "32",
+                                       "--lora_target_modules", "q_proj", "v_proj", "--output_dir", str(tmp_path)])
+    assert d.max_seq_len == 128 and a.paca_r == 4 and a.paca_alpha == 32 and a.target_modules == ["q_proj", "v_proj"]
+    assert {"max_seq_len", "paca_r", "paca_alpha", "target_modules"} <= explicit
+    assert a.peft_type == "paca" and t.learning_rate == 2e-4 and t.logging_steps == 1
+    assert t.report_to == [] and t.do_train and t.do_eval and t.include_num_input_tokens_seen
+    assert t.max_steps == -1  # the short CPU default applies only to the embedded default run
+    _, _, _, t, _, _ = parse_args(["--model_name_or_path", "x", "--peft_type", "none", "--output_dir", str(tmp_path)])
+    assert t.learning_rate == 2e-5 and t.eval_strategy == "steps"
+    _, _, _, t, _, _ = parse_args(["--model_name_or_path", "x", "--do_eval", "False", "--output_dir", str(tmp_path)])
+    assert not t.do_eval and t.eval_strategy == "no"
+    _, d, _, t, _, _ = parse_args(["--output_dir", str(tmp_path)])  # embedded default on CPU: short run
+    assert t.max_steps == 40 and d.max_seq_len == 256 and t.per_device_train_batch_size == 4
+    _, d, _, t, _, _ = parse_args(["--output_dir", str(tmp_path), "--num_train_epochs", "1", "--max_seq_len", "100"])
+    assert t.max_steps == -1 and d.max_seq_len == 100
+    cfg = tmp_path / "args.json"
+    cfg.write_text(json.dumps({"model_name_or_path": "x", "paca_r": 2, "learning_rate": 1e-3,
+                               "output_dir": str(tmp_path), "use_lazy_mode": True}))
+    _, _, a, t, _, _ = parse_args([str(cfg)])
+    assert a.paca_r == 2 and t.learning_rate == 1e-3 and not t.use_lazy_mode
+    # the CUDA argument set (transformers.TrainingArguments) still accepts a Gaudi command line
+    cuda = dev.DeviceInfo("cuda", torch.device("cuda"), name="fake")
+    p = parse_args(["--model_name_or_path", "x", "--use_habana", "--use_lazy_mode", "--use_hpu_graphs_for_training",
+                    "--throughput_warmup_steps", "3", "--output_dir", str(tmp_path)], cuda)
+    assert type(p.training).__name__ == "TrainingArguments" and p.throughput_warmup_steps == 3
+    cfg.write_text(json.dumps({"no_such_key": 1}))
+    with pytest.raises(UsageError, match="no_such_key"):
+        parse_args([str(cfg)])
+
+
+def test_only_device_module_imports_habana():
+    pkg = os.path.join(REPO, "paca_hpu")
+    offenders = []
+    for dirpath, _, files in os.walk(pkg):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if not name.endswith(".py") or path == os.path.join(pkg, "device.py"):
+                continue
+            for line in open(path, encoding="utf-8"):
+                s = line.strip()
+                if s.startswith(("import habana_frameworks", "from habana_frameworks")):
+                    offenders.append(f"{path}: {s}")
+    assert not offenders, offenders
