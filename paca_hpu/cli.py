@@ -121,6 +121,12 @@ class AdapterArguments:
         default=False,
         metadata={"help": "Also write a plain merged transformers checkpoint to <output_dir>/merged."},
     )
+    verify_adapter: Optional[bool] = field(
+        default=None,
+        metadata={"help": "PaCA: after training, load the saved adapter onto a freshly loaded base model and "
+                          "evaluate the held-out loss again (needs memory for a second model). Default: on for the "
+                          "embedded default run, off otherwise."},
+    )
 
 
 @dataclass
@@ -624,6 +630,14 @@ def run(argv: Optional[Sequence[str]] = None, callbacks: Optional[list] = None) 
         logger.info("held-out loss after training: %.4f", ev["eval_loss"])
 
     out = training_args.output_dir
+    embedded_run = model_args.model_name_or_path is None
+    verify = adapter_args.verify_adapter if adapter_args.verify_adapter is not None else embedded_run
+    if verify and train and eval_ds is not None and adapter_args.peft_type == "paca":
+        metrics["eval_loss_reloaded"] = _reloaded_eval_loss(
+            model_args, model_path, training_args, out, eval_ds, collator, tokenizer)
+        logger.info("held-out loss of the saved adapter on a freshly loaded base model: %.4f",
+                    metrics["eval_loss_reloaded"])
+
     os.makedirs(out, exist_ok=True)
     if training_args.should_save:
         plot = _plot_losses(trainer.state.log_history, eval_before, os.path.join(out, "loss_curves.png"))
@@ -635,10 +649,31 @@ def run(argv: Optional[Sequence[str]] = None, callbacks: Optional[list] = None) 
             metrics["merged_dir"] = merged_dir
             logger.info("merged model written to %s", merged_dir)
         metrics["log_history"] = trainer.state.log_history
-        with open(os.path.join(out, "metrics.json"), "w") as fh:
-            json.dump(metrics, fh, indent=2, default=str)
+        _write_json_atomic(os.path.join(out, "metrics.json"), metrics)
         _print_summary(metrics, out)
     return metrics
+
+
+def _reloaded_eval_loss(model_args, model_path, training_args, adapter_dir, eval_ds, collator, tokenizer) -> float:
+    """Held-out loss of the adapter in ``adapter_dir`` loaded onto a freshly loaded base model (same trainer
+    evaluation loop, so it equals the trained model's final held-out loss)."""
+    from .adapter import load_adapter
+
+    fresh = _load_model(model_args, model_path, training_args, "paca")
+    _configure_gaudi_generation(fresh, model_args, training_args)
+    load_adapter(fresh, adapter_dir)
+    checker = _tr.make_trainer(fresh, training_args, eval_dataset=eval_ds, data_collator=collator,
+                               processing_class=tokenizer)
+    return float(checker.evaluate(metric_key_prefix="eval")["eval_loss"])
+
+
+def _write_json_atomic(path: str, data: Dict[str, Any]) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def _print_summary(m: Dict[str, Any], out: str) -> None:
@@ -658,6 +693,8 @@ def _print_summary(m: Dict[str, Any], out: str) -> None:
         f"held-out loss         : {f(m.get('eval_loss_before'))} -> {f(m.get('eval_loss_after'))}"
         + (f"  ({m['eval_samples']} examples)" if m.get("eval_samples") else ""),
     ]
+    if "eval_loss_reloaded" in m:
+        lines.append(f"saved adapter reloaded: held-out loss {f(m['eval_loss_reloaded'])} on a fresh base model")
     if "train_runtime" in m:
         lines += [
             f"train steps / time    : {m.get('train_steps')} steps in {f(m.get('train_runtime'), '.1f')} s",

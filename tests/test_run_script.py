@@ -51,7 +51,7 @@ def _adapter(out):
 
 def test_paca_run_outputs_and_summary(tiny, tmp_path, capsys):
     out = tmp_path / "paca"
-    assert _main(_argv(tiny, out, "--max_steps", "4", "--save_steps", "2")) == 0
+    assert _main(_argv(tiny, out, "--max_steps", "4", "--save_steps", "2", "--verify_adapter", "True")) == 0
     printed = capsys.readouterr().out
     files = set(os.listdir(out))
     assert {"adapter_config.json", "adapter_model.safetensors", "metrics.json", "loss_curves.png"} <= files
@@ -65,10 +65,12 @@ def test_paca_run_outputs_and_summary(tiny, tmp_path, capsys):
     assert m["device"] == "cpu" and m["trainer"] == "GaudiTrainer" and m["peft_type"] == "paca"
     assert 0 < m["trainable_params"] < m["total_params"]
     assert m["eval_loss_before"] > m["eval_loss_after"] > 0
+    # the saved adapter on a freshly loaded base model reproduces the final held-out loss
+    assert m["eval_loss_reloaded"] == pytest.approx(m["eval_loss_after"], rel=1e-6, abs=1e-7)
     assert m["train_steps"] == 4 and m["train_tokens_per_second"] > 0 and m["peak_memory_bytes"] > 0
     assert any("eval_loss" in h for h in m["log_history"])
     for needle in ("run_paca_clm summary", "trainable parameters", "held-out loss", "train tokens/s", "peak memory",
-                   "cpu"):
+                   "cpu", "saved adapter reloaded"):
         assert needle in printed, needle
     cfg = json.load(open(out / "adapter_config.json"))
     assert cfg["r"] == 8 and cfg["paca_alpha"] == 16 and cfg["target_modules"] == "all-linear"
