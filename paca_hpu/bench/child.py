@@ -1,0 +1,144 @@
+"""Per-variant subprocess: peak memory at the benchmark shape, then (optionally) the longest-sequence data.
+
+:mod:`paca_hpu.bench.cli` starts :func:`run_child` in a fresh process per variant (``multiprocessing``
+"forkserver" context, with torch / transformers / peft preloaded in the server so that a child starts in well
+under a second; nothing in the server has touched the accelerator or run a kernel), so that each variant's peak
+memory is its own. By hand: ``python -m paca_hpu.bench.child CONFIG.json VARIANT INPUTS.pt OUT.json``.
+
+* CPU: glibc's mmap threshold is fixed at 128 KiB first (``--cpu_malloc tuned``, the default; see
+  :func:`paca_hpu.bench.measure.fix_malloc_mmap_threshold`), so peak RSS follows live tensor memory.
+* Peak: ``memory_warmup`` steps at ``(batch, seq_len)``, reset of the peak counter (device allocator on
+  CUDA/HPU; ``VmHWM`` via ``/proc/self/clear_refs`` on CPU, after ``malloc_trim``), ``memory_steps`` steps.
+* Longest sequence at batch 1 (``maxseq`` section):
+  - CUDA/HPU: a real search. A length "fits" when one training step at ``(1, L)`` neither raises an
+    out-of-memory error nor peaks above the budget; lengths double from ``maxseq_start`` until one does not fit
+    (or ``maxseq_limit``), then bisect down to ``maxseq_granularity`` tokens.
+  - CPU: a MODEL, not a search: peak RSS measured at each of ``maxseq_lengths`` (ascending, counter reset before
+    each), a straight line ``peak = a + b * L`` fitted through the points, solved for ``peak = budget``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import time
+
+
+def _run(cfg: dict, variant_name: str, inputs_path: str) -> dict:
+    import torch
+
+    from .. import device as _device
+    from .measure import (_to, fix_malloc_mmap_threshold, is_oom_error, linear_memory_model,
+                          peak_memory_of_steps, release_host_memory, train_step)
+    from .variants import DTYPES, ModelSpec, build_variant, load_base_model, make_optimizer
+
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    info = _device.get_device_info()
+    malloc_fixed = False
+    if info.type == "cpu" and cfg.get("cpu_malloc", "tuned") == "tuned":
+        malloc_fixed = fix_malloc_mmap_threshold()
+    dev = info.device
+    inputs = torch.load(inputs_path)
+    spec = ModelSpec(**cfg["model"])
+    t0 = time.perf_counter()
+    _device.manual_seed_all(cfg["seed"])
+    base = load_base_model(spec, DTYPES[cfg["dtype"]], dev)
+    variant = build_variant(variant_name, base, r=cfg["r"], alpha=cfg["alpha"], copy_base=False)
+    del base
+    opt = make_optimizer(variant, 1e-4)
+    release_host_memory()
+    out = {"variant": variant_name, "kind": _device.peak_memory_kind(), "device": info.describe(),
+           "trainable": variant.trainable, "malloc_mmap_threshold_fixed": malloc_fixed}
+    peak = peak_memory_of_steps(variant, opt, inputs["batch"], cfg["memory_warmup"], cfg["memory_steps"])
+    out.update(peak)
+    out["batch"], out["seq_len"] = cfg["batch"], cfg["seq_len"]
+
+    if cfg.get("maxseq"):
+        stream = inputs["stream"]
+        if cfg.get("budget_bytes"):
+            budget = float(cfg["budget_bytes"])
+        else:
+            from .cli import default_budget_bytes
+
+            budget = default_budget_bytes(info)
+
+        def step_peak(length: int) -> int:
+            batch = {k: v[:, :length] for k, v in stream.items()}
+            release_host_memory()
+            if info.type == "cuda":
+                torch.cuda.empty_cache()
+            _device.reset_peak_memory()
+            train_step(variant, opt, _to(batch, dev))
+            _device.synchronize()
+            return int(_device.peak_memory_bytes())
+
+        ms: dict = {"budget_bytes": budget}
+        if info.type == "cpu":
+            points = []
+            for length in sorted(cfg["maxseq_lengths"]):
+                points.append([length, step_peak(length)])
+            fit = linear_memory_model(points, budget)
+            ms.update({"method": "model", "points": points, **fit})
+        else:
+            probes = []
+
+            def fits(length: int) -> bool:
+                try:
+                    p = step_peak(length)
+                    ok = p <= budget
+                    probes.append([length, p, ok])
+                    return ok
+                except Exception as err:  # noqa: BLE001 - OOM surfaces as different types per device
+                    if not is_oom_error(err):
+                        raise
+                    probes.append([length, None, False])
+                    opt.zero_grad(set_to_none=True)
+                    gc.collect()
+                    if info.type == "cuda":
+                        torch.cuda.empty_cache()
+                    return False
+
+            limit, gran = int(cfg["maxseq_limit"]), int(cfg["maxseq_granularity"])
+            lo, length = 0, int(cfg["maxseq_start"])
+            while length <= limit and fits(length):
+                lo, length = length, length * 2
+            hi = min(length, limit + gran)
+            if lo:
+                while hi - lo > gran:
+                    mid = (lo + hi) // 2 // gran * gran
+                    if mid <= lo:
+                        break
+                    if fits(mid):
+                        lo = mid
+                    else:
+                        hi = mid
+            ms.update({"method": "search", "probes": probes, "max_seq_len": lo, "hit_limit": lo >= limit,
+                       "limit": limit, "granularity": gran})
+        out["maxseq"] = ms
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def run_child(cfg: dict, variant_name: str, inputs_path: str, out_path: str) -> None:
+    """Entry point of the per-variant process: measure and write the result JSON to ``out_path``."""
+    result = _run(cfg, variant_name, inputs_path)
+    tmp = out_path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(result, f)
+    os.replace(tmp, out_path)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    cfg_path, variant_name, inputs_path, out_path = argv
+    with open(cfg_path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    run_child(cfg, variant_name, inputs_path, out_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,545 @@
+"""Command line of the benchmark (``scripts/benchmark.py``; ``python -m paca_hpu.bench``).
+
+Sections (``--sections``, comma separated, default ``timing,saved,memory,maxseq,quality``; ``profile`` on
+request; ``all`` = every section):
+
+* ``timing``: step time and tokens/s, every variant in this process, interleaved rounds;
+* ``saved``: bytes saved for backward per step;
+* ``memory``: peak memory, each variant in its own subprocess;
+* ``maxseq``: longest sequence at batch 1 within a memory budget (same subprocesses);
+* ``quality``: held-out loss after ``--steps`` steps at each method's best learning rate;
+* ``profile``: where PaCA's step time goes beyond the floor's (torch.profiler + component timings).
+
+Outputs in ``--output_dir`` (default ``docs/benchmarks/<run name>``): ``results.json``, ``results.md``,
+``step_time.png``, ``memory.png``, ``loss_curves.png``, ``log.txt``, profiler tables; then the docs page
+(``--docs``, default ``docs/benchmarks.md``) is rebuilt from every run directory next to this one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+SECTIONS = ("timing", "saved", "memory", "maxseq", "quality", "profile")
+DEFAULT_SECTIONS = "timing,saved,memory,maxseq,quality"
+
+
+def _repo_root() -> Path:
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "scripts").is_dir() or (root / "setup.cfg").is_file() else Path.cwd()
+
+
+def _csv(value: str) -> List[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _parse_lr_grid(text: Optional[str]) -> Dict[str, List[float]]:
+    from .quality import DEFAULT_LR_GRIDS
+
+    grids = {k: list(v) for k, v in DEFAULT_LR_GRIDS.items()}
+    if text:
+        for part in text.split(";"):
+            if not part.strip():
+                continue
+            name, _, vals = part.partition("=")
+            if not vals:
+                raise argparse.ArgumentTypeError(f"--lr_grid: expected 'method=lr,lr,...', got {part!r}")
+            grids[name.strip()] = [float(v) for v in _csv(vals)]
+    return grids
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="scripts/benchmark.py",
+        description="Benchmark PaCA against the frozen floor, peft LoRA and full fine-tuning: step time, "
+                    "tokens/s, bytes saved for backward, peak memory, longest sequence, held-out loss.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    m = p.add_argument_group("model")
+    g = m.add_mutually_exclusive_group()
+    g.add_argument("--model_name_or_path", default=None,
+                   help="transformers LLaMA-family checkpoint (directory or Hub id); default: the embedded "
+                        "SmolLM2-135M-Instruct")
+    g.add_argument("--tiny", action="store_true",
+                   help="tiny 2-layer LLaMA built in-process with random weights and a byte-level tokenizer "
+                        "(smoke tests)")
+    g.add_argument("--model_config", default=None,
+                   help="LlamaConfig JSON file: model built in-process with random weights, byte-level tokenizer")
+    m.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "eager"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "hpu"],
+                   help="auto: HPU > CUDA > CPU (paca_hpu.device)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="fp32: float32 model, no autocast; bf16: bfloat16 model, no autocast (same for all variants)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq_len", type=int, default=256)
+    p.add_argument("--variants", default="floor,lora,paca,full", help="comma separated subset of floor,lora,paca,full")
+    p.add_argument("--sections", default=DEFAULT_SECTIONS, help=f"comma separated subset of {','.join(SECTIONS)}, or all")
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0, help="lora_alpha and paca_alpha")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    t = p.add_argument_group("timing")
+    t.add_argument("--rounds", type=int, default=12, help="interleaved timed rounds (one step per variant each)")
+    t.add_argument("--warmup", type=int, default=2, help="discarded warm-up steps per variant")
+    mem = p.add_argument_group("memory / longest sequence")
+    mem.add_argument("--memory_warmup", type=int, default=1)
+    mem.add_argument("--memory_steps", type=int, default=2)
+    mem.add_argument("--memory_budget_gb", type=float, default=None,
+                     help="budget for the longest-sequence figure; default: device memory (CUDA/HPU) or total RAM")
+    mem.add_argument("--cpu_malloc", default="tuned", choices=["tuned", "default"],
+                     help="CPU peak RSS: 'tuned' fixes glibc's mmap threshold at 128 KiB in the measuring process so "
+                          "RSS follows live tensors (closest to a device's peak allocated); 'default' leaves glibc's "
+                          "dynamic threshold (RSS then includes heap fragmentation)")
+    mem.add_argument("--maxseq_lengths", default=None,
+                     help="CPU model: batch-1 lengths to measure (default: 2*seq_len,4*seq_len)")
+    mem.add_argument("--maxseq_start", type=int, default=512, help="CUDA/HPU search: first length")
+    mem.add_argument("--maxseq_limit", type=int, default=None,
+                     help="CUDA/HPU search: largest length tried (default: max_position_embeddings)")
+    mem.add_argument("--maxseq_granularity", type=int, default=128)
+    q = p.add_argument_group("quality")
+    q.add_argument("--steps", type=int, default=20, help="training steps per quality run")
+    q.add_argument("--quality_variants", default="lora,paca", help="methods trained for the quality figure")
+    q.add_argument("--quality_batch", type=int, default=None, help="default: --batch")
+    q.add_argument("--lr_grid", default=None,
+                   help="'lora=1e-4,3e-4;paca=...;full=...' (defaults: lora/paca 3e-4,1e-3,3e-3; full 1e-5,3e-5,1e-4)")
+    q.add_argument("--eval_every", type=int, default=10,
+                   help="held-out evaluation (selection half) every N steps for the curves; 0: only at the end")
+    q.add_argument("--max_train_samples", type=int, default=None, help="limit raw training examples")
+    q.add_argument("--max_eval_samples", type=int, default=None, help="limit raw held-out examples")
+    pr = p.add_argument_group("profile")
+    pr.add_argument("--profile_rounds", type=int, default=3)
+    pr.add_argument("--profile_reps", type=int, default=5)
+    o = p.add_argument_group("output")
+    o.add_argument("--output_dir", default=None, help="default: docs/benchmarks/<run_name>")
+    o.add_argument("--run_name", default=None, help="default: <device>-<model>-<dtype>-b<batch>-s<seq_len>")
+    o.add_argument("--docs", default=None,
+                   help="docs page rebuilt from all runs next to --output_dir (default docs/benchmarks.md when the "
+                        "output is under docs/benchmarks/; '' to skip)")
+    o.add_argument("--docs_only", action="store_true", help="only rebuild the docs page from existing results")
+    o.add_argument("--merge", action="store_true",
+                   help="keep the sections of an existing results.json in --output_dir that this invocation does not "
+                        "rerun (same model, dtype, batch and seq_len required)")
+    return p
+
+
+class _Log:
+    def __init__(self, path: Optional[str]):
+        from .measure import OtherLoad
+
+        self.f = open(path, "a", encoding="utf-8") if path else None
+        self.t0 = time.perf_counter()
+        self.other = OtherLoad()
+
+    def __call__(self, msg: str) -> None:
+        self.other.sample()
+        line = f"[{time.perf_counter() - self.t0:7.1f}s] {msg}"
+        print(line, flush=True)
+        if self.f:
+            self.f.write(line + "\n")
+            self.f.flush()
+
+
+def _git_commit(root: Path) -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(info, threads: int) -> Dict[str, str]:
+    import torch
+    import transformers
+
+    env = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "device": info.describe(), "python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__}
+    try:
+        import peft
+
+        env["peft"] = peft.__version__
+    except ImportError:
+        pass
+    env["cpu"] = f"{_cpu_model()}, {os.cpu_count()} cores, torch threads {threads}"
+    try:
+        import psutil
+
+        env["ram"] = f"{psutil.virtual_memory().total / 1024 ** 3:.1f} GiB"
+    except ImportError:
+        pass
+    env["git"] = _git_commit(_repo_root())
+    return env
+
+
+def _default_run_name(args, device_type: str) -> str:
+    if args.tiny:
+        model = "tiny"
+    elif args.model_config:
+        model = Path(args.model_config).stem
+    elif args.model_name_or_path:
+        model = Path(args.model_name_or_path.rstrip("/")).name
+    else:
+        model = "smollm2-135m"
+    return f"{device_type}-{model}-{args.dtype}-b{args.batch}-s{args.seq_len}".lower()
+
+
+def default_budget_bytes(info) -> float:
+    """Memory budget of the longest-sequence figure when none is given: the device's memory (CUDA/HPU) or the
+    machine's RAM (CPU). Called in the measuring subprocess (the parent must not open the accelerator)."""
+    import torch
+
+    if info.type == "cuda":
+        return float(torch.cuda.get_device_properties(0).total_memory)
+    if info.type == "hpu":
+        from .. import device as _device
+
+        return float(_device.habana_module("habana_frameworks.torch.hpu").memory_stats()["Limit"])
+    import psutil
+
+    return float(psutil.virtual_memory().total)
+
+
+_PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama", "peft", "safetensors",
+            "paca_hpu", "paca_hpu.bench.child", "paca_hpu.bench.measure", "paca_hpu.bench.variants"]
+
+
+def _run_children(cfg: dict, variants: List[str], inputs: dict, log) -> Dict[str, dict]:
+    """One fresh process per variant running :func:`paca_hpu.bench.child.run_child`."""
+    import multiprocessing
+
+    import torch
+
+    from .child import run_child
+
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if ctx.get_start_method() == "forkserver":
+        ctx.set_forkserver_preload(_PRELOAD)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="paca_bench_") as tmp:
+        inputs_path = os.path.join(tmp, "inputs.pt")
+        torch.save(inputs, inputs_path)
+        for v in variants:
+            out_path = os.path.join(tmp, f"{v}.json")
+            t0 = time.perf_counter()
+            proc = ctx.Process(target=run_child, args=(cfg, v, inputs_path, out_path), name=f"bench-{v}")
+            proc.start()
+            proc.join()
+            if proc.exitcode != 0 or not os.path.exists(out_path):
+                raise RuntimeError(f"memory subprocess for variant {v} failed (exit code {proc.exitcode}); "
+                                   "its traceback is printed above")
+            with open(out_path, encoding="utf-8") as f:
+                results[v] = json.load(f)
+            d = results[v]
+            extra = ""
+            if "maxseq" in d:
+                extra = f", max seq {d['maxseq']['max_seq_len']:.0f} ({d['maxseq']['method']})"
+            log(f"memory: {v}: peak {d['peak_bytes'] / 2 ** 20:,.1f} MB (before step {d['before_bytes'] / 2 ** 20:,.1f}"
+                f" MB){extra} [{time.perf_counter() - t0:.0f} s]")
+    return results
+
+
+def run(args) -> dict:
+    import torch
+
+    root = _repo_root()
+    if args.device != "auto":
+        os.environ["PACA_DEVICE"] = args.device
+    from .. import device as _device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    info = _device.refresh()  # after set_num_threads: the CPU description names the thread count
+    sections = list(SECTIONS) if args.sections.strip() == "all" else _csv(args.sections)
+    bad = [s for s in sections if s not in SECTIONS]
+    if bad:
+        raise SystemExit(f"unknown section(s) {bad}; choose from {', '.join(SECTIONS)}")
+    from .variants import DTYPES, VARIANTS, ModelSpec, build_variant, load_base_model, make_optimizer
+
+    variants = _csv(args.variants)
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad or not variants:
+        raise SystemExit(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
+    quality_variants = [v for v in _csv(args.quality_variants) if v != "floor"]
+    lr_grids = _parse_lr_grid(args.lr_grid)
+
+    run_name = args.run_name or _default_run_name(args, info.type)
+    out_dir = Path(args.output_dir) if args.output_dir else root / "docs" / "benchmarks" / run_name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = _Log(str(out_dir / "log.txt"))
+
+    if args.tiny:
+        spec = ModelSpec(kind="tiny", seed=args.seed, attn_implementation=args.attn_implementation)
+    elif args.model_config:
+        spec = ModelSpec(kind="config", path=os.path.abspath(args.model_config), seed=args.seed,
+                         attn_implementation=args.attn_implementation)
+    elif args.model_name_or_path:
+        spec = ModelSpec(kind="path", path=args.model_name_or_path, seed=args.seed,
+                         attn_implementation=args.attn_implementation)
+    else:
+        spec = ModelSpec(kind="embedded", seed=args.seed, attn_implementation=args.attn_implementation)
+    dtype = DTYPES[args.dtype]
+    log(f"benchmark {run_name}: {spec.describe()} on {info.describe()}, {args.dtype}, batch {args.batch} x seq "
+        f"{args.seq_len}, variants {variants}, sections {sections}, torch threads {threads}")
+
+    from .inputs import all_batches, fixed_batches, load_tokenizer, packed_splits, token_stream
+
+    tok = load_tokenizer(spec)
+    splits = packed_splits(tok, args.seq_len, max_train_samples=args.max_train_samples,
+                           max_eval_samples=args.max_eval_samples)
+    log(f"data: {len(splits['train'])} train / {len(splits['validation'])} held-out blocks of {args.seq_len} tokens")
+
+    results: dict = {
+        "meta": {
+            "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], root)
+                                                                      if os.path.isabs(sys.argv[0]) else sys.argv[0]]
+                                            + sys.argv[1:]),
+            "model": spec.describe(),
+            "device": info.describe(),
+            "device_type": info.type,
+            "precision_note": (
+                "float32 parameters, no autocast" if args.dtype == "fp32" else
+                "bfloat16 parameters, no autocast; LoRA A/B float32 (peft autocast_adapter_dtype), its adapter "
+                "branch on a float32 copy of the input; PaCA delta float32, delta gradient in float32; full "
+                "trains the bf16 parameters in place"),
+            "environment": environment(info, threads),
+        },
+        "config": {
+            "model": spec.to_dict(), "dtype": args.dtype, "batch": args.batch, "seq_len": args.seq_len,
+            "variants": variants, "sections": sections, "r": args.r, "alpha": args.alpha, "seed": args.seed,
+            "threads": threads, "rounds": args.rounds, "warmup": args.warmup,
+            "memory_warmup": args.memory_warmup, "memory_steps": args.memory_steps, "steps": args.steps,
+            "cpu_malloc": args.cpu_malloc,
+            "quality_variants": quality_variants, "lr_grids": {k: lr_grids[k] for k in quality_variants if k in lr_grids},
+        },
+    }
+
+    # ---- memory + longest sequence: subprocesses first, before this process touches the accelerator
+    if "memory" in sections or "maxseq" in sections:
+        from transformers import AutoConfig
+
+        budget = args.memory_budget_gb * 1024 ** 3 if args.memory_budget_gb else None
+        if spec.random_init:
+            max_pos = 4096
+        else:
+            max_pos = int(getattr(AutoConfig.from_pretrained(spec.resolved_path()), "max_position_embeddings", 4096))
+        maxseq_lengths = ([int(x) for x in _csv(args.maxseq_lengths)] if args.maxseq_lengths
+                          else [2 * args.seq_len, 4 * args.seq_len])
+        limit = args.maxseq_limit or max_pos
+        need = max(maxseq_lengths) if info.type == "cpu" else limit
+        batch = fixed_batches(splits["train"], args.batch, 1, seed=args.seed)[0]
+        inputs = {"batch": batch, "stream": token_stream(splits["train"], need)}
+        child_cfg = {"model": spec.to_dict(), "dtype": args.dtype, "seed": args.seed, "r": args.r,
+                     "alpha": args.alpha, "threads": args.threads, "batch": args.batch, "seq_len": args.seq_len,
+                     "memory_warmup": args.memory_warmup, "memory_steps": args.memory_steps,
+                     "maxseq": "maxseq" in sections, "budget_bytes": budget, "maxseq_lengths": maxseq_lengths,
+                     "maxseq_start": args.maxseq_start, "maxseq_limit": limit,
+                     "maxseq_granularity": args.maxseq_granularity, "cpu_malloc": args.cpu_malloc}
+        log(f"memory: one subprocess per variant ({_device.peak_memory_kind()})")
+        child = _run_children(child_cfg, variants, inputs, log)
+        if "memory" in sections:
+            results["memory"] = {v: {k: d[k] for k in ("peak_bytes", "before_bytes", "kind", "trainable",
+                                                       "malloc_mmap_threshold_fixed")}
+                                 for v, d in child.items()}
+        if "maxseq" in sections:
+            results["maxseq"] = {v: d["maxseq"] for v, d in child.items()}
+            results["maxseq_max_position_embeddings"] = max_pos
+
+    need_base = any(s in sections for s in ("timing", "saved", "quality", "profile"))
+    base = None
+    if need_base:
+        from .. import device as _d
+
+        _d.manual_seed_all(args.seed)
+        base = load_base_model(spec, dtype, info.device)
+
+    n_batches = max(args.rounds + args.warmup, args.profile_rounds + 1, 1)
+    train_batches = fixed_batches(splits["train"], args.batch, n_batches, seed=args.seed)
+
+    # ---- saved for backward + timing (one process, all variants)
+    if "timing" in sections or "saved" in sections:
+        from .measure import saved_tensor_bytes, summarize, time_rounds
+
+        built, opts = {}, {}
+        for v in variants:
+            built[v] = build_variant(v, base, r=args.r, alpha=args.alpha)
+            opts[v] = make_optimizer(built[v], 1e-4)
+        if "saved" in sections:
+            results["saved"] = {}
+            for v in variants:
+                results["saved"][v] = saved_tensor_bytes(built[v].model, train_batches[0])
+                log(f"saved: {v}: {results['saved'][v]['bytes'] / 2 ** 20:,.2f} MB in "
+                    f"{results['saved'][v]['tensors']} tensors")
+        if "timing" in sections:
+            log(f"timing: {args.warmup} warm-up steps per variant, then {args.rounds} interleaved rounds")
+
+            def tlog(msg):
+                        log(msg)
+
+            raw = time_rounds(built, opts, train_batches, rounds=args.rounds, warmup=args.warmup, log=tlog)
+            tokens = args.batch * args.seq_len
+            tv = {}
+            for v in variants:
+                tv[v] = {"wall_s": summarize(raw[v]["wall_s"]), "cpu_s": summarize(raw[v]["cpu_s"]),
+                         "tokens_per_s": summarize([tokens / x for x in raw[v]["wall_s"]]),
+                         "trainable": built[v].trainable, "total_params": built[v].total,
+                         "raw_wall_s": raw[v]["wall_s"], "raw_cpu_s": raw[v]["cpu_s"], "loss": raw[v]["loss"]}
+            pairs = [("paca", "lora"), ("paca", "floor"), ("lora", "floor"), ("full", "floor"), ("paca", "full"),
+                     ("lora", "full")]
+            ratios, cpu_ratios, raw_ratios = {}, {}, {}
+            for a, b in pairs:
+                if a in raw and b in raw:
+                    rr = [x / y for x, y in zip(raw[a]["wall_s"], raw[b]["wall_s"])]
+                    ratios[f"{a}/{b}"] = summarize(rr)
+                    raw_ratios[f"{a}/{b}"] = rr
+                    cpu_ratios[f"{a}/{b}"] = summarize([x / y for x, y in zip(raw[a]["cpu_s"], raw[b]["cpu_s"])])
+            results["timing"] = {"rounds": args.rounds, "warmup": args.warmup, "tokens_per_step": tokens,
+                                 "variants": tv, "ratios": ratios, "cpu_ratios": cpu_ratios, "raw_ratios": raw_ratios}
+            for k, s in ratios.items():
+                log(f"timing: {k}: median {s['median']:.3f} [q1 {s['q1']:.3f}, q3 {s['q3']:.3f}] "
+                    f"(min {s['min']:.3f}, max {s['max']:.3f})")
+        del built, opts
+        gc.collect()
+
+    # ---- profile
+    if "profile" in sections:
+        from .profile import profile_paca_vs_floor
+
+        prof = profile_paca_vs_floor(base, train_batches, rounds=args.profile_rounds, reps=args.profile_reps,
+                                     r=args.r, alpha=args.alpha, log=log)
+        for name, table in prof.pop("tables").items():
+            (out_dir / f"profile_{name}.txt").write_text(table, encoding="utf-8")
+        results["profile"] = prof
+        log("profile: " + ", ".join(f"{k} {v:.1f} ms" for k, v in prof["breakdown_ms"].items()))
+
+    # ---- quality
+    if "quality" in sections and quality_variants:
+        from .quality import run_quality
+
+        qb = args.quality_batch or args.batch
+        q_train = fixed_batches(splits["train"], qb, args.steps, seed=args.seed + 1)
+        val = splits["validation"]
+        sel = val.select(range(0, len(val), 2))
+        rep = val.select(range(1, len(val), 2))
+        results["quality"] = run_quality(
+            base, quality_variants, lr_grids, q_train, all_batches(sel, qb), all_batches(rep, qb), args.steps,
+            args.eval_every, seed=args.seed, r=args.r, alpha=args.alpha, log=log)
+        results["quality"]["batch"] = qb
+
+    # ---- outputs
+    log("done measuring")
+    other = log.other.cores()
+    env = results["meta"]["environment"]
+    if other is not None:
+        env["other processes' CPU use during the run"] = f"{other:.2f} cores on average"
+        if other > 0.25:
+            results["meta"]["busy_warning"] = (
+                f"other processes kept {other:.2f} of {os.cpu_count()} cores busy on average during this run: "
+                "timing figures are not representative; rerun on a quiet machine.")
+    cmd = results["meta"]["command"]
+    results["meta"]["section_commands"] = {sec: cmd for sec in sections}
+    results["meta"]["section_busy"] = {sec: results["meta"].get("busy_warning") for sec in sections}
+    if args.merge and (out_dir / "results.json").is_file():
+        _merge_previous(results, out_dir / "results.json", sections, log)
+    from .report import evaluate_targets, run_markdown, write_charts, write_docs_page
+
+    results["targets"] = evaluate_targets(results)
+    results["charts"] = write_charts(results, str(out_dir))
+    with open(out_dir / "results.json", "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1)
+    (out_dir / "results.md").write_text(run_markdown(results, image_prefix="", heading="##") + "\n", encoding="utf-8")
+    log(f"wrote {out_dir / 'results.json'}, results.md, {', '.join(results['charts'])}")
+    docs = _docs_path(args, out_dir, root)
+    if docs:
+        write_docs_page(docs, str(out_dir.parent))
+        log(f"wrote {docs}")
+    return results
+
+
+_MERGE_KEYS = {"timing": ["timing"], "saved": ["saved"], "memory": ["memory"],
+               "maxseq": ["maxseq", "maxseq_max_position_embeddings"], "quality": ["quality"], "profile": ["profile"]}
+
+
+def _merge_previous(results: dict, path: Path, sections: List[str], log) -> None:
+    """Copy into ``results`` the sections of the earlier run at ``path`` that were not rerun now."""
+    with open(path, encoding="utf-8") as f:
+        old = json.load(f)
+    keys = ("model", "dtype", "batch", "seq_len")
+    if any(old.get("config", {}).get(k) != results["config"].get(k) for k in keys):
+        raise SystemExit(f"--merge: {path} was made with a different {'/'.join(keys)}; use another --output_dir")
+    kept = []
+    for sec, ks in _MERGE_KEYS.items():
+        if sec in sections or ks[0] not in old:
+            continue
+        for k in ks:
+            if k in old:
+                results[k] = old[k]
+        om = old.get("meta", {})
+        results["meta"]["section_commands"][sec] = om.get("section_commands", {}).get(sec, om.get("command"))
+        results["meta"]["section_busy"][sec] = om.get("section_busy", {}).get(sec, om.get("busy_warning"))
+        kept.append(sec)
+    busy = {w for w in results["meta"]["section_busy"].values() if w}
+    if busy:
+        results["meta"]["busy_warning"] = " ".join(sorted(busy))
+    else:
+        results["meta"].pop("busy_warning", None)
+    results["config"]["sections"] = [s for s in SECTIONS if s in sections or s in kept]
+    log(f"merged sections {kept} from {path}")
+
+
+def _docs_path(args, out_dir: Path, root: Path) -> Optional[str]:
+    if args.docs is not None:
+        return args.docs or None
+    default_root = (root / "docs" / "benchmarks").resolve()
+    if out_dir.resolve().parent == default_root:
+        return str(root / "docs" / "benchmarks.md")
+    return None
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.docs_only:
+        from .report import write_docs_page
+
+        root = _repo_root()
+        docs = args.docs or str(root / "docs" / "benchmarks.md")
+        from .report import load_results, run_markdown
+
+        results_root = str(Path(args.output_dir).parent) if args.output_dir else str(root / "docs" / "benchmarks")
+        for run_dir, res in load_results(results_root):  # refresh each run's own page too
+            Path(run_dir, "results.md").write_text(run_markdown(res, image_prefix="", heading="##") + "\n",
+                                                   encoding="utf-8")
+        print(write_docs_page(docs, results_root))
+        return 0
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

