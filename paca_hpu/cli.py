@@ -254,8 +254,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, info: Optional[_device.Devi
         for flag in ("use_habana", "use_hpu_graphs_for_training", "use_hpu_graphs_for_inference", "gaudi_config_name"):
             if values.get(flag):
                 logger.warning("--%s has no effect on %s; ignored.", flag, info.type)
-    targs = _tr.adjust_for_device(targs, info, args_cls)
     try:
+        targs = _tr.adjust_for_device(targs, info, args_cls)
         training_args = args_cls(**targs)
     except ValueError as err:
         raise UsageError(str(err)) from err

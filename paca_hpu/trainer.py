@@ -227,6 +227,10 @@ def adjust_for_device(values: Dict[str, Any], info: Optional[_device.DeviceInfo]
             logger.info("PT_HPU_LAZY_MODE=0: running HPU in eager / torch.compile mode (use_lazy_mode=False).")
             v["use_lazy_mode"] = False
         if v.get("torch_compile") or v.get("torch_compile_backend"):
+            if v.get("use_lazy_mode", True):
+                # optimum-habana asserts that the two are mutually exclusive; say how to get torch.compile
+                raise ValueError("--torch_compile needs the HPU in eager mode, but lazy mode is on: start Python "
+                                 "with PT_HPU_LAZY_MODE=0 (and --use_lazy_mode False), or drop --torch_compile")
             v["torch_compile"] = True
             v["torch_compile_backend"] = _oh.compile_backend_for("hpu", v.get("torch_compile_backend"))
         return v

@@ -156,8 +156,10 @@ def test_training_arguments_for_the_detected_hpu(fake_habana):
     v = adjust_for_device({"use_habana": True, "use_lazy_mode": True, "use_hpu_graphs_for_training": True,
                            "bf16": True}, info)
     assert v["use_habana"] and v["use_lazy_mode"] and v["use_hpu_graphs_for_training"] and not v.get("use_cpu")
-    v = adjust_for_device({"use_habana": True, "torch_compile": True}, info)
-    assert v["torch_compile_backend"] == "hpu_backend"
+    with pytest.raises(ValueError, match="PT_HPU_LAZY_MODE=0"):  # lazy mode and torch.compile are exclusive
+        adjust_for_device({"use_habana": True, "torch_compile": True}, info)
+    v = adjust_for_device({"use_habana": True, "torch_compile": True, "use_lazy_mode": False}, info)
+    assert v["torch_compile_backend"] == "hpu_backend" and not v["use_lazy_mode"]
 
 
 # --------------------------------------------------------------------------------------------------------------
