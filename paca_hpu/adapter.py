@@ -40,10 +40,10 @@ def _atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     os.close(fd)
     try:
+        write(tmp)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions open() would
-        write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp (and safetensors) create 0600; use the permissions open() would
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

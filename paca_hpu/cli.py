@@ -71,7 +71,7 @@ class ModelArguments:
 class DataArguments:
     dataset_name: Optional[str] = field(default=None, metadata={"help": "A datasets-library dataset name."})
     dataset_config_name: Optional[str] = field(default=None, metadata={"help": "Its configuration name."})
-    train_file: Optional[str] = field(default=None, metadata={"help": "Training data (json/jsonl/csv/txt)."})
+    train_file: Optional[str] = field(default=None, metadata={"help": "Training data (json/jsonl/csv/parquet/txt)."})
     validation_file: Optional[str] = field(default=None, metadata={"help": "Held-out data (same formats)."})
     validation_split_percentage: int = field(
         default=10, metadata={"help": "Percent of train held out when there is no validation split."}
@@ -475,6 +475,8 @@ def run(argv: Optional[Sequence[str]] = None, callbacks: Optional[list] = None) 
     trainer_kind = "GaudiTrainer" if hasattr(training_args, "use_habana") else "transformers.Trainer"
     logger.info("device: %s, trainer: %s (%s)", info.describe(), trainer_kind, run_device)
 
+    if os.path.exists(training_args.output_dir) and not os.path.isdir(training_args.output_dir):
+        raise UsageError(f"--output_dir '{training_args.output_dir}' is an existing file; pass a directory path")
     try:  # fail fast, before loading model and data
         resume = _tr.resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     except FileNotFoundError as err:
@@ -515,6 +517,16 @@ def run(argv: Optional[Sequence[str]] = None, callbacks: Optional[list] = None) 
     if eval_ds is not None and len(eval_ds) == 0:
         logger.warning("the held-out set is empty (validation_split_percentage=0?): no held-out loss is reported")
         eval_ds = None
+    if resume:
+        if os.path.isfile(os.path.join(resume, "adapter_config.json")):
+            with open(os.path.join(resume, "adapter_config.json")) as fh:
+                saved_type = json.load(fh).get("peft_type")
+            saved_kind = "paca" if saved_type == "PACA" else "lora" if saved_type == "LORA" else None
+        else:
+            saved_kind = "none"
+        if saved_kind is not None and saved_kind != adapter_args.peft_type:
+            raise UsageError(f"cannot resume from '{resume}': it holds a --peft_type {saved_kind} checkpoint, this run "
+                             f"has --peft_type {adapter_args.peft_type}; pass --peft_type {saved_kind} to resume it")
     if resume and adapter_args.peft_type == "paca":
         _check_resume_config(resume, adapter_args)
 
@@ -597,6 +609,7 @@ def run(argv: Optional[Sequence[str]] = None, callbacks: Optional[list] = None) 
             logger.info("checkpoint %s is at step %d >= max_steps %d: nothing left to train", resume, done,
                         training_args.max_steps)
             trainer._load_from_checkpoint(resume)
+            trainer.save_model()  # the output directory still gets the (loaded) final adapter / model
             train = False
     if train:
         mem_kind = run_device.type if run_device.type in ("hpu", "cuda", "cpu") else None

@@ -115,7 +115,17 @@ def _load_local_file(path: str | os.PathLike) -> datasets.Dataset:
             f"Unsupported data file extension {ext!r} for {path!r}; supported: "
             f"{', '.join(sorted(SUPPORTED_EXTENSIONS))} (.json/.jsonl: one JSON object per line or a JSON list)."
         )
-    return datasets.load_dataset(builder, data_files={"train": path}, split="train")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"Data file {path!r} is empty: it has no rows to train on")
+    try:
+        ds = datasets.load_dataset(builder, data_files={"train": path}, split="train")
+    except (StopIteration, datasets.exceptions.DatasetGenerationError, ValueError, TypeError) as err:
+        cause = err.__cause__ or err
+        raise ValueError(f"Data file {path!r} could not be read as {builder} ({type(cause).__name__}: {cause}); "
+                         f"check that it is valid {ext} (.jsonl: one JSON object per line)") from err
+    if len(ds) == 0:
+        raise ValueError(f"Data file {path!r} has no rows to train on")
+    return ds
 
 
 def _split_off_validation(train: datasets.Dataset, pct: int, seed: int) -> datasets.DatasetDict:

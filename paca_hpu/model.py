@@ -122,6 +122,10 @@ def find_target_modules(model: nn.Module, config: PaCAConfig) -> List[str]:
         ValueError: nothing matches (names the patterns and shows some linear layers), or a matched module is
             not an ``nn.Linear`` / ``Conv1D`` (names it), or a match is already a PaCA layer.
     """
+    for name, module in model.named_modules():
+        if isinstance(module, PaCALinear):
+            raise ValueError(f"module '{name}' is already a PaCALinear: the model already has PaCA applied; "
+                             "call unload_paca(model) or merge_paca(model) first")
     heads = _output_head_names(model) if config.target_modules == "all-linear" else set()
     names: List[str] = []
     linear_names: List[str] = []

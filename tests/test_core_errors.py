@@ -165,3 +165,11 @@ def test_load_onto_model_missing_one_module_names_it(saved_llama):
     with pytest.raises(Exception) as info:
         load_adapter(other, path)
     assert "model.layers.0.self_attn.v_proj" in str(info.value), str(info.value)
+
+
+def test_apply_paca_twice_says_already_applied():
+    from helpers import tiny_llama
+
+    model = apply_paca(tiny_llama(), PaCAConfig(r=4))
+    with pytest.raises(ValueError, match="already"):
+        apply_paca(model, PaCAConfig(r=4))

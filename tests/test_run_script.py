@@ -163,6 +163,9 @@ def test_lora_and_full_through_same_script(tiny, tmp_path, peft_type):
         ("missing_file", "not found"),
         ("bad_columns", "layout"),
         ("no_targets", "no_such_proj"),
+        ("empty_file", "empty"),
+        ("malformed_json", "could not be read"),
+        ("output_dir_is_file", "is an existing file"),
         ("bad_flag", None),
     ],
 )
@@ -177,6 +180,14 @@ def test_clean_errors(tiny, tmp_path, capsys, case, expected):
         argv[argv.index("--train_file") + 1] = bad
     elif case == "no_targets":
         argv = _argv(tiny, out, "--max_steps", "1", "--target_modules", "no_such_proj")
+    elif case in ("empty_file", "malformed_json"):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text("" if case == "empty_file" else '{"question": "1+1?", "answer": "2"}\n{"question": oops\n')
+        argv = _argv(tiny, out, "--max_steps", "1")
+        argv[argv.index("--train_file") + 1] = str(bad)
+    elif case == "output_dir_is_file":
+        out.write_text("precious")
+        argv = _argv(tiny, out, "--max_steps", "1")
     else:
         argv = _argv(tiny, out, "--max_steps", "1", "--peft_type", "ia3")
     if case == "bad_flag":
@@ -190,6 +201,28 @@ def test_clean_errors(tiny, tmp_path, capsys, case, expected):
     lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
     assert len(lines) == 1 and expected in lines[0], err[-2000:]
     assert "Traceback" not in err
+    if case == "output_dir_is_file":
+        assert out.read_text() == "precious"  # the user's file is untouched
+
+
+def test_resume_with_another_peft_type_is_a_clean_error(tiny, tmp_path, capsys):
+    out = tmp_path / "paca"
+    assert _main(_argv(tiny, out, "--max_steps", "2", "--save_steps", "2")) == 0
+    capsys.readouterr()
+    for peft_type in ("lora", "none"):
+        argv = _argv(tiny, tmp_path / peft_type, "--max_steps", "3", "--peft_type", peft_type,
+                     "--resume_from_checkpoint", str(out / "checkpoint-2"))
+        assert _main(argv) == 2
+        err = capsys.readouterr().err
+        assert "--peft_type paca" in err and "Traceback" not in err, err[-2000:]
+
+
+def test_resume_at_max_steps_still_writes_the_adapter(tiny, tmp_path):
+    first, again = tmp_path / "first", tmp_path / "again"
+    assert _main(_argv(tiny, first, "--max_steps", "2", "--save_steps", "2")) == 0
+    assert _main(_argv(tiny, again, "--max_steps", "2", "--resume_from_checkpoint", str(first / "checkpoint-2"))) == 0
+    a, b = _adapter(first), _adapter(again)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _run_subprocess(argv, timeout=600):
