@@ -248,3 +248,38 @@ def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def named_shapes(model: nn.Module) -> Dict[str, Tuple[int, ...]]:
     return {n: tuple(p.shape) for n, p in model.state_dict().items()}
+
+
+class ZeroStyleOptimizer:
+    """What DeepSpeed's ZeRO-1/2 optimizer does, in miniature: it is NOT a ``torch.optim.Optimizer`` (DeepSpeed's
+    ``ZeROOptimizer`` derives from ``object``); it keeps a flat float32 master copy of the trainable parameters, steps
+    an inner torch optimizer (``inner``, e.g. ``torch.optim.AdamW``) on that flat tensor, and copies the result back
+    into the model's parameters.  PaCA's global optimizer-step post-hook fires for the inner optimizer, whose only
+    parameter is the flat master tensor, so it finds no ``delta`` to write back."""
+
+    def __init__(self, params, lr, inner=torch.optim.AdamW):
+        self.params = [p for p in params if p.requires_grad]
+        self.flat = torch.cat([p.detach().float().flatten() for p in self.params]).requires_grad_(True)
+        self.optimizer = inner([self.flat], lr=lr)
+        self.param_groups = self.optimizer.param_groups
+        self.state = self.optimizer.state
+        self.defaults = self.optimizer.defaults
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+    def step(self, closure=None):
+        self.flat.grad = torch.cat([p.grad.float().flatten() for p in self.params])
+        self.optimizer.step()
+        with torch.no_grad():
+            offset = 0
+            for p in self.params:
+                p.copy_(self.flat[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+
+    def state_dict(self):
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, sd):
+        self.optimizer.load_state_dict(sd)

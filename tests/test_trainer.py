@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from helpers import ZeroStyleOptimizer
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>\n{% endfor %}"
@@ -281,30 +282,6 @@ def test_resolve_checkpoint(tmp_path):
         resolve_checkpoint(str(tmp_path / "nope"), "x")
 
 
-class _MasterCopyOptimizer:
-    """DeepSpeed-ZeRO-like: not a torch.optim.Optimizer; steps a flat float32 master copy, then copies back."""
-
-    def __init__(self, params, lr):
-        self.params = [p for p in params if p.requires_grad]
-        self.flat = torch.cat([p.detach().float().flatten() for p in self.params]).requires_grad_(True)
-        self.optimizer = torch.optim.SGD([self.flat], lr=lr)
-        self.param_groups, self.state, self.defaults = self.optimizer.param_groups, self.optimizer.state, {}
-
-    def zero_grad(self, set_to_none=True):
-        for p in self.params:
-            p.grad = None
-
-    def step(self, closure=None):
-        self.flat.grad = torch.cat([p.grad.float().flatten() for p in self.params])
-        self.optimizer.step()
-        with torch.no_grad():
-            off = 0
-            for p in self.params:
-                p.copy_(self.flat[off:off + p.numel()].view_as(p))
-                off += p.numel()
-
-    def state_dict(self):
-        return self.optimizer.state_dict()
 
 
 @pytest.mark.parametrize("master_copy", [False, True], ids=["torch_optimizer", "master_copy_optimizer"])
@@ -324,7 +301,7 @@ def test_write_back_after_every_optimizer_kind(tiny_ckpt, tmp_path, master_copy)
                                     report_to="none", save_strategy="no", max_grad_norm=0.0, learning_rate=0.1)
     kwargs = {}
     if master_copy:
-        opt = _MasterCopyOptimizer(model.parameters(), lr=0.1)
+        opt = ZeroStyleOptimizer(model.parameters(), lr=0.1, inner=torch.optim.SGD)
         kwargs["optimizers"] = (opt, get_constant_schedule(opt.optimizer))
     trainer = make_trainer(model, args, train_dataset=_token_dataset(tok, 8), data_collator=_collator(tok), **kwargs)
     trainer.train()
