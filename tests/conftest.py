@@ -40,3 +40,21 @@ def embedded_tokenizer(embedded_checkpoint):
 
     return AutoTokenizer.from_pretrained(embedded_checkpoint)
 # ---- end data / embedded tests section
+
+
+# ---- shared: accelerate / GaudiTrainingArguments leave process-wide state behind --------------------------------
+@_emb_pytest.fixture
+def reset_accelerate():
+    """Undo what a Trainer run leaves in the process: accelerate's singleton states, and the ACCELERATE_* variables
+    (e.g. ACCELERATE_DYNAMO_*) that GaudiTrainingArguments exports into os.environ."""
+    saved = {k: v for k, v in _core_os.environ.items() if k.startswith("ACCELERATE_")}
+    yield
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    for k in [k for k in _core_os.environ if k.startswith("ACCELERATE_")]:
+        if k not in saved:
+            del _core_os.environ[k]
+    _core_os.environ.update(saved)

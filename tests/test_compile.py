@@ -249,22 +249,6 @@ def test_counters_can_fail(device):
 # ---- through the trainer (--torch_compile) -------------------------------------------------------------------
 
 
-@pytest.fixture
-def reset_accelerate():
-    """GaudiTrainingArguments exports ACCELERATE_DYNAMO_* (and more) into os.environ: undo that after the test."""
-    saved = {k: v for k, v in os.environ.items() if k.startswith("ACCELERATE_")}
-    yield
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-    for k in [k for k in os.environ if k.startswith("ACCELERATE_")]:
-        if k not in saved:
-            del os.environ[k]
-    os.environ.update(saved)
-
-
 def _trainer_run(tmp_path, compile_: bool):
     from helpers import random_ids
 

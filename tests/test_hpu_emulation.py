@@ -187,21 +187,6 @@ def _dataset(n=8):
     return [{"input_ids": row, "labels": row} for row in ids]
 
 
-@pytest.fixture
-def reset_accelerate():
-    saved = {k: v for k, v in os.environ.items() if k.startswith("ACCELERATE_")}
-    yield
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-    for k in [k for k in os.environ if k.startswith("ACCELERATE_")]:
-        if k not in saved:
-            del os.environ[k]
-    os.environ.update(saved)
-
-
 def _run_gaudi_trainer_lazy(fake, tmp_path, monkeypatch, *, pipelining: bool, max_steps: int = 2, ga: int = 2,
                             forward_write_back: bool = False):
     """GaudiTrainer's CPU path with its lazy-mode and HPU-graph branches switched on (``use_lazy_mode``,

@@ -320,20 +320,7 @@ def _check_write_back(base, model):
                                    rtol=0, atol=0, msg=name)
 
 
-@pytest.fixture
-def reset_accelerate_state():
-    yield
-    try:
-        from accelerate.state import AcceleratorState, GradientState, PartialState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-        PartialState._reset_state()
-    except Exception:
-        pass
-
-
-def test_write_back_through_accelerate_optimizer(reset_accelerate_state):
+def test_write_back_through_accelerate_optimizer(reset_accelerate):
     accelerate = pytest.importorskip("accelerate")
     base, model = _adapted("llama", r=8, paca_alpha=16)
     acc = accelerate.Accelerator(cpu=True)
@@ -346,7 +333,7 @@ def test_write_back_through_accelerate_optimizer(reset_accelerate_state):
     _check_write_back(base, model)
 
 
-def test_write_back_through_hf_trainer(tmp_path, reset_accelerate_state):
+def test_write_back_through_hf_trainer(tmp_path, reset_accelerate):
     from transformers import Trainer, TrainingArguments
 
     base, model = _adapted("llama", r=8, paca_alpha=16)
