@@ -51,6 +51,7 @@ class UsageError(Exception):
 
 @dataclass
 class ModelArguments:
+    """Model flags of ``run_paca_clm.py`` (names as optimum-habana's ``run_lora_clm.py``)."""
     model_name_or_path: Optional[str] = field(
         default=None,
         metadata={"help": "Model checkpoint (local dir or Hub id). Default: the embedded SmolLM2-135M-Instruct."},
@@ -69,6 +70,7 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
+    """Data flags of ``run_paca_clm.py``: a datasets name or a local json/jsonl/csv/parquet/txt file; lengths in tokens."""
     dataset_name: Optional[str] = field(default=None, metadata={"help": "A datasets-library dataset name."})
     dataset_config_name: Optional[str] = field(default=None, metadata={"help": "Its configuration name."})
     train_file: Optional[str] = field(default=None, metadata={"help": "Training data (json/jsonl/csv/parquet/txt)."})
@@ -94,6 +96,7 @@ class DataArguments:
 
 @dataclass
 class AdapterArguments:
+    """Method flags of ``run_paca_clm.py``: ``--peft_type {paca,lora,none}`` and its r / alpha / targets."""
     peft_type: str = field(
         default="paca",
         metadata={"help": "paca (this package), lora (peft LoRA) or none (full fine-tuning).", "choices": list(_tr.PEFT_TYPES)},
@@ -147,6 +150,7 @@ class HabanaCompatArguments:
 
 
 class ParsedArgs(NamedTuple):
+    """What :func:`parse_args` returns: the four argument dataclasses, the explicitly given field names and the throughput warm-up step count."""
     model: "ModelArguments"
     data: "DataArguments"
     adapter: "AdapterArguments"

@@ -198,10 +198,12 @@ def get_device_info() -> DeviceInfo:
 
 
 def get_device() -> torch.device:
+    """The ``torch.device`` to train on (``hpu``, ``cuda`` or ``cpu``), from :func:`get_device_info`."""
     return get_device_info().device
 
 
 def device_type() -> str:
+    """``"hpu"``, ``"cuda"`` or ``"cpu"``, from :func:`get_device_info`."""
     return get_device_info().type
 
 

@@ -132,6 +132,7 @@ def run_child(cfg: dict, variant_name: str, inputs_path: str, out_path: str) -> 
 
 
 def main(argv=None) -> int:
+    """Entry point of a per-variant measuring subprocess (peak memory, longest sequence); returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
     cfg_path, variant_name, inputs_path, out_path = argv
     with open(cfg_path, encoding="utf-8") as f:

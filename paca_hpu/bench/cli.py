@@ -60,6 +60,7 @@ def _parse_lr_grid(text: Optional[str]) -> Dict[str, List[float]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``scripts/benchmark.py`` argument parser (see ``--help``)."""
     p = argparse.ArgumentParser(
         prog="scripts/benchmark.py",
         description="Benchmark PaCA against the frozen floor, peft LoRA and full fine-tuning: step time, "
@@ -173,6 +174,7 @@ def _cpu_model() -> str:
 
 
 def environment(info, threads: int) -> Dict[str, str]:
+    """Versions, device and host facts recorded with every benchmark run (strings for the docs page)."""
     import torch
     import transformers
 
@@ -265,6 +267,7 @@ def _run_children(cfg: dict, variants: List[str], inputs: dict, log) -> Dict[str
 
 
 def run(args) -> dict:
+    """Run the selected sections for parsed ``args``; returns the results dict also written to ``results.json``."""
     import torch
 
     root = _repo_root()
@@ -523,6 +526,7 @@ def _docs_path(args, out_dir: Path, root: Path) -> Optional[str]:
 
 
 def main(argv=None) -> int:
+    """``scripts/benchmark.py`` entry point; returns the exit code."""
     args = build_parser().parse_args(argv)
     if args.docs_only:
         from .report import write_docs_page

@@ -81,6 +81,7 @@ def _summary_row(s: dict, scale=1.0, nd=3) -> List[str]:
 
 
 def run_title(res: dict) -> str:
+    """Heading of one run on the docs page (model, dtype, batch x seq, device)."""
     c = res["config"]
     return (f"{res['meta'].get('model', '?')}, {c['dtype']}, batch {c['batch']} x seq {c['seq_len']}, "
             f"{res['meta'].get('device', '?')}")
@@ -231,6 +232,7 @@ def run_markdown(res: dict, image_prefix: str = "", heading: str = "###") -> str
 
 
 def profile_markdown(prof: dict, h: str = "###") -> List[str]:
+    """Markdown lines for the PaCA-vs-floor profile section (times in ms per step)."""
     st = prof["step"]
     lines = [f"{h}# Profile: PaCA's time beyond the floor", "",
              f"Interleaved, {prof['rounds']} rounds: floor {_fmt(st['floor']['wall_s']['median'])} s, paca "
