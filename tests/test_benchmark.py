@@ -57,8 +57,12 @@ def test_json_sections_and_keys(bench_run):
     assert 0 < timing["variants"]["paca"]["trainable"] < timing["variants"]["lora"]["trainable"]
     for ratio in ("paca/lora", "paca/floor"):
         assert len(timing["raw_ratios"][ratio]) == 2 and timing["ratios"][ratio]["median"] > 0
+    assert res["config"]["cpu_malloc"] == "both"
     for v in variants:
         assert res["memory"][v]["peak_bytes"] >= res["memory"][v]["before_bytes"] > 0
+        assert res["memory"][v]["malloc_mmap_threshold_fixed"] is True
+        plain = res["memory_plain_rss"][v]  # the second set of subprocesses, glibc's malloc left alone
+        assert plain["peak_bytes"] >= plain["before_bytes"] > 0 and plain["malloc_mmap_threshold_fixed"] is False
         ms = res["maxseq"][v]
         assert ms["method"] == "model" and [p[0] for p in ms["points"]] == [32, 64]
     q = res["quality"]
@@ -83,6 +87,7 @@ def test_markdown_and_pngs(bench_run):
     md = (run_dir / "results.md").read_text(encoding="utf-8")
     assert "| variant | median s |" in md and "| paca/lora |" in md
     assert "Bytes saved for backward" in md and "MODELLED" in md and "held-out loss" in md
+    assert "Peak RSS with glibc's default malloc" in md
     for name in ("step_time.png", "memory.png", "loss_curves.png"):
         path = run_dir / name
         assert path.is_file() and path.stat().st_size > 1000
@@ -92,3 +97,39 @@ def test_markdown_and_pngs(bench_run):
     page = docs.read_text(encoding="utf-8")
     assert page.startswith("# Benchmarks") and "| run | dtype |" in page
     assert "](runs/tiny/step_time.png)" in page
+
+
+def test_targets_against_hand_computed_ratios():
+    """evaluate_targets on a hand-made result: measured ratios and the floor's bound, per dtype."""
+    from paca_hpu.bench.report import evaluate_targets
+
+    mb = 2 ** 20
+    res = {
+        "config": {"model": {"kind": "embedded"}, "dtype": "bf16"},
+        "timing": {"ratios": {"paca/lora": {"median": 0.65}, "paca/floor": {"median": 1.05},
+                              "lora/floor": {"median": 1.6}}},
+        "saved": {"floor": {"bytes": 1000 * mb}, "paca": {"bytes": 1002 * mb}},
+        "memory": {"floor": {"peak_bytes": 1700 * mb}, "lora": {"peak_bytes": 2000 * mb},
+                   "paca": {"peak_bytes": 1720 * mb}},
+        "memory_plain_rss": {"floor": {"peak_bytes": 1500 * mb}, "lora": {"peak_bytes": 2000 * mb},
+                             "paca": {"peak_bytes": 1540 * mb}},
+        "quality": {"ratio_paca_lora": 1.02},
+    }
+    rows = {t["target"]: t for t in evaluate_targets(res)}
+    assert "step time PaCA / LoRA" in rows and rows["step time PaCA / LoRA"]["limit"] == 0.70  # the bf16 limit
+    t = rows["step time PaCA / LoRA"]
+    assert t["measured"] == 0.65 and t["met"] is True and t["floor_bound"] == pytest.approx(1 / 1.6)
+    t = rows["step time PaCA / floor"]
+    assert t["measured"] == 1.05 and t["met"] is False and t["floor_bound"] == 1.0
+    t = rows["bytes saved for backward PaCA / floor"]
+    assert t["measured"] == pytest.approx(1.002) and t["met"] is True
+    t = rows["peak memory PaCA / LoRA"]
+    assert t["measured"] == pytest.approx(0.86) and t["met"] is False and t["floor_bound"] == pytest.approx(0.85)
+    t = rows["peak RSS PaCA / LoRA, glibc's default malloc (CPU)"]
+    assert t["measured"] == pytest.approx(0.77) and t["met"] is True and t["floor_bound"] == pytest.approx(0.75)
+    t = rows["held-out loss PaCA / LoRA (within 1 %)"]
+    assert t["measured"] == 1.02 and t["met"] is False
+    del res["memory_plain_rss"]
+    assert not any("glibc" in t["target"] for t in evaluate_targets(res))
+    res["config"]["dtype"] = "fp32"
+    assert [t["limit"] for t in evaluate_targets(res) if t["target"] == "step time PaCA / LoRA"] == [0.80]

@@ -98,10 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--memory_steps", type=int, default=2)
     mem.add_argument("--memory_budget_gb", type=float, default=None,
                      help="budget for the longest-sequence figure; default: device memory (CUDA/HPU) or total RAM")
-    mem.add_argument("--cpu_malloc", default="tuned", choices=["tuned", "default"],
+    mem.add_argument("--cpu_malloc", default="both", choices=["both", "tuned", "default"],
                      help="CPU peak RSS: 'tuned' fixes glibc's mmap threshold at 128 KiB in the measuring process so "
                           "RSS follows live tensors (closest to a device's peak allocated); 'default' leaves glibc's "
-                          "dynamic threshold (RSS then includes heap fragmentation)")
+                          "dynamic threshold (the plain RSS of a normal run, heap fragmentation included); 'both' "
+                          "(default) measures 'tuned' (memory + longest sequence) and then 'default' (memory only), "
+                          "each variant in its own process every time")
     mem.add_argument("--maxseq_lengths", default=None,
                      help="CPU model: batch-1 lengths to measure (default: 2*seq_len,4*seq_len)")
     mem.add_argument("--maxseq_start", type=int, default=512, help="CUDA/HPU search: first length")
@@ -266,6 +268,12 @@ def _run_children(cfg: dict, variants: List[str], inputs: dict, log) -> Dict[str
     return results
 
 
+def _memory_rows(child: Dict[str, dict]) -> Dict[str, dict]:
+    """The per-variant peak-memory fields of the children's results."""
+    return {v: {k: d[k] for k in ("peak_bytes", "before_bytes", "kind", "trainable", "malloc_mmap_threshold_fixed")}
+            for v, d in child.items()}
+
+
 def run(args) -> dict:
     """Run the selected sections for parsed ``args``; returns the results dict also written to ``results.json``."""
     import torch
@@ -364,12 +372,18 @@ def run(args) -> dict:
                      "maxseq": "maxseq" in sections, "budget_bytes": budget, "maxseq_lengths": maxseq_lengths,
                      "maxseq_start": args.maxseq_start, "maxseq_limit": limit,
                      "maxseq_granularity": args.maxseq_granularity, "cpu_malloc": args.cpu_malloc}
-        log(f"memory: one subprocess per variant ({_device.peak_memory_kind()})")
+        plain_too = info.type == "cpu" and args.cpu_malloc == "both" and "memory" in sections
+        if info.type == "cpu" and args.cpu_malloc == "both":
+            child_cfg["cpu_malloc"] = "tuned"
+        log(f"memory: one subprocess per variant ({_device.peak_memory_kind()}"
+            f"{', glibc mmap threshold fixed' if child_cfg['cpu_malloc'] == 'tuned' and info.type == 'cpu' else ''})")
         child = _run_children(child_cfg, variants, inputs, log)
         if "memory" in sections:
-            results["memory"] = {v: {k: d[k] for k in ("peak_bytes", "before_bytes", "kind", "trainable",
-                                                       "malloc_mmap_threshold_fixed")}
-                                 for v, d in child.items()}
+            results["memory"] = _memory_rows(child)
+        if plain_too:
+            log("memory: again with glibc's default malloc (plain RSS), one subprocess per variant")
+            plain = _run_children(dict(child_cfg, cpu_malloc="default", maxseq=False), variants, inputs, log)
+            results["memory_plain_rss"] = _memory_rows(plain)
         if "maxseq" in sections:
             results["maxseq"] = {v: d["maxseq"] for v, d in child.items()}
             results["maxseq_max_position_embeddings"] = max_pos
@@ -485,7 +499,7 @@ def run(args) -> dict:
     return results
 
 
-_MERGE_KEYS = {"timing": ["timing"], "saved": ["saved"], "memory": ["memory"],
+_MERGE_KEYS = {"timing": ["timing"], "saved": ["saved"], "memory": ["memory", "memory_plain_rss"],
                "maxseq": ["maxseq", "maxseq_max_position_embeddings"], "quality": ["quality"], "profile": ["profile"]}
 
 

@@ -18,6 +18,7 @@ TARGETS = [
     ("time_paca_floor", "step time PaCA / floor", 1.04, None),
     ("saved_paca_floor", "bytes saved for backward PaCA / floor", 1.005, None),
     ("peak_paca_lora", "peak memory PaCA / LoRA", 0.78, None),
+    ("peak_plain_paca_lora", "peak RSS PaCA / LoRA, glibc's default malloc (CPU)", 0.78, None),
     ("loss_paca_lora", "held-out loss PaCA / LoRA (within 1 %)", 1.01, None),
 ]
 
@@ -50,12 +51,33 @@ def measured_ratios(res: dict) -> Dict[str, float]:
     saved = res.get("saved") or {}
     if "paca" in saved and "floor" in saved and saved["floor"]["bytes"]:
         out["saved_paca_floor"] = saved["paca"]["bytes"] / saved["floor"]["bytes"]
-    mem = res.get("memory") or {}
-    if "paca" in mem and "lora" in mem:
-        out["peak_paca_lora"] = mem["paca"]["peak_bytes"] / mem["lora"]["peak_bytes"]
+    for key, sec in (("peak_paca_lora", "memory"), ("peak_plain_paca_lora", "memory_plain_rss")):
+        mem = res.get(sec) or {}
+        if "paca" in mem and "lora" in mem:
+            out[key] = mem["paca"]["peak_bytes"] / mem["lora"]["peak_bytes"]
     q = res.get("quality") or {}
     if "ratio_paca_lora" in q:
         out["loss_paca_lora"] = q["ratio_paca_lora"]
+    return out
+
+
+def floor_bounds(res: dict) -> Dict[str, float]:
+    """What the frozen floor itself reaches on the ratios to LoRA (no adapter method can do better):
+    ``time_paca_lora`` -> median per-round floor/LoRA step time, ``peak_*`` -> floor/LoRA peak memory,
+    ``time_paca_floor`` / ``saved_paca_floor`` -> 1."""
+    out: Dict[str, float] = {}
+    ratios = (res.get("timing") or {}).get("ratios") or {}
+    if "lora/floor" in ratios and ratios["lora/floor"].get("median"):
+        out["time_paca_lora"] = 1.0 / ratios["lora/floor"]["median"]
+    if "paca/floor" in ratios:
+        out["time_paca_floor"] = 1.0
+    saved = res.get("saved") or {}
+    if "floor" in saved:
+        out["saved_paca_floor"] = 1.0
+    for key, sec in (("peak_paca_lora", "memory"), ("peak_plain_paca_lora", "memory_plain_rss")):
+        mem = res.get(sec) or {}
+        if "floor" in mem and "lora" in mem:
+            out[key] = mem["floor"]["peak_bytes"] / mem["lora"]["peak_bytes"]
     return out
 
 
@@ -66,14 +88,29 @@ def evaluate_targets(res: dict) -> List[dict]:
         return []
     dtype = res.get("config", {}).get("dtype")
     got = measured_ratios(res)
+    bounds = floor_bounds(res)
     rows = []
     for key, desc, limit, tdtype in TARGETS:
         if tdtype is not None and tdtype != dtype:
             continue
+        if key == "peak_plain_paca_lora" and "memory_plain_rss" not in res:
+            continue
         val = got.get(key)
-        rows.append({"key": key, "target": desc, "limit": limit, "measured": val,
+        rows.append({"key": key, "target": desc, "limit": limit, "measured": val, "floor_bound": bounds.get(key),
                      "met": None if val is None else bool(val <= limit)})
     return rows
+
+
+def _memory_table(mem: Dict[str, dict]) -> List[str]:
+    """Markdown rows of one peak-memory table (``{variant: {peak_bytes, before_bytes}}``)."""
+    lines = ["| variant | peak MB | before MB | peak - before MB | / lora | / floor |", "|---|---:|---:|---:|---:|---:|"]
+    lp = mem.get("lora", {}).get("peak_bytes")
+    fp = mem.get("floor", {}).get("peak_bytes")
+    for v, d in mem.items():
+        lines.append(f"| {v} | {_mb(d['peak_bytes'])} | {_mb(d['before_bytes'])} | "
+                     f"{_mb(d['peak_bytes'] - d['before_bytes'])} | "
+                     f"{_fmt(d['peak_bytes'] / lp) if lp else '-'} | {_fmt(d['peak_bytes'] / fp) if fp else '-'} |")
+    return lines + [""]
 
 
 def _summary_row(s: dict, scale=1.0, nd=3) -> List[str]:
@@ -113,12 +150,15 @@ def run_markdown(res: dict, image_prefix: str = "", heading: str = "###") -> str
     lines += ["Environment: " + "; ".join(f"{k} {v}" for k, v in env.items()), ""]
     lines += [f"Precision mode `{c['dtype']}`: {meta.get('precision_note', '')}", ""]
 
-    targets = res.get("targets") or []
+    targets = evaluate_targets(res)
     if targets:
-        lines += [f"{h}# Targets", "", "| target | limit | measured | met |", "|---|---:|---:|:---:|"]
+        lines += [f"{h}# Targets", "",
+                  "'floor reaches': the same ratio for the frozen floor, the bound no adapter method can beat.", "",
+                  "| target | limit | measured | floor reaches | met |", "|---|---:|---:|---:|:---:|"]
         for t in targets:
             met = "-" if t["met"] is None else ("yes" if t["met"] else "**no**")
-            lines.append(f"| {t['target']} | <= {t['limit']} | {_fmt(t['measured'], 3)} | {met} |")
+            lines.append(f"| {t['target']} | <= {t['limit']} | {_fmt(t['measured'], 3)} | "
+                         f"{_fmt(t.get('floor_bound'), 3)} | {met} |")
         lines.append("")
 
     timing = res.get("timing")
@@ -158,22 +198,20 @@ def run_markdown(res: dict, image_prefix: str = "", heading: str = "###") -> str
     mem = res.get("memory")
     if mem:
         kind = next(iter(mem.values())).get("kind", "peak memory")
+        fixed = any(d.get("malloc_mmap_threshold_fixed") for d in mem.values())
         lines += [f"{h}# Peak memory ({kind}), each variant in its own process", "",
                   f"{c['memory_warmup']} warm-up step(s), counter reset, {c['memory_steps']} measured step(s) at "
                   f"batch {c['batch']} x seq {c['seq_len']}. 'before' = in use right after the reset (weights, "
                   "optimizer state, runtime)." + (
                       " glibc's mmap threshold fixed at 128 KiB in the measuring process (`--cpu_malloc tuned`), so "
-                      "RSS follows live tensor memory rather than heap fragmentation."
-                      if any(d.get("malloc_mmap_threshold_fixed") for d in mem.values()) else ""), "",
-                  "| variant | peak MB | before MB | peak - before MB | / lora | / floor |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        lp = mem.get("lora", {}).get("peak_bytes")
-        fp = mem.get("floor", {}).get("peak_bytes")
-        for v, d in mem.items():
-            lines.append(f"| {v} | {_mb(d['peak_bytes'])} | {_mb(d['before_bytes'])} | "
-                         f"{_mb(d['peak_bytes'] - d['before_bytes'])} | "
-                         f"{_fmt(d['peak_bytes'] / lp) if lp else '-'} | {_fmt(d['peak_bytes'] / fp) if fp else '-'} |")
-        lines.append("")
+                      "RSS follows live tensor memory rather than heap fragmentation." if fixed else ""), ""]
+        lines += _memory_table(mem)
+    plain = res.get("memory_plain_rss")
+    if plain:
+        lines += [f"{h}# Peak RSS with glibc's default malloc, each variant in its own process", "",
+                  "The same measurement with glibc's dynamic mmap threshold left alone: the plain peak RSS of a "
+                  "normal training run, heap fragmentation included (varies more from run to run).", ""]
+        lines += _memory_table(plain)
 
     ms = res.get("maxseq")
     if ms:
@@ -443,7 +481,8 @@ def write_docs_page(docs_path: str, results_root: Optional[str] = None) -> str:
     else:
         parts += ["Summary (medians; see each run for quartiles and min/max):", "",
                   "| run | dtype | batch x seq | time PaCA/LoRA | time PaCA/floor | saved PaCA/floor | "
-                  "peak PaCA/LoRA | loss PaCA/LoRA | noisy |", "|---|---|---|---:|---:|---:|---:|---:|:---:|"]
+                  "peak PaCA/LoRA | plain RSS PaCA/LoRA | loss PaCA/LoRA | noisy |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|:---:|"]
         for run_dir, res in runs:
             r = measured_ratios(res)
             c = res["config"]
@@ -451,6 +490,7 @@ def write_docs_page(docs_path: str, results_root: Optional[str] = None) -> str:
                 f"| [{os.path.basename(run_dir)}](#{_anchor(run_title(res))}) | {c['dtype']} | {c['batch']} x "
                 f"{c['seq_len']} | {_fmt(r.get('time_paca_lora'))} | {_fmt(r.get('time_paca_floor'))} | "
                 f"{_fmt(r.get('saved_paca_floor'), 4)} | {_fmt(r.get('peak_paca_lora'))} | "
+                f"{_fmt(r.get('peak_plain_paca_lora'))} | "
                 f"{_fmt(r.get('loss_paca_lora'), 4)} | {'yes' if res['meta'].get('busy_warning') else ''} |")
         parts.append("")
         for run_dir, res in runs:
