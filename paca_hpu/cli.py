@@ -383,26 +383,33 @@ def _load_data(data_args, tokenizer, training_args, info):
     return tokenized, collator
 
 
-def _check_resume_config(checkpoint: str, adapter_args) -> None:
-    """The PaCA shape of the run must match the checkpoint's adapter (else the optimizer state cannot fit)."""
-    path = os.path.join(checkpoint, "adapter_config.json")
-    if not os.path.isfile(path):
-        raise UsageError(f"'{checkpoint}' holds no PaCA adapter (adapter_config.json); was it saved by a "
-                         "--peft_type paca run?")
-    with open(path) as fh:
-        saved = json.load(fh)
-    if saved.get("peft_type") not in (None, "PACA"):
-        raise UsageError(f"'{checkpoint}' holds a {saved.get('peft_type')} adapter, not a PaCA one")
-    from . import PaCAConfig
+def _check_resume(checkpoint: str, adapter_args) -> None:
+    """The checkpoint must hold what this run trains: the same ``--peft_type`` and, for PaCA, the same adapter
+    shape (else the optimizer state cannot fit). Reads the checkpoint's adapter_config.json once.
 
-    want = PaCAConfig(
-        r=adapter_args.paca_r,
-        paca_alpha=adapter_args.paca_alpha,
-        target_modules=_tr._as_target(adapter_args.target_modules),
-        exclude_modules=_tr._as_target(adapter_args.exclude_modules),
-        random_seed=adapter_args.random_seed,
-        modules_to_save=list(adapter_args.modules_to_save) if adapter_args.modules_to_save else None,
-    ).to_dict()
+    Raises:
+        UsageError: naming the flag to pass to match the checkpoint.
+    """
+    path = os.path.join(checkpoint, "adapter_config.json")
+    saved = None
+    if os.path.isfile(path):
+        try:
+            with open(path) as fh:
+                saved = json.load(fh)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"cannot read '{path}': {err}") from err
+    saved_type = saved.get("peft_type") if saved is not None else None
+    saved_kind = "none" if saved is None else {"PACA": "paca", "LORA": "lora"}.get(saved_type)
+    if saved_kind is not None and saved_kind != adapter_args.peft_type:
+        raise UsageError(f"cannot resume from '{checkpoint}': it holds a --peft_type {saved_kind} checkpoint, this run "
+                         f"has --peft_type {adapter_args.peft_type}; pass --peft_type {saved_kind} to resume it")
+    if adapter_args.peft_type != "paca":
+        return
+    if saved_type not in (None, "PACA"):
+        raise UsageError(f"'{checkpoint}' holds a {saved_type} adapter, not a PaCA one")
+    want = _tr.paca_config(adapter_args.paca_r, adapter_args.paca_alpha, adapter_args.target_modules,
+                           adapter_args.exclude_modules, adapter_args.modules_to_save,
+                           adapter_args.random_seed).to_dict()
     for key in ("r", "paca_alpha", "target_modules", "exclude_modules", "modules_to_save"):
         if key in saved and saved[key] != want[key]:
             flag = {"r": "paca_r"}.get(key, key)
@@ -522,17 +529,7 @@ def run(argv: Optional[Sequence[str]] = None, callbacks: Optional[list] = None) 
         logger.warning("the held-out set is empty (validation_split_percentage=0?): no held-out loss is reported")
         eval_ds = None
     if resume:
-        if os.path.isfile(os.path.join(resume, "adapter_config.json")):
-            with open(os.path.join(resume, "adapter_config.json")) as fh:
-                saved_type = json.load(fh).get("peft_type")
-            saved_kind = "paca" if saved_type == "PACA" else "lora" if saved_type == "LORA" else None
-        else:
-            saved_kind = "none"
-        if saved_kind is not None and saved_kind != adapter_args.peft_type:
-            raise UsageError(f"cannot resume from '{resume}': it holds a --peft_type {saved_kind} checkpoint, this run "
-                             f"has --peft_type {adapter_args.peft_type}; pass --peft_type {saved_kind} to resume it")
-    if resume and adapter_args.peft_type == "paca":
-        _check_resume_config(resume, adapter_args)
+        _check_resume(resume, adapter_args)
 
     # ---- model + adapter
     try:

@@ -96,11 +96,17 @@ _is_autocast_available = getattr(torch.amp, "is_autocast_available", None)  # to
 
 
 def _autocast_off(device_type: str):
-    """Autocast disabled for ``device_type``; a no-op context for device types without autocast (e.g. ``meta``,
-    where ``torch.autocast(device_type="meta", enabled=False)`` raises)."""
-    if _is_autocast_available is None or _is_autocast_available(device_type):
+    """Autocast disabled for ``device_type``: ``torch.autocast(enabled=False)`` only while autocast is on for that
+    device type (entering the context costs a few microseconds per call, 210 layers x 2 calls per step), a no-op
+    context otherwise and for device types without autocast (e.g. ``meta``, where
+    ``torch.autocast(device_type="meta", enabled=False)`` raises)."""
+    if (_is_autocast_available is None or _is_autocast_available(device_type)) and torch.is_autocast_enabled(
+            device_type):
         return torch.autocast(device_type=device_type, enabled=False)
-    return contextlib.nullcontext()
+    return _NULL_CONTEXT
+
+
+_NULL_CONTEXT = contextlib.nullcontext()  # reusable and reentrant
 
 
 class _PaCAFunction(torch.autograd.Function):
@@ -270,7 +276,7 @@ class PaCALinear(nn.Module):
     def merged_columns(self) -> torch.Tensor:
         """``original_columns + scaling * delta`` in the weight's dtype, shape ``(out_features, r)``."""
         acc = self.delta.dtype
-        return (self.original_columns.to(acc) + self.scaling * self.delta.detach()).to(self.weight.dtype)
+        return torch.add(self.original_columns.to(acc), self.delta.detach(), alpha=self.scaling).to(self.weight.dtype)
 
     @torch.no_grad()
     def sync(self) -> None:

@@ -29,6 +29,7 @@ __all__ = [
     "merge_paca",
     "unload_paca",
     "paca_layers",
+    "paca_parameters",
     "find_target_modules",
     "trainable_parameters",
 ]
@@ -277,6 +278,12 @@ def paca_layers(model: nn.Module) -> Iterator[Tuple[str, PaCALinear]]:
     for name, module in model.named_modules():
         if isinstance(module, PaCALinear):
             yield name, module
+
+
+def paca_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The trainable PaCA tensors of ``model``: every layer's ``delta`` (``(out_features, r)``, float32), in module
+    order; empty for a model without PaCA layers. What an optimizer must hold for the write-back hook to fire."""
+    return [layer.delta for _, layer in paca_layers(model)]
 
 
 def sync_paca(model: nn.Module) -> nn.Module:

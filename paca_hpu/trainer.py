@@ -79,11 +79,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def is_paca_model(model: Optional[nn.Module]) -> bool:
     """``model`` carries PaCA layers."""
-    from . import PaCALinear
+    from . import paca_parameters
 
     if model is None:
         return False
-    return any(isinstance(m, PaCALinear) for m in _unwrap(model).modules())
+    return bool(paca_parameters(_unwrap(model)))
 
 
 def count_parameters(model: nn.Module) -> Tuple[int, int]:
@@ -108,6 +108,27 @@ def _as_target(value: Union[str, Sequence[str], None]) -> Union[str, List[str], 
     if len(value) == 1 and (value[0] == "all-linear" or any(c in value[0] for c in "*[]()|^$\\+?")):
         return value[0]
     return value
+
+
+def paca_config(
+    r: int = 8,
+    alpha: float = 16.0,
+    target_modules: Union[str, Sequence[str], None] = "all-linear",
+    exclude_modules: Union[str, Sequence[str], None] = None,
+    modules_to_save: Optional[Sequence[str]] = None,
+    random_seed: int = 0,
+):
+    """The :class:`paca_hpu.PaCAConfig` that :func:`prepare_model` applies for these command-line style arguments
+    (``target_modules`` / ``exclude_modules``: ``"all-linear"``, one name or regex, a list of names, or None).
+
+    Raises:
+        ValueError: invalid field (from :class:`paca_hpu.PaCAConfig`).
+    """
+    from . import PaCAConfig
+
+    return PaCAConfig(r=r, paca_alpha=alpha, target_modules=_as_target(target_modules),
+                      exclude_modules=_as_target(exclude_modules), random_seed=random_seed,
+                      modules_to_save=list(modules_to_save) if modules_to_save else None)
 
 
 def prepare_model(
@@ -142,17 +163,9 @@ def prepare_model(
     exclude = _as_target(exclude_modules)
     mts = list(modules_to_save) if modules_to_save else None
     if peft_type == "paca":
-        from . import PaCAConfig, apply_paca
+        from . import apply_paca
 
-        config = PaCAConfig(
-            r=r,
-            paca_alpha=alpha,
-            target_modules=target,
-            exclude_modules=exclude,
-            random_seed=random_seed,
-            modules_to_save=mts,
-        )
-        model = apply_paca(model, config)
+        model = apply_paca(model, paca_config(r, alpha, target_modules, exclude_modules, modules_to_save, random_seed))
     elif peft_type == "lora":
         try:
             from peft import LoraConfig, get_peft_model
@@ -346,9 +359,9 @@ class _WriteBackGuard(_callback_base()):
     def on_optimizer_step(self, args, state, control, **kwargs):
         model = _unwrap(self.trainer.model)
         if self._needed is None:
-            from . import PaCALinear
+            from . import paca_parameters
 
-            deltas = [m.delta for m in model.modules() if isinstance(m, PaCALinear)]
+            deltas = paca_parameters(model)
             self._needed = bool(deltas) and not _optimizer_step_hook_covers(self.trainer.optimizer, deltas)
             if self._needed:
                 logger.info("optimizer %s is not covered by PaCA's step hook: syncing PaCA weights after each step",

@@ -9,6 +9,17 @@ if _core_tests_dir not in _core_sys.path:
     _core_sys.path.insert(0, _core_tests_dir)
 # ---- end core tests section
 
+# ---- datasets and transformers bind a logging.StreamHandler to the sys.stderr of the moment they are first
+# ---- imported. Imported first inside a capsys test, that stream is closed after the test and every later log
+# ---- record prints "--- Logging error ---" plus a traceback. Import them here, under pytest's session-wide capture.
+import importlib as _log_importlib
+
+for _log_mod in ("datasets", "transformers"):
+    try:
+        _log_importlib.import_module(_log_mod)
+    except ImportError:  # pragma: no cover - optional test dependencies
+        pass
+
 # ---- data / embedded tests (test_data.py / test_embedded.py): the embedded SmolLM2-135M-Instruct checkpoint,
 # ---- converted once per machine into the normal cache ($PACA_HPU_CACHE or ~/.cache/paca_hpu; 26-65 s on 2 cores
 # ---- the first time, then a cache hit), and its tokenizer. Tests that use them are marked `embedded_model`.

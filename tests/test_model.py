@@ -115,6 +115,18 @@ def test_target_regex_full_match():
     assert set(paca_layers(model)) == {"model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"}
 
 
+def test_paca_parameters_are_exactly_the_trainable_tensors():
+    from paca_hpu import paca_parameters
+
+    base, model = _adapted("llama", target_modules="all-linear")
+    deltas = paca_parameters(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(deltas) == len(LLAMA_LINEAR_SUFFIXES) * base.config.num_hidden_layers
+    assert [id(p) for p in deltas] == [id(p) for p in trainable]  # same tensors, module order
+    assert all(isinstance(m, PaCALinear) and m.delta is d for m, d in zip(paca_layers(model).values(), deltas))
+    assert paca_parameters(base) == []
+
+
 def test_exclude_modules():
     model = apply_paca(tiny_llama(), PaCAConfig(r=4, exclude_modules=["v_proj", "down_proj"]))
     names = set(paca_layers(model))

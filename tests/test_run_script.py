@@ -217,6 +217,23 @@ def test_resume_with_another_peft_type_is_a_clean_error(tiny, tmp_path, capsys):
         assert "--peft_type paca" in err and "Traceback" not in err, err[-2000:]
 
 
+def test_resume_with_another_adapter_shape_or_a_broken_config_is_a_clean_error(tiny, tmp_path, capsys):
+    out = tmp_path / "paca"
+    assert _main(_argv(tiny, out, "--max_steps", "2", "--save_steps", "2")) == 0
+    ck = out / "checkpoint-2"
+    capsys.readouterr()
+    argv = _argv(tiny, tmp_path / "r4", "--max_steps", "3", "--paca_r", "4", "--resume_from_checkpoint", str(ck))
+    assert _main(argv) == 2
+    err = capsys.readouterr().err
+    assert "r=8" in err and "r=4" in err and "--paca_r" in err and "Traceback" not in err, err[-2000:]
+    (ck / "adapter_config.json").write_text("{not json")
+    argv = _argv(tiny, tmp_path / "broken", "--max_steps", "3", "--resume_from_checkpoint", str(ck))
+    assert _main(argv) == 2
+    err = capsys.readouterr().err
+    assert "adapter_config.json" in err and "Traceback" not in err, err[-2000:]
+    assert (ck / "adapter_config.json").read_text() == "{not json"  # left as found
+
+
 def test_resume_at_max_steps_still_writes_the_adapter(tiny, tmp_path):
     first, again = tmp_path / "first", tmp_path / "again"
     assert _main(_argv(tiny, first, "--max_steps", "2", "--save_steps", "2")) == 0
