@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quality_variants", default="lora,paca", help="methods trained for the quality figure")
     q.add_argument("--quality_batch", type=int, default=None, help="default: --batch")
     q.add_argument("--lr_grid", default=None,
-                   help="'lora=1e-4,3e-4;paca=...;full=...' (defaults: lora/paca 3e-4,1e-3,3e-3; full 1e-5,3e-5,1e-4)")
+                   help="'lora=1e-4,3e-4;paca=...;full=...' (defaults: lora/paca 1e-3,3e-3,1e-2; full 1e-5,3e-5,1e-4)")
     q.add_argument("--eval_every", type=int, default=10,
                    help="held-out evaluation (selection half) every N steps for the curves; 0: only at the end")
     q.add_argument("--max_train_samples", type=int, default=None, help="limit raw training examples")

@@ -25,8 +25,8 @@ from .variants import build_variant, make_optimizer
 __all__ = ["evaluate_loss", "run_quality", "DEFAULT_LR_GRIDS"]
 
 DEFAULT_LR_GRIDS: Dict[str, List[float]] = {
-    "lora": [3e-4, 1e-3, 3e-3],
-    "paca": [3e-4, 1e-3, 3e-3],
+    "lora": [1e-3, 3e-3, 1e-2],
+    "paca": [1e-3, 3e-3, 1e-2],
     "full": [1e-5, 3e-5, 1e-4],
 }
 
