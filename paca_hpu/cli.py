@@ -127,8 +127,8 @@ class AdapterArguments:
     verify_adapter: Optional[bool] = field(
         default=None,
         metadata={"help": "PaCA: after training, load the saved adapter onto a freshly loaded base model and "
-                          "evaluate the held-out loss again (needs memory for a second model). Default: on for the "
-                          "embedded default run, off otherwise."},
+                          "evaluate the held-out loss again (needs memory for a second model). Default: on when the model "
+                          "is the embedded SmolLM2 (no --model_name_or_path, whatever the data), off otherwise."},
     )
 
 
@@ -488,6 +488,14 @@ def run(argv: Optional[Sequence[str]] = None, callbacks: Optional[list] = None) 
 
     if os.path.exists(training_args.output_dir) and not os.path.isdir(training_args.output_dir):
         raise UsageError(f"--output_dir '{training_args.output_dir}' is an existing file; pass a directory path")
+    if training_args.do_train and training_args.max_steps == 0:
+        raise UsageError("--max_steps 0 trains nothing; pass a positive --max_steps, or -1 (the default) to train "
+                         "for --num_train_epochs")
+    if training_args.do_train and training_args.max_steps < 0 and training_args.num_train_epochs <= 0:
+        raise UsageError(f"--num_train_epochs {training_args.num_train_epochs:g} trains nothing; pass a positive "
+                         "--num_train_epochs or --max_steps")
+    if training_args.learning_rate < 0:
+        raise UsageError(f"--learning_rate {training_args.learning_rate:g} is negative; pass a positive value")
     try:  # fail fast, before loading model and data
         resume = _tr.resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     except FileNotFoundError as err:

@@ -302,7 +302,8 @@ def resolve_checkpoint(resume_from_checkpoint: Union[str, bool, None], output_di
     """``True`` / ``"true"`` / ``"last"`` -> the newest ``checkpoint-N`` in ``output_dir``; a path is kept.
 
     Raises:
-        FileNotFoundError: asked for the last checkpoint but there is none, or the path does not exist.
+        FileNotFoundError: asked for the last checkpoint but there is none, the path does not exist, or it is no
+            Trainer checkpoint (no ``trainer_state.json``).
     """
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -314,8 +315,12 @@ def resolve_checkpoint(resume_from_checkpoint: Union[str, bool, None], output_di
             raise FileNotFoundError(f"no checkpoint-N directory to resume from in '{output_dir}'")
         return last
     path = str(resume_from_checkpoint)
+    fix = ("pass a checkpoint-N folder of an earlier run's --output_dir, 'last' for the newest one in --output_dir, "
+           "or drop --resume_from_checkpoint")
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory '{path}' not found")
+        raise FileNotFoundError(f"checkpoint directory '{path}' not found; {fix}")
+    if not os.path.isfile(os.path.join(path, "trainer_state.json")):
+        raise FileNotFoundError(f"'{path}' is not a Trainer checkpoint (no trainer_state.json); {fix}")
     return path
 
 

@@ -133,3 +133,46 @@ def test_targets_against_hand_computed_ratios():
     assert not any("glibc" in t["target"] for t in evaluate_targets(res))
     res["config"]["dtype"] = "fp32"
     assert [t["limit"] for t in evaluate_targets(res) if t["target"] == "step time PaCA / LoRA"] == [0.80]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--rounds", "0"], "--rounds must be >= 1"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--lr_grid", "paca=abc"], "not a number"),
+    (["--lr_grid", "garbage"], "expected 'method=lr,lr,...'"),
+    (["--lr_grid", "paca=-1e-3"], "positive"),
+    (["--variants", ""], "--variants: unknown or empty"),
+    (["--variants", "floor,dora"], "dora"),
+    (["--sections", "bogus"], "--sections: unknown or empty"),
+])
+def test_bad_arguments_are_usage_errors(argv, needle, capsys):
+    from paca_hpu.bench.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--tiny", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_output_dir_that_is_a_file_is_refused_and_kept(tmp_path, capsys):
+    from paca_hpu.bench.cli import main
+
+    f = tmp_path / "results"
+    f.write_text("precious")
+    with pytest.raises(SystemExit) as exc:
+        main(["--tiny", "--output_dir", str(f)])
+    assert exc.value.code == 2 and "is an existing file" in capsys.readouterr().err
+    assert f.read_text() == "precious"
+
+
+def test_docs_only_without_results_keeps_the_page(tmp_path, capsys):
+    from paca_hpu.bench.cli import main
+
+    page = tmp_path / "benchmarks.md"
+    page.write_text("# earlier page")
+    (tmp_path / "runs" / "none").mkdir(parents=True)
+    with pytest.raises(SystemExit) as exc:
+        main(["--docs_only", "--output_dir", str(tmp_path / "runs" / "none"), "--docs", str(page)])
+    assert exc.value.code == 2 and "no */results.json" in capsys.readouterr().err
+    assert page.read_text() == "# earlier page"

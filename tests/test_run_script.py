@@ -166,6 +166,10 @@ def test_lora_and_full_through_same_script(tiny, tmp_path, peft_type):
         ("empty_file", "empty"),
         ("malformed_json", "could not be read"),
         ("output_dir_is_file", "is an existing file"),
+        ("max_steps_0", "--max_steps 0 trains nothing"),
+        ("negative_lr", "--learning_rate -0.001 is negative"),
+        ("resume_missing", "drop --resume_from_checkpoint"),
+        ("resume_not_a_checkpoint", "is not a Trainer checkpoint"),
         ("bad_flag", None),
     ],
 )
@@ -188,6 +192,15 @@ def test_clean_errors(tiny, tmp_path, capsys, case, expected):
     elif case == "output_dir_is_file":
         out.write_text("precious")
         argv = _argv(tiny, out, "--max_steps", "1")
+    elif case == "max_steps_0":
+        argv = _argv(tiny, out, "--max_steps", "0")
+    elif case == "negative_lr":
+        argv = _argv(tiny, out, "--max_steps", "1", "--learning_rate=-1e-3")
+    elif case == "resume_missing":
+        argv = _argv(tiny, out, "--max_steps", "1", "--resume_from_checkpoint", str(tmp_path / "nodir"))
+    elif case == "resume_not_a_checkpoint":
+        (tmp_path / "somedir").mkdir()
+        argv = _argv(tiny, out, "--max_steps", "1", "--resume_from_checkpoint", str(tmp_path / "somedir"))
     else:
         argv = _argv(tiny, out, "--max_steps", "1", "--peft_type", "ia3")
     if case == "bad_flag":
@@ -203,6 +216,8 @@ def test_clean_errors(tiny, tmp_path, capsys, case, expected):
     assert "Traceback" not in err
     if case == "output_dir_is_file":
         assert out.read_text() == "precious"  # the user's file is untouched
+    else:
+        assert not out.exists()  # refused before anything was written
 
 
 def test_resume_with_another_peft_type_is_a_clean_error(tiny, tmp_path, capsys):

@@ -277,8 +277,11 @@ def test_resolve_checkpoint(tmp_path):
     (tmp_path / "checkpoint-2").mkdir()
     (tmp_path / "checkpoint-10").mkdir()
     assert resolve_checkpoint("true", str(tmp_path)).endswith("checkpoint-10")
+    with pytest.raises(FileNotFoundError, match="not a Trainer checkpoint"):  # an explicit path must be one
+        resolve_checkpoint(str(tmp_path / "checkpoint-2"), "x")
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
     assert resolve_checkpoint(str(tmp_path / "checkpoint-2"), "x").endswith("checkpoint-2")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="drop --resume_from_checkpoint"):
         resolve_checkpoint(str(tmp_path / "nope"), "x")
 
 

@@ -44,7 +44,15 @@ def _csv(value: str) -> List[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+_QUALITY_METHODS = ("lora", "paca", "full")
+
+
 def _parse_lr_grid(text: Optional[str]) -> Dict[str, List[float]]:
+    """``'lora=1e-3,3e-3;paca=1e-2'`` -> the default grids with those methods replaced.
+
+    Raises:
+        ValueError: malformed text, unknown method, a value that is no positive number (message names the part).
+    """
     from .quality import DEFAULT_LR_GRIDS
 
     grids = {k: list(v) for k, v in DEFAULT_LR_GRIDS.items()}
@@ -53,10 +61,50 @@ def _parse_lr_grid(text: Optional[str]) -> Dict[str, List[float]]:
             if not part.strip():
                 continue
             name, _, vals = part.partition("=")
-            if not vals:
-                raise argparse.ArgumentTypeError(f"--lr_grid: expected 'method=lr,lr,...', got {part!r}")
-            grids[name.strip()] = [float(v) for v in _csv(vals)]
+            name = name.strip()
+            if not vals.strip() or name not in _QUALITY_METHODS:
+                raise ValueError(f"--lr_grid: expected 'method=lr,lr,...' with method one of "
+                                 f"{', '.join(_QUALITY_METHODS)}, got {part!r}")
+            try:
+                lrs = [float(v) for v in _csv(vals)]
+            except ValueError:
+                raise ValueError(f"--lr_grid: {part!r} holds something that is not a number") from None
+            if not lrs or any(not (lr > 0) for lr in lrs):
+                raise ValueError(f"--lr_grid: learning rates must be positive numbers, got {part!r}")
+            grids[name] = lrs
     return grids
+
+
+def check_args(args) -> Optional[str]:
+    """The first problem with parsed ``args`` as a one-line message naming the flag (None if they are usable)."""
+    from .variants import VARIANTS
+
+    for flag in ("batch", "seq_len", "r", "rounds", "memory_steps", "steps", "profile_rounds", "profile_reps"):
+        if getattr(args, flag) < 1:
+            return f"--{flag} must be >= 1, got {getattr(args, flag)}"
+    for flag in ("warmup", "memory_warmup", "eval_every"):
+        if getattr(args, flag) < 0:
+            return f"--{flag} must be >= 0, got {getattr(args, flag)}"
+    if not args.alpha > 0:
+        return f"--alpha must be > 0, got {args.alpha}"
+    sections = list(SECTIONS) if args.sections.strip() == "all" else _csv(args.sections)
+    bad = [s for s in sections if s not in SECTIONS]
+    if bad or not sections:
+        return f"--sections: unknown or empty {bad or args.sections!r}; choose from {', '.join(SECTIONS)} or all"
+    variants = _csv(args.variants)
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad or not variants:
+        return f"--variants: unknown or empty {bad or args.variants!r}; choose from {', '.join(VARIANTS)}"
+    bad = [v for v in _csv(args.quality_variants) if v not in VARIANTS]
+    if bad:
+        return f"--quality_variants: unknown {bad}; choose from {', '.join(_QUALITY_METHODS)}"
+    try:
+        _parse_lr_grid(args.lr_grid)
+    except ValueError as err:
+        return str(err)
+    if args.output_dir and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        return f"--output_dir '{args.output_dir}' is an existing file; pass a directory path"
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,16 +335,13 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     info = _device.refresh()  # after set_num_threads: the CPU description names the thread count
+    problem = check_args(args)
+    if problem:
+        raise ValueError(problem)
     sections = list(SECTIONS) if args.sections.strip() == "all" else _csv(args.sections)
-    bad = [s for s in sections if s not in SECTIONS]
-    if bad:
-        raise SystemExit(f"unknown section(s) {bad}; choose from {', '.join(SECTIONS)}")
-    from .variants import DTYPES, VARIANTS, ModelSpec, build_variant, load_base_model, make_optimizer
+    from .variants import DTYPES, ModelSpec, build_variant, load_base_model, make_optimizer
 
     variants = _csv(args.variants)
-    bad = [v for v in variants if v not in VARIANTS]
-    if bad or not variants:
-        raise SystemExit(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
     quality_variants = [v for v in _csv(args.quality_variants) if v != "floor"]
     lr_grids = _parse_lr_grid(args.lr_grid)
 
@@ -541,7 +586,11 @@ def _docs_path(args, out_dir: Path, root: Path) -> Optional[str]:
 
 def main(argv=None) -> int:
     """``scripts/benchmark.py`` entry point; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problem = check_args(args)
+    if problem:
+        parser.error(problem)  # usage + one error line, exit 2
     if args.docs_only:
         from .report import write_docs_page
 
@@ -550,7 +599,11 @@ def main(argv=None) -> int:
         from .report import load_results, run_markdown
 
         results_root = str(Path(args.output_dir).parent) if args.output_dir else str(root / "docs" / "benchmarks")
-        for run_dir, res in load_results(results_root):  # refresh each run's own page too
+        runs = load_results(results_root)
+        if not runs:
+            parser.error(f"--docs_only: no */results.json under '{results_root}'; nothing to build (run a benchmark "
+                         "first, or point --output_dir at a run directory)")
+        for run_dir, res in runs:  # refresh each run's own page too
             Path(run_dir, "results.md").write_text(run_markdown(res, image_prefix="", heading="##") + "\n",
                                                    encoding="utf-8")
         print(write_docs_page(docs, results_root))
