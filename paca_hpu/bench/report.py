@@ -96,6 +96,8 @@ def evaluate_targets(res: dict) -> List[dict]:
         if key == "peak_plain_paca_lora" and "memory_plain_rss" not in res:
             continue
         val = got.get(key)
+        if val is None and key != "loss_paca_lora":
+            continue  # section not run here (e.g. a quality-only run)
         rows.append({"key": key, "target": desc, "limit": limit, "measured": val, "floor_bound": bounds.get(key),
                      "met": None if val is None else bool(val <= limit)})
     return rows
@@ -120,7 +122,11 @@ def _summary_row(s: dict, scale=1.0, nd=3) -> List[str]:
 def run_title(res: dict) -> str:
     """Heading of one run on the docs page (model, dtype, batch x seq, device)."""
     c = res["config"]
-    return (f"{res['meta'].get('model', '?')}, {c['dtype']}, batch {c['batch']} x seq {c['seq_len']}, "
+    extra = f", r {c['r']}" if c.get("r", 8) != 8 else ""
+    sections = c.get("sections") or []
+    if sections and set(sections) <= {"quality"}:
+        extra += f", quality only ({(res.get('quality') or {}).get('steps', '?')} steps)"
+    return (f"{res['meta'].get('model', '?')}, {c['dtype']}, batch {c['batch']} x seq {c['seq_len']}{extra}, "
             f"{res['meta'].get('device', '?')}")
 
 
