@@ -147,10 +147,17 @@ class _PaCAFunction(torch.autograd.Function):
             if ctx.needs_input_grad[3]:
                 acc = torch.float64 if x_sel.dtype == torch.float64 else torch.float32
                 out_features, r = grad_y.shape[-1], x_sel.shape[-1]
-                g2 = grad_y.reshape(-1, out_features).to(acc)
-                xs2 = x_sel.reshape(-1, r).to(acc)
+                if x_sel.dim() == 3:
+                    # (batch, seq, .) inputs: one (r x seq) @ (seq x out) GEMM per sequence, summed. A single
+                    # (r x N) @ (N x out) GEMM with r = 8 rows keeps few threads busy; the batched form took 0.64x
+                    # the time on 2 CPU threads at SmolLM2's shapes (bf16, 4 x 256; docs/benchmarks.md).
+                    grad_delta = torch.bmm(x_sel.to(acc).transpose(1, 2), grad_y.to(acc)).sum(0)
+                else:
+                    g2 = grad_y.reshape(-1, out_features).to(acc)
+                    xs2 = x_sel.reshape(-1, r).to(acc)
+                    grad_delta = torch.mm(xs2.t(), g2)
                 # (x_sel^T g)^T: same value as g^T x_sel; this operand order was 2-4x faster on CPU (DESIGN.md).
-                grad_delta = torch.mm(xs2.t(), g2).t().mul_(ctx.scaling)
+                grad_delta = grad_delta.t().mul_(ctx.scaling)
         return grad_x, None, None, grad_delta, None, None
 
 
