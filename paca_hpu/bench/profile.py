@@ -85,7 +85,9 @@ def _components(paca, optimizer, shapes: Dict[str, tuple], reps: int) -> Dict[st
                 acc = torch.float64 if layer.delta.dtype == torch.float64 else torch.float32
                 g2 = gs[name].reshape(-1, layer.out_features).to(acc)
                 x2 = sels[name].reshape(-1, layer.r).to(acc)
-                if order == "xT_g":
+                if order == "batched" and sels[name].dim() == 3:  # what the layer does for (batch, seq, .)
+                    torch.bmm(sels[name].to(acc).transpose(1, 2), gs[name].to(acc)).sum(0).t().mul_(layer.scaling)
+                elif order in ("xT_g", "batched"):
                     torch.mm(x2.t(), g2).t().mul_(layer.scaling)
                 else:
                     torch.mm(g2.t(), x2).mul_(layer.scaling)
@@ -138,7 +140,8 @@ def _components(paca, optimizer, shapes: Dict[str, tuple], reps: int) -> Dict[st
     res.update({
         "gather": _timeit(gather, reps),
         "delta_gemm_casts_only": _timeit(delta_casts, reps),
-        "delta_gemm_xT_g (used)": _timeit(delta_gemm("xT_g"), reps),
+        "delta_gemm_batched (used)": _timeit(delta_gemm("batched"), reps),
+        "delta_gemm_xT_g (one GEMM, alternative)": _timeit(delta_gemm("xT_g"), reps),
         "delta_gemm_gT_x (alternative)": _timeit(delta_gemm("gT_x"), reps),
         "dispatch_paca_tiny": _timeit(dispatch_paca, reps),
         "dispatch_floor_tiny": _timeit(dispatch_floor, reps),
@@ -189,7 +192,7 @@ def profile_paca_vs_floor(base, batches, rounds: int = 3, reps: int = 5, r: int 
     w = lambda k: comp[k]["wall_ms"]  # noqa: E731
     breakdown = {
         "gather (forward index_select)": w("gather"),
-        "delta-gradient GEMM incl. casts and scaling": w("delta_gemm_xT_g (used)"),
+        "delta-gradient GEMM incl. casts and scaling": w("delta_gemm_batched (used)"),
         "  of which float32 casts": w("delta_gemm_casts_only"),
         "autograd.Function dispatch (Python) fwd+bwd": max(0.0, w("dispatch_paca_tiny") - w("dispatch_floor_tiny")),
         "AdamW over delta (excl. write-back)": w("optimizer_step_incl_write_back") - w("write_back_all_layers"),

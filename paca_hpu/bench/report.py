@@ -288,12 +288,16 @@ def profile_markdown(prof: dict, h: str = "###") -> List[str]:
              "wall-time medians:", "", "| component | ms per step |", "|---|---:|"]
     for k, v in prof["breakdown_ms"].items():
         lines.append(f"| {k} | {_fmt(v, 1)} |")
+    comp = prof["components_ms"]
+    forms = [("delta_gemm_batched (used)", "one (r x seq) @ (seq x out) GEMM per sequence, summed (used)"),
+             ("delta_gemm_xT_g (used)", "(x_sel^T g)^T as one GEMM (used by that run)"),
+             ("delta_gemm_xT_g (one GEMM, alternative)", "(x_sel^T g)^T as one GEMM"),
+             ("delta_gemm_gT_x (alternative)", "g^T x_sel")]
+    gemm_forms = ", ".join(f"{desc} {_fmt(comp[k]['wall_ms'], 1)} ms" for k, desc in forms if k in comp)
     lines += [f"| **sum** | **{_fmt(prof['explained_ms'], 1)}** |", "",
               f"Measured step difference minus this sum: {_fmt(prof['diff_ms_wall']['median'] - prof['explained_ms'], 1)}"
               " ms (what only shows in situ: cache effects of the second pass over every layer's grad_y, and noise). "
-              f"Delta-gradient GEMM operand order: (x_sel^T g)^T "
-              f"{_fmt(prof['components_ms']['delta_gemm_xT_g (used)']['wall_ms'], 1)} ms vs g^T x_sel "
-              f"{_fmt(prof['components_ms']['delta_gemm_gT_x (alternative)']['wall_ms'], 1)} ms.", "",
+              f"Delta-gradient GEMM forms: {gemm_forms}.", "",
               "Largest per-operator self-time differences in one profiled step (torch.profiler):", "",
               "| operator | floor ms (calls) | paca ms (calls) | diff ms |", "|---|---:|---:|---:|"]
     for d in prof["profiler_op_diff"][:12]:
