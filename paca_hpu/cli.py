@@ -29,6 +29,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 from . import device as _device
 from . import trainer as _tr
+from .model import trainable_parameters
 
 logger = logging.getLogger("paca_hpu.run_paca_clm")
 
@@ -560,7 +561,7 @@ def run(argv: Optional[Sequence[str]] = None, callbacks: Optional[list] = None) 
         )
     except ValueError as err:
         raise UsageError(str(err)) from err
-    trainable, total = _tr.count_parameters(model)
+    trainable, total = trainable_parameters(model)
     logger.info(
         "%s: %s trainable parameters of %s (%.4f %%)",
         adapter_args.peft_type,

@@ -368,7 +368,8 @@ def unload_paca(model: nn.Module) -> nn.Module:
 
 
 def trainable_parameters(model: nn.Module) -> Tuple[int, int]:
-    """``(trainable, total)`` parameter counts (elements) of ``model``."""
+    """``(trainable, total)`` parameter counts (elements) of ``model``; tied / shared parameters are counted once
+    (``nn.Module.parameters()`` yields each Parameter once)."""
     trainable = total = 0
     for p in model.parameters():
         total += p.numel()

@@ -41,7 +41,6 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "PEFT_TYPES",
     "is_paca_model",
-    "count_parameters",
     "prepare_model",
     "build_training_arguments",
     "make_trainer",
@@ -84,20 +83,6 @@ def is_paca_model(model: Optional[nn.Module]) -> bool:
     if model is None:
         return False
     return bool(paca_parameters(_unwrap(model)))
-
-
-def count_parameters(model: nn.Module) -> Tuple[int, int]:
-    """``(trainable, total)`` parameter counts; tied / shared parameters are counted once."""
-    trainable = total = 0
-    seen = set()
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        if p.requires_grad:
-            trainable += p.numel()
-    return trainable, total
 
 
 def _as_target(value: Union[str, Sequence[str], None]) -> Union[str, List[str], None]:

@@ -145,7 +145,8 @@ def test_prepare_model_paca_lora_none(tiny_ckpt):
     from transformers import AutoModelForCausalLM
 
     from paca_hpu import PaCALinear
-    from paca_hpu.trainer import count_parameters, is_paca_model, prepare_model
+    from paca_hpu import trainable_parameters as count_parameters
+    from paca_hpu.trainer import is_paca_model, prepare_model
 
     def fresh():
         return AutoModelForCausalLM.from_pretrained(tiny_ckpt)

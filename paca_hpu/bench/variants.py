@@ -32,6 +32,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from ..model import trainable_parameters
+
 __all__ = [
     "VARIANTS",
     "LLAMA_TARGETS",
@@ -204,15 +206,8 @@ def build_variant(
             p.requires_grad_(True)
         note = "every parameter trainable"
     model.train()
-    seen, params, trainable, total = set(), [], 0, 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        if p.requires_grad:
-            params.append(p)
-            trainable += p.numel()
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable, total = trainable_parameters(model)
     if name == "floor":
         params, trainable = [], 0
     return Variant(name=name, model=model, params=params, trainable=trainable, total=total, note=note)
