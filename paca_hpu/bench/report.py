@@ -23,6 +23,10 @@ TARGETS = [
 ]
 
 
+#: (target key, results section) of the peak-memory ratios: live-tensor RSS / device peak, plain RSS (CPU).
+_PEAK_SECTIONS = (("peak_paca_lora", "memory"), ("peak_plain_paca_lora", "memory_plain_rss"))
+
+
 def _fmt(x, nd=3) -> str:
     if x is None:
         return "-"
@@ -51,7 +55,7 @@ def measured_ratios(res: dict) -> Dict[str, float]:
     saved = res.get("saved") or {}
     if "paca" in saved and "floor" in saved and saved["floor"]["bytes"]:
         out["saved_paca_floor"] = saved["paca"]["bytes"] / saved["floor"]["bytes"]
-    for key, sec in (("peak_paca_lora", "memory"), ("peak_plain_paca_lora", "memory_plain_rss")):
+    for key, sec in _PEAK_SECTIONS:
         mem = res.get(sec) or {}
         if "paca" in mem and "lora" in mem:
             out[key] = mem["paca"]["peak_bytes"] / mem["lora"]["peak_bytes"]
@@ -74,7 +78,7 @@ def floor_bounds(res: dict) -> Dict[str, float]:
     saved = res.get("saved") or {}
     if "floor" in saved:
         out["saved_paca_floor"] = 1.0
-    for key, sec in (("peak_paca_lora", "memory"), ("peak_plain_paca_lora", "memory_plain_rss")):
+    for key, sec in _PEAK_SECTIONS:
         mem = res.get(sec) or {}
         if "floor" in mem and "lora" in mem:
             out[key] = mem["floor"]["peak_bytes"] / mem["lora"]["peak_bytes"]
@@ -92,8 +96,6 @@ def evaluate_targets(res: dict) -> List[dict]:
     rows = []
     for key, desc, limit, tdtype in TARGETS:
         if tdtype is not None and tdtype != dtype:
-            continue
-        if key == "peak_plain_paca_lora" and "memory_plain_rss" not in res:
             continue
         val = got.get(key)
         if val is None and key != "loss_paca_lora":
