@@ -7,11 +7,12 @@ effect is registering the global optimizer step post-hook that refreshes PaCA's 
 
 from .adapter import load_adapter, save_adapter
 from .config import PaCAConfig
-from .layer import PaCALinear, select_indices
+from .layer import PaCADelta, PaCALinear, select_indices
 from .model import (
     _ensure_hook,
     apply_paca,
     disable_paca,
+    functional_paca,
     find_target_modules,
     merge_paca,
     paca_layers,
@@ -26,9 +27,11 @@ __version__ = "0.1.0"
 __all__ = [
     "PaCAConfig",
     "PaCALinear",
+    "PaCADelta",
     "apply_paca",
     "sync_paca",
     "disable_paca",
+    "functional_paca",
     "merge_paca",
     "unload_paca",
     "save_adapter",

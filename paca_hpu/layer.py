@@ -11,11 +11,28 @@ column indices ``idx`` of shape ``(r,)``::
     grad_delta = scaling * grad_y_2d.T @ x_2d[:, idx]                   (out_features, r), accumulated in float32
 
 Only ``x[..., idx]`` (``r`` of ``in_features`` channels) is saved for backward; a LoRA layer has to keep the full
-``x`` for ``grad_A``.  The merged columns are written back into ``weight`` once per optimizer step (see
-:mod:`paca_hpu.model`), not in forward, so forward and backward are exactly one plain GEMM each plus one
-static-shape gather (``index_select``): no boolean masks, no host synchronisation, no data-dependent shapes,
-which is what lets Gaudi's graph compiler (lazy mode, HPU graphs, ``torch.compile`` with ``hpu_backend``) build
-one graph and reuse it.
+``x`` for ``grad_A``.  Forward and backward are exactly one plain GEMM each plus one static-shape gather
+(``index_select``): no boolean masks, no host synchronisation, no data-dependent shapes, which is what lets Gaudi's
+graph compiler (lazy mode, HPU graphs, ``torch.compile`` with ``hpu_backend``) build one graph and reuse it.
+
+Write-back by construction (when ``weight`` holds ``W0[:, idx] + scaling * delta``):
+
+* after every ``Optimizer.step()`` that updates ``delta`` (a global step post-hook in :mod:`paca_hpu.model`), so
+  ``weight`` is fresh right after the step and the next forward graph is the plain one;
+* and in ``forward``, before the GEMM, whenever ``delta`` changed since the last write-back by any other route:
+  its autograd version counter moved (in-place writes: schedule-free ``optimizer.eval()/train()``,
+  ``load_state_dict``, ``torch.no_grad()`` edits), it was written through ``delta.data`` (LOMO/AdaLomo update in
+  backward that way, DeepSpeed copies master weights that way; ``delta`` is a :class:`PaCADelta` that notes such
+  accesses), or it is another tensor object than at the last write-back. The check reads host-side integers only
+  (no device sync) and is skipped while ``torch.compile`` traces (compiled models rely on the step hook).
+
+``weight`` is never written while a layer is disabled (:func:`paca_hpu.disable_paca`): a disabled layer computes
+the base output ``x @ W0.T + b`` from an out-of-place copy ``weight.index_copy(1, idx, original_columns)``, so a
+reference forward between a policy forward and its backward (TRL DPO with ``ref_model=None``) leaves the policy
+graph intact, and ``delta`` gets no gradient from it. When ``delta`` is replaced by a tensor that is not the
+layer's own (``torch.func.functional_call``) or inside :func:`paca_hpu.functional_paca`, the layer uses plain
+autograd ops on an out-of-place merged weight instead (exact gradients, double backward; a weight-sized copy per
+call).
 
 Autocast: the autograd function follows ``torch.amp.custom_fwd`` / ``custom_bwd`` semantics for whatever device
 the input lives on (``hpu``, ``cuda``, ``cpu``): under autocast the GEMMs run in the autocast dtype, and
@@ -33,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PaCALinear", "select_indices", "default_index_dtype", "live_paca_layers"]
+__all__ = ["PaCALinear", "PaCADelta", "select_indices", "default_index_dtype", "live_paca_layers"]
 
 #: Every PaCALinear alive in this process (built, deep-copied or unpickled); the optimizer step hook in
 #: :mod:`paca_hpu.model` looks here for the layers whose ``delta`` an optimizer just updated.
@@ -109,6 +126,36 @@ def _autocast_off(device_type: str):
 _NULL_CONTEXT = contextlib.nullcontext()  # reusable and reentrant
 
 
+_TENSOR_DATA = torch._C.TensorBase.data  # the C-level ``.data`` descriptor that nn.Parameter inherits
+
+
+class PaCADelta(nn.Parameter):
+    """``nn.Parameter`` for a PaCA layer's ``delta`` that notes writes through ``.data``.
+
+    Writes through ``.data`` (``p.data.copy_(...)``, ``p.data = ...``) do not move a tensor's autograd version
+    counter, so :class:`PaCALinear` could not see them; LOMO/AdaLomo and DeepSpeed's ZeRO optimizers update
+    parameters exactly that way. Every access to ``.data`` sets ``_paca_touched``; the layer refreshes its merged
+    columns at the next forward. A read through ``.data`` only costs one redundant write-back. Otherwise identical
+    to ``nn.Parameter`` (``isinstance(p, nn.Parameter)`` holds; optimizers, DDP, ``deepcopy`` work unchanged).
+    """
+
+    @property
+    def data(self):
+        self._paca_touched = True
+        return _TENSOR_DATA.__get__(self)
+
+    @data.setter
+    def data(self, value):
+        if value is not self:  # ``module.to()`` sets ``p.data = p`` when nothing changes: not a write
+            self._paca_touched = True
+        _TENSOR_DATA.__set__(self, value)
+
+
+def _delta_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """``delta`` is float32, float64 for a float64 weight, whatever the model's dtype."""
+    return torch.float64 if weight_dtype == torch.float64 else torch.float32
+
+
 class _PaCAFunction(torch.autograd.Function):
     """``y = F.linear(x, weight, bias)``, saving only ``x[..., indices]``; gradient for ``delta`` (see module doc).
 
@@ -134,6 +181,11 @@ class _PaCAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "PaCA's fused backward is not differentiable (double backward, create_graph=True, e.g. a gradient "
+                "penalty): run that computation inside `with paca_hpu.functional_paca(model):`, which uses plain "
+                "autograd ops with exact higher-order gradients")
         x_sel, weight = ctx.saved_tensors
         grad_x = grad_delta = None
         with _autocast_off(grad_y.device.type):
@@ -172,10 +224,12 @@ class PaCALinear(nn.Module):
             (``W0`` with ``W0[:, indices] + scaling * delta`` written into the selected columns).
         bias: frozen ``nn.Parameter`` ``(out_features,)`` or ``None``.
         indices: buffer ``(r,)``, unique, sorted, int64 (int32 on HPU by default, also after ``.to("hpu")``).
-        delta: trainable ``nn.Parameter`` ``(out_features, r)``, float32 (float64 if the weight is float64),
-            zeros at start.
-        original_columns: non-persistent buffer ``(out_features, r)``: ``W0[:, indices]`` in the weight's dtype,
-            kept so that disabling, unmerging and unloading restore the base weights bit for bit.
+        delta: trainable :class:`PaCADelta` ``(out_features, r)``, float32 (float64 if the weight is float64),
+            zeros at start; stays float32 when the model is cast (``model.to(torch.bfloat16)``, a Trainer's
+            ``bf16_full_eval``).
+        original_columns: buffer ``(out_features, r)``: ``W0[:, indices]`` in the weight's dtype, kept so that
+            disabling, unmerging and unloading restore the base weights bit for bit. Persistent (in the state
+            dict), and recaptured whenever a state dict loads new base weights or other indices.
         scaling: ``paca_alpha / r`` (float).
         in_features, out_features, r: ints.
         base_layer_type: ``"linear"`` or ``"conv1d"``: what :func:`paca_hpu.merge_paca` turns it back into.
@@ -247,23 +301,33 @@ class PaCALinear(nn.Module):
         sorted_idx = idx_cpu.sort().values.to(device=weight.device, dtype=index_dtype)
         self.register_buffer("indices", sorted_idx)
         with torch.no_grad():
-            self.register_buffer(
-                "original_columns", weight.index_select(1, sorted_idx).clone(), persistent=False
-            )
-        delta_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        self.delta = nn.Parameter(torch.zeros(out_features, self.r, dtype=delta_dtype, device=weight.device))
+            self.register_buffer("original_columns", weight.index_select(1, sorted_idx).clone())
+        self.delta = PaCADelta(torch.zeros(out_features, self.r, dtype=_delta_dtype(weight.dtype),
+                                           device=weight.device))
         self._paca_enabled = True
+        self._functional = False
+        self._synced = (id(self.delta), self.delta._version)  # weight == W0 + scaling * 0 already
         _LIVE_LAYERS.add(self)
 
     def __setstate__(self, state):
-        """Unpickling and ``copy.deepcopy`` build layers without ``__init__``: register those too."""
+        """Unpickling and ``copy.deepcopy`` build layers without ``__init__``: register those too (pickle turns
+        ``delta`` into a plain ``nn.Parameter``: wrap it again)."""
         super().__setstate__(state)
+        delta = self._parameters.get("delta")
+        if isinstance(delta, nn.Parameter) and not isinstance(delta, PaCADelta):
+            self._parameters["delta"] = PaCADelta(_TENSOR_DATA.__get__(delta), delta.requires_grad)
         _LIVE_LAYERS.add(self)
 
     def _apply(self, fn, recurse=True):
-        """``nn.Module._apply`` (behind ``.to()``, ``.cuda()``, ...), then re-pick the default index dtype for the new
-        device when none was given: a model converted on the CPU and moved to an HPU gathers with int32 indices."""
+        """``nn.Module._apply`` (behind ``.to()``, ``.cuda()``, ...), then: ``delta`` back to float32 (float64 for
+        a float64 weight) if a cast changed it, and the default index dtype re-picked for the new device when none
+        was given (a model converted on the CPU and moved to an HPU gathers with int32 indices)."""
         super()._apply(fn, recurse)
+        want = _delta_dtype(self.weight.dtype)
+        if self.delta.dtype != want:
+            self.delta.data = self.delta.data.to(want)
+            if self.delta.grad is not None:
+                self.delta.grad = self.delta.grad.to(want)
         if getattr(self, "_index_dtype_auto", False):
             wanted = default_index_dtype(self.indices.device)
             if self.indices.dtype != wanted:
@@ -275,23 +339,46 @@ class PaCALinear(nn.Module):
                 f"scaling={self.scaling:g}, bias={self.bias is not None}, base_layer_type={self.base_layer_type}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``(..., in_features)`` -> ``(..., out_features)``; one GEMM with the merged weight."""
-        return _PaCAFunction.apply(x, self.weight, self.bias, self.delta, self.indices, self.scaling)
+        """``x``: ``(..., in_features)`` -> ``(..., out_features)``; one GEMM with the merged weight (see the module
+        docstring for when the merged columns are refreshed first, and for the disabled / functional paths)."""
+        if not self._paca_enabled:
+            return F.linear(x, self.weight.index_copy(1, self.indices.long(), self.original_columns), self.bias)
+        delta = self.delta
+        if self._functional or not isinstance(delta, PaCADelta):
+            merged = self.weight.index_copy(1, self.indices.long(), self._merged_columns_of(delta))
+            return F.linear(x, merged, self.bias)
+        if not torch.compiler.is_compiling() and self.is_stale():
+            self.sync()
+        return _PaCAFunction.apply(x, self.weight, self.bias, delta, self.indices, self.scaling)
+
+    def is_stale(self) -> bool:
+        """Whether ``delta`` may have changed since the merged columns were last written (host-side check, no
+        device sync): other version, other object, or written through ``.data``."""
+        delta = self.delta
+        return (id(delta), delta._version) != self._synced or delta.__dict__.get("_paca_touched", False)
+
+    def _merged_columns_of(self, delta: torch.Tensor) -> torch.Tensor:
+        """``original_columns + scaling * delta`` in the weight's dtype, differentiable in ``delta``."""
+        acc = _delta_dtype(self.weight.dtype)
+        return torch.add(self.original_columns.to(acc), delta.to(acc), alpha=self.scaling).to(self.weight.dtype)
 
     # ---- weight bookkeeping (outside forward/backward; fixed-shape index_copy_) ----------------------------
 
     def merged_columns(self) -> torch.Tensor:
-        """``original_columns + scaling * delta`` in the weight's dtype, shape ``(out_features, r)``."""
-        acc = self.delta.dtype
-        return torch.add(self.original_columns.to(acc), self.delta.detach(), alpha=self.scaling).to(self.weight.dtype)
+        """``original_columns + scaling * delta`` in the weight's dtype, shape ``(out_features, r)`` (no grad)."""
+        return self._merged_columns_of(self.delta.detach())
 
     @torch.no_grad()
     def sync(self) -> None:
-        """Write the adapted columns into ``weight`` (a fixed-shape ``index_copy_`` of ``(out_features, r)``).
+        """Write the adapted columns into ``weight`` (a fixed-shape ``index_copy_`` of ``(out_features, r)``) and
+        note the ``delta`` version it reflects.
 
-        Called after every optimizer step by the hook in :mod:`paca_hpu.model`; a no-op while disabled."""
-        if self._paca_enabled:
-            self.weight.index_copy_(1, self.indices.long(), self.merged_columns())
+        Called after every optimizer step by the hook in :mod:`paca_hpu.model`, and by ``forward`` when
+        :meth:`is_stale`. Disabled layers are written too (their forward does not read the merged columns)."""
+        delta = self.delta
+        self.weight.index_copy_(1, self.indices.long(), self.merged_columns())
+        delta.__dict__["_paca_touched"] = False
+        self._synced = (id(delta), delta._version)
 
     @torch.no_grad()
     def restore_original(self) -> None:
@@ -316,9 +403,41 @@ class PaCALinear(nn.Module):
         self.indices.copy_(new.sort().values.to(self.indices.device, self.indices.dtype))
         self.original_columns.copy_(self.weight.index_select(1, self.indices))
         self.delta.zero_()
+        self.sync()
 
     def base_weight(self) -> torch.Tensor:
         """A copy of the original weight ``W0`` (``(out_features, in_features)``, weight dtype)."""
-        w = self.weight.detach().clone()
-        w.index_copy_(1, self.indices.long(), self.original_columns)
-        return w
+        return self.weight.detach().index_copy(1, self.indices.long(), self.original_columns)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """``nn.Module`` loading, then ``original_columns`` made consistent with what was loaded, and the merged
+        columns rewritten (any load path that goes through ``load_state_dict``, strict or not):
+
+        * ``weight`` and ``original_columns`` loaded (a PaCA state dict, any indices): the loaded base columns;
+        * ``weight`` loaded without ``original_columns`` (a plain base checkpoint into an already converted model):
+          the loaded weight is the new ``W0``; if ``delta`` came too (a state dict of paca_hpu < 0.2, whose weight
+          is merged), ``W0[:, idx] = weight[:, idx] - scaling * delta`` (exact in float32/64, rounded to the weight
+          dtype otherwise);
+        * no ``weight`` (e.g. only ``delta``/``indices``): the base columns of this layer's own weight.
+        """
+        has = {k: prefix + k in state_dict for k in ("weight", "original_columns", "delta")}
+        with torch.no_grad():
+            self.restore_original()  # weight = W0 under the current indices, whatever gets loaded next
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        with torch.no_grad():
+            if has["weight"] and has["original_columns"]:
+                self.restore_original()
+            elif has["weight"] and has["delta"]:
+                acc = _delta_dtype(self.weight.dtype)
+                w0 = self.weight.index_select(1, self.indices).to(acc) - self.scaling * self.delta.detach().to(acc)
+                self.original_columns.copy_(w0.to(self.weight.dtype))
+                self.restore_original()
+            else:
+                self.original_columns.copy_(self.weight.index_select(1, self.indices))
+            if not isinstance(self._parameters.get("delta"), PaCADelta):  # load_state_dict(assign=True)
+                d = self._parameters["delta"]
+                self._parameters["delta"] = PaCADelta(_TENSOR_DATA.__get__(d).to(_delta_dtype(self.weight.dtype)),
+                                                      d.requires_grad)
+            self.sync()

@@ -3,15 +3,20 @@
 * :func:`apply_paca` swaps targeted ``nn.Linear`` / transformers ``Conv1D`` layers for :class:`PaCALinear`.
 * A global optimizer step post-hook (``torch.optim.optimizer.register_optimizer_step_post_hook``) writes the
   adapted columns into the merged weights after EVERY ``Optimizer.step()`` of an optimizer that holds a
-  ``delta`` (SGD, AdamW, fused/foreach variants, optimizers wrapped by accelerate or a Trainer). The write-back is
-  therefore tied to parameter updates, not to forward calls: it is right under gradient accumulation,
-  evaluation, gradient checkpointing recompute and repeated forwards.
-* :func:`sync_paca`, :func:`disable_paca`, :func:`merge_paca`, :func:`unload_paca`.
+  ``delta`` (SGD, AdamW, fused/foreach variants, optimizers wrapped by accelerate or a Trainer). Anything else that
+  changes ``delta`` (schedule-free ``eval()/train()``, LOMO's update in backward, ``load_state_dict``, a manual
+  edit) is caught by the layer itself before its next forward (see :mod:`paca_hpu.layer`). The write-back is
+  tied to changes of ``delta``, not to forward calls: it is right under gradient accumulation, evaluation,
+  gradient checkpointing recompute and repeated forwards.
+* At its first write-back, the hook checks that no other module holds a PaCA layer's base weight tensor (a
+  reference model sharing layers with the policy would drift with every step): that is refused with an error.
+* :func:`sync_paca`, :func:`disable_paca`, :func:`functional_paca`, :func:`merge_paca`, :func:`unload_paca`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import re
 import sys
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -26,6 +31,7 @@ __all__ = [
     "apply_paca",
     "sync_paca",
     "disable_paca",
+    "functional_paca",
     "merge_paca",
     "unload_paca",
     "paca_layers",
@@ -49,11 +55,57 @@ def _optimizer_step_post_hook(optimizer: torch.optim.Optimizer, args, kwargs) ->
         return
     by_delta = {id(layer.delta): layer for layer in layers}
     # in the optimizer's parameter order: the same op sequence every step (one graph for lazy mode / HPU graphs)
+    stepped = []
     for group in optimizer.param_groups:
         for p in group["params"]:
             layer = by_delta.get(id(p))
             if layer is not None and layer.delta is p:
-                layer.sync()
+                stepped.append(layer)
+    unchecked = [layer for layer in stepped if not layer.__dict__.get("_paca_shared_checked", False)]
+    if unchecked:
+        check_unshared_weights(unchecked)
+    for layer in stepped:
+        layer.sync()
+
+
+def _module_owning_parameters(params: dict) -> Optional[str]:
+    """Type name of the ``nn.Module`` whose ``_parameters`` dict is ``params`` (found through its instance
+    ``__dict__``, or directly where the interpreter keeps instance attributes inline), or None."""
+    for ref in gc.get_referrers(params):
+        if isinstance(ref, nn.Module) and ref._parameters is params:
+            return type(ref).__name__
+        if isinstance(ref, dict) and ref.get("_parameters") is params:
+            owners = [m for m in gc.get_referrers(ref) if isinstance(m, nn.Module)]
+            return type(owners[0]).__name__ if owners else "nn.Module"
+    return None
+
+
+def check_unshared_weights(layers: Sequence[PaCALinear]) -> None:
+    """Raise if a module other than the PaCA layer itself holds a layer's base ``weight`` Parameter.
+
+    PaCA writes its update into ``weight`` in place; a second model built from the same tensors (a reference model
+    that shares layers with the policy, a hand-made frozen copy) would change with every step. One
+    ``gc.get_referrers`` pass over all layers (run once per layer, at its first write-back).
+
+    Raises:
+        RuntimeError: names the layer and the type of the other module holding its weight.
+    """
+    own = {id(layer._parameters): layer for layer in layers}
+    by_weight = {id(layer.weight): layer for layer in layers}
+    for ref in gc.get_referrers(*[layer.weight for layer in layers]):
+        if not isinstance(ref, dict) or id(ref) in own:
+            continue
+        shared = [by_weight[id(v)] for v in ref.values() if id(v) in by_weight]
+        holder = _module_owning_parameters(ref) if shared else None
+        if holder is not None:
+            raise RuntimeError(
+                f"the base weight of PaCA layer '{getattr(shared[0], 'paca_name', '?')}' is also a parameter of a "
+                f"{holder} outside it: PaCA writes its update into that tensor, so the other model "
+                "would change with every optimizer step. Give the other model its own copy of the weights (e.g. "
+                "copy.deepcopy(base) before apply_paca, or trl.create_reference_model without num_shared_layers), "
+                "or use no reference model and compute reference outputs inside paca_hpu.disable_paca(model)")
+    for layer in layers:
+        layer.__dict__["_paca_shared_checked"] = True
 
 
 def _ensure_hook() -> None:
@@ -264,6 +316,7 @@ def apply_paca(
         p.requires_grad_(False)
     for name, module, idx in planned:
         layer = _to_paca(name, module, idx, config.scaling, index_dtype)
+        layer.paca_name = name  # for error messages only
         _set_submodule(model, name, layer)
     for module in to_save:
         for p in module.parameters():
@@ -289,8 +342,8 @@ def paca_parameters(model: nn.Module) -> List[nn.Parameter]:
 def sync_paca(model: nn.Module) -> nn.Module:
     """Write ``original_columns + scaling * delta`` into the merged weight of every PaCA layer, now.
 
-    The optimizer hook does this after every step; call it after changing ``delta`` by hand (e.g. loading a
-    state dict). Returns ``model``."""
+    Never needed for correct outputs (the optimizer hook and each layer's forward keep the weights fresh); call it
+    before reading ``layer.weight`` directly after changing ``delta`` outside an optimizer step. Returns ``model``."""
     for _, layer in paca_layers(model):
         layer.sync()
     return model
@@ -298,21 +351,42 @@ def sync_paca(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def disable_paca(model: nn.Module):
-    """Context manager: inside, the model computes exactly the base model's outputs (original columns restored);
-    on exit the adapted columns are written back. Optimizer steps taken inside do not touch the weights until
-    exit."""
+    """Context manager: inside, every PaCA layer of ``model`` computes exactly the base model's output
+    ``x @ W0.T + b`` (bit for bit), as peft's ``disable_adapter()``.
+
+    Nothing is written: the base weight is formed out of place per call (``weight.index_copy(1, idx,
+    original_columns)``), so it is safe between a policy forward and its backward (TRL ``DPOTrainer`` with
+    ``ref_model=None``); ``delta`` receives no gradient from outputs computed inside. Nests; restores each layer's
+    previous state on exit."""
+    with _layers_set(model, "_paca_enabled", False):
+        yield model
+
+
+@contextlib.contextmanager
+def functional_paca(model: nn.Module):
+    """Context manager: inside, every PaCA layer of ``model`` computes ``F.linear(x, W)`` with the merged weight
+    ``W = weight.index_copy(1, idx, original_columns + scaling * delta)`` formed out of place by plain autograd ops.
+
+    Same outputs as the fused path; use it for what the fused autograd function cannot do: double backward
+    (``torch.autograd.grad(..., create_graph=True)``, gradient penalties) and ``torch.func`` transforms. Costs a
+    weight-sized copy per layer call and saves the full input for backward (as LoRA does)."""
+    with _layers_set(model, "_functional", True):
+        yield model
+
+
+@contextlib.contextmanager
+def _layers_set(model: nn.Module, attr: str, value) -> Iterator[None]:
+    """Set ``attr`` of every PaCA layer of ``model`` to ``value`` for the block; each layer's own previous value
+    comes back on exit (also on an exception), so the contexts nest."""
     layers = [layer for _, layer in paca_layers(model)]
-    prior = [layer._paca_enabled for layer in layers]
+    prior = [getattr(layer, attr) for layer in layers]
     try:
         for layer in layers:
-            layer._paca_enabled = False
-            layer.restore_original()
-        yield model
+            setattr(layer, attr, value)
+        yield
     finally:
         for layer, was in zip(layers, prior):
-            layer._paca_enabled = was
-            if was:
-                layer.sync()
+            setattr(layer, attr, was)
 
 
 def _to_base(layer: PaCALinear, weight: torch.Tensor) -> nn.Module:

@@ -93,11 +93,15 @@ def test_cpu_peak_memory():
     dev.reset_peak_memory()
     before = dev.peak_memory_bytes()
     assert before > 0
-    block = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, touched
-    block += 1
+    # 64 MiB of fresh pages, touched: an anonymous mmap, so that the allocator cannot hand back memory that an
+    # earlier test left resident (torch.ones here once reused such memory and the peak did not move)
+    import mmap
+
+    block = mmap.mmap(-1, 64 * 1024 * 1024)
+    block.write(b"\x01" * len(block))
     after = dev.peak_memory_bytes()
     assert after >= before + 32 * 1024 * 1024
-    del block
+    block.close()
     stats = dev.memory_stats()
     assert set(stats) == {"peak_rss (GB)"} and stats["peak_rss (GB)"] > 0
     assert "RSS" in dev.peak_memory_kind()
