@@ -341,15 +341,16 @@ class PaCALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``(..., in_features)`` -> ``(..., out_features)``; one GEMM with the merged weight (see the module
         docstring for when the merged columns are refreshed first, and for the disabled / functional paths)."""
+        params, buffers = self._parameters, self._buffers  # dict lookups: nn.Module.__getattr__ costs ~1-2 us each
+        weight, bias, indices, delta = params["weight"], params.get("bias"), buffers["indices"], params["delta"]
         if not self._paca_enabled:
-            return F.linear(x, self.weight.index_copy(1, self.indices.long(), self.original_columns), self.bias)
-        delta = self.delta
+            return F.linear(x, weight.index_copy(1, indices.long(), buffers["original_columns"]), bias)
         if self._functional or not isinstance(delta, PaCADelta):
-            merged = self.weight.index_copy(1, self.indices.long(), self._merged_columns_of(delta))
-            return F.linear(x, merged, self.bias)
-        if not torch.compiler.is_compiling() and self.is_stale():
+            return F.linear(x, weight.index_copy(1, indices.long(), self._merged_columns_of(delta)), bias)
+        if not torch.compiler.is_compiling() and (
+                (id(delta), delta._version) != self._synced or delta.__dict__.get("_paca_touched", False)):
             self.sync()
-        return _PaCAFunction.apply(x, self.weight, self.bias, delta, self.indices, self.scaling)
+        return _PaCAFunction.apply(x, weight, bias, delta, indices, self.scaling)
 
     def is_stale(self) -> bool:
         """Whether ``delta`` may have changed since the merged columns were last written (host-side check, no
