@@ -384,9 +384,22 @@ def _load_data(data_args, tokenizer, training_args, info):
     return tokenized, collator
 
 
-def _check_resume(checkpoint: str, adapter_args) -> None:
+def _spec_key(value: Any) -> Any:
+    """A ``target_modules`` / ``exclude_modules`` / ``modules_to_save`` value without its spelling order: a list of
+    names matches by membership (``["q_proj", "v_proj"]`` selects what ``["v_proj", "q_proj"]`` selects)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(sorted(set(value)))
+    return value
+
+
+def _check_resume(checkpoint: str, adapter_args) -> bool:
     """The checkpoint must hold what this run trains: the same ``--peft_type`` and, for PaCA, the same adapter
     shape (else the optimizer state cannot fit). Reads the checkpoint's adapter_config.json once.
+
+    Returns:
+        True when ``--target_modules`` / ``--exclude_modules`` are spelled differently from the checkpoint's (other
+        names, a regex): whether they select the same layers is then checked once the model is adapted
+        (:func:`_check_resume_selection`). Lists that differ only in order count as equal here.
 
     Raises:
         UsageError: naming the flag to pass to match the checkpoint.
@@ -405,20 +418,55 @@ def _check_resume(checkpoint: str, adapter_args) -> None:
         raise UsageError(f"cannot resume from '{checkpoint}': it holds a --peft_type {saved_kind} checkpoint, this run "
                          f"has --peft_type {adapter_args.peft_type}; pass --peft_type {saved_kind} to resume it")
     if adapter_args.peft_type != "paca":
-        return
+        return False
     if saved_type not in (None, "PACA"):
         raise UsageError(f"'{checkpoint}' holds a {saved_type} adapter, not a PaCA one")
     want = _tr.paca_config(adapter_args.paca_r, adapter_args.paca_alpha, adapter_args.target_modules,
                            adapter_args.exclude_modules, adapter_args.modules_to_save,
                            adapter_args.random_seed).to_dict()
-    for key in ("r", "paca_alpha", "target_modules", "exclude_modules", "modules_to_save"):
-        if key in saved and saved[key] != want[key]:
+    for key in ("r", "paca_alpha", "modules_to_save"):
+        if key in saved and _spec_key(saved[key]) != _spec_key(want[key]):
             flag = {"r": "paca_r"}.get(key, key)
             raise UsageError(f"cannot resume from '{checkpoint}': it was trained with {key}={saved[key]!r}, this run "
                              f"has {key}={want[key]!r}; pass --{flag} to match the checkpoint")
     if "random_seed" in saved and saved["random_seed"] != want["random_seed"]:
         logger.warning("resuming with the checkpoint's column indices (random_seed=%s), not --random_seed %s",
                        saved["random_seed"], want["random_seed"])
+    return any(key in saved and _spec_key(saved[key]) != _spec_key(want[key])
+               for key in ("target_modules", "exclude_modules"))
+
+
+def _check_resume_selection(checkpoint: str, model, adapter_args) -> None:
+    """The PaCA layers of ``model`` (adapted with this run's flags) must be the layers the checkpoint's adapter
+    holds: what ``--target_modules`` / ``--exclude_modules`` select, whatever their spelling.
+
+    Raises:
+        UsageError: the checkpoint's adapter file cannot be read, or the selections differ (names a layer in one
+            and not the other, and the checkpoint's flags).
+    """
+    from safetensors import safe_open
+
+    from . import paca_layers
+
+    path = os.path.join(checkpoint, "adapter_model.safetensors")
+    try:
+        with safe_open(path, framework="pt") as fh:
+            saved = {k[: -len(".delta")] for k in fh.keys() if k.endswith(".delta") and not k.startswith(
+                "modules_to_save.")}
+    except Exception as err:  # OSError, or safetensors' own SafetensorError for a damaged file
+        raise UsageError(f"cannot read '{path}': {err}") from err
+    here = {name for name, _ in paca_layers(model)}
+    if saved == here:
+        return
+    with open(os.path.join(checkpoint, "adapter_config.json")) as fh:
+        cfg = json.load(fh)
+    diff = [f"this run adds '{n}'" for n in sorted(here - saved)[:1]] + [
+        f"lacks '{n}'" for n in sorted(saved - here)[:1]]
+    raise UsageError(
+        f"cannot resume from '{checkpoint}': --target_modules {' '.join(adapter_args.target_modules)} selects other "
+        f"layers than the checkpoint's adapter ({len(here)} vs {len(saved)}; {', '.join(diff)}); pass "
+        f"--target_modules / --exclude_modules as the checkpoint was trained with (target_modules="
+        f"{cfg.get('target_modules')!r}, exclude_modules={cfg.get('exclude_modules')!r})")
 
 
 def _checkpoint_step(checkpoint: str) -> Optional[int]:
@@ -537,8 +585,7 @@ def run(argv: Optional[Sequence[str]] = None, callbacks: Optional[list] = None) 
     if eval_ds is not None and len(eval_ds) == 0:
         logger.warning("the held-out set is empty (validation_split_percentage=0?): no held-out loss is reported")
         eval_ds = None
-    if resume:
-        _check_resume(resume, adapter_args)
+    check_selection = bool(resume) and _check_resume(resume, adapter_args)
 
     # ---- model + adapter
     try:
@@ -561,6 +608,8 @@ def run(argv: Optional[Sequence[str]] = None, callbacks: Optional[list] = None) 
         )
     except ValueError as err:
         raise UsageError(str(err)) from err
+    if check_selection:
+        _check_resume_selection(resume, model, adapter_args)
     trainable, total = trainable_parameters(model)
     logger.info(
         "%s: %s trainable parameters of %s (%.4f %%)",
