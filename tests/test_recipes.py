@@ -28,7 +28,7 @@ from paca_hpu import (
 F64 = dict(rtol=1e-10, atol=1e-12)  # float64 model against the float64 dense reference
 
 
-# ------------------------------------------------------------------------------------------ builders / references
+# ----------------------------------------------------------------------------------------------- builders / references
 
 
 def _adapted(seed=0, dtype=torch.float64, random_seed=0, r=4, alpha=8.0, **cfg):
@@ -76,6 +76,11 @@ def reference_delta_grads(dense, model):
             for name, layer in paca_layers(model)}
 
 
+def _named(name):
+    """``assert_close``'s ``msg``: the layer name in front of torch's own mismatch report."""
+    return lambda report: f"{name}: {report}"
+
+
 def _kl(policy_logits, ref_logits):
     """KL(policy || reference) per token, averaged: a KL-to-base penalty as TRL's PPO / GRPO / KTO compute it."""
     logp, logq = F.log_softmax(policy_logits, -1), F.log_softmax(ref_logits, -1)
@@ -91,7 +96,7 @@ def _sgd_steps(model, steps=2, lr=0.5, seed=20):
     return opt
 
 
-# ------------------------------------------------------------------------------------------ 1. disable_paca as reference
+# ---------------------------------------------------------------------------------------- 1. disable_paca as reference
 
 
 def test_reference_forward_between_policy_forward_and_backward():
@@ -120,8 +125,8 @@ def test_reference_forward_between_policy_forward_and_backward():
     (out_d.loss + 0.5 * _kl(out_d.logits, base_logits)).backward()
     want = reference_delta_grads(dense, model)
     for name, layer in paca_layers(model):
-        torch.testing.assert_close(got[name], layer.delta.grad, rtol=0, atol=1e-15, msg=name)
-        torch.testing.assert_close(got[name], want[name], **F64, msg=name)
+        torch.testing.assert_close(got[name], layer.delta.grad, rtol=0, atol=1e-15, msg=_named(name))
+        torch.testing.assert_close(got[name], want[name], **F64, msg=_named(name))
         assert torch.count_nonzero(got[name]) > 0, name
     # the adapter is back on afterwards
     torch.testing.assert_close(logits(model, ids), logits(dense_reference(base, model), ids), **F64)
@@ -151,7 +156,7 @@ def test_loss_inside_disable_paca_gives_delta_no_gradient(backward_where):
     assert not leaked, f"delta gradient from a loss computed with PaCA disabled: {leaked}"
 
 
-# ------------------------------------------------------------------------------------------ 2. delta changed outside step()
+# ------------------------------------------------------------------------------------- 2. delta changed outside step()
 
 
 def _write_data_copy(model, new):
@@ -162,8 +167,7 @@ def _write_data_copy(model, new):
 def _write_no_grad_add(model, new):
     with torch.no_grad():
         for name, d in new.items():
-            delta = model.get_submodule(name).delta
-            delta.add_(d - delta)
+            model.get_submodule(name).delta.mul_(0).add_(d)
 
 
 def _write_load_state_dict(model, new):
@@ -190,13 +194,14 @@ def test_in_place_delta_write_then_forward_sees_it(write):
     for name, layer in paca_layers(model):
         assert torch.equal(layer.delta.detach(), new[name]), name
     want = logits(dense_reference(base, model), ids)
-    assert (want - logits(dense_reference(base, model, {n: torch.zeros_like(d) for n, d in new.items()}), ids)).abs().max() > 1e-3
+    zero_delta = logits(dense_reference(base, model, {n: torch.zeros_like(d) for n, d in new.items()}), ids)
+    assert (want - zero_delta).abs().max() > 1e-3  # the written deltas matter
     torch.testing.assert_close(logits(model, ids), want, **F64)
     _sgd_steps(model, steps=1, seed=30)  # a step after the write starts from the written deltas
     torch.testing.assert_close(logits(model, ids), logits(dense_reference(base, model), ids), **F64)
 
 
-# ------------------------------------------------------------------------------------------ 3. original_columns
+# ------------------------------------------------------------------------------------------------- 3. original_columns
 
 
 def _load_strict_false(model, sd, tmp_path):
@@ -272,7 +277,7 @@ def test_load_paca_state_dict_saved_with_other_indices():
     assert not differ, f"unload_paca did not return the loaded model's base weights: {differ[:4]}"
 
 
-# ------------------------------------------------------------------------------------------ 4. double backward
+# -------------------------------------------------------------------------------------------------- 4. double backward
 
 
 DOUBLE_BACKWARD_ERROR = re.compile(r"(?i)double backward|differentiate twice")
@@ -302,10 +307,10 @@ def test_double_backward_is_correct_or_refused():
         return
     # the penalty term matters: without it the gradients would differ clearly from the reference
     for name, layer in paca_layers(model):
-        torch.testing.assert_close(layer.delta.grad, want[name], **F64, msg=name)
+        torch.testing.assert_close(layer.delta.grad, want[name], **F64, msg=_named(name))
 
 
-# ------------------------------------------------------------------------------------------ 5. torch.func.functional_call
+# --------------------------------------------------------------------------------------- 5. torch.func.functional_call
 
 
 def test_functional_call_with_substituted_deltas():
@@ -325,11 +330,11 @@ def test_functional_call_with_substituted_deltas():
     out_d.loss.backward()
     want = reference_delta_grads(dense, model)
     for (name, _), g in zip(other.items(), grads):
-        torch.testing.assert_close(g, want[name], **F64, msg=name)
+        torch.testing.assert_close(g, want[name], **F64, msg=_named(name))
     torch.testing.assert_close(logits(model, ids), logits(dense_reference(base, model), ids), **F64)
 
 
-# ------------------------------------------------------------------------------------------ 6. shared base weights
+# ---------------------------------------------------------------------------------------------- 6. shared base weights
 
 
 SHARED_ERROR = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj")
@@ -374,7 +379,7 @@ def test_trl_create_reference_model_with_shared_layers():
     """Issue 9 item 6 with TRL's own helper: ``create_reference_model(model, num_shared_layers=1)``. In TRL 0.22.2
     it deep-copies every tensor (its "sharing" only freezes the policy's first layers), so the reference is
     independent: it stays the base model, the policy's frozen first layer keeps zero deltas, the rest trains."""
-    trl = pytest.importorskip("trl")
+    import trl
     base, model = _adapted()
     ref = trl.create_reference_model(model, num_shared_layers=1)
     ref_storage = {p.untyped_storage().data_ptr() for p in ref.parameters()}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_recipes import _kl, _random_deltas, dense_reference
+from test_recipes import _kl, _named, _random_deltas, dense_reference
 from test_trainer import make_tiny_checkpoint, qa_records, write_jsonl
 
 from paca_hpu import disable_paca, load_adapter, paca_layers, save_adapter
@@ -97,7 +97,7 @@ def _train_losses(trainer):
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
-# ------------------------------------------------------------------------------------------ README: use with TRL
+# ------------------------------------------------------------------------------------------------ README: use with TRL
 
 
 def _readme_trl_blocks():
@@ -162,7 +162,6 @@ def test_readme_trl_sft_then_dpo_with_ref_model_none(tiny, tmp_path, monkeypatch
     with its adapter disabled as reference). SFT trains every delta (reentrant checkpointing with a frozen
     embedding) and the model equals the dense reference; DPO trains without error, reports the SFT model's
     log-probs as reference at every step, and its result equals the dense reference too."""
-    pytest.importorskip("trl")
     monkeypatch.chdir(tmp_path)
     sft_block, dpo_block = _readme_trl_blocks()
     run_args = dict(max_steps=3, per_device_train_batch_size=8, learning_rate=1e-2, report_to="none", use_cpu=True,
@@ -188,7 +187,7 @@ def test_readme_trl_sft_then_dpo_with_ref_model_none(tiny, tmp_path, monkeypatch
 def test_plain_trl_dpo_trainer_ref_model_none(tiny, tmp_path, reset_accelerate):
     """``DPOTrainer(model=paca_model, ref_model=None)`` without the README subclass: TRL keeps a frozen deep copy
     as reference (a PaCA model is no PeftModel); the reported reference log-probs are the base model's."""
-    trl = pytest.importorskip("trl")
+    import trl
     base, model = _paca_model(tiny)
     pairs = _preference_rows()
     args = trl.DPOConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=len(pairs),
@@ -200,7 +199,7 @@ def test_plain_trl_dpo_trainer_ref_model_none(tiny, tmp_path, reset_accelerate):
     torch.testing.assert_close(_logits(model, IDS), _logits(dense_reference(_base(tiny), model), IDS), **F32)
 
 
-# ------------------------------------------------------------------------------------------ 1. GaudiTrainer, KL to base
+# ----------------------------------------------------------------------------------------- 1. GaudiTrainer, KL to base
 
 
 def _kl_trainer(kind, model, args, rows, reference=None):
@@ -241,11 +240,11 @@ def test_gaudi_trainer_kl_penalty_reference_forward(tiny, tmp_path, reset_accele
     assert _train_losses(trainer) == pytest.approx(_train_losses(twin_trainer), rel=1e-6)
     for (name, layer), (_, other) in zip(paca_layers(model), paca_layers(twin)):
         assert torch.count_nonzero(layer.delta) > 0, name
-        torch.testing.assert_close(layer.delta, other.delta, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(layer.delta, other.delta, rtol=1e-5, atol=1e-7, msg=_named(name))
     torch.testing.assert_close(_logits(model, IDS), _logits(dense_reference(base, model), IDS), **F32)
 
 
-# ------------------------------------------------------------------------------------------ 2. delta changed outside step()
+# ------------------------------------------------------------------------------------- 2. delta changed outside step()
 
 
 @pytest.mark.parametrize("kind", ["gaudi", "hf"])
@@ -271,7 +270,6 @@ def test_schedule_free_adamw_eval_loss_is_of_the_evaluated_weights(tiny, tmp_pat
     """Issue 9 item 2: ``transformers.Trainer`` with ``optim="schedule_free_adamw"``: ``evaluate()`` puts the
     optimizer in eval mode (it moves the deltas to the averaged point); the eval loss it reports is the loss of a
     dense model built from base weights + those deltas."""
-    pytest.importorskip("schedulefree")
     from transformers import Trainer
 
     base, model = _paca_model(tiny)
@@ -294,7 +292,6 @@ def test_lomo_model_and_saved_adapter_match_deltas(tiny, tmp_path, kind, reset_a
     """Issue 9 item 2: ``optim="lomo"`` updates the deltas inside backward and never steps; after training the
     model computes the dense reference built from its deltas, and the saved adapter reloaded onto a fresh base
     gives the model's logits."""
-    pytest.importorskip("lomo_optim")
     from transformers import Trainer
 
     from paca_hpu.trainer import make_trainer
@@ -314,7 +311,7 @@ def test_lomo_model_and_saved_adapter_match_deltas(tiny, tmp_path, kind, reset_a
     torch.testing.assert_close(_logits(reloaded, IDS), got, rtol=0, atol=1e-6)
 
 
-# ------------------------------------------------------------------------------------------ 7. bf16_full_eval
+# --------------------------------------------------------------------------------------------------- 7. bf16_full_eval
 
 
 @pytest.mark.parametrize("kind", ["gaudi", "hf"])
@@ -340,7 +337,7 @@ def test_bf16_full_eval_before_training_keeps_delta_float32(tiny, tmp_path, kind
         assert layer.delta.dtype == torch.float32 and torch.count_nonzero(layer.delta) > 0, name
 
 
-# ------------------------------------------------------------------------------------------ 8. resume, target order
+# --------------------------------------------------------------------------------------------- 8. resume, target order
 
 
 def _cli(tiny_data, out, *extra):
