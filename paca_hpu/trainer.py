@@ -370,7 +370,11 @@ class PaCATrainerMixin:
     * a PaCA write-back after every optimizer step that PaCA's global step hook does not see (DeepSpeed ZeRO style
       optimizers; see :class:`_WriteBackGuard`);
     * the Gaudi-only ``generation_config`` fields for the duration of ``train`` / ``evaluate`` / ``predict``
-      (workaround 5 in :mod:`paca_hpu._optimum_habana`), hidden again while a checkpoint is written.
+      (workaround 5 in :mod:`paca_hpu._optimum_habana`), hidden again while a checkpoint is written;
+    * schedule-free optimizers (``optim="schedule_free_*"``, package ``schedulefree``) switched to train mode for
+      each training step and to eval mode for evaluation / prediction, as ``transformers.Trainer`` does
+      (optimum-habana 1.21's ``GaudiTrainer`` has those calls commented out, so ``step()`` raised "Optimizer was
+      not in train mode"); the switches are idempotent, so ``transformers.Trainer``'s own calls are harmless.
 
     LoRA (``PeftModel``) and full fine-tuning keep the base class's behaviour.
     """
@@ -380,6 +384,24 @@ class PaCATrainerMixin:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.add_callback(_WriteBackGuard(self))
+
+    # -- optimizer train / eval mode (schedule-free optimizers) -----------------------------------
+    def _optimizer_mode(self, mode: str) -> None:
+        switch = getattr(self.optimizer, mode, None)  # AcceleratedOptimizer forwards train() / eval()
+        if callable(switch):
+            switch()
+
+    def training_step(self, *args, **kwargs):
+        self._optimizer_mode("train")
+        return super().training_step(*args, **kwargs)
+
+    def evaluation_loop(self, *args, **kwargs):
+        self._optimizer_mode("eval")
+        return super().evaluation_loop(*args, **kwargs)
+
+    def prediction_loop(self, *args, **kwargs):
+        self._optimizer_mode("eval")
+        return super().prediction_loop(*args, **kwargs)
 
     # -- generation_config fields (workaround 5) --------------------------------------------------
     def _with_gen_fields(self, fn, *args, **kwargs):
