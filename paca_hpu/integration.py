@@ -13,9 +13,10 @@ sets two things on that model instance, nothing on its class and nothing in any 
   ``model.load_state_dict(state_dict, strict=False)``: hence the second name for the same bytes.
 * ``load_state_dict`` hooks on the root module (``register_load_state_dict_pre_hook`` / ``_post_hook``): a state
   dict that holds PaCA ``delta`` / ``indices`` but no PaCA ``weight`` is an adapter. Its ``modules_to_save.`` keys
-  are mapped to the parameters, layers whose saved indices differ re-select those columns first
-  (``PaCALinear.set_indices``), the frozen base tensors it does not hold are not reported as missing, and the merged
-  weights are refreshed afterwards. ``delta`` is copied in place, so an optimizer holding it stays valid.
+  are mapped to the parameters and the frozen base tensors it does not hold are not reported as missing (so
+  ``strict=True`` works and the Trainer logs no list of "missing keys"); a partial adapter still is. Each
+  ``PaCALinear`` re-captures its base columns under the loaded indices and rewrites its merged columns
+  (``PaCALinear._load_from_state_dict``). ``delta`` is copied in place, so an optimizer holding it stays valid.
 
 A directory such an instance writes never holds ``config.json``; one that already does is refused (transformers 5
 would load the ``model.safetensors`` there as a complete model).
@@ -35,7 +36,7 @@ from torch import nn
 
 from . import model as _model
 from .adapter import ADAPTER_WEIGHTS_NAME, _MTS_PREFIX, load_adapter, read_adapter, save_adapter
-from .model import _matches, paca_layers, paca_parameters, sync_paca
+from .model import _matches, paca_layers, paca_parameters
 
 __all__ = ["attach", "from_pretrained", "STATE_DICT_ALIAS"]
 
@@ -126,12 +127,7 @@ def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_k
     if not any(f"{prefix}{n}.delta" in state_dict for n in layers) or any(
             f"{prefix}{n}.weight" in state_dict for n in layers):
         return  # not an adapter state dict (e.g. a full one): plain torch semantics
-    with torch.no_grad():
-        for name, layer in layers.items():
-            idx = state_dict.get(f"{prefix}{name}.indices")
-            if idx is not None and idx.shape == layer.indices.shape and not torch.equal(
-                    idx.to("cpu", torch.int64), layer.indices.to("cpu", torch.int64)):
-                layer.set_indices(idx)  # base columns back, the saved columns' originals captured
+    # each PaCALinear re-captures its base columns under the loaded indices and rewrites its merged columns itself
     setattr(module, _LOADING, (prefix, _adapter_keys(module, prefix)))
 
 
@@ -143,7 +139,6 @@ def _load_post_hook(module, incompatible_keys):
     # this module's frozen base tensors are not part of an adapter: they keep their values and are not missing
     incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys
                                          if k in expected or not k.startswith(prefix)]
-    sync_paca(module)
 
 
 def attach(model: nn.Module) -> nn.Module:
