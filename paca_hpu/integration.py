@@ -24,14 +24,12 @@ would load the ``model.safetensors`` there as a complete model).
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, Union
 
-import torch
 from torch import nn
 
 from . import model as _model
@@ -40,7 +38,6 @@ from .model import _matches, paca_layers, paca_parameters
 
 __all__ = ["attach", "from_pretrained", "STATE_DICT_ALIAS"]
 
-logger = logging.getLogger(__name__)
 
 #: The file name under which the Trainer looks for the weights of a model that is no PeftModel.
 STATE_DICT_ALIAS = "model.safetensors"
@@ -147,7 +144,10 @@ def attach(model: nn.Module) -> nn.Module:
     if model.__dict__.get(_ATTACHED):
         return model
     model.save_pretrained = _AdapterSavePretrained(model)
-    model.register_load_state_dict_pre_hook(_load_pre_hook)
+    if hasattr(model, "register_load_state_dict_pre_hook"):
+        model.register_load_state_dict_pre_hook(_load_pre_hook)
+    else:  # torch < 2.5: the same hook through the older spelling
+        model._register_load_state_dict_pre_hook(_load_pre_hook, with_module=True)
     model.register_load_state_dict_post_hook(_load_post_hook)
     model.__dict__[_ATTACHED] = True
     return model
