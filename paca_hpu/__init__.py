@@ -7,6 +7,7 @@ effect is registering the global optimizer step post-hook that refreshes PaCA's 
 
 from .adapter import load_adapter, save_adapter
 from .config import PaCAConfig
+from .integration import from_pretrained
 from .layer import PaCADelta, PaCALinear, select_indices
 from .model import (
     _ensure_hook,
@@ -36,6 +37,7 @@ __all__ = [
     "unload_paca",
     "save_adapter",
     "load_adapter",
+    "from_pretrained",
     "paca_layers",
     "paca_parameters",
     "find_target_modules",

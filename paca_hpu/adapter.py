@@ -8,6 +8,12 @@
 and ``modules_to_save.<param_name>`` for the parameters of ``modules_to_save``.
 ``adapter_config.json`` holds the :class:`PaCAConfig` plus ``format``, ``format_version``, ``peft_type`` and
 ``base_model_name_or_path`` (when the model knows it).
+
+``peft_type`` is :data:`PEFT_TYPE`, a sentence rather than a peft method name: transformers hands every directory
+with an ``adapter_config.json`` to peft (``AutoModelForCausalLM.from_pretrained(dir)``, ``PeftModel.from_pretrained``),
+and peft looks the ``peft_type`` up in its table of methods. With this value the lookup fails with an error that
+names the right call, and no peft version (upstream peft has its own ``"PACA"`` tuner with other tensor names)
+can mistake the file for one of its adapters and load it half-way. Files written before (``"PACA"``) still load.
 """
 
 from __future__ import annotations
@@ -25,13 +31,24 @@ from .config import PaCAConfig
 from .layer import PaCALinear
 from .model import _is_supported, _matches, apply_paca, paca_layers
 
-__all__ = ["save_adapter", "load_adapter", "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "FORMAT_VERSION"]
+__all__ = ["save_adapter", "load_adapter", "read_adapter", "is_paca_adapter_config", "ADAPTER_CONFIG_NAME",
+           "ADAPTER_WEIGHTS_NAME", "FORMAT_VERSION", "PEFT_TYPE"]
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_NAME = "paca_hpu"
 FORMAT_VERSION = 1
 _MTS_PREFIX = "modules_to_save."
+#: ``peft_type`` written into ``adapter_config.json`` (see the module docstring); ``"PACA"`` in older files.
+PEFT_TYPE = ("PACA_HPU (a paca_hpu adapter, not a peft one: load it with paca_hpu.from_pretrained(adapter_dir), or "
+             "convert it with python -m paca_hpu export adapter_dir --to lora)")
+_OLD_PEFT_TYPES = ("PACA",)
+
+
+def is_paca_adapter_config(meta: Dict) -> bool:
+    """Whether ``meta`` (a parsed ``adapter_config.json``) describes a paca_hpu adapter (any format version)."""
+    return isinstance(meta, dict) and meta.get("format") == FORMAT_NAME and (
+        meta.get("peft_type") in (PEFT_TYPE, *_OLD_PEFT_TYPES))
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -53,12 +70,35 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The tensors :func:`save_adapter` writes (contiguous CPU copies). Raises ValueError without PaCA layers."""
+def _pick(own: torch.Tensor, key: str, state_dict: Optional[Dict[str, torch.Tensor]]) -> torch.Tensor:
+    """``own`` as a CPU copy, or ``state_dict[key]`` where ``own`` is an empty placeholder (DeepSpeed ZeRO-3 keeps
+    only a shard in the module; the Trainer then passes the gathered state dict)."""
+    if own.numel() == 0 and own.dim() <= 1:
+        if state_dict is None or key not in state_dict:
+            raise ValueError(f"'{key}' is a partitioned placeholder (DeepSpeed ZeRO-3) and no gathered state dict "
+                             "holds it; save with the Trainer's save_model() (it gathers the weights) or use ZeRO-2")
+        own = state_dict[key]
+    return own.detach().to("cpu").contiguous().clone()
+
+
+def adapter_state_dict(model: nn.Module,
+                       state_dict: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+    """The tensors :func:`save_adapter` writes (contiguous CPU copies): ``<name>.delta`` float32 ``(out_features, r)``,
+    ``<name>.indices`` int64 ``(r,)`` and ``modules_to_save.<param>``.
+
+    Args:
+        model: a model with PaCA layers.
+        state_dict: optional ``model.state_dict()``-style mapping (e.g. a DeepSpeed ZeRO-3 gathered one) to take
+            the values of partitioned placeholder tensors from.
+
+    Raises:
+        ValueError: the model has no PaCA layers, or a tensor is a ZeRO-3 placeholder that ``state_dict`` lacks.
+    """
     state: Dict[str, torch.Tensor] = {}
     for name, layer in paca_layers(model):
-        state[f"{name}.delta"] = layer.delta.detach().to("cpu").contiguous().clone()
-        state[f"{name}.indices"] = layer.indices.detach().to("cpu", torch.int64).contiguous().clone()
+        delta = _pick(layer.delta, f"{name}.delta", state_dict)
+        state[f"{name}.delta"] = delta if delta.dtype in (torch.float32, torch.float64) else delta.float()
+        state[f"{name}.indices"] = _pick(layer.indices, f"{name}.indices", state_dict).to(torch.int64)
     if not state:
         raise ValueError("the model has no PaCA layers; call apply_paca(model, config) before save_adapter")
     config = getattr(model, "paca_config", None)
@@ -66,15 +106,17 @@ def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
         for mname, module in model.named_modules():
             if mname and _matches(mname, config.modules_to_save):
                 for pname, p in module.named_parameters():
-                    state[f"{_MTS_PREFIX}{mname}.{pname}"] = p.detach().to("cpu").contiguous().clone()
+                    state[f"{_MTS_PREFIX}{mname}.{pname}"] = _pick(p, f"{mname}.{pname}", state_dict)
     return state
 
 
-def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
+def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
+                 state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
     """Save the PaCA adapter of ``model`` into directory ``path`` (created if missing).
 
     Files are written atomically one by one (weights first, config last), so an interrupted save never leaves a
     half-written file; other files in ``path`` (e.g. a Trainer checkpoint's optimizer state) are left alone.
+    ``state_dict``: see :func:`adapter_state_dict` (DeepSpeed ZeRO-3).
 
     Raises:
         ValueError: ``model`` has no PaCA layers.
@@ -85,7 +127,7 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"save_adapter: '{path}' is a file; pass a directory path")
-    state = adapter_state_dict(model)
+    state = adapter_state_dict(model, state_dict)
     config: Optional[PaCAConfig] = getattr(model, "paca_config", None)
     if config is None:  # PaCA layers were built by hand: record what they use
         first = next(layer for _, layer in paca_layers(model))
@@ -95,7 +137,7 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     meta = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "peft_type": "PACA",
+        "peft_type": PEFT_TYPE,
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
         **config.to_dict(),
     }
@@ -119,10 +161,16 @@ def read_adapter(path: Union[str, os.PathLike]):
         if not f.is_file():
             raise FileNotFoundError(f"PaCA adapter file '{f}' not found; pass the directory written by "
                                     "save_adapter (it holds adapter_config.json and adapter_model.safetensors)")
-    meta = json.loads(cfg_file.read_text())
-    if meta.get("format") != FORMAT_NAME:
-        raise ValueError(f"'{cfg_file}' is not a paca_hpu adapter (format={meta.get('format')!r}, "
-                         f"peft_type={meta.get('peft_type')!r})")
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except ValueError as err:
+        raise ValueError(f"'{cfg_file}' is not valid JSON ({err}); the adapter is corrupt") from err
+    if not is_paca_adapter_config(meta):
+        kind = f"a peft {meta.get('peft_type')} adapter" if isinstance(meta, dict) and meta.get("peft_type") else \
+            "no paca_hpu adapter"
+        raise ValueError(f"'{cfg_file}' is {kind}, not a paca_hpu adapter (format="
+                         f"{meta.get('format') if isinstance(meta, dict) else None!r}); pass a directory written by "
+                         "paca_hpu (save_adapter, save_pretrained or a Trainer checkpoint of a PaCA model)")
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
         raise ValueError(f"'{cfg_file}' has format_version {meta['format_version']}, newer than this paca_hpu "
                          f"supports ({FORMAT_VERSION}); upgrade paca_hpu")

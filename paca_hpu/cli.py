@@ -29,6 +29,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 from . import device as _device
 from . import trainer as _tr
+from .adapter import is_paca_adapter_config
 from .model import trainable_parameters
 
 logger = logging.getLogger("paca_hpu.run_paca_clm")
@@ -413,6 +414,8 @@ def _check_resume(checkpoint: str, adapter_args) -> bool:
         except (OSError, ValueError) as err:
             raise UsageError(f"cannot read '{path}': {err}") from err
     saved_type = saved.get("peft_type") if saved is not None else None
+    if is_paca_adapter_config(saved):
+        saved_type = "PACA"  # the sentence paca_hpu writes as peft_type (paca_hpu.adapter.PEFT_TYPE), or older "PACA"
     saved_kind = "none" if saved is None else {"PACA": "paca", "LORA": "lora"}.get(saved_type)
     if saved_kind is not None and saved_kind != adapter_args.peft_type:
         raise UsageError(f"cannot resume from '{checkpoint}': it holds a --peft_type {saved_kind} checkpoint, this run "

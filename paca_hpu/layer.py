@@ -359,9 +359,14 @@ class PaCALinear(nn.Module):
         return (id(delta), delta._version) != self._synced or delta.__dict__.get("_paca_touched", False)
 
     def _merged_columns_of(self, delta: torch.Tensor) -> torch.Tensor:
-        """``original_columns + scaling * delta`` in the weight's dtype, differentiable in ``delta``."""
+        """``original_columns + scaling * delta`` in the weight's dtype, differentiable in ``delta``.
+
+        Two separately rounded operations (``delta * scaling``, then ``+``), never a fused multiply-add
+        (``torch.add(..., alpha=)`` is an FMA on CPU and may be one elsewhere): the merged weight is then the same on
+        every backend and equals peft's LoRA merge ``W0 + (B @ A) * scaling`` of the exported adapter bit for bit
+        (:mod:`paca_hpu.export`)."""
         acc = _delta_dtype(self.weight.dtype)
-        return torch.add(self.original_columns.to(acc), delta.to(acc), alpha=self.scaling).to(self.weight.dtype)
+        return (self.original_columns.to(acc) + delta.to(acc) * self.scaling).to(self.weight.dtype)
 
     # ---- weight bookkeeping (outside forward/backward; fixed-shape index_copy_) ----------------------------
 

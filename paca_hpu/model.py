@@ -117,6 +117,11 @@ def _ensure_hook() -> None:
         _HOOK_HANDLE = register_optimizer_step_post_hook(_optimizer_step_post_hook)
 
 
+#: Called with the model at the end of every :func:`apply_paca`. :mod:`paca_hpu.integration` registers the
+#: instance hooks that make ``save_pretrained`` / ``load_state_dict`` of a PaCA model handle the adapter; this module
+#: itself knows nothing of files (and importing that module here would be an import cycle).
+APPLY_CALLBACKS: List = []
+
 # ---------------------------------------------------------------------------------------------------------------
 # target selection
 # ---------------------------------------------------------------------------------------------------------------
@@ -323,6 +328,8 @@ def apply_paca(
             p.requires_grad_(True)
     model.paca_config = config
     _ensure_hook()
+    for callback in APPLY_CALLBACKS:
+        callback(model)
     return model
 
 

@@ -175,3 +175,16 @@ def test_save_overwrites_and_leaves_no_temporaries(tmp_path):
         "adapter_config.json", "adapter_model.safetensors"]
     loaded = load_adapter(tiny_llama(seed=0), str(tmp_path))
     assert torch.equal(logits(loaded.eval(), ids), logits(second, ids))
+
+
+def test_peft_type_names_the_paca_call_and_older_files_load(tmp_path):
+    """peft_type is no peft method name (transformers/peft then fail naming paca_hpu.from_pretrained, and upstream
+    peft's own "PACA" tuner cannot pick the file up); adapters written with the older "PACA" still load."""
+    trained = _trained("llama", r=4, paca_alpha=8)
+    save_adapter(trained, str(tmp_path))
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert meta["peft_type"] != "PACA" and "paca_hpu.from_pretrained" in meta["peft_type"]
+    meta["peft_type"] = "PACA"
+    (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
+    ids = random_ids(2, 8, seed=6)
+    assert torch.equal(logits(load_adapter(tiny_llama(seed=0), str(tmp_path)).eval(), ids), logits(trained, ids))

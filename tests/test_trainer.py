@@ -190,7 +190,9 @@ def test_resume_is_exact(tiny_ckpt, tmp_path, peft_type):
         assert {"adapter_config.json", "adapter_model.safetensors"} <= files
         assert not files & set(WEIGHT_FILES), files  # adapter only: no base weights in the checkpoint
         assert os.path.getsize(ckpt / "adapter_model.safetensors") < 64 * 1024
-        assert json.load(open(ckpt / "adapter_config.json"))["peft_type"] == "PACA"
+        from paca_hpu.adapter import PEFT_TYPE
+
+        assert json.load(open(ckpt / "adapter_config.json"))["peft_type"] == PEFT_TYPE
     if peft_type == "none":
         gen = json.load(open(ckpt / "generation_config.json"))
         assert "use_flash_attention" not in gen  # the Gaudi-only fields never reach a saved file

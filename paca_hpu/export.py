@@ -1,0 +1,292 @@
+"""Exports of a trained PaCA adapter for serving (``python -m paca_hpu export``).
+
+**LoRA** (:func:`export_lora`). PaCA's update of a layer with weight ``W0`` ``(out_features, in_features)`` is
+``W - W0 = scaling * delta @ E`` with ``scaling = paca_alpha / r`` and ``E`` ``(r, in_features)`` the one-hot rows
+``E[j, indices[j]] = 1``: a rank-``r`` update. peft's LoRA update is ``(lora_alpha / r) * lora_B @ lora_A``. So
+``lora_A = E``, ``lora_B = delta`` and ``lora_alpha = paca_alpha`` (same ``r``, hence the same scaling) is the same
+function, with no arithmetic on the trained values: a relabelling. peft's merge ``W0 + (lora_B @ lora_A) * scaling``
+then equals PaCA's merged weight bit for bit (``lora_B @ lora_A`` only picks entries of ``delta``, and PaCA merges
+as ``W0[:, idx] + delta * scaling``); unmerged, ``x @ lora_A.T`` picks ``x[..., indices]`` exactly and only the
+order of the float32 additions differs from PaCA's single GEMM. The file is peft's layout (``adapter_config.json``
+written by ``peft.LoraConfig``, ``adapter_model.safetensors`` with ``base_model.model.<name>.lora_A.weight`` /
+``.lora_B.weight``), which ``peft.PeftModel.from_pretrained`` and vLLM's ``--lora-modules`` load. Cost: a dense
+``lora_A`` of ``r x in_features`` per layer next to ``delta``'s ``out_features x r``, about twice the PaCA adapter
+for LLaMA-style models.
+
+**Merged** (:func:`export_merged`): the base model with the adapter merged (:func:`paca_hpu.merge_paca`), saved by
+transformers' ``save_pretrained`` in the requested dtype, plus the tokenizer of the adapter directory or the base
+model. The merge runs in float32 unless the base is stored in the requested dtype already, and the result is rounded
+once to that dtype.
+
+Both write into a temporary sibling directory and rename it to ``output_dir`` when complete; ``output_dir`` must not
+exist or be empty.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from .adapter import ADAPTER_WEIGHTS_NAME, _MTS_PREFIX, load_adapter, read_adapter
+from .config import PaCAConfig
+from .model import _is_supported, merge_paca
+
+__all__ = ["ExportError", "DTYPES", "export_lora", "export_merged", "lora_state_dict"]
+
+logger = logging.getLogger(__name__)
+
+#: ``--dtype`` names.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+PathLike = Union[str, os.PathLike]
+
+
+class ExportError(ValueError):
+    """A bad input to an export (missing or foreign adapter directory, unusable base model, occupied output
+    directory, unknown dtype); the message is one line and names the fix. The CLI exits with status 2."""
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _read(adapter_dir: PathLike, base_model: Optional[PathLike]) -> Tuple[PaCAConfig, Dict, Dict, str]:
+    """``(config, metadata, tensors, base)``; ``base`` from ``base_model`` or the adapter's record."""
+    if not Path(adapter_dir).is_dir():
+        raise ExportError(f"adapter directory '{adapter_dir}' not found")
+    try:
+        config, meta, tensors = read_adapter(adapter_dir)
+    except (OSError, ValueError) as err:
+        raise ExportError(_one_line(err)) from err
+    base = base_model if base_model is not None else meta.get("base_model_name_or_path")
+    if not base:
+        raise ExportError(f"the adapter in '{adapter_dir}' records no base model; pass --base_model PATH_OR_NAME")
+    return config, meta, tensors, str(base)
+
+
+def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ExportError(f"unknown dtype '{name}'; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@contextlib.contextmanager
+def _atomic_output(output_dir: PathLike) -> Iterator[Path]:
+    """A temporary directory beside ``output_dir``, renamed to it when the block completes, removed on error."""
+    out = Path(output_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"output directory '{out}' exists and is not empty; pass a new --output or remove it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=str(out.parent)))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; use what mkdir would
+        yield tmp
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _load_config(base: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(base)
+    except (OSError, ValueError) as err:
+        raise ExportError(f"cannot load the base model config from '{base}': {_one_line(err)}; pass --base_model "
+                          "PATH_OR_NAME") from err
+
+
+def _layer_shapes(base: str, names: List[str]) -> Tuple[Dict[str, Tuple[str, int, int]], List[str]]:
+    """``({name: (kind, out_features, in_features)}, names of all linear layers)`` of the base architecture, built on
+    the meta device from its config (no weights read)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(_load_config(base))
+    modules = dict(model.named_modules())
+    shapes = {}
+    for name in names:
+        module = modules.get(name)
+        if module is None or not _is_supported(module):
+            raise ExportError(f"adapter layer '{name}' is no linear layer of the base model '{base}'; the adapter "
+                              "was trained on another model (pass the right --base_model)")
+        w = module.weight
+        shapes[name] = ("conv1d", w.shape[1], w.shape[0]) if isinstance(module, Conv1D) else (
+            "linear", w.shape[0], w.shape[1])
+    return shapes, [n for n, m in model.named_modules() if n and _is_supported(m)]
+
+
+def _target_modules(names: List[str], linear_names: List[str]) -> List[str]:
+    """Module-name suffixes (``["q_proj", ...]``, what vLLM and most tools expect) when they select exactly the
+    adapted layers, else the full qualified names."""
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+    covered = {n for n in linear_names if n.rsplit(".", 1)[-1] in suffixes}
+    return suffixes if covered == set(names) else sorted(names)
+
+
+def lora_state_dict(config: PaCAConfig, tensors: Dict[str, torch.Tensor],
+                    shapes: Dict[str, Tuple[str, int, int]], dtype: torch.dtype = torch.float32
+                    ) -> Dict[str, torch.Tensor]:
+    """peft LoRA tensors equal to a PaCA adapter.
+
+    Args:
+        config: the adapter's :class:`PaCAConfig`.
+        tensors: the adapter file's tensors (``<name>.delta`` ``(out_features, r)``, ``<name>.indices`` ``(r,)``,
+            ``modules_to_save.<param>``).
+        shapes: ``{name: (kind, out_features, in_features)}`` of the base layers.
+        dtype: dtype of the LoRA matrices (``lora_A`` is 0/1, exact in any dtype).
+
+    Returns:
+        ``base_model.model.<name>.lora_A.weight`` ``(r, in_features)`` (one-hot rows at ``indices``),
+        ``base_model.model.<name>.lora_B.weight`` ``(out_features, r)`` (= ``delta``) and
+        ``base_model.model.<param>`` for ``modules_to_save``; with ``lora_alpha = paca_alpha``.
+
+    Raises:
+        ExportError: a delta or its indices do not fit the base layer.
+    """
+    out: Dict[str, torch.Tensor] = {}
+    for name, (_, out_features, in_features) in shapes.items():
+        delta, idx = tensors[f"{name}.delta"], tensors[f"{name}.indices"].to(torch.int64)
+        if delta.shape != (out_features, config.r) or idx.shape != (config.r,) or int(idx.max()) >= in_features:
+            raise ExportError(f"adapter layer '{name}' (delta {tuple(delta.shape)}, indices up to {int(idx.max())}) "
+                              f"does not fit the base layer ({out_features} x {in_features}); pass the right "
+                              "--base_model")
+        lora_a = torch.zeros(config.r, in_features, dtype=dtype)
+        lora_a[torch.arange(config.r), idx] = 1
+        out[f"base_model.model.{name}.lora_A.weight"] = lora_a
+        out[f"base_model.model.{name}.lora_B.weight"] = delta.to(dtype).contiguous()
+    for key, value in tensors.items():
+        if key.startswith(_MTS_PREFIX):
+            out[f"base_model.model.{key[len(_MTS_PREFIX):]}"] = value.to(dtype).contiguous()
+    return out
+
+
+def export_lora(adapter_dir: PathLike, output_dir: PathLike, *, base_model: Optional[PathLike] = None,
+                dtype: Optional[str] = None) -> str:
+    """Write the PaCA adapter in ``adapter_dir`` as an equivalent peft LoRA adapter into ``output_dir``.
+
+    Args:
+        adapter_dir: a paca_hpu adapter directory.
+        output_dir: new or empty directory; written atomically.
+        base_model: base model path or hub name (only its config is read); default: the adapter's record.
+        dtype: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"`` for the LoRA matrices.
+
+    Returns:
+        ``output_dir`` as a string.
+
+    Raises:
+        ExportError: see :class:`ExportError`.
+        ImportError: peft is not installed (its ``LoraConfig`` writes the config).
+    """
+    torch_dtype = _dtype(dtype) or torch.float32
+    config, _, tensors, base = _read(adapter_dir, base_model)
+    try:
+        from peft import LoraConfig
+    except ImportError as err:
+        raise ImportError("export --to lora needs peft (it writes peft's adapter_config.json): pip install peft"
+                          ) from err
+    names = [k[: -len(".delta")] for k in tensors if k.endswith(".delta") and not k.startswith(_MTS_PREFIX)]
+    shapes, linear_names = _layer_shapes(base, names)
+    kinds = {kind for kind, _, _ in shapes.values()}
+    if len(kinds) > 1:
+        raise ExportError("the adapter mixes nn.Linear and Conv1D layers; peft's fan_in_fan_out is one flag for all: "
+                          "export --to merged instead")
+    state = lora_state_dict(config, tensors, shapes, torch_dtype)
+    lora_config = LoraConfig(r=config.r, lora_alpha=config.paca_alpha, lora_dropout=0.0, bias="none",
+                             target_modules=_target_modules(names, linear_names), fan_in_fan_out=kinds == {"conv1d"},
+                             modules_to_save=config.modules_to_save, task_type="CAUSAL_LM",
+                             base_model_name_or_path=base, inference_mode=True)
+    from safetensors.torch import save_file
+
+    with _atomic_output(output_dir) as tmp:
+        save_file(state, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        lora_config.save_pretrained(str(tmp))
+    return str(output_dir)
+
+
+def _stored_dtype(config) -> Optional[torch.dtype]:
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if value in DTYPES.values() else None
+
+
+def _load_base(base: str, load_dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    from .integration import _dtype_kwargs
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(base, **_dtype_kwargs(load_dtype))
+    except (OSError, ValueError) as err:
+        raise ExportError(f"cannot load the base model '{base}': {_one_line(err)}; pass --base_model PATH_OR_NAME"
+                          ) from err
+
+
+def _save_tokenizer(sources: List[str], target: Path) -> Optional[str]:
+    """Save the tokenizer of the first source that has one into ``target``; the source used, or None."""
+    from transformers import AutoTokenizer
+
+    for src in sources:
+        if Path(src).is_dir() and not (Path(src) / "tokenizer_config.json").is_file():
+            continue
+        try:
+            AutoTokenizer.from_pretrained(src).save_pretrained(str(target))
+            return src
+        except (OSError, ValueError) as err:
+            logger.info("no tokenizer from %s (%s)", src, _one_line(err))
+    logger.warning("no tokenizer found in the adapter directory or the base model; the export has none")
+    return None
+
+
+def export_merged(adapter_dir: PathLike, output_dir: PathLike, *, base_model: Optional[PathLike] = None,
+                  dtype: Optional[str] = None) -> str:
+    """Write the base model with the PaCA adapter merged in as a plain transformers checkpoint into ``output_dir``
+    (``AutoModelForCausalLM.from_pretrained`` loads it), plus the tokenizer.
+
+    Args:
+        adapter_dir: a paca_hpu adapter directory.
+        output_dir: new or empty directory; written atomically.
+        base_model: base model path or hub name; default: the adapter's record.
+        dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"``; default: the dtype the base checkpoint is stored in (float32
+            if it does not say). The merged weight ``W0[:, idx] + delta * scaling`` is computed in float32 and
+            rounded once to ``dtype``.
+
+    Returns:
+        ``output_dir`` as a string.
+
+    Raises:
+        ExportError: see :class:`ExportError`; also when the adapter does not fit the base model.
+    """
+    requested = _dtype(dtype)
+    _, _, _, base = _read(adapter_dir, base_model)
+    stored = _stored_dtype(_load_config(base))
+    target = requested or stored or torch.float32
+    # float32 unless the base is stored in the target dtype already (its values then are exact there)
+    model = _load_base(base, target if stored == target else torch.float32)
+    try:
+        load_adapter(model, adapter_dir)
+    except ValueError as err:
+        raise ExportError(_one_line(err)) from err
+    merged = merge_paca(model).to(target)
+    with _atomic_output(output_dir) as tmp:
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        _save_tokenizer([str(adapter_dir), base], tmp)
+    return str(output_dir)

@@ -1,0 +1,189 @@
+"""python -m paca_hpu export: the LoRA export against peft's own loading (PeftModel, merge_and_unload) and the merged
+export against AutoModelForCausalLM, both compared with the PaCA model they come from; bad inputs."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import logits, random_ids, tiny_gpt2
+from test_trainer import make_tiny_checkpoint
+
+from paca_hpu import PaCAConfig, apply_paca, merge_paca, paca_layers, sync_paca
+from paca_hpu.__main__ import main
+
+peft = pytest.importorskip("peft")
+
+
+def _trained_adapter(base_dir, out, seed=0, scale=0.05, **cfg):
+    """A PaCA model on ``base_dir`` with random deltas (every layer non-zero), saved to ``out``."""
+    from transformers import AutoModelForCausalLM
+
+    model = apply_paca(AutoModelForCausalLM.from_pretrained(base_dir), PaCAConfig(**cfg))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in paca_layers(model):
+            layer.delta.copy_(torch.randn(layer.delta.shape, generator=gen) * scale)
+        if model.paca_config.modules_to_save:
+            model.lm_head.weight.add_(torch.randn(model.lm_head.weight.shape, generator=gen) * scale)
+    sync_paca(model)
+    model.save_pretrained(out)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """(base_dir, adapter_dir, trained PaCA model): scaling 6/4 = 1.5, so delta * scaling rounds."""
+    root = tmp_path_factory.mktemp("export_llama")
+    base = make_tiny_checkpoint(root / "base")
+    model = _trained_adapter(base, root / "adapter", r=4, paca_alpha=6, random_seed=1)
+    return base, str(root / "adapter"), model
+
+
+def _export(*argv):
+    return main(["export", *map(str, argv)])
+
+
+def _peft_lora(base_dir, lora_dir):
+    from transformers import AutoModelForCausalLM
+
+    return peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(lora_dir)).eval()
+
+
+def _check_lora(base_dir, lora_dir, paca_model, ids):
+    """Unmerged within 1e-4, merged bit for bit (weights and logits); returns the unmerged max abs difference."""
+    lora = _peft_lora(base_dir, lora_dir)
+    expected = logits(paca_model, ids)
+    err = (logits(lora, ids) - expected).abs().max().item()
+    assert err <= 1e-4, err
+    merged_lora = lora.merge_and_unload()
+    merged_paca = merge_paca(copy.deepcopy(paca_model))
+    lora_state = merged_lora.state_dict()
+    for key, value in merged_paca.state_dict().items():
+        assert torch.equal(lora_state[key], value), key
+    assert torch.equal(logits(merged_lora, ids), expected)
+    return err
+
+
+def test_lora_export_is_the_paca_adapter(llama, tmp_path):
+    base, adapter, model = llama
+    assert _export(adapter, "--to", "lora", "--output", tmp_path / "lora") == 0
+    assert sorted(os.listdir(tmp_path / "lora")) == ["adapter_config.json", "adapter_model.safetensors"]
+    cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert (cfg["peft_type"], cfg["r"], cfg["lora_alpha"], cfg["base_model_name_or_path"]) == ("LORA", 4, 6, base)
+    assert sorted(cfg["target_modules"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                    "down_proj"])
+    _check_lora(base, tmp_path / "lora", model, random_ids(2, 12, seed=3, vocab=model.config.vocab_size))
+
+
+def test_lora_export_partial_targets_and_modules_to_save(tmp_path):
+    base = make_tiny_checkpoint(tmp_path / "base")
+    model = _trained_adapter(base, tmp_path / "adapter", r=2, paca_alpha=3, random_seed=4,
+                             target_modules=["q_proj", "v_proj"], exclude_modules=["layers.1.self_attn.v_proj"],
+                             modules_to_save=["lm_head"])
+    assert _export(tmp_path / "adapter", "--to", "lora", "--output", tmp_path / "lora") == 0
+    cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    # v_proj of layer 1 is not adapted: suffixes would over-select, so the full names are written
+    assert sorted(cfg["target_modules"]) == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+                                             "model.layers.1.self_attn.q_proj"]
+    assert cfg["modules_to_save"] == ["lm_head"]
+    _check_lora(base, tmp_path / "lora", model, random_ids(2, 12, seed=5, vocab=model.config.vocab_size))
+
+
+def test_lora_export_conv1d(tmp_path):
+    tiny_gpt2(seed=0).save_pretrained(tmp_path / "base")
+    model = _trained_adapter(str(tmp_path / "base"), tmp_path / "adapter", r=4, paca_alpha=8)
+    assert _export(tmp_path / "adapter", "--to", "lora", "--output", tmp_path / "lora") == 0
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    _check_lora(str(tmp_path / "base"), tmp_path / "lora", model, random_ids(2, 12, seed=6))
+
+
+def test_merged_export_fp32_is_bit_exact(llama, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base, adapter, model = llama
+    assert _export(adapter, "--to", "merged", "--output", tmp_path / "merged", "--dtype", "fp32") == 0
+    files = set(os.listdir(tmp_path / "merged"))
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= files and "adapter_config.json" not in files
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert loaded.dtype == torch.float32 and not any("delta" in k for k in loaded.state_dict())
+    ids = random_ids(2, 12, seed=7, vocab=model.config.vocab_size)
+    assert torch.equal(logits(loaded, ids), logits(model, ids))
+    text = "What is 2 plus 3?"
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged")(text).input_ids == AutoTokenizer.from_pretrained(base)(
+        text).input_ids
+
+
+def test_merged_export_bf16_is_the_fp32_merge_rounded_once(llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base, adapter, model = llama
+    assert _export(adapter, "--to", "merged", "--output", tmp_path / "merged", "--dtype", "bf16") == 0
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", torch_dtype="auto").eval()
+    assert loaded.dtype == torch.bfloat16
+    reference = merge_paca(copy.deepcopy(model)).to(torch.bfloat16)
+    got = loaded.state_dict()
+    for key, value in reference.state_dict().items():
+        assert torch.equal(got[key], value), key
+    # what the rounding costs: bf16 logits against the fp32 PaCA model
+    ids = random_ids(2, 12, seed=8, vocab=model.config.vocab_size)
+    assert (logits(loaded, ids).float() - logits(model, ids)).abs().max().item() < 0.05
+
+
+def _run_cli(capsys, *argv):
+    code = _export(*argv)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def test_bad_inputs_exit_2_with_one_line(llama, tmp_path, capsys):
+    base, adapter, _ = llama
+    code, err = _run_cli(capsys, tmp_path / "nope", "--to", "lora", "--output", tmp_path / "o1")
+    assert code == 2 and "not found" in err and "\n" not in err
+    assert _export(adapter, "--to", "lora", "--output", tmp_path / "lora") == 0
+    code, err = _run_cli(capsys, tmp_path / "lora", "--to", "merged", "--output", tmp_path / "o2")
+    assert code == 2 and "not a paca_hpu adapter" in err and "\n" not in err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    code, err = _run_cli(capsys, adapter, "--to", "lora", "--output", tmp_path / "full")
+    assert code == 2 and "not empty" in err and "\n" not in err
+    code, err = _run_cli(capsys, adapter, "--to", "merged", "--output", tmp_path / "o3", "--base_model",
+                         tmp_path / "no_model")
+    assert code == 2 and "base model" in err and "\n" not in err
+    with pytest.raises(SystemExit) as exit_info:
+        _export(adapter, "--to", "lora", "--output", tmp_path / "o4", "--dtype", "int8")
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "int8" in err and "\n" not in err
+    # nothing half-written anywhere
+    left = sorted(p for p in os.listdir(tmp_path) if p not in ("lora", "full"))
+    assert left == [], left
+
+
+def test_module_entry_point(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "paca_hpu", "export", str(tmp_path / "missing"), "--to", "lora",
+                           "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "not found" in proc.stderr
+
+
+@pytest.mark.embedded_model
+def test_exports_of_embedded_smollm2(embedded_checkpoint, tmp_path):
+    """On the real model: LoRA (unmerged within 1e-4, merged bit for bit), merged fp32 bit for bit; file sizes."""
+    from transformers import AutoModelForCausalLM
+
+    model = _trained_adapter(embedded_checkpoint, tmp_path / "adapter", scale=0.01, r=8, paca_alpha=16)
+    ids = random_ids(2, 16, seed=9, vocab=model.config.vocab_size)
+    assert _export(tmp_path / "adapter", "--to", "lora", "--output", tmp_path / "lora") == 0
+    err = _check_lora(embedded_checkpoint, tmp_path / "lora", model, ids)
+    assert _export(tmp_path / "adapter", "--to", "merged", "--output", tmp_path / "merged", "--dtype", "fp32") == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert torch.equal(logits(merged, ids), logits(model, ids))
+    paca_size = os.path.getsize(tmp_path / "adapter" / "adapter_model.safetensors")
+    lora_size = os.path.getsize(tmp_path / "lora" / "adapter_model.safetensors")
+    print(f"SmolLM2-135M r=8 all-linear: PaCA adapter {paca_size} B, LoRA export {lora_size} B "
+          f"({lora_size / paca_size:.2f}x), unmerged LoRA max |logit diff| {err:.2e}")
+    assert 1.8 < lora_size / paca_size < 2.1
