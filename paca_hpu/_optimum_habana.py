@@ -63,6 +63,14 @@ it works around.  Nothing here edits site-packages or leaves a patch in place af
    step (``GaudiTrainer._inner_training_loop``, like ``transformers.Trainer``'s, checks ``max_steps`` only in
    ``on_step_end``, i.e. after a step).  Not Gaudi-specific; :mod:`paca_hpu.cli` checks the checkpoint's
    ``global_step`` and only loads the adapter then.
+
+10. Under ``torchrun`` on CPU (accelerate's ``MULTI_CPU`` state) ``GaudiAccelerator.prepare_model`` never wraps
+    the model in ``DistributedDataParallel``: it wraps only in the ``MULTI_HPU`` state.  Each rank then trains
+    alone on its shard of the data, the ranks diverge, and rank 0's half-trained model is saved, without a
+    warning.  Upstream: ``optimum.habana.accelerate.accelerator.GaudiAccelerator.prepare_model``.
+    Workaround: :func:`wrap_ddp_on_multi_cpu` makes *one* accelerator (the trainer's own) wrap a trainable
+    model in ``DistributedDataParallel`` in the ``MULTI_CPU`` state, with the DDP options the trainer chose
+    (``ddp_handler``), exactly as upstream does for ``MULTI_HPU``.
 """
 
 from __future__ import annotations
@@ -78,6 +86,8 @@ import sys
 from types import ModuleType
 from typing import Iterator, List, Optional, Tuple
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -90,6 +100,7 @@ __all__ = [
     "compile_backend_for",
     "gaudi_generation_fields",
     "hidden_generation_fields",
+    "wrap_ddp_on_multi_cpu",
 ]
 
 _MISC_MODULE = "optimum.habana.utils.misc"
@@ -290,3 +301,32 @@ def hidden_generation_fields(model, names) -> Iterator[None]:
     finally:
         if gc is not None:
             gc.__dict__.update(removed)
+
+
+def wrap_ddp_on_multi_cpu(accelerator) -> None:
+    """Make ``accelerator`` (a ``GaudiAccelerator``) wrap trainable models in ``DistributedDataParallel`` when it
+    runs several CPU processes (accelerate's ``DistributedType.MULTI_CPU``), as upstream does on several HPUs
+    (workaround 10).  Patches only this instance's ``prepare_model``; evaluation-mode preparation, frozen models,
+    models already wrapped, ``distribution_strategy="fast_ddp"`` (which all-reduces the gradients itself) and every
+    other distributed type are left to upstream.
+    """
+    from accelerate.utils import DistributedType
+
+    upstream = accelerator.prepare_model
+
+    def prepare_model(model, device_placement=None, evaluation_mode=False):
+        model = upstream(model, device_placement=device_placement, evaluation_mode=evaluation_mode)
+        if (evaluation_mode or accelerator.distributed_type != DistributedType.MULTI_CPU
+                or getattr(accelerator, "distribution_strategy", "ddp") == "fast_ddp"  # reduces gradients itself
+                or isinstance(model, torch.nn.parallel.DistributedDataParallel)
+                or not any(p.requires_grad for p in model.parameters())):
+            return model
+        handler = accelerator.ddp_handler
+        model = torch.nn.parallel.DistributedDataParallel(model, **(handler.to_kwargs() if handler else {}))
+        if handler is not None:
+            handler.register_comm_hook(model)
+        logger.info("GaudiTrainer on %d CPU processes: model wrapped in DistributedDataParallel",
+                    accelerator.num_processes)
+        return model
+
+    accelerator.prepare_model = prepare_model

@@ -198,6 +198,28 @@ def _build_parser(args_cls):
     return parser
 
 
+def _deepspeed_requested(argv: Sequence[str]) -> bool:
+    """``--deepspeed`` is given on the command line or as the key ``deepspeed`` of a single ``.json`` argument
+    file; decides the training-arguments class on CPU (:func:`paca_hpu.trainer.arguments_class`)."""
+    if len(argv) == 1 and argv[0].endswith(".json") and os.path.isfile(argv[0]):
+        try:
+            with open(argv[0]) as fh:
+                data = json.load(fh)
+        except (OSError, ValueError):
+            return False  # parse_args reports the broken file
+        return isinstance(data, dict) and bool(data.get("deepspeed"))
+    return _given(argv, "deepspeed")
+
+
+def _check_distributed(training_args, info) -> None:
+    """Engines the trainer cannot honour here are usage errors before anything loads (see
+    :func:`paca_hpu.trainer.check_engine`)."""
+    try:
+        _tr.check_engine(training_args, info.type)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+
+
 def parse_args(argv: Optional[Sequence[str]] = None, info: Optional[_device.DeviceInfo] = None) -> ParsedArgs:
     """:class:`ParsedArgs` ``(model, data, adapter, training, explicit, throughput_warmup_steps)`` for this device.
 
@@ -207,7 +229,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, info: Optional[_device.Devi
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     info = info or _device.get_device_info()
-    args_cls = _tr.arguments_class(info.type)
+    args_cls = _tr.arguments_class(info.type, deepspeed=_deepspeed_requested(argv))
     parser = _build_parser(args_cls)
     compat = not any(f.name == "use_habana" for f in dataclasses.fields(args_cls))
     dataclass_types = (ModelArguments, DataArguments, AdapterArguments, args_cls) + (
@@ -548,6 +570,7 @@ def run(argv: Optional[Sequence[str]] = None, callbacks: Optional[list] = None) 
                          "--num_train_epochs or --max_steps")
     if training_args.learning_rate < 0:
         raise UsageError(f"--learning_rate {training_args.learning_rate:g} is negative; pass a positive value")
+    _check_distributed(training_args, info)
     try:  # fail fast, before loading model and data
         resume = _tr.resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     except FileNotFoundError as err:

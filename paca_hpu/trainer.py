@@ -23,6 +23,7 @@ This module uses only the public ``paca_hpu`` API; it knows nothing of PaCA's in
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -44,6 +45,7 @@ __all__ = [
     "prepare_model",
     "build_training_arguments",
     "make_trainer",
+    "check_engine",
     "trainer_class",
     "PaCATrainerMixin",
     "save_merged_model",
@@ -188,11 +190,14 @@ def _training_args_classes():
     return gta, TrainingArguments
 
 
-def arguments_class(device_type: Optional[str] = None):
+def arguments_class(device_type: Optional[str] = None, deepspeed: bool = False):
     """The training-arguments dataclass a run on ``device_type`` uses (for ``HfArgumentParser``).
 
     HPU and CPU: ``GaudiTrainingArguments`` (CPU falls back to ``TrainingArguments`` when optimum-habana is not
-    installed); CUDA: ``transformers.TrainingArguments``.
+    installed); CUDA: ``transformers.TrainingArguments``.  CPU with ``deepspeed``: ``transformers.TrainingArguments``
+    (the ``transformers.Trainer`` path), because ``GaudiTrainingArguments`` refuse DeepSpeed without an HPU ("This
+    version of DeepSpeed must be run on HPUs": optimum-habana expects Habana's DeepSpeed fork on Gaudi), while
+    ``transformers.Trainer`` runs stock DeepSpeed on its CPU accelerator.
     """
     device_type = device_type or _device.device_type()
     gta, ta = _training_args_classes()
@@ -200,9 +205,28 @@ def arguments_class(device_type: Optional[str] = None):
         if gta is None:
             raise ImportError("Training on HPU needs optimum-habana: pip install optimum-habana==1.21.2")
         return gta
-    if device_type == "cpu" and gta is not None:
+    if device_type == "cpu" and gta is not None and not deepspeed:
         return gta
     return ta
+
+
+def check_engine(args, device_type: Optional[str] = None) -> None:
+    """Refuse a distributed engine in ``args`` (training arguments) that the trainer cannot honour on
+    ``device_type`` (default: this machine's), before a model is wrapped.
+
+    Refused: ``--fsdp`` on CPU. accelerate's FSDP needs an accelerator device ("There are currently no available
+    devices found" from both ``transformers.Trainer`` and ``GaudiTrainer``); torch's own FSDP runs on CPU processes
+    and is tested through the torch API (README, "Multiple devices").
+
+    Raises:
+        ValueError: naming the engine and what to use instead.
+    """
+    device_type = device_type or _device.device_type()
+    if getattr(args, "fsdp", None) and device_type == "cpu":
+        raise ValueError(
+            "--fsdp needs CUDA or HPU devices: accelerate's FSDP does not run on CPU processes. On CPU, run "
+            "data-parallel without --fsdp (torchrun --nproc_per_node N ...), or shard with DeepSpeed "
+            "(--deepspeed scripts/ds_zero3.json partitions the weights like FSDP full_shard)")
 
 
 def adjust_for_device(values: Dict[str, Any], info: Optional[_device.DeviceInfo] = None, cls=None) -> Dict[str, Any]:
@@ -335,6 +359,59 @@ def _optimizer_step_hook_covers(optimizer, deltas) -> bool:
     return False
 
 
+def _drop_empty_param_groups(optimizer) -> None:
+    """Remove parameter groups without parameters from a freshly built ``torch.optim.Optimizer`` (in place; before
+    its first step nothing refers to a group by position). Other objects are left alone."""
+    if isinstance(optimizer, torch.optim.Optimizer) and not optimizer.state:
+        kept = [g for g in optimizer.param_groups if g["params"]]
+        if kept and len(kept) < len(optimizer.param_groups):
+            optimizer.param_groups[:] = kept
+
+
+@contextlib.contextmanager
+def _plain_cpu_device(args):
+    """While inside, ``args.device`` is ``torch.device("cpu")`` if it is an indexed CPU device (``cpu:0``); restored
+    on exit. ``TrainingArguments.device`` returns ``_setup_devices``, a transformers ``cached_property`` that keeps
+    its value in the attribute ``__cached__setup_devices``."""
+    device = args.device
+    cache = "__cached__setup_devices"
+    if device.type != "cpu" or device.index is None or getattr(args, cache, None) is not device:
+        yield
+        return
+    setattr(args, cache, torch.device("cpu"))
+    try:
+        yield
+    finally:
+        setattr(args, cache, device)
+
+
+@contextlib.contextmanager
+def _without_deepspeed_before_training(trainer):
+    """Evaluation before ``train()`` under DeepSpeed ZeRO stage 1 or 2 runs on the plain model.
+
+    ``transformers.Trainer.evaluation_loop`` starts a DeepSpeed inference engine when no training engine exists yet,
+    and DeepSpeed refuses that below stage 3 ("ZeRO inference only makes sense with ZeRO Stage 3"), so the held-out
+    loss before training (what ``run_paca_clm`` reports) could not be measured. Below stage 3 every rank holds the
+    whole model, so evaluating it without an engine gives the same loss. The model the evaluation registered with the
+    accelerator is unregistered again, so the training engine built later is the accelerator's only model.
+    """
+    if not (getattr(trainer, "is_deepspeed_enabled", False) and getattr(trainer, "deepspeed", None) is None):
+        yield
+        return
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        yield
+        return
+    known = list(trainer.accelerator._models)
+    trainer.is_deepspeed_enabled = False
+    try:
+        yield
+    finally:
+        trainer.is_deepspeed_enabled = True
+        trainer.accelerator._models[:] = known
+
+
 class _WriteBackGuard(_callback_base()):
     """Refreshes PaCA's merged columns (``sync_paca``) after each optimizer step that the global post-hook does not
     cover (see :func:`_optimizer_step_hook_covers`); a no-op with ordinary torch optimizers, so no double write-back."""
@@ -403,6 +480,20 @@ class PaCATrainerMixin:
         self._optimizer_mode("eval")
         return super().prediction_loop(*args, **kwargs)
 
+    def create_optimizer(self):
+        """The base class's optimizer without empty parameter groups.
+
+        ``transformers.Trainer.create_optimizer`` always builds a weight-decay and a no-decay group; with adapters
+        (PaCA ``delta``, LoRA ``lora_A``/``lora_B``: no biases or norms trainable) the no-decay group is empty.
+        DeepSpeed ZeRO drops empty groups from the optimizer it wraps, while the LR scheduler built on the trainer's
+        optimizer keeps one learning rate per original group, so the first ``lr_scheduler.step()`` fails with
+        ``zip() argument 2 is longer than argument 1`` (transformers 4.55, torch 2.13). ``GaudiTrainer`` already
+        filters empty groups (for its FusedAdamW); this does the same for ``transformers.Trainer``.
+        """
+        optimizer = super().create_optimizer()
+        _drop_empty_param_groups(optimizer)
+        return optimizer
+
     # -- generation_config fields (workaround 5) --------------------------------------------------
     def _with_gen_fields(self, fn, *args, **kwargs):
         with _oh.gaudi_generation_fields(self.model) as added:
@@ -420,7 +511,8 @@ class PaCATrainerMixin:
     def evaluate(self, *args, **kwargs):
         t0 = time.perf_counter()
         try:
-            return self._with_gen_fields(super().evaluate, *args, **kwargs)
+            with _without_deepspeed_before_training(self):
+                return self._with_gen_fields(super().evaluate, *args, **kwargs)
         finally:
             self._paca_side_seconds = getattr(self, "_paca_side_seconds", 0.0) + time.perf_counter() - t0
 
@@ -461,6 +553,17 @@ class PaCATrainerMixin:
         load_adapter(model, checkpoint)  # in place: the optimizer's delta Parameters are kept
         sync_paca(model)  # merged weight columns = base columns + scaling * loaded delta
         _device.mark_step()  # HPU lazy mode: run the queued copies now, not inside the first training graph
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """Upstream's, with ``args.device`` read as plain ``cpu`` while it runs on CPU processes.
+
+        Under ``torchrun`` on CPU ``args.device`` is ``cpu:0``, and both ``transformers.Trainer`` and ``GaudiTrainer``
+        load the optimizer state with ``torch.load(..., map_location=args.device)`` in multi-process runs, which torch
+        2.13 rejects (``don't know how to restore data location ... (tagged with cpu:0)``), so no multi-process CPU
+        run could resume. Upstream: ``_load_optimizer_and_scheduler`` of both trainers.
+        """
+        with _plain_cpu_device(self.args):
+            return super()._load_optimizer_and_scheduler(checkpoint)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         target = model if model is not None else self.model
@@ -529,7 +632,12 @@ def trainer_class(kind: str) -> type:
         GaudiTrainer, _, _ = _oh.gaudi_classes()
 
         class PaCAGaudiTrainer(PaCATrainerMixin, GaudiTrainer):
-            """``GaudiTrainer`` with adapter-only PaCA checkpoints; also runs without an HPU (``use_cpu=True``)."""
+            """``GaudiTrainer`` with adapter-only PaCA checkpoints; also runs without an HPU (``use_cpu=True``), on
+            several CPU processes data-parallel (workaround 10 in :mod:`paca_hpu._optimum_habana`)."""
+
+            def create_accelerator_and_postprocess(self):
+                super().create_accelerator_and_postprocess()
+                _oh.wrap_ddp_on_multi_cpu(self.accelerator)
 
             def log(self, logs: Dict[str, float], start_time: Optional[float] = None, end_time: Optional[float] = None):
                 # Workaround 6: upstream GaudiTrainer.log() calls get_hpu_memory_stats(), which imports
@@ -579,7 +687,12 @@ def make_trainer(
 ):
     """The trainer for ``args``: ``GaudiTrainingArguments`` -> ``PaCAGaudiTrainer`` (with an explicit
     ``GaudiConfig``: ``--gaudi_config_name`` on HPU if given, else fused AdamW + fused clip-norm on HPU and neither
-    off HPU), otherwise ``PaCATrainer``."""
+    off HPU), otherwise ``PaCATrainer``.
+
+    Raises:
+        ValueError: an engine the trainer cannot honour on this device (see :func:`check_engine`).
+    """
+    check_engine(args, args.device.type)
     is_gaudi = hasattr(args, "use_habana")
     common = dict(
         model=model,
