@@ -68,42 +68,46 @@ def _optimizer_step_post_hook(optimizer: torch.optim.Optimizer, args, kwargs) ->
         layer.sync()
 
 
-def _module_owning_parameters(params: dict) -> Optional[str]:
-    """Type name of the ``nn.Module`` whose ``_parameters`` dict is ``params`` (found through its instance
-    ``__dict__``, or directly where the interpreter keeps instance attributes inline), or None."""
-    for ref in gc.get_referrers(params):
-        if isinstance(ref, nn.Module) and ref._parameters is params:
-            return type(ref).__name__
-        if isinstance(ref, dict) and ref.get("_parameters") is params:
-            owners = [m for m in gc.get_referrers(ref) if isinstance(m, nn.Module)]
-            return type(owners[0]).__name__ if owners else "nn.Module"
-    return None
+def _storage_ptr(t) -> int:
+    """Address of ``t``'s storage; 0 for no tensor, a meta tensor, or a tensor subclass without plain storage."""
+    try:
+        return t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else 0
+    except (RuntimeError, NotImplementedError, TypeError):
+        return 0
 
 
 def check_unshared_weights(layers: Sequence[PaCALinear]) -> None:
-    """Raise if a module other than the PaCA layer itself holds a layer's base ``weight`` Parameter.
+    """Raise if a module other than the PaCA layer itself holds a layer's base ``weight``: the same Parameter, or
+    another tensor over the same storage (e.g. ``load_state_dict(policy.state_dict(), assign=True)``).
 
     PaCA writes its update into ``weight`` in place; a second model built from the same tensors (a reference model
-    that shares layers with the policy, a hand-made frozen copy) would change with every step. One
-    ``gc.get_referrers`` pass over all layers (run once per layer, at its first write-back).
+    that shares layers with the policy, a hand-made frozen copy) would change with every step. One pass over the
+    garbage collector's objects (run once per layer, at its first write-back).
 
     Raises:
         RuntimeError: names the layer and the type of the other module holding its weight.
     """
-    own = {id(layer._parameters): layer for layer in layers}
-    by_weight = {id(layer.weight): layer for layer in layers}
-    for ref in gc.get_referrers(*[layer.weight for layer in layers]):
-        if not isinstance(ref, dict) or id(ref) in own:
+    by_storage = {}
+    for layer in layers:
+        ptr = _storage_ptr(layer.weight)
+        if ptr:
+            by_storage[ptr] = layer
+    if not by_storage:
+        return
+    for obj in gc.get_objects():
+        if not isinstance(obj, nn.Module) or isinstance(obj, PaCALinear):
             continue
-        shared = [by_weight[id(v)] for v in ref.values() if id(v) in by_weight]
-        holder = _module_owning_parameters(ref) if shared else None
-        if holder is not None:
-            raise RuntimeError(
-                f"the base weight of PaCA layer '{getattr(shared[0], 'paca_name', '?')}' is also a parameter of a "
-                f"{holder} outside it: PaCA writes its update into that tensor, so the other model "
-                "would change with every optimizer step. Give the other model its own copy of the weights (e.g. "
-                "copy.deepcopy(base) before apply_paca, or trl.create_reference_model without num_shared_layers), "
-                "or use no reference model and compute reference outputs inside paca_hpu.disable_paca(model)")
+        for p in obj._parameters.values():
+            layer = by_storage.get(_storage_ptr(p))
+            # the same shape too: sharding engines keep flat views over the weights (FSDP's FlatParameter)
+            if layer is not None and p.shape == layer.weight.shape:
+                raise RuntimeError(
+                    f"the base weight of PaCA layer '{getattr(layer, 'paca_name', '?')}' is also held (shared) by a "
+                    f"{type(obj).__name__} outside it: PaCA writes its update into that tensor, so the other model "
+                    "would change with every optimizer step. Give the other model its own copy of the weights (e.g. "
+                    "copy.deepcopy(base) before apply_paca, or trl.create_reference_model without "
+                    "num_shared_layers), or use no reference model and compute reference outputs inside "
+                    "paca_hpu.disable_paca(model)")
     for layer in layers:
         layer.__dict__["_paca_shared_checked"] = True
 
