@@ -213,6 +213,13 @@ class _PaCAFunction(torch.autograd.Function):
         return grad_x, None, None, grad_delta, None, None
 
 
+def _write_back_before_state_dict(module, prefix, keep_vars) -> None:
+    """``state_dict()`` pre-hook: a stale layer writes back first, so a saved ``weight`` always equals
+    ``W0`` with ``original_columns + scaling * delta`` in the selected columns (what loading checks)."""
+    if module.is_stale():
+        module.sync()
+
+
 class PaCALinear(nn.Module):
     """A linear layer of which ``r`` fixed input columns are trained (PaCA).
 
@@ -306,6 +313,7 @@ class PaCALinear(nn.Module):
                                            device=weight.device))
         self._paca_enabled = True
         self._functional = False
+        self.register_state_dict_pre_hook(_write_back_before_state_dict)
         self._synced = (id(self.delta), self.delta._version)  # weight == W0 + scaling * 0 already
         _LIVE_LAYERS.add(self)
 
@@ -420,7 +428,12 @@ class PaCALinear(nn.Module):
         """``nn.Module`` loading, then ``original_columns`` made consistent with what was loaded, and the merged
         columns rewritten (any load path that goes through ``load_state_dict``, strict or not):
 
-        * ``weight`` and ``original_columns`` loaded (a PaCA state dict, any indices): the loaded base columns;
+        * ``weight``, ``original_columns`` and ``delta`` loaded and consistent (the weight's selected columns equal
+          ``original_columns + scaling * delta``: a PaCA state dict, any indices): the loaded base columns;
+        * ``weight`` loaded but inconsistent with the loaded ``original_columns``/``delta`` (a loader that fills the
+          keys missing from a base checkpoint with this model's current values, as ``accelerate``'s
+          ``load_checkpoint_in_model`` does through ``torch.distributed.checkpoint.set_model_state_dict``): the
+          loaded weight is the new ``W0``;
         * ``weight`` loaded without ``original_columns`` (a plain base checkpoint into an already converted model):
           the loaded weight is the new ``W0``; if ``delta`` came too (a state dict of paca_hpu < 0.2, whose weight
           is merged), ``W0[:, idx] = weight[:, idx] - scaling * delta`` (exact in float32/64, rounded to the weight
@@ -433,8 +446,9 @@ class PaCALinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         with torch.no_grad():
-            if has["weight"] and has["original_columns"]:
-                self.restore_original()
+            if has["weight"] and has["original_columns"] and torch.equal(
+                    self.weight.index_select(1, self.indices.long()), self.merged_columns()):
+                self.restore_original()  # a consistent PaCA state dict (state_dict() writes back first)
             elif has["weight"] and has["delta"]:
                 acc = _delta_dtype(self.weight.dtype)
                 w0 = self.weight.index_select(1, self.indices).to(acc) - self.scaling * self.delta.detach().to(acc)

@@ -105,8 +105,8 @@ def check_unshared_weights(layers: Sequence[PaCALinear]) -> None:
                     f"the base weight of PaCA layer '{getattr(layer, 'paca_name', '?')}' is also held (shared) by a "
                     f"{type(obj).__name__} outside it: PaCA writes its update into that tensor, so the other model "
                     "would change with every optimizer step. Give the other model its own copy of the weights (e.g. "
-                    "copy.deepcopy(base) before apply_paca, or trl.create_reference_model without "
-                    "num_shared_layers), or use no reference model and compute reference outputs inside "
+                    "copy.deepcopy(base) before apply_paca; trl.create_reference_model copies every tensor), or use "
+                    "no reference model and compute reference outputs inside "
                     "paca_hpu.disable_paca(model)")
     for layer in layers:
         layer.__dict__["_paca_shared_checked"] = True

@@ -232,13 +232,8 @@ def _load_accelerate(model, sd, tmp_path):
     load_checkpoint_in_model(model, str(tmp_path / "model.safetensors"))
 
 
-_ACCELERATE_NOT_COVERED = pytest.mark.xfail(
-    strict=True, reason="known gap (README, supported and refused combinations): accelerate swaps in new Parameter "
-    "objects without load_state_dict and CPython may reuse the old object's id, so the layer cannot tell a reload")
-
-
 @pytest.mark.parametrize("load", [_load_strict_false, _load_assign, _load_safetensors,
-                                  pytest.param(_load_accelerate, marks=_ACCELERATE_NOT_COVERED)],
+                                  _load_accelerate],
                          ids=["load_state_dict_strict_false", "load_state_dict_assign", "safetensors_load_model",
                               "accelerate_load_checkpoint_in_model"])
 def test_pretrained_weights_loaded_after_apply_paca(load, tmp_path):
