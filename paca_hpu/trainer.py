@@ -4,9 +4,10 @@ Device -> trainer (the device is decided by :mod:`paca_hpu.device`):
 
 * HPU  -> optimum-habana ``GaudiTrainer`` + ``GaudiTrainingArguments(use_habana=True, use_lazy_mode=...)`` +
   ``GaudiConfig(use_fused_adam=True, use_fused_clip_norm=True)``.
-* CPU  -> the same ``GaudiTrainer`` with ``use_cpu=True, use_habana=False, use_lazy_mode=False`` (optimum-habana's
-  CPU path: it runs the Gaudi training loop without an HPU; see :mod:`paca_hpu._optimum_habana` for what that
-  takes).
+* CPU  -> where optimum-habana is installed (the ``gaudi`` extra), the same ``GaudiTrainer`` with ``use_cpu=True,
+  use_habana=False, use_lazy_mode=False`` (optimum-habana's CPU path: it runs the Gaudi training loop without an
+  HPU; see :mod:`paca_hpu._optimum_habana` for what that takes); elsewhere (e.g. transformers 5.x, which
+  optimum-habana 1.21 does not support) plain ``transformers.Trainer``.
 * CUDA -> plain ``transformers.Trainer`` (``GaudiTrainer`` has no CUDA path).
 
 The same code runs three fine-tuning methods (``peft_type``): ``"paca"`` (this package), ``"lora"`` (peft
@@ -51,6 +52,7 @@ __all__ = [
     "save_merged_model",
     "resolve_checkpoint",
     "ThroughputCallback",
+    "side_seconds",
 ]
 
 PEFT_TYPES = ("paca", "lora", "none")
@@ -282,6 +284,9 @@ def adjust_for_device(values: Dict[str, Any], info: Optional[_device.DeviceInfo]
             del v[key]
     if info.type == "cpu":
         v["use_cpu"] = True
+        if v.get("torch_compile") or v.get("torch_compile_backend"):  # as on GaudiTrainer's CPU path: aot_eager
+            v["torch_compile"] = True
+            v["torch_compile_backend"] = _oh.compile_backend_for("cpu", v.get("torch_compile_backend"))
     if v.get("torch_compile_backend") == "hpu_backend":
         v["torch_compile_backend"] = _oh.compile_backend_for(info.type, "hpu_backend")
     return v
@@ -514,14 +519,15 @@ class PaCATrainerMixin:
             with _without_deepspeed_before_training(self):
                 return self._with_gen_fields(super().evaluate, *args, **kwargs)
         finally:
-            self._paca_side_seconds = getattr(self, "_paca_side_seconds", 0.0) + time.perf_counter() - t0
+            self._paca_eval_seconds = getattr(self, "_paca_eval_seconds", 0.0) + time.perf_counter() - t0
+            self._paca_evals = getattr(self, "_paca_evals", 0) + 1
 
     def _save_checkpoint(self, *args, **kwargs):
         t0 = time.perf_counter()
         try:
             return super()._save_checkpoint(*args, **kwargs)
         finally:
-            self._paca_side_seconds = getattr(self, "_paca_side_seconds", 0.0) + time.perf_counter() - t0
+            self._paca_checkpoint_seconds = getattr(self, "_paca_checkpoint_seconds", 0.0) + time.perf_counter() - t0
 
     def predict(self, *args, **kwargs):
         return self._with_gen_fields(super().predict, *args, **kwargs)
@@ -581,6 +587,15 @@ class PaCATrainerMixin:
         return super()._load_best_model()
 
 
+def side_seconds(trainer) -> Dict[str, float]:
+    """Time a trainer with :class:`PaCATrainerMixin` spent off the optimizer steps so far (wall seconds, since it was
+    built): ``{"evaluation": s, "evaluations": count of evaluate() calls, "checkpoint": s}``; zeros for any other
+    trainer or ``None``."""
+    return {"evaluation": float(getattr(trainer, "_paca_eval_seconds", 0.0)),
+            "evaluations": int(getattr(trainer, "_paca_evals", 0)),
+            "checkpoint": float(getattr(trainer, "_paca_checkpoint_seconds", 0.0))}
+
+
 class ThroughputCallback(_callback_base()):
     """Training throughput without warm-up, evaluation and checkpoint time.
 
@@ -598,8 +613,9 @@ class ThroughputCallback(_callback_base()):
         self._mark = None
 
     def _now(self, state):
-        side = getattr(self.trainer, "_paca_side_seconds", 0.0) if self.trainer is not None else 0.0
-        return time.perf_counter(), side, state.num_input_tokens_seen, state.global_step
+        side = side_seconds(self.trainer)
+        off_steps = side["evaluation"] + side["checkpoint"]
+        return time.perf_counter(), off_steps, state.num_input_tokens_seen, state.global_step
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._start_step = state.global_step

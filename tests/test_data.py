@@ -267,7 +267,8 @@ def test_question_answer_labels_are_response_plus_im_end(tiny_tok):
         # masked prefix = exactly the inference prompt
         n_prompt = next(k for k, lab in enumerate(ex["labels"]) if lab != D.IGNORE_INDEX)
         prompt_ids = tiny_tok.apply_chat_template(
-            [{"role": "user", "content": row["question"]}], add_generation_prompt=True, tokenize=True
+            [{"role": "user", "content": row["question"]}], add_generation_prompt=True, tokenize=True,
+            return_dict=False,
         )
         assert ex["input_ids"][:n_prompt] == prompt_ids
         # trailing "\n" after <|im_end|> is template: masked
@@ -442,7 +443,7 @@ def test_gsm8k_with_real_tokenizer(embedded_tokenizer):
             assert tok.decode(_trained_ids(ex)) == row["answer"] + "<|im_end|>"
             # piecewise tokenisation equals tokenising the whole rendered conversation
             msgs = D.example_to_messages(row, "question/answer")
-            assert ex["input_ids"] == tok.apply_chat_template(msgs, tokenize=True)
+            assert ex["input_ids"] == tok.apply_chat_template(msgs, tokenize=True, return_dict=False)
             assert ex["input_ids"][0] == 1 and ex["input_ids"][-2:] == [2, 198]  # <|im_start|> ... <|im_end|>\n
     packed = D.tokenize_datasets(raw, tok, max_seq_len=256, dataset_concatenation=True)
     assert all(len(x) == 256 for x in list(packed["train"]["input_ids"]))

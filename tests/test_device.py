@@ -178,6 +178,7 @@ def test_habana_module_rejects_other_names():
 # ----------------------------------------------------------------------------- optimum-habana shims
 
 
+@pytest.mark.optimum_habana
 def test_import_optimum_habana_scoped_in_fresh_process():
     """The synapse-version check is skipped only inside the import; no finder is left on sys.meta_path."""
     code = textwrap.dedent(
@@ -240,6 +241,7 @@ def test_compile_backend_for():
     assert oh.compile_backend_for("cuda", "aot_eager") == "aot_eager"
 
 
+@pytest.mark.optimum_habana
 def test_adjust_for_device_cpu_and_hpu():
     from paca_hpu.trainer import adjust_for_device, arguments_class
 

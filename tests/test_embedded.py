@@ -112,7 +112,7 @@ def test_interrupted_conversion_leaves_nothing_that_looks_valid(tmp_path, fake_c
     fake_convert["fail"] = error
     with pytest.raises(type(error)):
         E.embedded_model_path(tmp_path)
-    target = os.path.join(tmp_path, f"{E.EMBEDDED_MODEL_NAME}-f32-v{E.CONVERSION_VERSION}")
+    target = os.path.join(tmp_path, E.cache_entry_name())
     assert not os.path.exists(target)
     assert _leftovers(tmp_path) == []
     fake_convert["fail"] = None
@@ -229,7 +229,7 @@ def test_tokenizer_behaviour(embedded_tokenizer):
         "<|im_start|>system\nBe brief.<|im_end|>\n"
         "<|im_start|>user\nWhat is 3+4?<|im_end|>\n<|im_start|>assistant\n7<|im_end|>\n"
     )
-    prompt_ids = tok.apply_chat_template(pair[:1], add_generation_prompt=True, tokenize=True)
+    prompt_ids = tok.apply_chat_template(pair[:1], add_generation_prompt=True, tokenize=True, return_dict=False)
     assert prompt_ids[:3] == [1, 9690, 198]  # <|im_start|> system \n
     assert tok.decode(prompt_ids).endswith("<|im_start|>assistant\n")
 

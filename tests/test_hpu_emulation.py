@@ -151,6 +151,7 @@ def test_eager_mode_has_no_mark_step():
         assert fake.EVENTS == []
 
 
+@pytest.mark.optimum_habana
 def test_training_arguments_for_the_detected_hpu(fake_habana):
     """What ``run_paca_clm.py`` would hand ``GaudiTrainingArguments`` on this (fake) Gaudi, for the launchers' flags.
     (The dataclass itself is not built: with ``use_habana`` it patches transformers for Gaudi process-wide.)"""
@@ -249,6 +250,7 @@ def _lazy_kinds(fake):
 
 
 @pytest.mark.parametrize("pipelining", [False, True], ids=["plain", "pipelining_fwd_bwd"])
+@pytest.mark.optimum_habana
 def test_gaudi_trainer_lazy_mode_mark_steps_and_hpu_graphs(fake_habana, tmp_path, monkeypatch, reset_accelerate,
                                                            pipelining):
     steps, ga = 2, 2
@@ -273,6 +275,7 @@ def test_gaudi_trainer_lazy_mode_mark_steps_and_hpu_graphs(fake_habana, tmp_path
                                    rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.optimum_habana
 def test_lazy_mode_ordering_check_catches_a_forward_write_back(fake_habana, tmp_path, monkeypatch, reset_accelerate):
     _run_gaudi_trainer_lazy(fake_habana, tmp_path, monkeypatch, pipelining=False, max_steps=1, ga=1,
                             forward_write_back=True)
@@ -454,7 +457,7 @@ def _hpu_training_values(argv):
     from paca_hpu.trainer import adjust_for_device, arguments_class
 
     hpu = dev.DeviceInfo("hpu", torch.device("hpu"), lazy_mode=True, name="GAUDI2", count=8)
-    classes = (cli.ModelArguments, cli.DataArguments, cli.AdapterArguments, arguments_class("hpu"))
+    classes = cli.argument_classes(arguments_class("hpu"))
     parser = HfArgumentParser(classes)
     namespace, unknown = parser.parse_known_args(argv)
     assert unknown == [], unknown
@@ -473,6 +476,7 @@ def test_launchers_are_valid_shell(script):
     assert subprocess.run(["bash", "-n", path], capture_output=True).returncode == 0
 
 
+@pytest.mark.optimum_habana
 def test_single_card_launcher_command():
     proc = _dry_run("run_gaudi_single.sh", HOME="/nonexistent")
     assert proc.returncode == 0, proc.stderr
@@ -491,6 +495,7 @@ def test_single_card_launcher_command():
     assert proc.returncode == 2 and "PT_HPU_LAZY_MODE=0" in proc.stderr
 
 
+@pytest.mark.optimum_habana
 def test_eight_card_launcher_command_deepspeed(tmp_path):
     import json
 

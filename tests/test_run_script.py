@@ -1,5 +1,6 @@
-"""scripts/run_paca_clm.py end to end on the CPU GaudiTrainer path (in-process via paca_hpu.cli.main, plus real
-subprocess runs)."""
+"""scripts/run_paca_clm.py end to end on the CPU (in-process via paca_hpu.cli.main, plus real subprocess runs): on the
+GaudiTrainer CPU path where optimum-habana is installed (the pinned Gaudi stack), on transformers.Trainer where it is
+not (the newest stack, transformers 5.x)."""
 
 import json
 import os
@@ -13,6 +14,16 @@ from test_trainer import WEIGHT_FILES, StopAt, make_tiny_checkpoint, qa_records,
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "run_paca_clm.py")
+
+
+def _gaudi_stack():
+    from paca_hpu._optimum_habana import is_optimum_habana_installed
+
+    return is_optimum_habana_installed()
+
+
+#: the trainer the script picks on this CPU: GaudiTrainer's CPU path with optimum-habana, else transformers.Trainer
+CPU_TRAINER = "GaudiTrainer" if _gaudi_stack() else "transformers.Trainer"
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +73,7 @@ def test_paca_run_outputs_and_summary(tiny, tmp_path, capsys):
         assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= ck_files
     assert open(out / "loss_curves.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     m = json.load(open(out / "metrics.json"))
-    assert m["device"] == "cpu" and m["trainer"] == "GaudiTrainer" and m["peft_type"] == "paca"
+    assert m["device"] == "cpu" and m["trainer"] == CPU_TRAINER and m["peft_type"] == "paca"
     assert 0 < m["trainable_params"] < m["total_params"]
     assert m["eval_loss_before"] > m["eval_loss_after"] > 0
     # the saved adapter on a freshly loaded base model reproduces the final held-out loss
@@ -70,8 +81,16 @@ def test_paca_run_outputs_and_summary(tiny, tmp_path, capsys):
     assert m["train_steps"] == 4 and m["train_tokens_per_second"] > 0 and m["peak_memory_bytes"] > 0
     assert any("eval_loss" in h for h in m["log_history"])
     for needle in ("run_paca_clm summary", "trainable parameters", "held-out loss", "train tokens/s", "peak memory",
-                   "cpu", "saved adapter reloaded"):
+                   "cpu", "saved adapter reloaded", "held-out evaluation   : 4 evaluations in",
+                   "training              : 4 steps in", "loss on prompt and response"):
         assert needle in printed, needle
+    # 18 training / 6 held-out examples, batch 4: evaluated every 2 steps (not every step), plus before training
+    # and the reload check; the summary's training time excludes the evaluations and checkpoints
+    assert [h["step"] for h in m["log_history"] if "eval_loss" in h] == [2, 4]
+    assert m["evaluations"] == 4 and 0 < m["train_seconds"] < m["train_runtime"] < m["total_seconds"]
+    assert 0 < m["eval_seconds"] < m["total_seconds"] and m["checkpoint_seconds"] > 0
+    assert m["loss_plot_title"] == "model · PaCA (r=8) · 4 steps"
+    assert m["train_on_inputs"] is True  # run_lora_clm.py's default for a user's data
     cfg = json.load(open(out / "adapter_config.json"))
     assert cfg["r"] == 8 and cfg["paca_alpha"] == 16 and cfg["target_modules"] == "all-linear"
 
@@ -133,8 +152,12 @@ def test_gaudi_flags_bf16_and_gradient_checkpointing_on_cpu(tiny, tmp_path):
     cfg = json.load(open(out / "adapter_config.json"))
     assert cfg["r"] == 4 and cfg["target_modules"] == ["q_proj", "v_proj"]
     args = torch.load(out / "training_args.bin", weights_only=False)
-    assert args.use_cpu and not args.use_habana and not args.use_lazy_mode and not args.use_hpu_graphs_for_training
-    assert args.half_precision_backend == "cpu_amp"
+    assert args.use_cpu and args.gradient_checkpointing
+    if _gaudi_stack():  # GaudiTrainingArguments with the HPU-only switches turned off
+        assert not args.use_habana and not args.use_lazy_mode and not args.use_hpu_graphs_for_training
+        assert args.half_precision_backend == "cpu_amp"
+    else:  # transformers.TrainingArguments: the Gaudi flags were accepted and left out
+        assert type(args).__name__ == "TrainingArguments" and args.bf16 and not hasattr(args, "use_habana")
     delta = _adapter(out)["model.layers.0.self_attn.q_proj.delta"]
     assert delta.dtype == torch.float32 and delta.abs().sum() > 0
 
@@ -286,27 +309,27 @@ def test_parse_args_defaults_aliases_and_json(tmp_path):
     from paca_hpu import device as dev
     from paca_hpu.cli import UsageError, parse_args
 
-    m, d, a, t, explicit, _ = parse_args(["--model_name_or_path", "x", "--train_file", "t.jsonl",
-                                       "--max_seq_length", "128", "--lora_rank", "4", "--lora_alpha", "32",
-                                       "--lora_target_modules", "q_proj", "v_proj", "--output_dir", str(tmp_path)])
+    m, d, a, t, explicit, _, _ = parse_args(["--model_name_or_path", "x", "--train_file", "t.jsonl",
+                                          "--max_seq_length", "128", "--lora_rank", "4", "--lora_alpha", "32",
+                                          "--lora_target_modules", "q_proj", "v_proj", "--output_dir", str(tmp_path)])
     assert d.max_seq_len == 128 and a.paca_r == 4 and a.paca_alpha == 32 and a.target_modules == ["q_proj", "v_proj"]
     assert {"max_seq_len", "paca_r", "paca_alpha", "target_modules"} <= explicit
     assert a.peft_type == "paca" and t.learning_rate == 2e-4 and t.logging_steps == 1
     assert t.report_to == [] and t.do_train and t.do_eval and t.include_num_input_tokens_seen
     assert t.max_steps == -1  # the short CPU default applies only to the embedded default run
-    _, _, _, t, _, _ = parse_args(["--model_name_or_path", "x", "--peft_type", "none", "--output_dir", str(tmp_path)])
+    _, _, _, t, _, _, _ = parse_args(["--model_name_or_path", "x", "--peft_type", "none", "--output_dir", str(tmp_path)])
     assert t.learning_rate == 2e-5 and t.eval_strategy == "steps"
-    _, _, _, t, _, _ = parse_args(["--model_name_or_path", "x", "--do_eval", "False", "--output_dir", str(tmp_path)])
+    _, _, _, t, _, _, _ = parse_args(["--model_name_or_path", "x", "--do_eval", "False", "--output_dir", str(tmp_path)])
     assert not t.do_eval and t.eval_strategy == "no"
-    _, d, _, t, _, _ = parse_args(["--output_dir", str(tmp_path)])  # embedded default on CPU: short run
+    _, d, _, t, _, _, _ = parse_args(["--output_dir", str(tmp_path)])  # embedded default on CPU: short run
     assert t.max_steps == 40 and d.max_seq_len == 256 and t.per_device_train_batch_size == 4
-    _, d, _, t, _, _ = parse_args(["--output_dir", str(tmp_path), "--num_train_epochs", "1", "--max_seq_len", "100"])
+    _, d, _, t, _, _, _ = parse_args(["--output_dir", str(tmp_path), "--num_train_epochs", "1", "--max_seq_len", "100"])
     assert t.max_steps == -1 and d.max_seq_len == 100
     cfg = tmp_path / "args.json"
     cfg.write_text(json.dumps({"model_name_or_path": "x", "paca_r": 2, "learning_rate": 1e-3,
                                "output_dir": str(tmp_path), "use_lazy_mode": True}))
-    _, _, a, t, _, _ = parse_args([str(cfg)])
-    assert a.paca_r == 2 and t.learning_rate == 1e-3 and not t.use_lazy_mode
+    _, _, a, t, _, _, _ = parse_args([str(cfg)])
+    assert a.paca_r == 2 and t.learning_rate == 1e-3 and not getattr(t, "use_lazy_mode", False)
     # the CUDA argument set (transformers.TrainingArguments) still accepts a Gaudi command line
     cuda = dev.DeviceInfo("cuda", torch.device("cuda"), name="fake")
     p = parse_args(["--model_name_or_path", "x", "--use_habana", "--use_lazy_mode", "--use_hpu_graphs_for_training",
@@ -330,3 +353,39 @@ def test_only_device_module_imports_habana():
                 if s.startswith(("import habana_frameworks", "from habana_frameworks")):
                     offenders.append(f"{path}: {s}")
     assert not offenders, offenders
+
+
+def test_loss_plot_has_a_title_and_integer_step_ticks():
+    from paca_hpu.cli import loss_figure, plot_title
+
+    title = plot_title({"model": "/data/models/my-llama/", "peft_type": "paca", "r": 8, "train_steps": 4})
+    assert title == "my-llama · PaCA (r=8) · 4 steps"
+    assert plot_title({"model": "embedded:SmolLM2-135M-Instruct", "peft_type": "none", "train_steps": 40}) == (
+        "SmolLM2-135M-Instruct · full fine-tuning · 40 steps")
+    history = [{"step": s, "loss": 2.0 - 0.1 * s} for s in (1, 2, 3, 4)] + [{"step": 4, "eval_loss": 1.5}]
+    fig = loss_figure(history, 2.1, title)
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    assert ax.get_title() == title
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert list(lines["held-out loss"].get_xdata()) == [0, 4]  # before training at step 0, then the evaluation
+    assert list(lines["training loss"].get_ydata()) == pytest.approx([1.9, 1.8, 1.7, 1.6])
+
+
+@pytest.mark.parametrize("total, n_eval, per_step, expected", [
+    (40, 32, 4, 11),    # the embedded demo: every 11 steps (3 evaluations during 40 steps, ~25 % of their time)
+    (4, 32, 4, 11),     # a 4-step run: none during training (only before and after)
+    (1000, 32, 4, 200),  # long runs: at most EVALS_PER_RUN evaluations
+    (10, 0, 4, 2),
+])
+def test_default_eval_steps_keep_evaluation_a_minor_share(total, n_eval, per_step, expected):
+    from paca_hpu.cli import EVAL_BUDGET, EVAL_COST, EVALS_PER_RUN, default_eval_steps
+
+    got = default_eval_steps(total, n_eval, per_step)
+    assert got == expected
+    evals_during = total // got
+    assert evals_during <= EVALS_PER_RUN
+    # evaluated examples (forward only) cost at most EVAL_BUDGET of the trained ones
+    assert evals_during * n_eval * EVAL_COST <= EVAL_BUDGET * total * per_step + 1e-9

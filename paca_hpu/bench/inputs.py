@@ -36,8 +36,9 @@ def byte_level_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     byte_chars = pre_tokenizers.ByteLevel.alphabet()
-    # ids follow the byte values: map each byte to its printable ByteLevel character
-    from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+    # ids follow the byte values: map each byte to its printable ByteLevel character (the GPT-2 table; its home
+    # in transformers 4.x and 5.x alike)
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     table = bytes_to_unicode()
     vocab = {table[b]: b for b in range(256)}
