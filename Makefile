@@ -24,7 +24,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml | $(BIN)/python
 setup: $(VENV)/.installed
 
 demo: setup
-	$(BIN)/python scripts/run_paca_clm.py --output_dir outputs/demo $(DEMO_ARGS)
+	$(BIN)/python scripts/run_paca_clm.py --output_dir outputs/demo --overwrite_output_dir $(DEMO_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
