@@ -42,6 +42,7 @@ __all__ = [
     "is_complete",
     "checkpoints_in",
     "staging_dirs_in",
+    "rotate",
     "last_checkpoint",
     "resolve_checkpoint",
     "staging_dir",
@@ -127,6 +128,33 @@ def staging_dirs_in(output_dir: Union[str, os.PathLike]) -> List[Tuple[int, str]
     """``[(step, path), ...]`` of the ``tmp-checkpoint-N`` staging folders in ``output_dir`` (saves in progress, or
     left behind by a process killed mid-save)."""
     return _numbered(os.fspath(output_dir), _STAGING_RE)
+
+
+def rotate(output_dir: Union[str, os.PathLike], run_id: Optional[str], save_total_limit: Optional[int],
+           best_model_checkpoint: Optional[str] = None) -> List[str]:
+    """Delete the oldest checkpoints of run ``run_id`` in ``output_dir`` beyond ``save_total_limit``; returns the
+    deleted paths.
+
+    Same policy as transformers' ``save_total_limit`` (the newest checkpoint and ``best_model_checkpoint`` are always
+    kept, so the limit is at least their number), but only this run's complete checkpoints count: an earlier run's
+    ``checkpoint-N`` in the same directory (another run id, or none) is never deleted.
+    """
+    if not save_total_limit or save_total_limit <= 0 or run_id is None:
+        return []
+    mine = [path for _, path in checkpoints_in(output_dir, run_id) if is_complete(path)]
+    protected = {os.path.abspath(mine[-1])} if mine else set()
+    if best_model_checkpoint:
+        protected.add(os.path.abspath(best_model_checkpoint))
+    keep = max(save_total_limit, len(protected))
+    deleted = []
+    for path in mine:
+        if len(mine) - len(deleted) <= keep:
+            break
+        if os.path.abspath(path) not in protected:
+            logger.info("Deleting older checkpoint [%s] due to save_total_limit", path)
+            shutil.rmtree(path, ignore_errors=True)
+            deleted.append(path)
+    return deleted
 
 
 def _warn_incomplete(paths: Iterable[str]) -> None:

@@ -570,7 +570,7 @@ def _environment_error(err: BaseException) -> Optional[str]:
     if (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left on device" in str(err):
         return f"no space left on {where or 'the output disk'} ({one_line(err)}); free some space or write elsewhere"
     if isinstance(err, OSError) and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and where:
-        return f"cannot write '{where}': {err.strerror}; pass a writable --output_dir"
+        return f"cannot access '{where}': {err.strerror}"
     return None
 
 

@@ -533,9 +533,11 @@ class PaCATrainerMixin:
         return super()._get_output_dir(trial)
 
     def _rotate_checkpoints(self, use_mtime=False, output_dir=None) -> None:
-        if self._paca_staging is not None:
-            return  # rotation runs once the new checkpoint is in place (_publish_checkpoint)
-        return super()._rotate_checkpoints(use_mtime=use_mtime, output_dir=output_dir)
+        # transformers <= 4.x rotates through this method (transformers 5 through trainer_utils.rotate_checkpoints,
+        # which then only sees the staging folder): this run's checkpoints only, after the new one is in place
+        if self._paca_staging is None:
+            _ckpt.rotate(output_dir or self.args.output_dir, self.paca_run_id, self.args.save_total_limit,
+                         self.state.best_model_checkpoint)
 
     def _sorted_checkpoints(self, output_dir=None, checkpoint_prefix="checkpoint", use_mtime=False):
         found = super()._sorted_checkpoints(output_dir=output_dir, checkpoint_prefix=checkpoint_prefix,
@@ -587,7 +589,7 @@ class PaCATrainerMixin:
         if self.args.world_size > 1:
             self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            self._rotate_checkpoints(use_mtime=False, output_dir=run_dir)
+            _ckpt.rotate(run_dir, self.paca_run_id, self.args.save_total_limit, self.state.best_model_checkpoint)
 
     def evaluate(self, *args, **kwargs):
         t0 = time.perf_counter()
