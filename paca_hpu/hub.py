@@ -1,9 +1,10 @@
 """Where a model comes from: a local checkpoint folder, or a Hugging Face Hub id looked up in the local cache first.
 
 ``--model_name_or_path`` (and the benchmark's) accepts a folder holding a transformers ``config.json`` or a Hub id
-(``name`` or ``org/name``).  A Hub id is loaded with ``from_pretrained(..., local_files_only=True)`` first, so a model
-in the local Hugging Face cache (``HF_HUB_CACHE`` / ``--cache_dir``) loads without any network access, and only then
-from the Hub.  Failures are reported as one line that says which of the three was missing (local folder, cache,
+(``name`` or ``org/name``).  A Hub id whose revision is in the local Hugging Face cache (``HF_HUB_CACHE`` /
+``--cache_dir``) is loaded from its cached snapshot folder without any network access (plain
+``from_pretrained(id, local_files_only=True)`` is not enough in transformers 4.55: its PEFT-adapter probe still
+asks the Hub, retrying for ~25 s without network), and only otherwise from the Hub.  Failures are reported as one line that says which of the three was missing (local folder, cache,
 network / access).
 """
 
@@ -17,7 +18,8 @@ from typing import Any, Callable, Optional
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ModelSourceError", "HUB_ID", "check_model_source", "from_pretrained_cache_first", "one_line"]
+__all__ = ["ModelSourceError", "HUB_ID", "check_model_source", "cached_snapshot", "from_pretrained_cache_first",
+           "one_line"]
 
 #: A Hugging Face Hub model id: ``name`` or ``org/name`` (a name that is no local path is looked up there).
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -78,20 +80,47 @@ def _hub_error(name: str, err: BaseException, cache_dir: Optional[str]) -> str:
     return f"cannot load '{name}': {one_line(err)}"
 
 
+def cached_snapshot(name: str, revision: Optional[str] = None, cache_dir: Optional[str] = None) -> Optional[str]:
+    """The folder of Hub id ``name`` at ``revision`` in the local Hugging Face cache (``snapshot_download`` with
+    ``local_files_only=True``: no network), or None when that revision is not cached."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, revision=revision, cache_dir=cache_dir, local_files_only=True)
+    except (OSError, ValueError):  # LocalEntryNotFoundError is an OSError, HFValidationError a ValueError
+        return None
+
+
+def _keep_hub_name(obj: Any, name: str) -> Any:
+    """Record the Hub id, not the cache folder, as the name of what was loaded (saved adapters record it)."""
+    config = getattr(obj, "config", None)
+    if config is not None and hasattr(config, "_name_or_path"):
+        config._name_or_path = name
+    if hasattr(obj, "name_or_path"):
+        try:
+            obj.name_or_path = name
+        except AttributeError:  # a read-only property
+            pass
+    return obj
+
+
 def from_pretrained_cache_first(load: Callable[..., Any], name: str, **kwargs) -> Any:
-    """``load(name, **kwargs)`` (any ``from_pretrained``): a local folder directly; a Hub id from the local
-    Hugging Face cache first (``local_files_only=True``), then from the Hub.
+    """``load(name, **kwargs)`` (any ``from_pretrained``): a local folder directly; a Hub id from its folder in the
+    local Hugging Face cache when that revision is cached (no network at all), else from the Hub.
 
     Raises:
         ModelSourceError: the Hub id is not (fully) cached and the Hub cannot be reached, or the repository does
             not exist / is not accessible (one line naming the id and the cache folder).
     """
-    if os.path.isdir(name) or kwargs.get("local_files_only"):
+    if os.path.isdir(name):
         return load(name, **kwargs)
-    try:
-        return load(name, **dict(kwargs, local_files_only=True))
-    except OSError:
-        logger.info("'%s' is not (completely) in the local Hugging Face cache: asking the Hub", name)
+    snapshot = cached_snapshot(name, kwargs.get("revision"), kwargs.get("cache_dir"))
+    if snapshot is not None:
+        try:
+            return _keep_hub_name(load(snapshot, **kwargs), name)
+        except OSError as err:  # e.g. only some files of the model were downloaded
+            logger.info("'%s' is not completely in the local Hugging Face cache (%s): asking the Hub", name,
+                        one_line(err))
     try:
         return load(name, **kwargs)
     except OSError as err:

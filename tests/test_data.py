@@ -501,6 +501,9 @@ def test_sharegpt_conversations_train_like_the_same_messages(tiny_tok, tmp_path)
     want = D.tokenize_datasets(_dd([{"messages": messages}]), tiny_tok, 512)["train"][0]
     assert got["input_ids"] == want["input_ids"] and got["labels"] == want["labels"]
     assert tiny_tok.decode(_trained_ids(got)) == "7<|im_end|>8<|im_end|>"
+    # ShareGPT turns under a "messages" column are read the same way
+    same = D.tokenize_datasets(_dd([{"messages": conv}]), tiny_tok, 512)["train"][0]
+    assert same["input_ids"] == want["input_ids"] and same["labels"] == want["labels"]
 
 
 def test_unknown_conversation_role_or_keys_say_what_to_change():
