@@ -44,7 +44,7 @@ setup: $(VENV)/.installed
 setup-latest: $(VENV_LATEST)/.installed
 
 demo: setup
-	$(BIN)/python scripts/run_paca_clm.py --output_dir outputs/demo $(DEMO_ARGS)
+	$(BIN)/python scripts/run_paca_clm.py --output_dir outputs/demo --overwrite_output_dir $(DEMO_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

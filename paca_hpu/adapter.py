@@ -19,6 +19,7 @@ can mistake the file for one of its adapters and load it half-way. Files written
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -29,7 +30,9 @@ from torch import nn
 
 from .config import PaCAConfig
 from .layer import PaCALinear
-from .model import _is_supported, _matches, apply_paca, paca_layers
+from .model import _is_supported, _matches, apply_paca, find_target_modules, paca_layers
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["save_adapter", "load_adapter", "read_adapter", "is_paca_adapter_config", "ADAPTER_CONFIG_NAME",
            "ADAPTER_WEIGHTS_NAME", "FORMAT_VERSION", "PEFT_TYPE"]
@@ -146,13 +149,21 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
                   lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
 
 
+def _garbled(path: Path, err: BaseException) -> ValueError:
+    detail = (str(err).splitlines() or [type(err).__name__])[0]
+    return ValueError(f"adapter file '{path}' is truncated or garbled ({detail}); save the adapter again or restore "
+                      "the file")
+
+
 def read_adapter(path: Union[str, os.PathLike]):
     """``(PaCAConfig, metadata dict, tensors dict)`` read from an adapter directory.
 
     Raises:
         FileNotFoundError: the directory or one of its two files is missing (names it).
-        ValueError: the files are not a paca_hpu adapter or come from a newer format version.
+        ValueError: a file is truncated or garbled (not JSON / not a safetensors file; names it), the files are not
+            a paca_hpu adapter, or come from a newer format version.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -162,19 +173,62 @@ def read_adapter(path: Union[str, os.PathLike]):
             raise FileNotFoundError(f"PaCA adapter file '{f}' not found; pass the directory written by "
                                     "save_adapter (it holds adapter_config.json and adapter_model.safetensors)")
     try:
-        meta = json.loads(cfg_file.read_text())
-    except ValueError as err:
-        raise ValueError(f"'{cfg_file}' is not valid JSON ({err}); the adapter is corrupt") from err
+        meta = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except ValueError as err:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _garbled(cfg_file, err) from err
+    if not isinstance(meta, dict):
+        raise _garbled(cfg_file, TypeError(f"a JSON {type(meta).__name__}, not an object"))
     if not is_paca_adapter_config(meta):
-        kind = f"a peft {meta.get('peft_type')} adapter" if isinstance(meta, dict) and meta.get("peft_type") else \
-            "no paca_hpu adapter"
-        raise ValueError(f"'{cfg_file}' is {kind}, not a paca_hpu adapter (format="
-                         f"{meta.get('format') if isinstance(meta, dict) else None!r}); pass a directory written by "
-                         "paca_hpu (save_adapter, save_pretrained or a Trainer checkpoint of a PaCA model)")
+        kind = f"a peft {meta.get('peft_type')} adapter" if meta.get("peft_type") else "no paca_hpu adapter"
+        raise ValueError(f"'{cfg_file}' is {kind}, not a paca_hpu adapter (format={meta.get('format')!r}); pass a "
+                         "directory written by paca_hpu (save_adapter, save_pretrained or a Trainer checkpoint of a "
+                         "PaCA model)")
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
         raise ValueError(f"'{cfg_file}' has format_version {meta['format_version']}, newer than this paca_hpu "
                          f"supports ({FORMAT_VERSION}); upgrade paca_hpu")
-    return PaCAConfig.from_dict(meta), meta, load_file(str(w_file))
+    try:
+        config = PaCAConfig.from_dict(meta)
+    except (TypeError, ValueError) as err:
+        raise _garbled(cfg_file, err) from err
+    try:
+        tensors = load_file(str(w_file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise _garbled(w_file, err) from err
+    return config, meta, tensors
+
+
+def _check_complete(model: nn.Module, config: PaCAConfig, names, path) -> None:
+    """Every layer ``config`` targets in the un-adapted ``model`` must have a saved delta.
+
+    Raises:
+        ValueError: naming the first targeted layer (``named_modules`` order) without ``<name>.delta`` in the file.
+    """
+    try:
+        expected = find_target_modules(model, config)
+    except ValueError as err:
+        raise ValueError(f"adapter at '{path}' does not fit {type(model).__name__}: {err}") from err
+    have = set(names)
+    missing = [n for n in expected if n not in have]
+    if missing:
+        raise ValueError(f"adapter at '{path}' lacks '{missing[0]}.delta' ({len(missing)} of {len(expected)} layers "
+                         f"that its target_modules={config.target_modules!r} selects in this model are missing); the "
+                         f"file is incomplete, or the adapter was trained on a different model")
+
+
+def _same_name(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.normpath(os.path.expanduser(a)) == os.path.normpath(os.path.expanduser(b))
+
+
+def _warn_other_base(model: nn.Module, meta: dict, path) -> None:
+    saved = meta.get("base_model_name_or_path")
+    current = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if saved and current and not _same_name(str(saved), str(current)):
+        logger.warning("adapter at '%s' was trained on base model '%s' but is loaded onto '%s'; unless both are the "
+                       "same weights, the result is a different model", path, saved, current)
 
 
 def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
@@ -191,13 +245,20 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
         path: adapter directory.
         index_dtype: gather index dtype for new layers (default: int32 on HPU, int64 elsewhere).
 
+    A base model other than the one the adapter records (``base_model_name_or_path``, compared with
+    ``model.config._name_or_path``) is loaded onto with a warning naming both.
+
     Raises:
-        FileNotFoundError / ValueError: see :func:`read_adapter`.
-        ValueError: a saved module is missing from ``model``, is not a linear layer, or has other shapes; the
-            message names the first mismatching module.
+        FileNotFoundError / ValueError: see :func:`read_adapter` (a truncated or garbled file is named).
+        ValueError: a saved module is missing from ``model``, is not a linear layer, or has other shapes; a layer
+            that the adapter's ``target_modules`` selects in the un-adapted ``model`` has no saved delta; the
+            message names the first such module.
     """
-    config, _, tensors = read_adapter(path)
+    config, meta, tensors = read_adapter(path)
     names = [k[: -len(".delta")] for k in tensors if k.endswith(".delta") and not k.startswith(_MTS_PREFIX)]
+    if not names:
+        raise ValueError(f"adapter file '{Path(path) / ADAPTER_WEIGHTS_NAME}' holds no '<layer>.delta' tensor; it "
+                         "is not a PaCA adapter or it is incomplete")
     modules = dict(model.named_modules())
     # validate everything before touching the model
     for name in names:
@@ -225,6 +286,9 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
                 f"to {int(idx.max())}, model layer has out_features={out_f}, in_features={in_f}; the adapter was "
                 "trained on a different model")
     existing = dict(paca_layers(model))
+    if not existing:
+        _check_complete(model, config, names, path)
+    _warn_other_base(model, meta, path)
     if existing:
         extra = sorted(set(existing) - set(names))
         if extra:

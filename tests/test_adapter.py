@@ -188,3 +188,70 @@ def test_peft_type_names_the_paca_call_and_older_files_load(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
     ids = random_ids(2, 8, seed=6)
     assert torch.equal(logits(load_adapter(tiny_llama(seed=0), str(tmp_path)).eval(), ids), logits(trained, ids))
+
+
+# ---- issue 12: incomplete, foreign-base and damaged adapter files
+
+
+def _drop_tensors(path, names):
+    """Rewrite the adapter's safetensors file without the ``.delta`` / ``.indices`` of ``names``."""
+    from safetensors.torch import load_file, save_file
+
+    w_file = str(path / "adapter_model.safetensors")
+    tensors = load_file(w_file)
+    for name in names:
+        del tensors[f"{name}.delta"], tensors[f"{name}.indices"]
+    save_file(tensors, w_file)
+
+
+@pytest.mark.parametrize("keep", ["all_but_one", "only_one"])
+def test_load_adapter_missing_layers_names_the_first(tmp_path, keep):
+    trained = _trained("llama", r=4, paca_alpha=8)
+    save_adapter(trained, str(tmp_path))
+    names = list(paca_layers(trained))  # named_modules order
+    assert len(names) == 14
+    dropped = [names[5]] if keep == "all_but_one" else names[1:]
+    _drop_tensors(tmp_path, dropped)
+    fresh = tiny_llama(seed=0)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ValueError) as exc:
+        load_adapter(fresh, str(tmp_path))
+    msg = str(exc.value)
+    assert f"'{dropped[0]}.delta'" in msg and f"{len(dropped)} of 14" in msg, msg
+    assert not paca_layers(fresh) and all(torch.equal(v, fresh.state_dict()[k]) for k, v in before.items())
+
+
+def test_load_adapter_onto_another_base_warns_naming_both(tmp_path, caplog):
+    model = tiny_llama(seed=0)
+    model.config._name_or_path = "org/base-a"
+    apply_paca(model, PaCAConfig(r=4))
+    save_adapter(model, str(tmp_path))
+    other = tiny_llama(seed=0)
+    other.config._name_or_path = "org/base-b"
+    with caplog.at_level("WARNING", logger="paca_hpu.adapter"):
+        load_adapter(other, str(tmp_path))
+    warned = [r.getMessage() for r in caplog.records if r.name == "paca_hpu.adapter"]
+    assert len(warned) == 1 and "'org/base-a'" in warned[0] and "'org/base-b'" in warned[0], warned
+    caplog.clear()
+    same = tiny_llama(seed=0)
+    same.config._name_or_path = "org/base-a"
+    with caplog.at_level("WARNING", logger="paca_hpu.adapter"):
+        load_adapter(same, str(tmp_path))
+    assert not [r for r in caplog.records if r.name == "paca_hpu.adapter"]
+
+
+@pytest.mark.parametrize("damage", ["truncated_weights", "garbled_weights", "truncated_config"])
+def test_damaged_adapter_file_is_named(tmp_path, damage):
+    save_adapter(_trained("llama", r=4, paca_alpha=8), str(tmp_path))
+    name = "adapter_config.json" if damage == "truncated_config" else "adapter_model.safetensors"
+    target = tmp_path / name
+    data = target.read_bytes()
+    if damage == "garbled_weights":
+        data = b"\xff" * 16 + data[16:]
+    else:
+        data = data[: len(data) // 2]
+    target.write_bytes(data)
+    with pytest.raises(ValueError) as exc:
+        load_adapter(tiny_llama(seed=0), str(tmp_path))
+    msg = str(exc.value)
+    assert f"'{target}'" in msg and "truncated or garbled" in msg and "\n" not in msg, msg

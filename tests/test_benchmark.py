@@ -176,3 +176,52 @@ def test_docs_only_without_results_keeps_the_page(tmp_path, capsys):
         main(["--docs_only", "--output_dir", str(tmp_path / "runs" / "none"), "--docs", str(page)])
     assert exc.value.code == 2 and "no */results.json" in capsys.readouterr().err
     assert page.read_text() == "# earlier page"
+
+
+# ---- issue 12: a smoke run never touches the tracked docs; a model that cannot be loaded leaves nothing behind
+
+
+@pytest.fixture
+def fake_root(tmp_path, monkeypatch):
+    """A repository root with a copy of the tracked docs page (the benchmark writes relative to it)."""
+    from paca_hpu.bench import cli as bench_cli
+
+    (tmp_path / "docs" / "benchmarks").mkdir(parents=True)
+    page = tmp_path / "docs" / "benchmarks.md"
+    page.write_bytes(open(os.path.join(ROOT, "docs", "benchmarks.md"), "rb").read())
+    monkeypatch.setattr(bench_cli, "_repo_root", lambda: tmp_path)
+    monkeypatch.setenv("PACA_DEVICE", "cpu")
+    return tmp_path
+
+
+def test_tiny_smoke_run_leaves_the_docs_alone(fake_root):
+    from paca_hpu.bench.cli import main
+
+    page = (fake_root / "docs" / "benchmarks.md").read_bytes()
+    assert main(["--tiny", "--sections", "saved", "--variants", "floor,paca", "--batch", "1", "--seq_len", "16",
+                 "--rounds", "1", "--warmup", "0", "--profile_rounds", "1", "--max_train_samples", "8",
+                 "--max_eval_samples", "4", "--threads", "1"]) == 0
+    assert (fake_root / "docs" / "benchmarks.md").read_bytes() == page
+    assert os.listdir(fake_root / "docs" / "benchmarks") == []
+    runs = os.listdir(fake_root / "outputs" / "benchmarks")
+    assert runs == ["cpu-tiny-fp32-b1-s16"]
+    res = json.load(open(fake_root / "outputs" / "benchmarks" / runs[0] / "results.json"))
+    assert res["saved"]["floor"]["bytes"] <= res["saved"]["paca"]["bytes"]
+
+
+@pytest.mark.parametrize("case, needle", [("missing", "not found"), ("not_a_model", "is not a model folder")])
+def test_benchmark_on_a_model_it_cannot_load_is_one_line_and_writes_nothing(fake_root, tmp_path, capsys, case,
+                                                                               needle):
+    from paca_hpu.bench.cli import main
+
+    model = tmp_path / "models" / "mine"
+    if case == "not_a_model":
+        model.mkdir(parents=True)
+        (model / "weights.txt").write_text("not a checkpoint")
+    with pytest.raises(SystemExit) as exc:
+        main(["--model_name_or_path", str(model), "--sections", "saved"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("scripts/benchmark.py: error: ")]
+    assert len(lines) == 1 and needle in lines[0] and str(model) in lines[0] and "Traceback" not in err, err
+    assert os.listdir(fake_root / "docs" / "benchmarks") == [] and not (fake_root / "outputs").exists()

@@ -447,3 +447,88 @@ def test_gsm8k_with_real_tokenizer(embedded_tokenizer):
             assert ex["input_ids"][0] == 1 and ex["input_ids"][-2:] == [2, 198]  # <|im_start|> ... <|im_end|>\n
     packed = D.tokenize_datasets(raw, tok, max_seq_len=256, dataset_concatenation=True)
     assert all(len(x) == 256 for x in list(packed["train"]["input_ids"]))
+
+
+# ------------------------------------------------------------------ issue 12: rows that do not fit, ShareGPT, UTF-8
+
+
+def _write_jsonl(path, rows, blank_after=None):
+    lines = []
+    for i, r in enumerate(rows):
+        lines.append(json.dumps(r))
+        if blank_after is not None and i == blank_after:
+            lines.append("")  # datasets skips blank lines: the reported line number must not
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_rows_of_another_layout_or_empty_are_counted_reported_and_left_out(tmp_path, caplog):
+    qa = [{"question": f"What is {i} plus 1?", "answer": f"{i + 1}"} for i in range(6)]
+    rows = qa[:2] + [{"prompt": "Say hi.", "completion": "hi"}] + qa[2:] + [{"question": "Empty?", "answer": ""},
+                                                                             {"prompt": "Bye?", "completion": "bye"}]
+    path = _write_jsonl(tmp_path / "mixed.jsonl", rows, blank_after=0)
+    with caplog.at_level("WARNING", logger="paca_hpu.data"):
+        raw = D.load_raw_datasets(train_file=path, validation_split_percentage=0)
+    assert sorted(raw["train"]["question"]) == sorted(r["question"] for r in qa)  # exactly the usable rows
+    msgs = [r.getMessage() for r in caplog.records if r.name == "paca_hpu.data"]
+    assert len(msgs) == 1, msgs
+    msg = msgs[0]
+    assert "3 of 9 rows do not fit the detected layout 'question/answer'" in msg, msg
+    assert f"first at line 4 of '{path}'" in msg and "Say hi." in msg  # line 4: one blank line before it
+    assert "2 null 'question'" in msg and "1 empty 'answer'" in msg
+    assert "2 of them fit layout 'prompt/completion' instead" in msg
+
+
+def test_most_rows_unusable_stops_with_an_error(tmp_path):
+    rows = [{"question": f"Q{i}?", "answer": None if i % 3 else "A"} for i in range(20)]
+    rows[1]["answer"] = ""
+    path = _write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(ValueError) as exc:
+        D.load_raw_datasets(train_file=path)
+    msg = str(exc.value)
+    assert "13 of 20 rows do not fit the detected layout 'question/answer'" in msg, msg
+    assert f"first at line 2 of '{path}'" in msg and "Most rows are unusable" in msg and "\n" not in msg
+
+
+def test_sharegpt_conversations_train_like_the_same_messages(tiny_tok, tmp_path):
+    conv = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "What is 3 plus 4?"},
+            {"from": "gpt", "value": "7"}, {"from": "human", "value": "And 7 plus 1?"}, {"from": "gpt", "value": "8"}]
+    path = _write_jsonl(tmp_path / "sharegpt.jsonl", [{"conversations": conv, "id": "a"}] * 3)
+    raw = D.load_raw_datasets(train_file=path, validation_split_percentage=0)
+    assert D.detect_layout(raw["train"].column_names) == "conversations"
+    got = D.tokenize_datasets(raw, tiny_tok, 512)["train"][0]
+    roles = {"system": "system", "human": "user", "gpt": "assistant"}
+    messages = [{"role": roles[t["from"]], "content": t["value"]} for t in conv]
+    want = D.tokenize_datasets(_dd([{"messages": messages}]), tiny_tok, 512)["train"][0]
+    assert got["input_ids"] == want["input_ids"] and got["labels"] == want["labels"]
+    assert tiny_tok.decode(_trained_ids(got)) == "7<|im_end|>8<|im_end|>"
+    # ShareGPT turns under a "messages" column are read the same way
+    same = D.tokenize_datasets(_dd([{"messages": conv}]), tiny_tok, 512)["train"][0]
+    assert same["input_ids"] == want["input_ids"] and same["labels"] == want["labels"]
+
+
+def test_unknown_conversation_role_or_keys_say_what_to_change():
+    with pytest.raises(ValueError, match=r"unknown ShareGPT role from='bot' \(use one of .*gpt, human"):
+        D.example_to_messages({"conversations": [{"from": "bot", "value": "x"}]}, "conversations")
+    with pytest.raises(ValueError, match=r"each turn needs 'role' and 'content' \(or ShareGPT's 'from' and 'value'\)"):
+        D.example_to_messages({"messages": [{"speaker": "user", "text": "x"}]}, "messages")
+    assert D.row_problem({"messages": [{"role": "user", "content": "hi"}]}, "messages") == \
+        "no assistant turn with content"
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "csv", "txt"])
+def test_non_utf8_file_names_file_and_byte_offset(tmp_path, ext):
+    text = {"jsonl": '{"question": "q", "answer": "a"}\n{"question": "café?", "answer": "oui"}\n',
+            "csv": "question,answer\nq,a\ncafé?,oui\n", "txt": "first line\ncafé au lait\n"}[ext]
+    data = text.encode("latin-1")
+    path = tmp_path / f"latin1.{ext}"
+    path.write_bytes(data)
+    offset = data.index(b"\xe9")
+    line = data[:offset].count(b"\n") + 1
+    with pytest.raises(ValueError) as exc:
+        D.load_raw_datasets(train_file=path)
+    assert str(exc.value).startswith(
+        f"Data file '{path}' is not UTF-8 text: byte 0xe9 at byte offset {offset} (line {line}) cannot be decoded")
+    assert D.utf8_error(path, chunk_bytes=3) == f"byte 0xe9 at byte offset {offset} (line {line})"
+    path.write_bytes(text.encode("utf-8"))
+    assert D.utf8_error(path) is None

@@ -38,3 +38,16 @@ def test_readme_example_runs_as_written(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "README-EXAMPLE-OK" in proc.stdout
+
+
+def test_quick_start_timing_says_what_it_assumes():
+    """The demo's time is only meaningful with its conditions: cores, load, first run, package downloads."""
+    text = README.read_text()
+    quick = text[text.index("## Quick start"): text.index("## Use it from Python")]
+    demo_line = next(ln for ln in quick.splitlines() if ln.startswith("make demo"))
+    minutes = re.search(r"~(\d+) min", demo_line)
+    assert minutes, demo_line
+    stated = [p for p in quick.split("\n\n") if f"~{minutes.group(1)} min assume" in p]
+    assert len(stated) == 1, quick
+    for condition in ("idle", "CPU cores", "first run", "conversion", "download"):
+        assert condition in stated[0], condition

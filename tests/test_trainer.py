@@ -280,6 +280,8 @@ def test_resolve_checkpoint(tmp_path):
         resolve_checkpoint(True, str(tmp_path))
     (tmp_path / "checkpoint-2").mkdir()
     (tmp_path / "checkpoint-10").mkdir()
+    (tmp_path / "checkpoint-10" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-12").mkdir()  # an interrupted save: no trainer_state.json, skipped
     assert resolve_checkpoint("true", str(tmp_path)).endswith("checkpoint-10")
     with pytest.raises(FileNotFoundError, match="not a Trainer checkpoint"):  # an explicit path must be one
         resolve_checkpoint(str(tmp_path / "checkpoint-2"), "x")

@@ -10,9 +10,10 @@ request; ``all`` = every section):
 * ``quality``: held-out loss after ``--steps`` steps at each method's best learning rate;
 * ``profile``: where PaCA's step time goes beyond the floor's (torch.profiler + component timings).
 
-Outputs in ``--output_dir`` (default ``docs/benchmarks/<run name>``): ``results.json``, ``results.md``,
-``step_time.png``, ``memory.png``, ``loss_curves.png``, ``log.txt``, profiler tables; then the docs page
-(``--docs``, default ``docs/benchmarks.md``) is rebuilt from every run directory next to this one.
+Outputs in ``--output_dir`` (default ``docs/benchmarks/<run name>``; ``outputs/benchmarks/<run name>`` for the
+``--tiny`` / ``--model_config`` smoke models): ``results.json``, ``results.md``, ``step_time.png``, ``memory.png``,
+``loss_curves.png``, ``log.txt``, profiler tables; then the docs page (``--docs``, default ``docs/benchmarks.md``
+when the output is under ``docs/benchmarks/``) is rebuilt from every run directory next to this one.
 """
 
 from __future__ import annotations
@@ -104,7 +105,24 @@ def check_args(args) -> Optional[str]:
         return str(err)
     if args.output_dir and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         return f"--output_dir '{args.output_dir}' is an existing file; pass a directory path"
+    if args.model_name_or_path:
+        from ..hub import check_model_source
+
+        problem = check_model_source(args.model_name_or_path)
+        if problem:
+            return f"--model_name_or_path: {problem}"
+    if args.model_config and not os.path.isfile(args.model_config):
+        return f"--model_config '{args.model_config}' not found"
     return None
+
+
+def default_output_dir(args, run_name: str, root: Path) -> Path:
+    """Where a run writes when ``--output_dir`` is not given: ``docs/benchmarks/<run_name>`` for a real model (the
+    tracked report, rebuilt into docs/benchmarks.md), ``outputs/benchmarks/<run_name>`` (untracked, no docs page) for
+    the random-weight smoke models of ``--tiny`` / ``--model_config``."""
+    if args.tiny or args.model_config:
+        return root / "outputs" / "benchmarks" / run_name
+    return root / "docs" / "benchmarks" / run_name
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--profile_rounds", type=int, default=3)
     pr.add_argument("--profile_reps", type=int, default=5)
     o = p.add_argument_group("output")
-    o.add_argument("--output_dir", default=None, help="default: docs/benchmarks/<run_name>")
+    o.add_argument("--output_dir", default=None,
+                   help="default: docs/benchmarks/<run_name>; outputs/benchmarks/<run_name> for --tiny / --model_config")
     o.add_argument("--run_name", default=None, help="default: <device>-<model>-<dtype>-b<batch>-s<seq_len>")
     o.add_argument("--docs", default=None,
                    help="docs page rebuilt from all runs next to --output_dir (default docs/benchmarks.md when the "
@@ -346,10 +365,7 @@ def run(args) -> dict:
     lr_grids = _parse_lr_grid(args.lr_grid)
 
     run_name = args.run_name or _default_run_name(args, info.type)
-    out_dir = Path(args.output_dir) if args.output_dir else root / "docs" / "benchmarks" / run_name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log = _Log(str(out_dir / "log.txt"))
-
+    out_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args, run_name, root)
     if args.tiny:
         spec = ModelSpec(kind="tiny", seed=args.seed, attn_implementation=args.attn_implementation)
     elif args.model_config:
@@ -361,12 +377,14 @@ def run(args) -> dict:
     else:
         spec = ModelSpec(kind="embedded", seed=args.seed, attn_implementation=args.attn_implementation)
     dtype = DTYPES[args.dtype]
+    from .inputs import all_batches, fixed_batches, load_tokenizer, packed_splits, token_stream
+
+    tok = load_tokenizer(spec)  # before anything is written: a model that cannot be loaded leaves no run folder
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = _Log(str(out_dir / "log.txt"))
     log(f"benchmark {run_name}: {spec.describe()} on {info.describe()}, {args.dtype}, batch {args.batch} x seq "
         f"{args.seq_len}, variants {variants}, sections {sections}, torch threads {threads}")
 
-    from .inputs import all_batches, fixed_batches, load_tokenizer, packed_splits, token_stream
-
-    tok = load_tokenizer(spec)
     splits = packed_splits(tok, args.seq_len, max_train_samples=args.max_train_samples,
                            max_eval_samples=args.max_eval_samples)
     log(f"data: {len(splits['train'])} train / {len(splits['validation'])} held-out blocks of {args.seq_len} tokens")
@@ -608,7 +626,12 @@ def main(argv=None) -> int:
                                                    encoding="utf-8")
         print(write_docs_page(docs, results_root))
         return 0
-    run(args)
+    from ..hub import ModelSourceError
+
+    try:
+        run(args)
+    except ModelSourceError as err:
+        parser.error(str(err))
     return 0
 
 

@@ -55,12 +55,17 @@ def byte_level_tokenizer():
 
 
 def load_tokenizer(spec):
-    """The tokenizer for :class:`~paca_hpu.bench.variants.ModelSpec` ``spec``."""
+    """The tokenizer for :class:`~paca_hpu.bench.variants.ModelSpec` ``spec`` (a Hub id: local cache first).
+
+    Raises:
+        paca_hpu.hub.ModelSourceError: a Hub id neither cached nor reachable (one line)."""
     if spec.random_init:
         return byte_level_tokenizer()
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(spec.resolved_path())
+    from ..hub import from_pretrained_cache_first
+
+    tok = from_pretrained_cache_first(AutoTokenizer.from_pretrained, spec.resolved_path())
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -1,0 +1,292 @@
+"""Nothing lost, nothing silently wrong (issue 12): output directories, atomic checkpoints (a kill and a full disk
+mid-save, in subprocesses), run lineage in rotation and resume, Hub ids from the local cache, and the one-line
+errors of scripts/run_paca_clm.py. Tiny LLaMA on CPU; the CLI runs in-process except where a process must die."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from test_run_script import tiny  # noqa: F401  (fixture: tiny LLaMA checkpoint + 24 GSM8K-style rows)
+from test_trainer import StopAt
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _argv(tiny, out, *extra):
+    return ["--model_name_or_path", tiny["model"], "--train_file", tiny["train"], "--validation_split_percentage",
+            "25", "--max_seq_len", "64", "--per_device_train_batch_size", "4", "--learning_rate", "5e-3", "--seed",
+            "11", "--lr_scheduler_type", "linear", "--output_dir", str(out), *extra]
+
+
+def _main(argv, callbacks=None):
+    from paca_hpu.cli import main
+
+    return main(argv, callbacks=callbacks)
+
+
+def _adapter(folder):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, "adapter_model.safetensors"))
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _losses(out):
+    state = json.load(open(os.path.join(out, "trainer_state.json")))
+    return [(h["step"], h["loss"]) for h in state["log_history"] if "loss" in h]
+
+
+def _checkpoints(out):
+    return sorted(d for d in os.listdir(out) if "checkpoint-" in d)
+
+
+def _one_error_line(err):
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------------------------- output directory
+
+
+def test_nonempty_output_dir_is_refused_and_left_as_it_was(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _main(_argv(tiny, out, "--max_steps", "2", "--save_steps", "2")) == 0
+    before = {name: (out / name).read_bytes() for name in ("adapter_model.safetensors", "metrics.json",
+                                                           "loss_curves.png")}
+    capsys.readouterr()
+    assert _main(_argv(tiny, out, "--max_steps", "3", "--learning_rate", "1e-2")) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert str(out) in line and "--overwrite_output_dir" in line and "--resume_from_checkpoint last" in line
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert _checkpoints(out) == ["checkpoint-2"]
+
+
+def test_overwrite_never_rotates_or_resumes_an_earlier_runs_checkpoints(tiny, tmp_path):
+    """An earlier run's checkpoint-6 stays; the new run (interrupted at step 2, save_total_limit 1) keeps its own
+    checkpoint; 'last' resumes the new run, whose final adapter equals an uninterrupted run's, not the old one."""
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    assert _main(_argv(tiny, out, "--max_steps", "6", "--save_steps", "6", "--seed", "5")) == 0
+    old = _adapter(out / "checkpoint-6")
+    new_run = ("--max_steps", "4", "--save_steps", "1", "--save_total_limit", "1", "--eval_strategy", "no")
+    assert _main(_argv(tiny, ref, *new_run)) == 0
+    assert _main(_argv(tiny, out, *new_run, "--overwrite_output_dir"), callbacks=[StopAt(2)]) == 0
+    assert _checkpoints(out) == ["checkpoint-2", "checkpoint-6"]
+    assert _same(_adapter(out / "checkpoint-6"), old)  # the earlier run's checkpoint is untouched
+    assert _main(_argv(tiny, out, *new_run, "--resume_from_checkpoint", "last")) == 0
+    final = _adapter(out)
+    assert _same(final, _adapter(ref)) and not _same(final, old)
+    assert _losses(out) == _losses(ref)
+    assert _checkpoints(out) == ["checkpoint-4", "checkpoint-6"] and _same(_adapter(out / "checkpoint-6"), old)
+
+
+# ------------------------------------------------------------------------------- a kill / a full disk mid-save
+
+_DRIVER = textwrap.dedent("""
+    import errno, os, signal, sys
+    import torch
+    mode, target = os.environ["SAFE_MODE"], os.environ.get("SAFE_TARGET", "")
+    real_save = torch.save
+    def save(obj, f, *args, **kwargs):
+        if target and isinstance(f, (str, os.PathLike)) and os.fspath(f).endswith(target):
+            if mode == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if mode == "enospc":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(f))
+        return real_save(obj, f, *args, **kwargs)
+    torch.save = save
+    from paca_hpu.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def _run_driver(tmp_path, argv, mode, target=""):
+    driver = tmp_path / "driver.py"
+    driver.write_text(_DRIVER)
+    env = dict(os.environ, SAFE_MODE=mode, SAFE_TARGET=target, PACA_DEVICE="cpu",
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, str(driver), *argv], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=600)
+
+
+def test_kill_mid_save_then_resume_skips_the_incomplete_checkpoint(tiny, tmp_path, capsys):
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    args = ("--max_steps", "4", "--save_steps", "1", "--save_total_limit", "5", "--eval_strategy", "no")
+    proc = _run_driver(tmp_path, _argv(tiny, out, *args), "kill", os.path.join("checkpoint-3", "scheduler.pt"))
+    assert proc.returncode == -9, proc.stdout[-2000:] + proc.stderr[-3000:]
+    # checkpoint 3 was being written: it exists only under its staging name, so nothing looks complete
+    assert _checkpoints(out) == ["checkpoint-1", "checkpoint-2", "tmp-checkpoint-3"]
+    assert os.path.isfile(out / "checkpoint-2" / "trainer_state.json")
+    assert _main(_argv(tiny, ref, *args)) == 0
+    capsys.readouterr()
+    assert _main(_argv(tiny, out, *args, "--resume_from_checkpoint", "last")) == 0
+    printed = capsys.readouterr()
+    assert "skipping incomplete checkpoint" in printed.out and "tmp-checkpoint-3" in printed.out, printed.out[-3000:]
+    assert _same(_adapter(out), _adapter(ref)) and _losses(out) == _losses(ref)
+    assert _checkpoints(out) == ["checkpoint-1", "checkpoint-2", "checkpoint-3", "checkpoint-4"]
+    for step in (3, 4):
+        assert _same(_adapter(out / f"checkpoint-{step}"), _adapter(ref / f"checkpoint-{step}"))
+
+
+def test_disk_full_mid_save_is_one_line_and_leaves_no_checkpoint(tiny, tmp_path):
+    out = tmp_path / "out"
+    args = ("--max_steps", "3", "--save_steps", "1", "--eval_strategy", "no")
+    proc = _run_driver(tmp_path, _argv(tiny, out, *args), "enospc", os.path.join("checkpoint-2", "optimizer.pt"))
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    line = _one_error_line(proc.stderr)
+    assert line.startswith(f"error: no space left on {out}") and "checkpoint-2" in line, line
+    assert _checkpoints(out) == ["checkpoint-1"]  # no checkpoint-2, no staging folder
+    assert os.path.isfile(out / "checkpoint-1" / "trainer_state.json")
+
+
+def _mount_tmpfs(path, options):
+    path.mkdir(parents=True, exist_ok=True)
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()})")
+
+
+def _umount(path):
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_real_full_tmpfs_mid_save(tiny, tmp_path, capsys):
+    """The same on a real full filesystem (a 2 MiB tmpfs, filled up to 8 KiB; in-process, nothing is killed):
+    the writers fail with their own errors, still reported as one 'no space left' line. Skipped where tmpfs cannot
+    be mounted."""
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, "size=2m")
+    try:
+        out = disk / "out"
+        out.mkdir()
+        free = shutil.disk_usage(disk).free
+        with open(disk / "filler", "wb") as fh:
+            fh.write(b"\0" * (free - 8192))
+        assert _main(_argv(tiny, out, "--max_steps", "2", "--save_steps", "1", "--eval_strategy", "no")) == 2
+        line = _one_error_line(capsys.readouterr().err)
+        assert line.startswith("error: no space left on") and str(out) in line, line
+        assert _checkpoints(out) == []
+        # torch.save's own error on a full disk carries no errno: recognised by the free space left
+        from paca_hpu.checkpoints import is_disk_full
+
+        with pytest.raises(RuntimeError) as exc:
+            torch.save(torch.zeros(1 << 16), out / "big.pt")
+        assert is_disk_full(exc.value, str(out)) and not is_disk_full(exc.value, str(tmp_path))
+    finally:
+        _umount(disk)
+
+
+def test_read_only_output_dir_is_one_line(tiny, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    if os.geteuid() == 0:
+        _mount_tmpfs(ro, "ro,size=64k")
+    else:
+        ro.mkdir()
+        ro.chmod(0o555)
+    try:
+        assert _main(_argv(tiny, ro / "out", "--max_steps", "1")) == 2
+        line = _one_error_line(capsys.readouterr().err)
+        assert "cannot be written" in line and str(ro) in line, line
+    finally:
+        if os.geteuid() == 0:
+            _umount(ro)
+
+
+# --------------------------------------------------------------------------------------------- one-line errors
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("batch_size_0", "--per_device_train_batch_size 0"),
+    ("not_a_model", "is not a model folder (no config.json)"),
+    ("no_model_type", "has no model_type"),
+    ("not_utf8", "byte 0xe9 at byte offset 17"),
+])
+def test_bad_inputs_are_one_line_errors(tiny, tmp_path, capsys, case, expected):
+    out = tmp_path / "out"
+    argv = _argv(tiny, out, "--max_steps", "1")
+    if case == "batch_size_0":
+        argv += ["--per_device_train_batch_size", "0"]
+    elif case in ("not_a_model", "no_model_type"):
+        folder = tmp_path / "folder"
+        folder.mkdir()
+        (folder / ("config.json" if case == "no_model_type" else "notes.txt")).write_text('{"hidden_size": 8}')
+        argv[argv.index("--model_name_or_path") + 1] = str(folder)
+    else:
+        bad = tmp_path / "latin1.jsonl"
+        bad.write_bytes('{"question": "café?", "answer": "yes"}\n'.encode("latin-1"))
+        argv[argv.index("--train_file") + 1] = str(bad)
+        expected = f"'{bad}' is not UTF-8 text: {expected}"
+    assert _main(argv) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert expected in line and len(line) < 400, line
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------- Hub ids
+
+
+def _hub_cache(tmp_path, model_dir, repo_id):
+    """A Hugging Face cache folder holding ``repo_id`` at revision main (the layout huggingface_hub writes)."""
+    cache = tmp_path / "hub-cache"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return cache
+
+
+def test_hub_id_with_a_slash_loads_from_the_local_cache(tiny, tmp_path, monkeypatch):
+    import huggingface_hub.file_download as hub_download
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"the Hub was asked for {args or kwargs} although the model is cached")
+
+    monkeypatch.setattr(hub_download, "get_hf_file_metadata", no_network)
+    cache = _hub_cache(tmp_path, tiny["model"], "tiny-org/tiny-llama")
+    out = tmp_path / "out"
+    argv = _argv(tiny, out, "--max_steps", "1", "--cache_dir", str(cache))
+    argv[argv.index("--model_name_or_path") + 1] = "tiny-org/tiny-llama"
+    assert _main(argv) == 0
+    assert json.load(open(out / "metrics.json"))["model"] == "tiny-org/tiny-llama"
+    assert json.load(open(out / "adapter_config.json"))["base_model_name_or_path"] == "tiny-org/tiny-llama"
+    from paca_hpu import load_adapter
+    from transformers import AutoModelForCausalLM
+
+    model = load_adapter(AutoModelForCausalLM.from_pretrained(tiny["model"]), out)  # the same base weights
+    assert len([n for n, _ in model.named_modules() if n.endswith("q_proj")]) == 2
+
+
+def test_hub_model_and_dataset_without_network_are_one_line(tiny, tmp_path):
+    """HF_HUB_OFFLINE=1 stands in for a machine without network (the real one retries for ~40 s)."""
+    code = textwrap.dedent(f"""
+        import sys
+        from paca_hpu.cli import main
+        base = ["--max_steps", "1", "--output_dir", {str(tmp_path / "o1")!r}, "--train_file", {tiny["train"]!r},
+                "--model_name_or_path", "tiny-org/not-cached"]
+        print("RC1", main(base), file=sys.stderr, flush=True)
+        print("RC2", main(["--max_steps", "1", "--output_dir", {str(tmp_path / "o2")!r}, "--model_name_or_path",
+                           {tiny["model"]!r}, "--dataset_name", "tatsu-lab/alpaca"]), file=sys.stderr, flush=True)
+    """)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PACA_DEVICE="cpu",
+               HF_HUB_CACHE=str(tmp_path / "empty-cache"), HF_DATASETS_CACHE=str(tmp_path / "empty-ds-cache"),
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert "RC1 2" in proc.stderr and "RC2 2" in proc.stderr and len(errors) == 2, proc.stderr[-3000:]
+    assert "'tiny-org/not-cached'" in errors[0] and "Hub cannot be reached" in errors[0], errors[0]
+    assert "'tatsu-lab/alpaca'" in errors[1] and "Hub cannot be reached" in errors[1], errors[1]
