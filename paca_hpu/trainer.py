@@ -23,6 +23,7 @@ This module uses only the public ``paca_hpu`` API; it knows nothing of PaCA's in
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -362,6 +363,32 @@ class _WriteBackGuard(_callback_base()):
             sync_paca(model)
 
 
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def _quantized_base_accepted(model: Optional[nn.Module]):
+    """transformers' ``Trainer.__init__`` refuses a quantized model (``model.is_quantized``) unless it is a peft
+    ``PeftModel`` or carries adapters loaded through transformers' peft integration (``_hf_peft_config_loaded``)
+    ("You cannot perform fine-tuning on purely quantized models"). A PaCA model on a 4-bit base (QPaCA) has trainable
+    adapters, so for the duration of ``__init__`` only it is marked as such; the mark is removed again (it also
+    changes what ``save_pretrained`` writes)."""
+    inner = _unwrap(model) if model is not None else None
+    mark = (inner is not None and getattr(inner, "is_quantized", False) and is_paca_model(inner)
+            and not getattr(inner, "_hf_peft_config_loaded", False))
+    saved = inner.__dict__.get("_hf_peft_config_loaded", _MISSING) if mark else _MISSING
+    if mark:
+        inner._hf_peft_config_loaded = True
+    try:
+        yield
+    finally:
+        if mark:
+            if saved is _MISSING:
+                del inner.__dict__["_hf_peft_config_loaded"]
+            else:
+                inner._hf_peft_config_loaded = saved
+
+
 class PaCATrainerMixin:
     """Adds to a ``transformers.Trainer`` subclass (``GaudiTrainer`` or ``Trainer``):
 
@@ -370,7 +397,11 @@ class PaCATrainerMixin:
     * a PaCA write-back after every optimizer step that PaCA's global step hook does not see (DeepSpeed ZeRO style
       optimizers; see :class:`_WriteBackGuard`);
     * the Gaudi-only ``generation_config`` fields for the duration of ``train`` / ``evaluate`` / ``predict``
-      (workaround 5 in :mod:`paca_hpu._optimum_habana`), hidden again while a checkpoint is written.
+      (workaround 5 in :mod:`paca_hpu._optimum_habana`), hidden again while a checkpoint is written;
+    * PaCA on a bitsandbytes 4-bit base (QPaCA) passes transformers' "purely quantized model" check
+      (:func:`_quantized_base_accepted`); on the CPU ``GaudiTrainer`` a bitsandbytes model's CPU-only
+      ``hf_device_map`` is hidden during ``train`` / ``evaluate`` / ``predict`` (workaround 10 in
+      :mod:`paca_hpu._optimum_habana`).
 
     LoRA (``PeftModel``) and full fine-tuning keep the base class's behaviour.
     """
@@ -378,12 +409,15 @@ class PaCATrainerMixin:
     _paca_gen_fields_added: Tuple[str, ...] = ()
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+        with _quantized_base_accepted(kwargs.get("model", args[0] if args else None)):
+            super().__init__(*args, **kwargs)
         self.add_callback(_WriteBackGuard(self))
 
     # -- generation_config fields (workaround 5) --------------------------------------------------
     def _with_gen_fields(self, fn, *args, **kwargs):
-        with _oh.gaudi_generation_fields(self.model) as added:
+        cpu_gaudi = hasattr(self.args, "use_habana") and not self.args.use_habana
+        with _oh.gaudi_generation_fields(self.model) as added, \
+                (_oh.hidden_cpu_device_map(self.model) if cpu_gaudi else contextlib.nullcontext()):
             outer = self._paca_gen_fields_added
             if added:
                 self._paca_gen_fields_added = tuple(added)
