@@ -8,6 +8,7 @@ effect is registering the global optimizer step post-hook that refreshes PaCA's 
 from .adapter import load_adapter, save_adapter
 from .config import PaCAConfig
 from .layer import PaCADelta, PaCALinear, select_indices
+from .quantized import PaCALinear4bit
 from .model import (
     _ensure_hook,
     apply_paca,
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "PaCAConfig",
     "PaCALinear",
+    "PaCALinear4bit",
     "PaCADelta",
     "apply_paca",
     "sync_paca",

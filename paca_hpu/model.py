@@ -468,7 +468,8 @@ def unload_paca(model: nn.Module) -> nn.Module:
 
 def trainable_parameters(model: nn.Module) -> Tuple[int, int]:
     """``(trainable, total)`` parameter counts (elements) of ``model``; tied / shared parameters are counted once
-    (``nn.Module.parameters()`` yields each Parameter once)."""
+    (``nn.Module.parameters()`` yields each Parameter once); a bitsandbytes 4-bit weight counts its
+    ``out x in`` weights, not its packed bytes (peft's ``print_trainable_parameters`` does the same)."""
     trainable = total = 0
     for p in model.parameters():
         qs = getattr(p, "quant_state", None)  # bitsandbytes Params4bit: count the weights, not the packed bytes

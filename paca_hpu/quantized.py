@@ -185,7 +185,7 @@ class _QPaCAFunction(torch.autograd.Function):
                 # the selected input channels are zeroed (an out-of-place copy of x; Wq is never touched) and enter
                 # through the merged columns instead; grad mode is off here, so bitsandbytes runs its 4-bit GEMM op
                 # directly (no MatMul4Bit node, nothing saved by it)
-                y = bnb.matmul_4bit(xc.index_fill(-1, indices, 0), weight, quant_state=quant_state, bias=bc)
+                y = bnb.matmul_4bit(xc.index_fill(-1, indices.long(), 0), weight, quant_state=quant_state, bias=bc)
                 if y.numel():
                     m = _merged_operand(original_columns, delta, scaling, cd)
                     xs = x_sel.reshape(-1, x_sel.shape[-1])
@@ -197,6 +197,10 @@ class _QPaCAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "the 4-bit PaCA layer's fused backward is not differentiable (double backward, create_graph=True): run "
+                "that computation inside `with paca_hpu.functional_paca(model):`, which uses plain autograd ops")
         x_sel, delta, indices, original_columns = ctx.saved_tensors
         grad_x = grad_delta = None
         with _autocast_off(grad_y.device.type):
@@ -204,7 +208,7 @@ class _QPaCAFunction(torch.autograd.Function):
                 cd = ctx.compute_dtype
                 w = _dequantize(ctx.weight, ctx.quant_state, cd)  # (out, in), a temporary, as bitsandbytes' backward
                 if delta is not None:
-                    w.index_copy_(1, indices, torch.add(original_columns, delta, alpha=ctx.scaling).to(cd))
+                    w.index_copy_(1, indices.long(), torch.add(original_columns, delta, alpha=ctx.scaling).to(cd))
                 grad_x = input_gradient(grad_y, w, cd, ctx.x_dtype)
             if ctx.needs_input_grad[3]:
                 grad_delta = delta_gradient(grad_y, x_sel, ctx.scaling)
@@ -270,6 +274,7 @@ class PaCALinear4bit(nn.Module):
         self._refresh_columns()
         self.delta = nn.Parameter(torch.zeros(self.out_features, self.r, dtype=torch.float32, device=device))
         self._paca_enabled = True
+        self._functional = False
         self.train(base_layer.training)
 
     def _checked_indices(self, indices) -> torch.Tensor:
@@ -323,8 +328,21 @@ class PaCALinear4bit(nn.Module):
         if self._paca_enabled:
             self._refresh_columns()
             delta = self.delta
+            if self._functional or not isinstance(delta, nn.Parameter):  # functional_paca / torch.func.functional_call
+                return self._functional_forward(x, delta, qs, cd, out_dtype)
         return _QPaCAFunction.apply(x, self.base_layer.weight, self.base_layer.bias, delta, self.indices,
                                     self.scaling, qs, self.original_columns, cd, out_dtype)
+
+    def _functional_forward(self, x, delta, quant_state, cd, out_dtype):
+        """``F.linear(x, W)`` by plain autograd ops, ``W`` = the dequantized weight with the merged columns copied in
+        out of place: exact higher-order gradients (:func:`paca_hpu.functional_paca`); keeps a dequantized weight
+        copy per call and the full input for backward."""
+        w = _dequantize(self.base_layer.weight, quant_state, cd)
+        w = w.index_copy(1, self.indices.long(), torch.add(self.original_columns, delta, alpha=self.scaling).to(cd))
+        bias = self.base_layer.bias
+        with _autocast_off(x.device.type):
+            y = nn.functional.linear(x.to(cd), w, None if bias is None else bias.to(cd))
+        return y.to(out_dtype)
 
     # ---- the dense float view (merge, references); nothing here writes into the quantized weight -----------
 
