@@ -16,7 +16,7 @@ CONSTRAINTS_LATEST ?= .ci/constraints-latest.txt
 PYTEST_ARGS ?= -q
 PYTEST_LATEST_ARGS ?= -q
 
-.PHONY: setup setup-latest demo test test-latest test-all bench clean
+.PHONY: setup setup-latest demo test test-latest test-all bench qpaca-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,17 @@ test-all: test test-latest
 
 bench: setup
 	$(BIN)/python scripts/benchmark.py $(BENCH_ARGS)
+
+# QPaCA on the embedded SmolLM2 quantized to 4-bit NF4 on CPU: the held-out loss must fall and the saved adapter,
+# loaded onto a freshly quantized base, must give the same held-out loss (too slow for the default test run).
+QPACA_DIR ?= outputs/qpaca_check
+qpaca-check: setup
+	$(BIN)/python scripts/run_paca_clm.py --load_in_4bit --bnb_4bit_use_double_quant --peft_type paca \
+		--max_steps 10 --learning_rate 1e-3 --output_dir $(QPACA_DIR) $(QPACA_ARGS)
+	$(BIN)/python -c "import json, sys; m = json.load(open(sys.argv[1])); \
+		assert m['eval_loss_after'] < m['eval_loss_before'], m; assert m['eval_loss_reloaded'] == m['eval_loss_after'], m; \
+		print('qpaca-check OK: held-out loss', m['eval_loss_before'], '->', m['eval_loss_after'], \
+		'; reloaded on a fresh 4-bit base', m['eval_loss_reloaded'])" $(QPACA_DIR)/metrics.json
 
 clean:
 	rm -rf $(VENV) $(VENV_LATEST) outputs .pytest_cache

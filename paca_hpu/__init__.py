@@ -9,6 +9,7 @@ from .adapter import load_adapter, save_adapter
 from .config import PaCAConfig
 from .integration import from_pretrained
 from .layer import PaCADelta, PaCALinear, select_indices
+from .quantized import PaCALinear4bit
 from .model import (
     _ensure_hook,
     apply_paca,
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "PaCAConfig",
     "PaCALinear",
+    "PaCALinear4bit",
     "PaCADelta",
     "apply_paca",
     "sync_paca",

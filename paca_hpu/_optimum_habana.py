@@ -71,6 +71,14 @@ it works around.  Nothing here edits site-packages or leaves a patch in place af
     Workaround: :func:`wrap_ddp_on_multi_cpu` makes *one* accelerator (the trainer's own) wrap a trainable
     model in ``DistributedDataParallel`` in the ``MULTI_CPU`` state, with the DDP options the trainer chose
     (``ddp_handler``), exactly as upstream does for ``MULTI_HPU``.
+11. A bitsandbytes 4-bit model on the CPU (QPaCA / QLoRA) is refused by ``GaudiAccelerator.prepare_model`` ("You
+    can't train a model that has been loaded in 8-bit precision with CPU or disk offload") whenever its
+    ``hf_device_map`` names ``"cpu"``, which transformers always records for a CPU load. Upstream:
+    ``optimum.habana.accelerate.accelerator.GaudiAccelerator.prepare_model``, copied from an accelerate older than
+    bitsandbytes' CPU backend (accelerate 1.10's own ``prepare_model`` lets it pass when bitsandbytes' multi-backend
+    is available). Workaround: :func:`hidden_cpu_device_map` removes a CPU-only ``hf_device_map`` of a
+    bitsandbytes-quantized model for the duration of ``train`` / ``evaluate`` / ``predict`` of the CPU
+    ``GaudiTrainer`` and puts it back afterwards.
 """
 
 from __future__ import annotations
@@ -330,3 +338,26 @@ def wrap_ddp_on_multi_cpu(accelerator) -> None:
         return model
 
     accelerator.prepare_model = prepare_model
+
+
+@contextlib.contextmanager
+def hidden_cpu_device_map(model) -> Iterator[bool]:
+    """Remove a bitsandbytes-quantized model's ``hf_device_map`` for the duration when every entry is ``"cpu"``
+    (workaround 11); yields whether it did. ``model`` may be a wrapper (peft ``PeftModel``): the module that owns
+    the attribute is found among ``model.modules()``."""
+    owner = None
+    if model is not None:
+        for module in model.modules():
+            dm = module.__dict__.get("hf_device_map")
+            if dm and (getattr(module, "is_loaded_in_4bit", False) or getattr(module, "is_loaded_in_8bit", False)):
+                if {str(v) for v in dm.values()} == {"cpu"}:
+                    owner = module
+                break
+    if owner is None:
+        yield False
+        return
+    saved = owner.__dict__.pop("hf_device_map")
+    try:
+        yield True
+    finally:
+        owner.hf_device_map = saved

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from .config import PaCAConfig
-from .layer import PaCALinear
-from .model import _is_supported, _matches, apply_paca, find_target_modules, paca_layers
+from .model import PACA_LAYER_TYPES, _is_supported, _matches, apply_paca, find_target_modules, paca_layers
+from .quantized import linear_features
 
 logger = logging.getLogger(__name__)
 
@@ -269,14 +269,13 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
         if module is None:
             raise ValueError(f"adapter module '{name}' does not exist in {type(model).__name__}; the adapter was "
                              "trained on a different model")
-        if isinstance(module, PaCALinear):
+        if isinstance(module, PACA_LAYER_TYPES):
             out_f, in_f = module.out_features, module.in_features
             if module.r != config.r:
                 raise ValueError(f"PaCA layer '{name}' has r={module.r}, the adapter r={config.r}; load onto the "
                                  "un-adapted base model instead")
         elif _is_supported(module):
-            w = module.weight
-            out_f, in_f = (w.shape[0], w.shape[1]) if isinstance(module, nn.Linear) else (w.shape[1], w.shape[0])
+            in_f, out_f = linear_features(module)
         else:
             raise ValueError(f"adapter module '{name}' is a {type(module).__name__} in this model, not a linear layer")
         if delta.dim() != 2 or delta.shape[0] != out_f or delta.shape[1] != config.r or idx.shape != (config.r,) \

@@ -97,6 +97,23 @@ class ModelArguments:
                           "Off HPU it does nothing (a warning says so when the flag is given)."},
     )
 
+    # bitsandbytes 4-bit base (names as transformers' BitsAndBytesConfig / TRL's ModelConfig): --peft_type paca on it
+    # is QPaCA, --peft_type lora is QLoRA
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "Quantize the base model's linear layers to 4 bits with bitsandbytes and "
+                                         "train the adapter on it (paca: QPaCA, lora: QLoRA)."}
+    )
+    bnb_4bit_quant_type: str = field(
+        default="nf4", metadata={"help": "4-bit data type (with --load_in_4bit).", "choices": ["nf4", "fp4"]}
+    )
+    bnb_4bit_compute_dtype: Optional[str] = field(
+        default=None, metadata={"help": "dtype of the 4-bit GEMMs (with --load_in_4bit); default bfloat16 with --bf16, "
+                                        "else float32.", "choices": ["float32", "bfloat16", "float16"]}
+    )
+    bnb_4bit_use_double_quant: bool = field(
+        default=False, metadata={"help": "Quantize the 4-bit block scales too (QLoRA's double quantization)."}
+    )
+
 
 #: Training flags that one supported transformers version's ``TrainingArguments`` has and another lacks:
 #: name -> (type, default, help).  :func:`argument_classes` adds the ones ``args_cls`` lacks, so a command line
@@ -581,6 +598,59 @@ def _model_dtype(training_args, peft_type: str):
     return None
 
 
+_BNB_FLAGS = ("bnb_4bit_quant_type", "bnb_4bit_compute_dtype", "bnb_4bit_use_double_quant")
+
+
+def _check_quantization(model_args, peft_type: str, explicit: set, device_type: str) -> None:
+    """``--load_in_4bit`` and its flags fit together and with the method and device.
+
+    Raises:
+        UsageError: a bnb_4bit flag without --load_in_4bit, full fine-tuning of a 4-bit model, FP4 on HPU
+            (bitsandbytes' HPU backend dequantizes NF4 only), or bitsandbytes not installed.
+    """
+    if not model_args.load_in_4bit:
+        given = [f for f in _BNB_FLAGS if f in explicit]
+        if given:
+            raise UsageError(f"--{given[0]} has no effect without --load_in_4bit; add --load_in_4bit or drop it")
+        return
+    if peft_type == "none":
+        raise UsageError("--load_in_4bit trains an adapter on a frozen 4-bit base; pass --peft_type paca (QPaCA) or "
+                         "--peft_type lora (QLoRA), not none")
+    if device_type == "hpu" and model_args.bnb_4bit_quant_type != "nf4":
+        raise UsageError("bitsandbytes' HPU backend supports only --bnb_4bit_quant_type nf4")
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UsageError("--load_in_4bit needs bitsandbytes: pip install bitsandbytes")
+
+
+def _quantization_metrics(model) -> Dict[str, Any]:
+    """``{"quantization": "bitsandbytes 4-bit nf4 ..."}`` for a model loaded with ``--load_in_4bit``, else ``{}``."""
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qc is None or not getattr(qc, "load_in_4bit", False):
+        return {}
+    return {"quantization": f"bitsandbytes 4-bit {qc.bnb_4bit_quant_type}"
+                            f"{' + double quant' if qc.bnb_4bit_use_double_quant else ''}, compute "
+                            f"{str(qc.bnb_4bit_compute_dtype).replace('torch.', '')}"}
+
+
+def _quantization_kwargs(model_args, training_args) -> Dict[str, Any]:
+    """``from_pretrained`` keyword arguments for ``--load_in_4bit`` (empty without it): a ``BitsAndBytesConfig``,
+    the model dtype (the compute dtype unless --bf16 sets bf16; transformers would otherwise pick float16) and the
+    training device as ``device_map`` (trainers do not move bitsandbytes models)."""
+    if not model_args.load_in_4bit:
+        return {}
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    compute = model_args.bnb_4bit_compute_dtype or ("bfloat16" if training_args.bf16 else "float32")
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+                                bnb_4bit_compute_dtype=getattr(torch, compute),
+                                bnb_4bit_use_double_quant=model_args.bnb_4bit_use_double_quant)
+    return {"quantization_config": config, "device_map": {"": str(training_args.device)},
+            dtype_kwarg(): torch.bfloat16 if training_args.bf16 else getattr(torch, compute)}
+
+
 def _load_model(model_args, model_path: str, training_args, peft_type: str, use_cache: bool):
     from transformers import AutoModelForCausalLM
 
@@ -594,6 +664,7 @@ def _load_model(model_args, model_path: str, training_args, peft_type: str, use_
     dtype = _model_dtype(training_args, peft_type)
     if dtype is not None:
         kwargs[dtype_kwarg()] = dtype
+    kwargs.update(_quantization_kwargs(model_args, training_args))
     model = _from_hub_or_cache(AutoModelForCausalLM.from_pretrained, model_path, **kwargs)
     model.config.use_cache = False if training_args.gradient_checkpointing else use_cache
     return model
@@ -855,6 +926,7 @@ class _Run:
         if ta.learning_rate < 0:
             raise UsageError(f"--learning_rate {ta.learning_rate:g} is negative; pass a positive value")
         _check_distributed(ta, self.info)
+        _check_quantization(self.model_args, self.adapter_args.peft_type, self.args.explicit, self.info.type)
         try:  # fail fast, before loading model and data
             self.resume = _tr.resolve_checkpoint(ta.resume_from_checkpoint, ta.output_dir)
         except FileNotFoundError as err:
@@ -956,6 +1028,7 @@ class _Run:
         }
         if a.peft_type != "none":
             self.metrics.update(r=a.paca_r, alpha=a.paca_alpha, target_modules=a.target_modules)
+        self.metrics.update(_quantization_metrics(self.model))
 
     # -- 5. held-out loss before, training, held-out loss after
     def evaluate_before(self) -> None:
@@ -1108,6 +1181,7 @@ def _print_summary(m: Dict[str, Any], out: str) -> None:
         f"method                : {m['peft_type']}"
         + (f" (r={m.get('r')}, alpha={m.get('alpha')}, targets={' '.join(m.get('target_modules') or [])})"
            if m["peft_type"] != "none" else " (full fine-tuning)"),
+        *([f"base weights          : {m['quantization']}"] if m.get("quantization") else []),
         f"trainable parameters  : {m['trainable_params']:,} of {m['total_params']:,} ({m['trainable_percent']:.4f} %)",
         f"held-out loss         : {f(m.get('eval_loss_before'))} -> {f(m.get('eval_loss_after'))}"
         + (f"  ({m['eval_samples']} examples, loss on {loss_on})" if m.get("eval_samples") else ""),

@@ -50,7 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PaCALinear", "PaCADelta", "select_indices", "default_index_dtype", "live_paca_layers"]
+__all__ = ["PaCALinear", "PaCADelta", "select_indices", "default_index_dtype", "live_paca_layers", "delta_gradient",
+           "input_gradient"]
 
 #: Every PaCALinear alive in this process (built, deep-copied or unpickled); the optimizer step hook in
 #: :mod:`paca_hpu.model` looks here for the layers whose ``delta`` an optimizer just updated.
@@ -156,6 +157,49 @@ def _delta_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if weight_dtype == torch.float64 else torch.float32
 
 
+def input_gradient(grad_y: torch.Tensor, weight: torch.Tensor, compute_dtype: torch.dtype,
+                   x_dtype: torch.dtype) -> torch.Tensor:
+    """``grad_x = grad_y @ weight`` computed in ``compute_dtype`` and returned in ``x_dtype``.
+
+    Args:
+        grad_y: ``(..., out_features)``; weight: ``(out_features, in_features)`` (the effective weight).
+
+    Returns:
+        ``(..., in_features)`` of ``x_dtype``. Call with autocast off.
+    """
+    g = grad_y if grad_y.dtype == compute_dtype else grad_y.to(compute_dtype)
+    w = weight if weight.dtype == compute_dtype else weight.to(compute_dtype)
+    grad_x = torch.matmul(g, w)
+    return grad_x if grad_x.dtype == x_dtype else grad_x.to(x_dtype)
+
+
+def delta_gradient(grad_y: torch.Tensor, x_sel: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``scaling * grad_y_2d.T @ x_sel_2d``: the gradient of PaCA's ``delta`` (section 3 of the paper).
+
+    Args:
+        grad_y: ``(..., out_features)`` gradient of the layer output, any float dtype.
+        x_sel: ``(..., r)`` the saved ``x[..., indices]`` (same leading dims as ``grad_y``).
+        scaling: ``paca_alpha / r``.
+
+    Returns:
+        ``(out_features, r)``, accumulated and returned in float32 (float64 when ``x_sel`` is float64), whatever
+        the dtype of the inputs. Call with autocast off.
+    """
+    acc = torch.float64 if x_sel.dtype == torch.float64 else torch.float32
+    out_features, r = grad_y.shape[-1], x_sel.shape[-1]
+    if x_sel.dim() == 3:
+        # (batch, seq, .) inputs: one (r x seq) @ (seq x out) GEMM per sequence, summed. A single
+        # (r x N) @ (N x out) GEMM with r = 8 rows keeps few threads busy; the batched form took 0.64x
+        # the time on 2 CPU threads at SmolLM2's shapes (bf16, 4 x 256; docs/benchmarks.md).
+        grad_delta = torch.bmm(x_sel.to(acc).transpose(1, 2), grad_y.to(acc)).sum(0)
+    else:
+        g2 = grad_y.reshape(-1, out_features).to(acc)
+        xs2 = x_sel.reshape(-1, r).to(acc)
+        grad_delta = torch.mm(xs2.t(), g2)
+    # (x_sel^T g)^T: same value as g^T x_sel; this operand order was 2-4x faster on CPU (DESIGN.md).
+    return grad_delta.t().mul_(scaling)
+
+
 class _PaCAFunction(torch.autograd.Function):
     """``y = F.linear(x, weight, bias)``, saving only ``x[..., indices]``; gradient for ``delta`` (see module doc).
 
@@ -190,26 +234,9 @@ class _PaCAFunction(torch.autograd.Function):
         grad_x = grad_delta = None
         with _autocast_off(grad_y.device.type):
             if ctx.needs_input_grad[0]:
-                cd = ctx.compute_dtype
-                g = grad_y if grad_y.dtype == cd else grad_y.to(cd)
-                w = weight if weight.dtype == cd else weight.to(cd)
-                grad_x = torch.matmul(g, w)
-                if grad_x.dtype != ctx.x_dtype:
-                    grad_x = grad_x.to(ctx.x_dtype)
+                grad_x = input_gradient(grad_y, weight, ctx.compute_dtype, ctx.x_dtype)
             if ctx.needs_input_grad[3]:
-                acc = torch.float64 if x_sel.dtype == torch.float64 else torch.float32
-                out_features, r = grad_y.shape[-1], x_sel.shape[-1]
-                if x_sel.dim() == 3:
-                    # (batch, seq, .) inputs: one (r x seq) @ (seq x out) GEMM per sequence, summed. A single
-                    # (r x N) @ (N x out) GEMM with r = 8 rows keeps few threads busy; the batched form took 0.64x
-                    # the time on 2 CPU threads at SmolLM2's shapes (bf16, 4 x 256; docs/benchmarks.md).
-                    grad_delta = torch.bmm(x_sel.to(acc).transpose(1, 2), grad_y.to(acc)).sum(0)
-                else:
-                    g2 = grad_y.reshape(-1, out_features).to(acc)
-                    xs2 = x_sel.reshape(-1, r).to(acc)
-                    grad_delta = torch.mm(xs2.t(), g2)
-                # (x_sel^T g)^T: same value as g^T x_sel; this operand order was 2-4x faster on CPU (DESIGN.md).
-                grad_delta = grad_delta.t().mul_(ctx.scaling)
+                grad_delta = delta_gradient(grad_y, x_sel, ctx.scaling)
         return grad_x, None, None, grad_delta, None, None
 
 

@@ -1,6 +1,8 @@
 """Converting a model to PaCA and back (peft-style ``tuners/<method>/model.py``).
 
-* :func:`apply_paca` swaps targeted ``nn.Linear`` / transformers ``Conv1D`` layers for :class:`PaCALinear`.
+* :func:`apply_paca` swaps targeted ``nn.Linear`` / transformers ``Conv1D`` layers for :class:`PaCALinear`, and
+  bitsandbytes 4-bit ``Linear4bit`` layers for :class:`paca_hpu.quantized.PaCALinear4bit` (QPaCA; 8-bit layers are
+  refused).
 * A global optimizer step post-hook (``torch.optim.optimizer.register_optimizer_step_post_hook``) writes the
   adapted columns into the merged weights after EVERY ``Optimizer.step()`` of an optimizer that holds a
   ``delta`` (SGD, AdamW, fused/foreach variants, optimizers wrapped by accelerate or a Trainer). Anything else that
@@ -26,6 +28,8 @@ from torch import nn
 
 from .config import PaCAConfig
 from .layer import PaCALinear, live_paca_layers, select_indices
+from .quantized import (PaCALinear4bit, clear_quantization_markers, is_linear4bit, linear_features, merged_linear,
+                        unsupported_reason)
 
 __all__ = [
     "apply_paca",
@@ -45,6 +49,9 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------------------
 
 _HOOK_HANDLE = None
+
+#: The PaCA layer classes: dense (nn.Linear / Conv1D base) and 4-bit (bitsandbytes Linear4bit base).
+PACA_LAYER_TYPES = (PaCALinear, PaCALinear4bit)
 
 
 def _optimizer_step_post_hook(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
@@ -185,7 +192,7 @@ def find_target_modules(model: nn.Module, config: PaCAConfig) -> List[str]:
             not an ``nn.Linear`` / ``Conv1D`` (names it), or a match is already a PaCA layer.
     """
     for name, module in model.named_modules():
-        if isinstance(module, PaCALinear):
+        if isinstance(module, PACA_LAYER_TYPES):
             raise ValueError(f"module '{name}' is already a PaCALinear: the model already has PaCA applied; "
                              "call unload_paca(model) or merge_paca(model) first")
     heads = _output_head_names(model) if config.target_modules == "all-linear" else set()
@@ -202,13 +209,16 @@ def find_target_modules(model: nn.Module, config: PaCAConfig) -> List[str]:
             matched = _matches(name, config.target_modules)
         if not matched or (config.exclude_modules is not None and _matches(name, config.exclude_modules)):
             continue
-        if isinstance(module, PaCALinear):
+        if isinstance(module, PACA_LAYER_TYPES):
             raise ValueError(f"module '{name}' is already a PaCALinear: the model already has PaCA applied; "
                              "call unload_paca(model) or merge_paca(model) first")
+        reason = unsupported_reason(name, module)
+        if reason:
+            raise ValueError(reason)
         if not _is_supported(module):
             raise ValueError(
                 f"target module '{name}' is a {type(module).__name__}, which PaCA does not support; PaCA adapts "
-                "torch.nn.Linear and transformers Conv1D layers. Narrow target_modules to the linear layers "
+                "torch.nn.Linear, transformers Conv1D and bitsandbytes 4-bit Linear4bit layers. Narrow target_modules to the linear layers "
                 "(e.g. ['q_proj', 'v_proj'] or 'all-linear')"
             )
         names.append(name)
@@ -234,7 +244,9 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _to_paca(name: str, module: nn.Module, indices: torch.Tensor, scaling: float,
-             index_dtype: Optional[torch.dtype]) -> PaCALinear:
+             index_dtype: Optional[torch.dtype]) -> nn.Module:
+    if is_linear4bit(module):
+        return PaCALinear4bit(module, indices, scaling, index_dtype=index_dtype, name=name)
     if isinstance(module, nn.Linear):
         weight, kind = module.weight, "linear"
     else:  # Conv1D: weight (in, out) -> nn.Linear layout (out, in)
@@ -283,6 +295,9 @@ def apply_paca(
             if name not in modules:
                 raise ValueError(f"adapter module '{name}' does not exist in {type(model).__name__}; the adapter was "
                                  "trained on a different architecture")
+            reason = unsupported_reason(name, modules[name])
+            if reason:
+                raise ValueError(reason)
             if not _is_supported(modules[name]):
                 raise ValueError(f"adapter module '{name}' is a {type(modules[name]).__name__} in this model, not an "
                                  "nn.Linear / Conv1D")
@@ -297,8 +312,7 @@ def apply_paca(
     planned: List[Tuple[str, nn.Module, torch.Tensor]] = []
     for name in names:
         module = modules[name]
-        in_features = module.weight.shape[1] if isinstance(module, nn.Linear) else module.weight.shape[0]
-        out_features = module.weight.shape[0] if isinstance(module, nn.Linear) else module.weight.shape[1]
+        in_features, out_features = linear_features(module)
         sharers = [o for o in owners.get(id(module.weight), []) if o != f"{name}.weight"]
         if sharers:
             raise ValueError(f"layer '{name}' shares its weight with {sharers[0]} (tied weights); PaCA cannot adapt "
@@ -337,10 +351,10 @@ def apply_paca(
     return model
 
 
-def paca_layers(model: nn.Module) -> Iterator[Tuple[str, PaCALinear]]:
-    """``(qualified_name, layer)`` for every :class:`PaCALinear` in ``model``."""
+def paca_layers(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
+    """``(qualified_name, layer)`` for every PaCA layer (:class:`PaCALinear`, :class:`PaCALinear4bit`) in ``model``."""
     for name, module in model.named_modules():
-        if isinstance(module, PaCALinear):
+        if isinstance(module, PACA_LAYER_TYPES):
             yield name, module
 
 
@@ -426,6 +440,9 @@ def _to_base(layer: PaCALinear, weight: torch.Tensor) -> nn.Module:
 
 def _replace_all(model: nn.Module, merged: bool) -> nn.Module:
     for name, layer in list(paca_layers(model)):
+        if isinstance(layer, PaCALinear4bit):
+            _set_submodule(model, name, merged_linear(layer) if merged else layer.unloaded())
+            continue
         with torch.no_grad():
             if merged:
                 w = layer.weight.detach()
@@ -434,6 +451,8 @@ def _replace_all(model: nn.Module, merged: bool) -> nn.Module:
                 layer.restore_original()
                 w = layer.weight.detach()
         _set_submodule(model, name, _to_base(layer, w))
+    if merged:
+        clear_quantization_markers(model)
     if hasattr(model, "paca_config"):
         del model.paca_config
     return model
@@ -442,23 +461,32 @@ def _replace_all(model: nn.Module, merged: bool) -> nn.Module:
 def merge_paca(model: nn.Module) -> nn.Module:
     """Replace every :class:`PaCALinear` by its original layer type (``nn.Linear`` or ``Conv1D``) carrying the
     merged weight ``W0`` with ``W0[:, idx] + scaling * delta``. Nothing PaCA-specific remains; outputs are
-    identical to the PaCA model's. In place; returns ``model``. (peft: ``merge_and_unload``.)"""
+    identical to the PaCA model's. In place; returns ``model``. (peft: ``merge_and_unload``.)
+
+    A 4-bit :class:`PaCALinear4bit` becomes a plain float ``nn.Linear`` holding ``dequantize(Wq)`` with the merged
+    columns, computed in float32 and rounded once to the dtype the weights had before quantization (see
+    :meth:`PaCALinear4bit.merged_weight`); when no bitsandbytes layer is left, transformers' quantization markers
+    are dropped so ``save_pretrained`` writes a plain checkpoint."""
     return _replace_all(model, merged=True)
 
 
 def unload_paca(model: nn.Module) -> nn.Module:
     """Replace every :class:`PaCALinear` by its original layer type with the ORIGINAL weights (bit-for-bit the
-    base model); the adaptation is discarded. In place; returns ``model``. (peft: ``unload``.)"""
+    base model; a 4-bit layer gets its very ``Linear4bit`` object back, never modified); the adaptation is
+    discarded. In place; returns ``model``. (peft: ``unload``.)"""
     return _replace_all(model, merged=False)
 
 
 def trainable_parameters(model: nn.Module) -> Tuple[int, int]:
     """``(trainable, total)`` parameter counts (elements) of ``model``; tied / shared parameters are counted once
-    (``nn.Module.parameters()`` yields each Parameter once)."""
+    (``nn.Module.parameters()`` yields each Parameter once); a bitsandbytes 4-bit weight counts its
+    ``out x in`` weights, not its packed bytes (peft's ``print_trainable_parameters`` does the same)."""
     trainable = total = 0
     for p in model.parameters():
-        total += p.numel()
+        qs = getattr(p, "quant_state", None)  # bitsandbytes Params4bit: count the weights, not the packed bytes
+        n = int(torch.Size(qs.shape).numel()) if qs is not None and getattr(qs, "shape", None) else p.numel()
+        total += n
         if p.requires_grad:
-            trainable += p.numel()
+            trainable += n
     return trainable, total
 

@@ -432,6 +432,32 @@ class _WriteBackGuard(_callback_base()):
             sync_paca(model)
 
 
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def _quantized_base_accepted(model: Optional[nn.Module]):
+    """transformers' ``Trainer.__init__`` refuses a quantized model (``model.is_quantized``) unless it is a peft
+    ``PeftModel`` or carries adapters loaded through transformers' peft integration (``_hf_peft_config_loaded``)
+    ("You cannot perform fine-tuning on purely quantized models"). A PaCA model on a 4-bit base (QPaCA) has trainable
+    adapters, so for the duration of ``__init__`` only it is marked as such; the mark is removed again (it also
+    changes what ``save_pretrained`` writes)."""
+    inner = _unwrap(model) if model is not None else None
+    mark = (inner is not None and getattr(inner, "is_quantized", False) and is_paca_model(inner)
+            and not getattr(inner, "_hf_peft_config_loaded", False))
+    saved = inner.__dict__.get("_hf_peft_config_loaded", _MISSING) if mark else _MISSING
+    if mark:
+        inner._hf_peft_config_loaded = True
+    try:
+        yield
+    finally:
+        if mark:
+            if saved is _MISSING:
+                del inner.__dict__["_hf_peft_config_loaded"]
+            else:
+                inner._hf_peft_config_loaded = saved
+
+
 class PaCATrainerMixin:
     """Adds to a ``transformers.Trainer`` subclass (``GaudiTrainer`` or ``Trainer``):
 
@@ -451,6 +477,10 @@ class PaCATrainerMixin:
     * run lineage: ``paca_run_id`` (the resumed checkpoint's, else a new one) is recorded in ``output_dir`` and in
       every checkpoint, and ``save_total_limit`` rotation and ``train(resume_from_checkpoint=True)`` consider only
       this run's checkpoints (an earlier run's ``checkpoint-N`` in the same ``output_dir`` is left alone).
+    * PaCA on a bitsandbytes 4-bit base (QPaCA) passes transformers' "purely quantized model" check
+      (:func:`_quantized_base_accepted`); on the CPU ``GaudiTrainer`` a bitsandbytes model's CPU-only
+      ``hf_device_map`` is hidden during ``train`` / ``evaluate`` / ``predict`` (workaround 11 in
+      :mod:`paca_hpu._optimum_habana`).
 
     LoRA (``PeftModel``) and full fine-tuning keep the base class's behaviour otherwise.
     """
@@ -461,7 +491,8 @@ class PaCATrainerMixin:
     paca_run_id: Optional[str] = None
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+        with _quantized_base_accepted(kwargs.get("model", args[0] if args else None)):
+            super().__init__(*args, **kwargs)
         self.add_callback(_WriteBackGuard(self))
 
     # -- optimizer train / eval mode (schedule-free optimizers) -----------------------------------
@@ -498,7 +529,9 @@ class PaCATrainerMixin:
 
     # -- generation_config fields (workaround 5) --------------------------------------------------
     def _with_gen_fields(self, fn, *args, **kwargs):
-        with _oh.gaudi_generation_fields(self.model) as added:
+        cpu_gaudi = hasattr(self.args, "use_habana") and not self.args.use_habana
+        with _oh.gaudi_generation_fields(self.model) as added, \
+                (_oh.hidden_cpu_device_map(self.model) if cpu_gaudi else contextlib.nullcontext()):
             outer = self._paca_gen_fields_added
             if added:
                 self._paca_gen_fields_added = tuple(added)

@@ -26,6 +26,7 @@ def bench_run(tmp_path_factory):
         "--memory_warmup", "1", "--memory_steps", "1", "--maxseq_lengths", "32,64",
         "--max_train_samples", "40", "--max_eval_samples", "8", "--threads", "1",
         "--lr_grid", "lora=1e-3;paca=1e-3",
+        "--sections", "timing,saved,memory,maxseq,quality,qpaca", "--bnb_4bit_use_double_quant",
         "--output_dir", str(run_dir), "--docs", str(docs),
     ]
     env = dict(os.environ, PACA_DEVICE="cpu", TOKENIZERS_PARALLELISM="false")
@@ -225,3 +226,32 @@ def test_benchmark_on_a_model_it_cannot_load_is_one_line_and_writes_nothing(fake
     lines = [ln for ln in err.splitlines() if ln.startswith("scripts/benchmark.py: error: ")]
     assert len(lines) == 1 and needle in lines[0] and str(model) in lines[0] and "Traceback" not in err, err
     assert os.listdir(fake_root / "docs" / "benchmarks") == [] and not (fake_root / "outputs").exists()
+
+
+def test_qpaca_section_measures_and_its_memory_model_matches_the_measured_saved_bytes(bench_run):
+    run_dir, _, res = bench_run
+    pytest.importorskip("bitsandbytes")
+    q = res["qpaca"]
+    assert q["quant"]["quant_type"] == "nf4" and q["quant"]["double_quant"] is True
+    names = ("qfloor", "qlora", "qpaca")
+    for n in names:
+        assert q["timing"]["variants"][n]["wall_s"]["median"] > 0
+        assert q["memory"][n]["peak_bytes"] >= q["memory"][n]["before_bytes"] > 0
+    saved = {n: q["saved"][n]["bytes"] for n in names}
+    assert saved["qfloor"] < saved["qpaca"] < saved["qlora"]
+    assert q["timing"]["variants"]["qpaca"]["trainable"] < q["timing"]["variants"]["qlora"]["trainable"]
+    assert set(q["quality"]["best"]) == {"qlora", "qpaca"} and q["quality"]["steps"] == 2
+    # the memory model counts what autograd saves tensor by tensor: it must reproduce the measurement
+    for n in names:
+        check = q["model_check"][n]
+        assert check["saved_measured"] == saved[n]
+        assert abs(check["saved_ratio"] - 1) < 1e-4, (n, check)
+    fam = q["family"]
+    for row in fam["models"].values():
+        assert row["qpaca"]["total"] < row["qlora"]["total"]
+        assert row["qpaca_max_seq_b1"] >= row["qlora_max_seq_b1"]
+    params = {name: row["params"] for name, row in fam["models"].items()}
+    assert fam["largest"]["qpaca"] is not None
+    assert params[fam["largest"]["qpaca"]] >= params.get(fam["largest"]["qlora"], 0)
+    md = (run_dir / "results.md").read_text(encoding="utf-8")
+    assert "QPaCA vs QLoRA on a 4-bit base" in md and "Modelled, not run on Gaudi" in md

@@ -45,7 +45,12 @@ def _run(cfg: dict, variant_name: str, inputs_path: str) -> dict:
     spec = ModelSpec(**cfg["model"])
     t0 = time.perf_counter()
     _device.manual_seed_all(cfg["seed"])
-    base = load_base_model(spec, DTYPES[cfg["dtype"]], dev)
+    if cfg.get("quant"):  # the qpaca section: the same variants on a bitsandbytes 4-bit base
+        from .qpaca import load_quantized_base
+
+        base = load_quantized_base(spec, DTYPES[cfg["dtype"]], dev, **cfg["quant"])
+    else:
+        base = load_base_model(spec, DTYPES[cfg["dtype"]], dev)
     variant = build_variant(variant_name, base, r=cfg["r"], alpha=cfg["alpha"], copy_base=False)
     del base
     opt = make_optimizer(variant, 1e-4)

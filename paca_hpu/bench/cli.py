@@ -8,7 +8,9 @@ request; ``all`` = every section):
 * ``memory``: peak memory, each variant in its own subprocess;
 * ``maxseq``: longest sequence at batch 1 within a memory budget (same subprocesses);
 * ``quality``: held-out loss after ``--steps`` steps at each method's best learning rate;
-* ``profile``: where PaCA's step time goes beyond the floor's (torch.profiler + component timings).
+* ``profile``: where PaCA's step time goes beyond the floor's (torch.profiler + component timings);
+* ``qpaca``: QPaCA vs QLoRA on the model quantized to 4 bits by bitsandbytes (step time, saved bytes, peak memory,
+  held-out loss; ``--qpaca_parts``), plus a memory model for large LLaMA models (:mod:`paca_hpu.bench.qpaca`).
 
 Outputs in ``--output_dir`` (default ``docs/benchmarks/<run name>``; ``outputs/benchmarks/<run name>`` for the
 ``--tiny`` / ``--model_config`` smoke models): ``results.json``, ``results.md``, ``step_time.png``, ``memory.png``,
@@ -32,7 +34,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-SECTIONS = ("timing", "saved", "memory", "maxseq", "quality", "profile")
+SECTIONS = ("timing", "saved", "memory", "maxseq", "quality", "profile", "qpaca")
+QPACA_PARTS = ("timing", "saved", "memory", "quality")
 DEFAULT_SECTIONS = "timing,saved,memory,maxseq,quality"
 
 
@@ -103,6 +106,14 @@ def check_args(args) -> Optional[str]:
         _parse_lr_grid(args.lr_grid)
     except ValueError as err:
         return str(err)
+    parts = _csv(args.qpaca_parts)
+    if not parts or any(x not in QPACA_PARTS for x in parts):
+        return f"--qpaca_parts: unknown or empty {args.qpaca_parts!r}; choose from {', '.join(QPACA_PARTS)}"
+    if not args.qpaca_device_gb > 0:
+        return f"--qpaca_device_gb must be > 0, got {args.qpaca_device_gb}"
+    for flag in ("qpaca_model_batch", "qpaca_model_seq_len"):
+        if getattr(args, flag) < 1:
+            return f"--{flag} must be >= 1, got {getattr(args, flag)}"
     if args.output_dir and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         return f"--output_dir '{args.output_dir}' is an existing file; pass a directory path"
     if args.model_name_or_path:
@@ -186,6 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out evaluation (selection half) every N steps for the curves; 0: only at the end")
     q.add_argument("--max_train_samples", type=int, default=None, help="limit raw training examples")
     q.add_argument("--max_eval_samples", type=int, default=None, help="limit raw held-out examples")
+    qp = p.add_argument_group("qpaca (QPaCA vs QLoRA on a bitsandbytes 4-bit base)")
+    qp.add_argument("--bnb_4bit_quant_type", default="nf4", choices=["nf4", "fp4"])
+    qp.add_argument("--bnb_4bit_use_double_quant", action="store_true", help="quantize the block scales too")
+    qp.add_argument("--qpaca_parts", default=",".join(QPACA_PARTS),
+                    help=f"comma separated subset of {','.join(QPACA_PARTS)} measured by the qpaca section")
+    qp.add_argument("--qpaca_device_gb", type=float, default=96.0,
+                    help="memory of the device the memory model solves for (Gaudi 2: 96 GB HBM), 10^9 bytes")
+    qp.add_argument("--qpaca_model_batch", type=int, default=1, help="batch of the memory model's table")
+    qp.add_argument("--qpaca_model_seq_len", type=int, default=2048, help="sequence length of the memory model's table")
     pr = p.add_argument_group("profile")
     pr.add_argument("--profile_rounds", type=int, default=3)
     pr.add_argument("--profile_reps", type=int, default=5)
@@ -276,7 +296,10 @@ def _default_run_name(args, device_type: str) -> str:
         model = Path(args.model_name_or_path.rstrip("/")).name
     else:
         model = "smollm2-135m"
-    return f"{device_type}-{model}-{args.dtype}-b{args.batch}-s{args.seq_len}".lower()
+    name = f"{device_type}-{model}-{args.dtype}-b{args.batch}-s{args.seq_len}"
+    if _csv(args.sections) == ["qpaca"]:
+        name += f"-qpaca-{args.bnb_4bit_quant_type}{'-dq' if args.bnb_4bit_use_double_quant else ''}"
+    return name.lower()
 
 
 def default_budget_bytes(info) -> float:
@@ -411,6 +434,10 @@ def run(args) -> dict:
             "memory_warmup": args.memory_warmup, "memory_steps": args.memory_steps, "steps": args.steps,
             "cpu_malloc": args.cpu_malloc,
             "quality_variants": quality_variants, "lr_grids": {k: lr_grids[k] for k in quality_variants if k in lr_grids},
+            **({"qpaca": {"quant_type": args.bnb_4bit_quant_type, "double_quant": args.bnb_4bit_use_double_quant,
+                          "parts": _csv(args.qpaca_parts), "device_gb": args.qpaca_device_gb,
+                          "model_batch": args.qpaca_model_batch, "model_seq_len": args.qpaca_model_seq_len}}
+               if "qpaca" in sections else {}),
         },
     }
 
@@ -450,6 +477,12 @@ def run(args) -> dict:
         if "maxseq" in sections:
             results["maxseq"] = {v: d["maxseq"] for v, d in child.items()}
             results["maxseq_max_position_embeddings"] = max_pos
+
+    # ---- QPaCA vs QLoRA (its memory subprocesses also run before this process loads the dense base)
+    if "qpaca" in sections:
+        from .qpaca import run_qpaca_section
+
+        results["qpaca"] = run_qpaca_section(args, spec, dtype, splits, info, log, _run_children, lr_grids)
 
     need_base = any(s in sections for s in ("timing", "saved", "quality", "profile"))
     base = None
@@ -563,7 +596,8 @@ def run(args) -> dict:
 
 
 _MERGE_KEYS = {"timing": ["timing"], "saved": ["saved"], "memory": ["memory", "memory_plain_rss"],
-               "maxseq": ["maxseq", "maxseq_max_position_embeddings"], "quality": ["quality"], "profile": ["profile"]}
+               "maxseq": ["maxseq", "maxseq_max_position_embeddings"], "quality": ["quality"], "profile": ["profile"],
+               "qpaca": ["qpaca"]}
 
 
 def _merge_previous(results: dict, path: Path, sections: List[str], log) -> None:

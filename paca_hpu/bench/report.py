@@ -128,6 +128,9 @@ def run_title(res: dict) -> str:
     sections = c.get("sections") or []
     if sections and set(sections) <= {"quality"}:
         extra += f", quality only ({(res.get('quality') or {}).get('steps', '?')} steps)"
+    if sections == ["qpaca"]:
+        q = res.get("qpaca", {}).get("quant", {})
+        extra += f", QPaCA vs QLoRA ({q.get('quant_type', '?')}{' + double quant' if q.get('double_quant') else ''})"
     return (f"{res['meta'].get('model', '?')}, {c['dtype']}, batch {c['batch']} x seq {c['seq_len']}{extra}, "
             f"{res['meta'].get('device', '?')}")
 
@@ -267,6 +270,11 @@ def run_markdown(res: dict, image_prefix: str = "", heading: str = "###") -> str
     prof = res.get("profile")
     if prof:
         lines += profile_markdown(prof, h)
+
+    if res.get("qpaca"):
+        from .qpaca import qpaca_markdown
+
+        lines += qpaca_markdown(res["qpaca"], h)
 
     charts = res.get("charts") or []
     if charts:
@@ -411,6 +419,7 @@ Variants: same model, same data, same targets (all 7 projections of every LLaMA 
 | `lora` | peft 0.21 LoRA, r 8, alpha 16, dropout 0, on the 7 projections |
 | `paca` | this package, r 8, paca_alpha 16, on the 7 projections |
 | `full` | every parameter (where memory allows) |
+| `qfloor` / `qlora` / `qpaca` | the `qpaca` section only: `floor` / peft LoRA (= QLoRA) / PaCA (= QPaCA, `paca_hpu.quantized.PaCALinear4bit`) on the same model quantized to 4 bits by bitsandbytes |
 
 Precision modes, identical for every variant:
 
@@ -460,6 +469,20 @@ python scripts/benchmark.py --dtype fp32 --batch 2 --seq_len 512
 python scripts/benchmark.py --dtype bf16 --batch 2 --seq_len 512
 python scripts/benchmark.py --dtype fp32 --batch 4 --seq_len 256 --sections profile --merge   # + PaCA vs floor profile
 ```
+
+QPaCA vs QLoRA (the `qpaca` section: the model quantized by bitsandbytes to NF4 with double quantization, bf16
+compute; step time, bytes saved for backward, peak memory and held-out loss after the same steps for `qfloor`,
+`qlora` and `qpaca`, plus a memory model in bytes per parameter and per token, checked against these measurements,
+that names the largest LLaMA-family model fitting one 96 GB Gaudi 2 at batch 1 x 2048 with each method). Not yet
+run here; produce its table with (on an idle machine; about the time of the `quality` section plus three memory
+subprocesses):
+
+```
+python scripts/benchmark.py --dtype bf16 --batch 4 --seq_len 256 --sections qpaca --bnb_4bit_use_double_quant
+```
+
+It writes `docs/benchmarks/cpu-smollm2-135m-bf16-b4-s256-qpaca-nf4-dq/`. `--qpaca_parts` picks what is measured,
+`--qpaca_device_gb`, `--qpaca_model_batch` and `--qpaca_model_seq_len` what the memory model solves for.
 
 Each run writes `docs/benchmarks/<device>-<model>-<dtype>-b<batch>-s<seq>/` (`results.json`, `results.md`, charts,
 `log.txt`) and rebuilds this page. `--sections` runs a subset, `--merge` keeps the other sections of an earlier
