@@ -8,10 +8,11 @@ effect is registering the global optimizer step post-hook that refreshes PaCA's 
 from .adapter import load_adapter, save_adapter
 from .config import PaCAConfig
 from .integration import from_pretrained
-from .layer import PaCADelta, PaCALinear, select_indices
+from .layer import PaCADelta, PaCALinear
 from .model import (
     _ensure_hook,
     apply_paca,
+    calibrate_indices,
     disable_paca,
     functional_paca,
     find_target_modules,
@@ -22,6 +23,7 @@ from .model import (
     trainable_parameters,
     unload_paca,
 )
+from .selection import INIT_INDICES, select_indices
 
 __version__ = "0.1.0"
 
@@ -30,6 +32,7 @@ __all__ = [
     "PaCALinear",
     "PaCADelta",
     "apply_paca",
+    "calibrate_indices",
     "sync_paca",
     "disable_paca",
     "functional_paca",
@@ -43,6 +46,7 @@ __all__ = [
     "find_target_modules",
     "trainable_parameters",
     "select_indices",
+    "INIT_INDICES",
 ]
 
 _ensure_hook()

@@ -31,6 +31,7 @@ from . import device as _device
 from . import trainer as _tr
 from .adapter import is_paca_adapter_config
 from .model import trainable_parameters
+from .selection import DATA_AWARE_INIT_INDICES, INIT_INDICES
 
 logger = logging.getLogger("paca_hpu.run_paca_clm")
 
@@ -120,7 +121,21 @@ class AdapterArguments:
     modules_to_save: Optional[List[str]] = field(
         default=None, metadata={"help": "Modules trained fully and saved with the adapter (e.g. lm_head)."}
     )
-    random_seed: int = field(default=0, metadata={"help": "PaCA: seed of the column selection."})
+    random_seed: int = field(default=0, metadata={"help": "PaCA: seed of the column selection (init_indices random)."})
+    paca_init_indices: str = field(
+        default="random",
+        metadata={"help": "PaCA: how each layer's r columns are chosen: random (default; seed and layer name), "
+                          "weight_norm (largest L2 norm of the pretrained weight's columns) or activation_norm "
+                          "(largest input-activation L2 norm per input channel over --paca_calibration_batches "
+                          "training batches, computed before training). The indices are saved with the adapter. "
+                          "Which one to use: docs/benchmarks.md, 'Parity study and column selection'.",
+                  "choices": list(INIT_INDICES)},
+    )
+    paca_calibration_batches: int = field(
+        default=8,
+        metadata={"help": "PaCA, --paca_init_indices activation_norm: training batches (of "
+                          "--per_device_train_batch_size) run through the base model to choose the columns."},
+    )
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (LoRA only)."})
     save_merged: bool = field(
         default=False,
@@ -448,15 +463,16 @@ def _check_resume(checkpoint: str, adapter_args) -> bool:
         raise UsageError(f"'{checkpoint}' holds a {saved_type} adapter, not a PaCA one")
     want = _tr.paca_config(adapter_args.paca_r, adapter_args.paca_alpha, adapter_args.target_modules,
                            adapter_args.exclude_modules, adapter_args.modules_to_save,
-                           adapter_args.random_seed).to_dict()
+                           adapter_args.random_seed, adapter_args.paca_init_indices).to_dict()
     for key in ("r", "paca_alpha", "modules_to_save"):
         if key in saved and _spec_key(saved[key]) != _spec_key(want[key]):
             flag = {"r": "paca_r"}.get(key, key)
             raise UsageError(f"cannot resume from '{checkpoint}': it was trained with {key}={saved[key]!r}, this run "
                              f"has {key}={want[key]!r}; pass --{flag} to match the checkpoint")
-    if "random_seed" in saved and saved["random_seed"] != want["random_seed"]:
-        logger.warning("resuming with the checkpoint's column indices (random_seed=%s), not --random_seed %s",
-                       saved["random_seed"], want["random_seed"])
+    for key in ("random_seed", "init_indices"):
+        if key in saved and saved[key] != want[key]:
+            logger.warning("resuming with the checkpoint's column indices (%s=%s), not --%s %s", key, saved[key],
+                           {"init_indices": "paca_init_indices"}.get(key, key), want[key])
     return any(key in saved and _spec_key(saved[key]) != _spec_key(want[key])
                for key in ("target_modules", "exclude_modules"))
 
@@ -492,6 +508,30 @@ def _check_resume_selection(checkpoint: str, model, adapter_args) -> None:
         f"layers than the checkpoint's adapter ({len(here)} vs {len(saved)}; {', '.join(diff)}); pass "
         f"--target_modules / --exclude_modules as the checkpoint was trained with (target_modules="
         f"{cfg.get('target_modules')!r}, exclude_modules={cfg.get('exclude_modules')!r})")
+
+
+def _calibration_batches(adapter_args, train_ds, collator, training_args) -> Optional[List[Dict[str, Any]]]:
+    """The training batches a data-aware ``--paca_init_indices`` chooses its columns from (None when the run needs
+    none): ``--paca_calibration_batches`` batches of ``--per_device_train_batch_size`` examples of the training set,
+    drawn in an order fixed by ``--seed`` through a private generator (the global RNG, hence the training order, is
+    left alone), collated like the training batches.
+
+    Raises:
+        UsageError: no training set to calibrate on.
+    """
+    if adapter_args.peft_type != "paca" or adapter_args.paca_init_indices not in DATA_AWARE_INIT_INDICES:
+        return None
+    if train_ds is None:
+        raise UsageError(f"--paca_init_indices {adapter_args.paca_init_indices} chooses columns from training "
+                         "batches: run with training data (--do_train), or use --paca_init_indices random")
+    import itertools
+
+    import torch
+
+    loader = torch.utils.data.DataLoader(
+        train_ds, batch_size=training_args.per_device_train_batch_size, shuffle=True, collate_fn=collator,
+        generator=torch.Generator().manual_seed(int(training_args.seed)))
+    return list(itertools.islice(loader, adapter_args.paca_calibration_batches))
 
 
 def _checkpoint_step(checkpoint: str) -> Optional[int]:
@@ -571,6 +611,8 @@ def run(argv: Optional[Sequence[str]] = None, callbacks: Optional[list] = None) 
     if training_args.learning_rate < 0:
         raise UsageError(f"--learning_rate {training_args.learning_rate:g} is negative; pass a positive value")
     _check_distributed(training_args, info)
+    if adapter_args.paca_calibration_batches < 1:
+        raise UsageError(f"--paca_calibration_batches must be >= 1, got {adapter_args.paca_calibration_batches}")
     try:  # fail fast, before loading model and data
         resume = _tr.resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     except FileNotFoundError as err:
@@ -612,6 +654,7 @@ def run(argv: Optional[Sequence[str]] = None, callbacks: Optional[list] = None) 
         logger.warning("the held-out set is empty (validation_split_percentage=0?): no held-out loss is reported")
         eval_ds = None
     check_selection = bool(resume) and _check_resume(resume, adapter_args)
+    calibration = _calibration_batches(adapter_args, train_ds, collator, training_args)
 
     # ---- model + adapter
     try:
@@ -631,6 +674,8 @@ def run(argv: Optional[Sequence[str]] = None, callbacks: Optional[list] = None) 
             random_seed=adapter_args.random_seed,
             lora_dropout=adapter_args.lora_dropout,
             gradient_checkpointing=training_args.gradient_checkpointing,
+            init_indices=adapter_args.paca_init_indices,
+            calibration_data=calibration,
         )
     except ValueError as err:
         raise UsageError(str(err)) from err
@@ -679,6 +724,9 @@ def run(argv: Optional[Sequence[str]] = None, callbacks: Optional[list] = None) 
     }
     if adapter_args.peft_type != "none":
         metrics.update(r=adapter_args.paca_r, alpha=adapter_args.paca_alpha, target_modules=adapter_args.target_modules)
+    if adapter_args.peft_type == "paca":
+        metrics.update(init_indices=adapter_args.paca_init_indices,
+                       calibration_batches=len(calibration) if calibration is not None else 0)
 
     eval_before = None
     if eval_ds is not None:
