@@ -8,11 +8,12 @@ effect is registering the global optimizer step post-hook that refreshes PaCA's 
 from .adapter import load_adapter, save_adapter
 from .config import PaCAConfig
 from .integration import from_pretrained
-from .layer import PaCADelta, PaCALinear, select_indices
+from .layer import PaCADelta, PaCALinear
 from .quantized import PaCALinear4bit
 from .model import (
     _ensure_hook,
     apply_paca,
+    calibrate_indices,
     disable_paca,
     functional_paca,
     find_target_modules,
@@ -23,6 +24,7 @@ from .model import (
     trainable_parameters,
     unload_paca,
 )
+from .selection import INIT_INDICES, select_indices
 
 __version__ = "0.1.0"
 
@@ -32,6 +34,7 @@ __all__ = [
     "PaCALinear4bit",
     "PaCADelta",
     "apply_paca",
+    "calibrate_indices",
     "sync_paca",
     "disable_paca",
     "functional_paca",
@@ -45,6 +48,7 @@ __all__ = [
     "find_target_modules",
     "trainable_parameters",
     "select_indices",
+    "INIT_INDICES",
 ]
 
 _ensure_hook()

@@ -47,6 +47,7 @@ from ._transformers_compat import dtype_kwarg
 from .adapter import is_paca_adapter_config
 from .hub import one_line
 from .model import trainable_parameters
+from .selection import DATA_AWARE_INIT_INDICES, INIT_INDICES
 
 logger = logging.getLogger("paca_hpu.run_paca_clm")
 
@@ -203,7 +204,21 @@ class AdapterArguments:
     modules_to_save: Optional[List[str]] = field(
         default=None, metadata={"help": "Modules trained fully and saved with the adapter (e.g. lm_head)."}
     )
-    random_seed: int = field(default=0, metadata={"help": "PaCA: seed of the column selection."})
+    random_seed: int = field(default=0, metadata={"help": "PaCA: seed of the column selection (init_indices random)."})
+    paca_init_indices: str = field(
+        default="random",
+        metadata={"help": "PaCA: how each layer's r columns are chosen: random (default; seed and layer name), "
+                          "weight_norm (largest L2 norm of the pretrained weight's columns) or activation_norm "
+                          "(largest input-activation L2 norm per input channel over --paca_calibration_batches "
+                          "training batches, computed before training). The indices are saved with the adapter. "
+                          "Which one to use: docs/benchmarks.md, 'Parity study and column selection'.",
+                  "choices": list(INIT_INDICES)},
+    )
+    paca_calibration_batches: int = field(
+        default=8,
+        metadata={"help": "PaCA, --paca_init_indices activation_norm: training batches (of "
+                          "--per_device_train_batch_size) run through the base model to choose the columns."},
+    )
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (LoRA only; PaCA has none)."})
     save_merged: bool = field(
         default=False,
@@ -337,6 +352,30 @@ def _deepspeed_requested(argv: Sequence[str]) -> bool:
             return False  # parse_args reports the broken file
         return isinstance(data, dict) and bool(data.get("deepspeed"))
     return _given(argv, "deepspeed")
+
+
+def _calibration_batches(adapter_args, train_ds, collator, training_args) -> Optional[List[Dict[str, Any]]]:
+    """The training batches a data-aware ``--paca_init_indices`` chooses its columns from (None when the run needs
+    none): ``--paca_calibration_batches`` batches of ``--per_device_train_batch_size`` examples of the training set,
+    drawn in an order fixed by ``--seed`` through a private generator (the global RNG, hence the training order, is
+    left alone), collated like the training batches.
+
+    Raises:
+        UsageError: no training set to calibrate on.
+    """
+    if adapter_args.peft_type != "paca" or adapter_args.paca_init_indices not in DATA_AWARE_INIT_INDICES:
+        return None
+    if train_ds is None:
+        raise UsageError(f"--paca_init_indices {adapter_args.paca_init_indices} chooses columns from training "
+                         "batches: run with training data (--do_train), or use --paca_init_indices random")
+    import itertools
+
+    import torch
+
+    loader = torch.utils.data.DataLoader(
+        train_ds, batch_size=training_args.per_device_train_batch_size, shuffle=True, collate_fn=collator,
+        generator=torch.Generator().manual_seed(int(training_args.seed)))
+    return list(itertools.islice(loader, adapter_args.paca_calibration_batches))
 
 
 def _check_batch_sizes(training_args) -> None:
@@ -751,15 +790,16 @@ def _check_resume(checkpoint: str, adapter_args) -> bool:
         raise UsageError(f"'{checkpoint}' holds a {saved_type} adapter, not a PaCA one")
     want = _tr.paca_config(adapter_args.paca_r, adapter_args.paca_alpha, adapter_args.target_modules,
                            adapter_args.exclude_modules, adapter_args.modules_to_save,
-                           adapter_args.random_seed).to_dict()
+                           adapter_args.random_seed, adapter_args.paca_init_indices).to_dict()
     for key in ("r", "paca_alpha", "modules_to_save"):
         if key in saved and _spec_key(saved[key]) != _spec_key(want[key]):
             flag = {"r": "paca_r"}.get(key, key)
             raise UsageError(f"cannot resume from '{checkpoint}': it was trained with {key}={saved[key]!r}, this run "
                              f"has {key}={want[key]!r}; pass --{flag} to match the checkpoint")
-    if "random_seed" in saved and saved["random_seed"] != want["random_seed"]:
-        logger.warning("resuming with the checkpoint's column indices (random_seed=%s), not --random_seed %s",
-                       saved["random_seed"], want["random_seed"])
+    for key in ("random_seed", "init_indices"):
+        if key in saved and saved[key] != want[key]:
+            logger.warning("resuming with the checkpoint's column indices (%s=%s), not --%s %s", key, saved[key],
+                           {"init_indices": "paca_init_indices"}.get(key, key), want[key])
     return any(key in saved and _spec_key(saved[key]) != _spec_key(want[key])
                for key in ("target_modules", "exclude_modules"))
 
@@ -927,6 +967,9 @@ class _Run:
             raise UsageError(f"--learning_rate {ta.learning_rate:g} is negative; pass a positive value")
         _check_distributed(ta, self.info)
         _check_quantization(self.model_args, self.adapter_args.peft_type, self.args.explicit, self.info.type)
+        if self.adapter_args.paca_calibration_batches < 1:
+            raise UsageError("--paca_calibration_batches must be >= 1, got "
+                             f"{self.adapter_args.paca_calibration_batches}")
         try:  # fail fast, before loading model and data
             self.resume = _tr.resolve_checkpoint(ta.resume_from_checkpoint, ta.output_dir)
         except FileNotFoundError as err:
@@ -986,11 +1029,13 @@ class _Run:
         except (OSError, ValueError) as err:
             raise UsageError(f"cannot load the model from '{self.model_path}': {one_line(err)}") from err
         _configure_gaudi_generation(model, self.model_args, self.training_args)
+        self.calibration = _calibration_batches(a, self.train_ds, self.collator, self.training_args)
         try:
             self.model = _tr.prepare_model(
                 model, a.peft_type, r=a.paca_r, alpha=a.paca_alpha, target_modules=a.target_modules,
                 exclude_modules=a.exclude_modules, modules_to_save=a.modules_to_save, random_seed=a.random_seed,
                 lora_dropout=a.lora_dropout, gradient_checkpointing=self.training_args.gradient_checkpointing,
+                init_indices=a.paca_init_indices, calibration_data=self.calibration,
             )
         except ValueError as err:
             raise UsageError(str(err)) from err
@@ -1028,6 +1073,9 @@ class _Run:
         }
         if a.peft_type != "none":
             self.metrics.update(r=a.paca_r, alpha=a.paca_alpha, target_modules=a.target_modules)
+        if a.peft_type == "paca":
+            self.metrics.update(init_indices=a.paca_init_indices,
+                                calibration_batches=len(self.calibration) if self.calibration is not None else 0)
         self.metrics.update(_quantization_metrics(self.model))
 
     # -- 5. held-out loss before, training, held-out loss after

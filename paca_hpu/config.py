@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Union
 
+from .selection import check_init_indices
+
 __all__ = ["PaCAConfig"]
 
 
@@ -15,8 +17,9 @@ __all__ = ["PaCAConfig"]
 class PaCAConfig:
     """What to adapt with PaCA (Partial Connection Adaptation, Woo et al., ICLR 2025, arXiv 2503.01905).
 
-    Each targeted linear layer ``W`` of shape ``(out_features, in_features)`` gets ``r`` fixed, randomly chosen
-    input columns ``idx``; only those columns are trained, through ``delta`` of shape ``(out_features, r)``:
+    Each targeted linear layer ``W`` of shape ``(out_features, in_features)`` gets ``r`` fixed input columns
+    ``idx`` (randomly chosen by default, see ``init_indices``); only those columns are trained, through ``delta``
+    of shape ``(out_features, r)``:
     ``W[:, idx] = W0[:, idx] + (paca_alpha / r) * delta``.
 
     Args:
@@ -34,6 +37,13 @@ class PaCAConfig:
             layer's qualified name only, never of the global RNG, so every process selects the same columns.
         modules_to_save: modules (name or suffix, as ``target_modules`` lists) kept fully trainable and stored
             in the adapter file, e.g. ``["lm_head"]``.
+        init_indices: how the ``r`` columns of each layer are chosen (:mod:`paca_hpu.selection`):
+            ``"random"`` (default, the paper's choice; from ``random_seed`` and the layer name), ``"weight_norm"``
+            (the ``r`` columns of largest L2 norm of the pretrained weight, ``||W0[:, j]||``), or
+            ``"activation_norm"`` (the ``r`` input channels of largest L2 norm of the layer's input over a few
+            calibration batches; needs ``paca_hpu.calibrate_indices(model, config, batches)`` before
+            :func:`paca_hpu.apply_paca`). Ties go to the lower index. The chosen indices are stored in the
+            adapter, so loading needs no calibration.
 
     Raises:
         ValueError: a field has an invalid value; the message names the field and the fix.
@@ -45,6 +55,7 @@ class PaCAConfig:
     exclude_modules: Optional[Union[str, List[str]]] = None
     random_seed: int = 0
     modules_to_save: Optional[List[str]] = None
+    init_indices: str = "random"
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -55,6 +66,7 @@ class PaCAConfig:
             raise ValueError(f"PaCAConfig.paca_alpha must be a finite number > 0, got {self.paca_alpha!r}")
         if isinstance(self.random_seed, bool) or not isinstance(self.random_seed, int):
             raise ValueError(f"PaCAConfig.random_seed must be an integer, got {self.random_seed!r}")
+        check_init_indices(self.init_indices)
         self.target_modules = self._check_patterns("target_modules", self.target_modules, allow_none=False)
         self.exclude_modules = self._check_patterns("exclude_modules", self.exclude_modules, allow_none=True)
         if self.modules_to_save is not None:

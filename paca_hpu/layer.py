@@ -42,7 +42,6 @@ the input lives on (``hpu``, ``cuda``, ``cpu``): under autocast the GEMMs run in
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import weakref
 from typing import Optional, Tuple
 
@@ -50,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PaCALinear", "PaCADelta", "select_indices", "default_index_dtype", "live_paca_layers", "delta_gradient",
+__all__ = ["PaCALinear", "PaCADelta", "default_index_dtype", "live_paca_layers", "delta_gradient",
            "input_gradient"]
 
 #: Every PaCALinear alive in this process (built, deep-copied or unpickled); the optimizer step hook in
@@ -61,34 +60,6 @@ _LIVE_LAYERS: "weakref.WeakSet[PaCALinear]" = weakref.WeakSet()
 def live_paca_layers():
     """A snapshot list of every :class:`PaCALinear` alive in this process."""
     return list(_LIVE_LAYERS)
-
-
-def select_indices(name: str, in_features: int, r: int, random_seed: int) -> torch.Tensor:
-    """The ``r`` input columns PaCA trains in layer ``name``.
-
-    Derived only from ``(random_seed, name)`` through a private ``torch.Generator`` (never the global RNG), so
-    every data-parallel rank, every process and every reload picks the same columns.
-
-    Args:
-        name: qualified module name, e.g. ``"model.layers.0.self_attn.q_proj"``.
-        in_features: number of input columns of the layer's weight.
-        r: number of columns to select, ``1 <= r <= in_features``.
-        random_seed: :attr:`PaCAConfig.random_seed`.
-
-    Returns:
-        int64 CPU tensor of shape ``(r,)``, unique, sorted ascending.
-
-    Raises:
-        ValueError: ``r`` is out of range (the message names the layer).
-    """
-    if not 1 <= r <= in_features:
-        raise ValueError(
-            f"PaCA r={r} must be between 1 and in_features={in_features} of layer '{name}'; lower r or exclude the "
-            f"layer (exclude_modules)"
-        )
-    digest = hashlib.sha256(f"paca:{int(random_seed)}:{name}".encode()).digest()
-    gen = torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-    return torch.randperm(in_features, generator=gen)[:r].sort().values
 
 
 def default_index_dtype(device: torch.device) -> torch.dtype:

@@ -27,12 +27,15 @@ import torch
 from torch import nn
 
 from .config import PaCAConfig
-from .layer import PaCALinear, live_paca_layers, select_indices
+from .layer import PaCALinear, live_paca_layers
 from .quantized import (PaCALinear4bit, clear_quantization_markers, is_linear4bit, linear_features, merged_linear,
                         unsupported_reason)
+from .selection import (DATA_AWARE_INIT_INDICES, activation_norms, agree_across_ranks, initial_indices,
+                        select_indices, top_r)
 
 __all__ = [
     "apply_paca",
+    "calibrate_indices",
     "sync_paca",
     "disable_paca",
     "functional_paca",
@@ -257,6 +260,28 @@ def _to_paca(name: str, module: nn.Module, indices: torch.Tensor, scaling: float
     return layer
 
 
+def _linear_layout(module: nn.Module) -> torch.Tensor:
+    """The weight of an ``nn.Linear`` / ``Conv1D`` as ``(out_features, in_features)`` (a view, no copy)."""
+    return module.weight if isinstance(module, nn.Linear) else module.weight.t()
+
+
+def _initial_indices(name: str, module: nn.Module, config: PaCAConfig) -> torch.Tensor:
+    """Columns of layer ``name`` for a data-free ``config.init_indices``; a bitsandbytes 4-bit layer has no dense
+    weight to rank, so it takes ``"random"`` only (``"activation_norm"`` works on it through
+    :func:`calibrate_indices`).
+
+    Raises:
+        ValueError: ``"weight_norm"`` on a 4-bit layer (names the layer and the alternatives).
+    """
+    if is_linear4bit(module):
+        if config.init_indices != "random":
+            raise ValueError(f"init_indices={config.init_indices!r} ranks the dense weight, but layer '{name}' is "
+                             "bitsandbytes 4-bit; use init_indices='random', or 'activation_norm' with "
+                             "calibrate_indices(model, config, batches)")
+        return select_indices(name, linear_features(module)[0], config.r, config.random_seed)
+    return initial_indices(name, _linear_layout(module), config)
+
+
 def apply_paca(
     model: nn.Module,
     config: PaCAConfig,
@@ -273,7 +298,9 @@ def apply_paca(
         model: any ``nn.Module`` (typically a transformers ``PreTrainedModel``).
         config: :class:`PaCAConfig`.
         indices: optional ``{qualified_name: (r,) tensor}``; when given, exactly these layers are converted with
-            these columns (used by :func:`paca_hpu.load_adapter`) and ``target_modules`` is not consulted.
+            these columns (from :func:`calibrate_indices`, or :func:`paca_hpu.load_adapter`) and neither
+            ``target_modules`` nor ``init_indices`` is consulted. Without it, the columns come from
+            ``config.init_indices`` (``"random"`` / ``"weight_norm"``; see :mod:`paca_hpu.selection`).
         index_dtype: ``torch.int32`` / ``torch.int64`` for the gather; default int32 on HPU, int64 elsewhere.
 
     Returns:
@@ -281,8 +308,9 @@ def apply_paca(
 
     Raises:
         ValueError: nothing matches (names the patterns), ``r`` exceeds a layer's ``in_features`` (names the
-            layer), a target is not a supported type, a target's weight is tied to another module's, or a name in
-            ``indices`` is missing from the model.
+            layer), a target is not a supported type, a target's weight is tied to another module's, a name in
+            ``indices`` is missing from the model, or ``config.init_indices`` needs calibration data and no
+            ``indices`` are given (the message names :func:`calibrate_indices`).
     """
     if not isinstance(config, PaCAConfig):
         raise TypeError(f"apply_paca expects a PaCAConfig, got {type(config).__name__}")
@@ -318,7 +346,7 @@ def apply_paca(
             raise ValueError(f"layer '{name}' shares its weight with {sharers[0]} (tied weights); PaCA cannot adapt "
                              "it alone. Exclude it (exclude_modules) or untie the weights")
         if indices is None:
-            idx = select_indices(name, in_features, config.r, config.random_seed)
+            idx = _initial_indices(name, module, config)
         else:
             idx = torch.as_tensor(indices[name]).to("cpu", torch.int64)
             if idx.dim() != 1 or idx.numel() != config.r:
@@ -349,6 +377,47 @@ def apply_paca(
     for callback in APPLY_CALLBACKS:
         callback(model)
     return model
+
+
+def calibrate_indices(model: nn.Module, config: PaCAConfig, batches=None) -> Dict[str, torch.Tensor]:
+    """The columns :func:`apply_paca` should train in each targeted layer, chosen by ``config.init_indices``; pass
+    the result as ``apply_paca(model, config, indices=...)``. (peft's analogue: ``get_eva_state_dict``.)
+
+    ``"activation_norm"`` runs ``model`` (the base model, before conversion) over ``batches`` once, with forward
+    pre-hooks on the targeted layers, and keeps the ``r`` input channels of largest L2 norm per layer
+    (:func:`paca_hpu.selection.activation_norms`); ``"random"`` and ``"weight_norm"`` need no data and give what
+    :func:`apply_paca` alone would. Deterministic given the model and the batches; ties go to the lower index.
+
+    Under an initialised ``torch.distributed`` group every rank gets rank 0's indices (a broadcast), so ranks that
+    calibrated on different shards still train the same columns; call it on every rank. Selection happens here,
+    before training: the training step keeps its static shapes.
+
+    Args:
+        model: the un-converted model (e.g. a transformers ``PreTrainedModel``).
+        config: :class:`PaCAConfig`.
+        batches: iterable of dicts for ``model(**batch)`` (``input_ids``, ``attention_mask``, ...; padding where
+            ``attention_mask`` is 0 is left out) or tensors for ``model(batch)``; a few training batches suffice.
+            Moved to the device of the model's first parameter.
+
+    Returns:
+        ``{qualified_name: int64 CPU tensor (r,)}``, unique, sorted ascending, in ``find_target_modules`` order.
+
+    Raises:
+        ValueError: ``"activation_norm"`` without batches (names the fix), no target matches, ``r`` out of range,
+            or a targeted layer never ran during the pass.
+    """
+    names = find_target_modules(model, config)
+    modules = dict(model.named_modules())
+    if config.init_indices in DATA_AWARE_INIT_INDICES:
+        if batches is None:
+            raise ValueError(f"PaCAConfig(init_indices={config.init_indices!r}) needs calibration data: pass a few "
+                             "training batches, calibrate_indices(model, config, batches), or use "
+                             "init_indices='random' / 'weight_norm'")
+        norms = activation_norms(model, names, batches)
+        chosen = {n: top_r(norms[n], config.r, n) for n in names}
+    else:
+        chosen = {n: _initial_indices(n, modules[n], config) for n in names}
+    return agree_across_ranks(chosen)
 
 
 def paca_layers(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:

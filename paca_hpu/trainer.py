@@ -32,7 +32,7 @@ import logging
 import os
 import shutil
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -109,6 +109,7 @@ def paca_config(
     exclude_modules: Union[str, Sequence[str], None] = None,
     modules_to_save: Optional[Sequence[str]] = None,
     random_seed: int = 0,
+    init_indices: str = "random",
 ):
     """The :class:`paca_hpu.PaCAConfig` that :func:`prepare_model` applies for these command-line style arguments
     (``target_modules`` / ``exclude_modules``: ``"all-linear"``, one name or regex, a list of names, or None).
@@ -120,7 +121,7 @@ def paca_config(
 
     return PaCAConfig(r=r, paca_alpha=alpha, target_modules=_as_target(target_modules),
                       exclude_modules=_as_target(exclude_modules), random_seed=random_seed,
-                      modules_to_save=list(modules_to_save) if modules_to_save else None)
+                      modules_to_save=list(modules_to_save) if modules_to_save else None, init_indices=init_indices)
 
 
 def prepare_model(
@@ -135,10 +136,15 @@ def prepare_model(
     random_seed: int = 0,
     lora_dropout: float = 0.0,
     gradient_checkpointing: bool = False,
+    init_indices: str = "random",
+    calibration_data: Optional[Iterable] = None,
 ) -> nn.Module:
     """Make ``model`` trainable with ``peft_type`` and return the model to hand to the trainer.
 
-    * ``"paca"``: :func:`paca_hpu.apply_paca` with ``PaCAConfig(r, paca_alpha=alpha, ...)`` (in place).
+    * ``"paca"``: :func:`paca_hpu.apply_paca` with ``PaCAConfig(r, paca_alpha=alpha, ..., init_indices)`` (in
+      place). With ``calibration_data`` (a few training batches, dicts for ``model(**batch)``; needed by a
+      data-aware ``init_indices`` such as ``"activation_norm"``) the columns come from
+      :func:`paca_hpu.calibrate_indices` over those batches, rank 0's choice broadcast under ``torch.distributed``.
     * ``"lora"``: peft ``get_peft_model`` with ``LoraConfig(r, lora_alpha=alpha, lora_dropout, target_modules,
       exclude_modules, modules_to_save, bias="none", task_type="CAUSAL_LM")``; returns the ``PeftModel``.
     * ``"none"``: every parameter trainable (full fine-tuning).
@@ -147,7 +153,8 @@ def prepare_model(
     (``enable_input_require_grads``) so that reentrant checkpointing still back-propagates into the adapters.
 
     Raises:
-        ValueError: unknown ``peft_type``; no module matches ``target_modules`` (message from apply_paca / peft).
+        ValueError: unknown ``peft_type``; no module matches ``target_modules`` (message from apply_paca / peft);
+            unknown ``init_indices``, or a data-aware one without ``calibration_data``.
     """
     if peft_type not in PEFT_TYPES:
         raise ValueError(f"peft_type must be one of {', '.join(PEFT_TYPES)}, got {peft_type!r}")
@@ -155,9 +162,11 @@ def prepare_model(
     exclude = _as_target(exclude_modules)
     mts = list(modules_to_save) if modules_to_save else None
     if peft_type == "paca":
-        from . import apply_paca
+        from . import apply_paca, calibrate_indices
 
-        model = apply_paca(model, paca_config(r, alpha, target_modules, exclude_modules, modules_to_save, random_seed))
+        config = paca_config(r, alpha, target_modules, exclude_modules, modules_to_save, random_seed, init_indices)
+        indices = None if calibration_data is None else calibrate_indices(model, config, calibration_data)
+        model = apply_paca(model, config, indices=indices)
     elif peft_type == "lora":
         try:
             from peft import LoraConfig, get_peft_model

@@ -87,3 +87,16 @@ def reset_accelerate():
         if k not in saved:
             del _core_os.environ[k]
     _core_os.environ.update(saved)
+
+
+# ---- shared: one torch thread for tests of many tiny GEMMs ------------------------------------------------------
+@_emb_pytest.fixture
+def one_torch_thread():
+    """torch.set_num_threads(1) for the test, restored after: on 2 shared cores, tiny GEMMs spend most of their time
+    in OpenMP waits with 2 threads (use with pytest.mark.usefixtures)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

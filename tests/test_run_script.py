@@ -119,6 +119,47 @@ def test_resume_through_script_is_exact(tiny, tmp_path, capsys):
     assert json.load(open(cut / "metrics.json"))["eval_loss_after"] == ma["eval_loss_after"]
 
 
+def test_init_indices_through_the_script(tiny, tmp_path, monkeypatch):
+    """--paca_init_indices weight_norm / activation_norm: the saved indices are the top-r column norms of the base
+    weights (numpy) / of the inputs seen on the calibration batches (by hand); calibration leaves the training
+    data order alone (same step-1 loss, taken before any update, as without calibration)."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    import paca_hpu
+    from test_selection import _layer_inputs_by_hand, _top_r_reference
+
+    seen = []
+    real = paca_hpu.calibrate_indices
+
+    def spy(model, config, batches=None):
+        seen.append(list(batches))
+        return real(model, config, seen[-1])
+
+    monkeypatch.setattr(paca_hpu, "calibrate_indices", spy)
+    runs = {}
+    for strategy in ("weight_norm", "activation_norm"):
+        out = tmp_path / strategy
+        assert _main(_argv(tiny, out, "--max_steps", "2", "--paca_r", "4", "--eval_strategy", "no",
+                           "--paca_init_indices", strategy, "--paca_calibration_batches", "2")) == 0
+        assert json.load(open(out / "adapter_config.json"))["init_indices"] == strategy
+        m = json.load(open(out / "metrics.json"))
+        assert m["init_indices"] == strategy and m["calibration_batches"] == (2 if strategy == "activation_norm" else 0)
+        runs[strategy] = ({k[: -len(".indices")]: v.tolist() for k, v in _adapter(out).items()
+                           if k.endswith(".indices")}, _losses(out))
+    assert len(seen) == 1 and len(seen[0]) == 2 and all(b["input_ids"].shape[0] == 4 for b in seen[0])
+    base = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    names = sorted(runs["weight_norm"][0])
+    modules = dict(base.named_modules())
+    expected_wn = {n: _top_r_reference(np.linalg.norm(modules[n].weight.detach().double().numpy(), axis=0), 4)
+                   for n in names}
+    assert runs["weight_norm"][0] == expected_wn
+    inputs = _layer_inputs_by_hand(base, names, seen[0])
+    expected_an = {n: _top_r_reference(np.sqrt((x ** 2).sum(axis=0)), 4) for n, x in inputs.items()}
+    assert runs["activation_norm"][0] == expected_an
+    assert runs["weight_norm"][1][0] == runs["activation_norm"][1][0]  # same first batch: order untouched
+
+
 def test_save_merged_same_logits(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -193,7 +234,9 @@ def test_lora_and_full_through_same_script(tiny, tmp_path, peft_type):
         ("negative_lr", "--learning_rate -0.001 is negative"),
         ("resume_missing", "drop --resume_from_checkpoint"),
         ("resume_not_a_checkpoint", "is not a Trainer checkpoint"),
+        ("calibration_batches_0", "--paca_calibration_batches must be >= 1"),
         ("bad_flag", None),
+        ("bad_init_indices", None),
     ],
 )
 def test_clean_errors(tiny, tmp_path, capsys, case, expected):
@@ -224,9 +267,14 @@ def test_clean_errors(tiny, tmp_path, capsys, case, expected):
     elif case == "resume_not_a_checkpoint":
         (tmp_path / "somedir").mkdir()
         argv = _argv(tiny, out, "--max_steps", "1", "--resume_from_checkpoint", str(tmp_path / "somedir"))
+    elif case == "calibration_batches_0":
+        argv = _argv(tiny, out, "--max_steps", "1", "--paca_init_indices", "activation_norm",
+                     "--paca_calibration_batches", "0")
+    elif case == "bad_init_indices":
+        argv = _argv(tiny, out, "--max_steps", "1", "--paca_init_indices", "magnitude")
     else:
         argv = _argv(tiny, out, "--max_steps", "1", "--peft_type", "ia3")
-    if case == "bad_flag":
+    if case in ("bad_flag", "bad_init_indices"):
         with pytest.raises(SystemExit) as exc:  # argparse: usage + one error line, exit 2
             _main(argv)
         assert exc.value.code == 2

@@ -48,35 +48,67 @@ def _csv(value: str) -> List[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-_QUALITY_METHODS = ("lora", "paca", "full")
-
-
 def _parse_lr_grid(text: Optional[str]) -> Dict[str, List[float]]:
-    """``'lora=1e-3,3e-3;paca=1e-2'`` -> the default grids with those methods replaced.
+    """``'lora=1e-3,3e-3;paca=1e-2'`` -> the default grids with those entries replaced; a ``wide`` part starts from
+    :data:`~paca_hpu.bench.quality.WIDE_LR_GRIDS` instead. Keys are methods (lora, paca, full) or quality variant
+    specs (``paca-req=...``), which then override their method's grid.
 
     Raises:
-        ValueError: malformed text, unknown method, a value that is no positive number (message names the part).
+        ValueError: malformed text, unknown method or spec, a value that is no positive number (message names the
+            part).
     """
-    from .quality import DEFAULT_LR_GRIDS
+    from .quality import DEFAULT_LR_GRIDS, WIDE_LR_GRIDS
+    from .variants import parse_quality_variant
 
-    grids = {k: list(v) for k, v in DEFAULT_LR_GRIDS.items()}
-    if text:
-        for part in text.split(";"):
-            if not part.strip():
-                continue
-            name, _, vals = part.partition("=")
-            name = name.strip()
-            if not vals.strip() or name not in _QUALITY_METHODS:
-                raise ValueError(f"--lr_grid: expected 'method=lr,lr,...' with method one of "
-                                 f"{', '.join(_QUALITY_METHODS)}, got {part!r}")
-            try:
-                lrs = [float(v) for v in _csv(vals)]
-            except ValueError:
-                raise ValueError(f"--lr_grid: {part!r} holds something that is not a number") from None
-            if not lrs or any(not (lr > 0) for lr in lrs):
-                raise ValueError(f"--lr_grid: learning rates must be positive numbers, got {part!r}")
-            grids[name] = lrs
+    parts = [p.strip() for p in (text or "").split(";") if p.strip()]
+    base = WIDE_LR_GRIDS if "wide" in parts else DEFAULT_LR_GRIDS
+    grids = {k: list(v) for k, v in base.items()}
+    for part in parts:
+        if part == "wide":
+            continue
+        name, _, vals = part.partition("=")
+        name = name.strip()
+        try:
+            parse_quality_variant(name)
+        except ValueError:
+            name = ""
+        if not vals.strip() or not name:
+            raise ValueError(f"--lr_grid: expected 'wide' or 'variant=lr,lr,...' with a variant such as lora, paca, "
+                             f"full, paca-req, got {part!r}")
+        try:
+            lrs = [float(v) for v in _csv(vals)]
+        except ValueError:
+            raise ValueError(f"--lr_grid: {part!r} holds something that is not a number") from None
+        if not lrs or any(not (lr > 0) for lr in lrs):
+            raise ValueError(f"--lr_grid: learning rates must be positive numbers, got {part!r}")
+        grids[name] = lrs
     return grids
+
+
+def _quality_variant_problem(text: str) -> Optional[str]:
+    from .variants import parse_quality_variant
+
+    for spec in _csv(text):
+        if spec == "floor":
+            continue
+        try:
+            parse_quality_variant(spec)
+        except ValueError as err:
+            return f"--quality_variants: {err}"
+    return None
+
+
+def _parse_seeds(text: Optional[str]) -> Optional[List[int]]:
+    """``'0,1'`` -> ``[0, 1]`` (None for no text). Raises ValueError naming the flag."""
+    if not text:
+        return None
+    try:
+        seeds = [int(v) for v in _csv(text)]
+    except ValueError:
+        raise ValueError(f"--seeds: expected comma separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds: expected distinct integers, got {text!r}")
+    return seeds
 
 
 def check_args(args) -> Optional[str]:
@@ -99,11 +131,16 @@ def check_args(args) -> Optional[str]:
     bad = [v for v in variants if v not in VARIANTS]
     if bad or not variants:
         return f"--variants: unknown or empty {bad or args.variants!r}; choose from {', '.join(VARIANTS)}"
-    bad = [v for v in _csv(args.quality_variants) if v not in VARIANTS]
-    if bad:
-        return f"--quality_variants: unknown {bad}; choose from {', '.join(_QUALITY_METHODS)}"
+    problem = _quality_variant_problem(args.quality_variants)
+    if problem:
+        return problem
+    if args.lr_extend < 0:
+        return f"--lr_extend must be >= 0, got {args.lr_extend}"
+    if args.paca_calibration_batches < 1:
+        return f"--paca_calibration_batches must be >= 1, got {args.paca_calibration_batches}"
     try:
         _parse_lr_grid(args.lr_grid)
+        _parse_seeds(args.seeds)
     except ValueError as err:
         return str(err)
     parts = _csv(args.qpaca_parts)
@@ -189,10 +226,26 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--maxseq_granularity", type=int, default=128)
     q = p.add_argument_group("quality")
     q.add_argument("--steps", type=int, default=20, help="training steps per quality run")
-    q.add_argument("--quality_variants", default="lora,paca", help="methods trained for the quality figure")
+    q.add_argument("--quality_variants", default="lora,paca",
+                   help="settings trained for the quality figure: lora, paca, full, and named settings "
+                        "<method>-<setting>...: r<N> (lora, paca), req (PaCA at the r matching LoRA --r's "
+                        "trainable-parameter count), a column selection strategy (paca: random, weight_norm, "
+                        "activation_norm); e.g. lora,paca,paca-req,paca-activation_norm,full")
     q.add_argument("--quality_batch", type=int, default=None, help="default: --batch")
     q.add_argument("--lr_grid", default=None,
-                   help="'lora=1e-4,3e-4;paca=...;full=...' (defaults: lora/paca 1e-3,3e-3,1e-2; full 1e-5,3e-5,1e-4)")
+                   help="'lora=1e-4,3e-4;paca=...;full=...;paca-req=...' (defaults: lora/paca 1e-3,3e-3,1e-2; full "
+                        "1e-5,3e-5,1e-4); a 'wide' part starts from five points per method (lora 3e-4..3e-2, paca "
+                        "1e-3..1e-1, full 3e-6..3e-4); a variant's own entry overrides its method's grid")
+    q.add_argument("--lr_extend", type=int, default=0,
+                   help="when a variant's best learning rate is at an edge of its grid, train up to N more points "
+                        "past that edge (same log spacing); a best still at an edge is flagged 'best at grid edge: "
+                        "extend the grid'")
+    q.add_argument("--seeds", default=None,
+                   help="comma separated seeds (default: --seed): the grid is searched with the first, then each "
+                        "variant's best learning rate is trained again with the others (data order, torch RNG, PaCA's "
+                        "random columns); the report gives the spread")
+    q.add_argument("--paca_calibration_batches", type=int, default=8,
+                   help="activation_norm variants: training batches run through the base model to choose columns")
     q.add_argument("--eval_every", type=int, default=10,
                    help="held-out evaluation (selection half) every N steps for the curves; 0: only at the end")
     q.add_argument("--max_train_samples", type=int, default=None, help="limit raw training examples")
@@ -381,7 +434,8 @@ def run(args) -> dict:
     if problem:
         raise ValueError(problem)
     sections = list(SECTIONS) if args.sections.strip() == "all" else _csv(args.sections)
-    from .variants import DTYPES, ModelSpec, build_variant, load_base_model, make_optimizer
+    from .quality import lr_grid_for
+    from .variants import DTYPES, ModelSpec, build_variant, load_base_model, make_optimizer, parse_quality_variant
 
     variants = _csv(args.variants)
     quality_variants = [v for v in _csv(args.quality_variants) if v != "floor"]
@@ -433,7 +487,10 @@ def run(args) -> dict:
             "threads": threads, "rounds": args.rounds, "warmup": args.warmup,
             "memory_warmup": args.memory_warmup, "memory_steps": args.memory_steps, "steps": args.steps,
             "cpu_malloc": args.cpu_malloc,
-            "quality_variants": quality_variants, "lr_grids": {k: lr_grids[k] for k in quality_variants if k in lr_grids},
+            "quality_variants": quality_variants,
+            "lr_grids": {k: lr_grid_for(parse_quality_variant(k), lr_grids) for k in quality_variants},
+            "lr_extend": args.lr_extend, "seeds": _parse_seeds(args.seeds) or [args.seed],
+            "paca_calibration_batches": args.paca_calibration_batches,
             **({"qpaca": {"quant_type": args.bnb_4bit_quant_type, "double_quant": args.bnb_4bit_use_double_quant,
                           "parts": _csv(args.qpaca_parts), "device_gb": args.qpaca_device_gb,
                           "model_batch": args.qpaca_model_batch, "model_seq_len": args.qpaca_model_seq_len}}
@@ -556,13 +613,15 @@ def run(args) -> dict:
         from .quality import run_quality
 
         qb = args.quality_batch or args.batch
-        q_train = fixed_batches(splits["train"], qb, args.steps, seed=args.seed + 1)
         val = splits["validation"]
         sel = val.select(range(0, len(val), 2))
         rep = val.select(range(1, len(val), 2))
         results["quality"] = run_quality(
-            base, quality_variants, lr_grids, q_train, all_batches(sel, qb), all_batches(rep, qb), args.steps,
-            args.eval_every, seed=args.seed, r=args.r, alpha=args.alpha, log=log)
+            base, quality_variants, lr_grids,
+            lambda s: fixed_batches(splits["train"], qb, max(args.steps, args.paca_calibration_batches), seed=s + 1),
+            all_batches(sel, qb), all_batches(rep, qb), args.steps, args.eval_every, seed=args.seed, r=args.r,
+            alpha=args.alpha, log=log, seeds=_parse_seeds(args.seeds), lr_extend=args.lr_extend,
+            calibration_batches=args.paca_calibration_batches)
         results["quality"]["batch"] = qb
 
     # ---- outputs

@@ -253,19 +253,7 @@ def run_markdown(res: dict, image_prefix: str = "", heading: str = "###") -> str
 
     q = res.get("quality")
     if q:
-        lines += [f"{h}# Quality: held-out loss after {q['steps']} steps", "",
-                  f"Each method at its best learning rate (chosen on the selection half of the held-out blocks, "
-                  f"{q['select_blocks']} blocks; reported on the other half, {q['report_blocks']} blocks); "
-                  f"same seed, same batches in the same order. Base model: {_fmt(q['base_loss']['report'], 4)}.",
-                  "", "| method | best lr | held-out loss | selection-half loss | grid (lr: report-half loss) | / lora |",
-                  "|---|---:|---:|---:|---|---:|"]
-        lb = q["best"].get("lora", {}).get("heldout_loss")
-        for m, b in q["best"].items():
-            grid = ", ".join(f"{r['lr']:g}: {_fmt(r['final_report'], 4)}" for r in q["runs"][m].values())
-            edge = " (grid edge)" if b.get("at_grid_edge") else ""
-            lines.append(f"| {m} | {b['lr']:g}{edge} | {_fmt(b['heldout_loss'], 4)} | {_fmt(b['select_loss'], 4)} | "
-                         f"{grid} | {_fmt(b['heldout_loss'] / lb, 4) if lb else '-'} |")
-        lines.append("")
+        lines += quality_markdown(q, h)
 
     prof = res.get("profile")
     if prof:
@@ -283,6 +271,44 @@ def run_markdown(res: dict, image_prefix: str = "", heading: str = "###") -> str
             lines.append(f"![{name}]({image_prefix}{name})")
         lines.append("")
     return "\n".join(lines)
+
+
+def quality_markdown(q: dict, h: str = "###") -> List[str]:
+    """The quality section of one run: best learning rate per variant, and the seed spread when there are reruns."""
+    seeds = q.get("seeds") or []
+    lines = [f"{h}# Quality: held-out loss after {q['steps']} steps", "",
+             f"Each variant at its best learning rate (chosen on the selection half of the held-out blocks, "
+             f"{q['select_blocks']} blocks; reported on the other half, {q['report_blocks']} blocks); "
+             f"same seed, same batches in the same order. Base model: {_fmt(q['base_loss']['report'], 4)}."
+             + (f" Seed of the grid search: {seeds[0]}." if len(seeds) > 1 else ""),
+             "", "| variant | r | trainable | best lr | held-out loss | selection-half loss | grid (lr: report-half "
+             "loss) | / lora |", "|---|---:|---:|---:|---:|---:|---|---:|"]
+    lb = q["best"].get("lora", {}).get("heldout_loss")
+    for m, b in q["best"].items():
+        grid = ", ".join(f"{r['lr']:g}: {_fmt(r['final_report'], 4)}"
+                         for r in sorted(q["runs"][m].values(), key=lambda r: r["lr"]))
+        edge = " (grid edge)" if b.get("at_grid_edge") else ""
+        trainable = f"{b['trainable']:,}" if isinstance(b.get("trainable"), int) else "-"
+        lines.append(f"| {m} | {_fmt(b.get('r'))} | {trainable} | {b['lr']:g}{edge} | "
+                     f"{_fmt(b['heldout_loss'], 4)} | {_fmt(b['select_loss'], 4)} | {grid} | "
+                     f"{_fmt(b['heldout_loss'] / lb, 4) if lb else '-'} |")
+    lines.append("")
+    for m in q.get("grid_edge") or [m for m, b in q["best"].items() if b.get("at_grid_edge")]:
+        lines.append(f"* **{m}: best at grid edge: extend the grid** (best lr {q['best'][m]['lr']:g}).")
+    if len(seeds) > 1:
+        ratios = q.get("ratios_to_lora") or {}
+        lines += ["", f"Held-out loss per seed at each variant's best learning rate, and its ratio to LoRA's at the "
+                      f"same seed (mean [min, max] over seeds {', '.join(str(x) for x in seeds)}):", "",
+                  "| variant | best lr | " + " | ".join(f"seed {x}" for x in seeds) + " | mean [min, max] | "
+                  "/ lora mean [min, max] |", "|---|---:|" + "---:|" * len(seeds) + "---:|---:|"]
+        for m, b in q["best"].items():
+            per = [_fmt(b["seeds"].get(str(x)), 4) for x in seeds]
+            sp, rt = b["heldout_spread"], ratios.get(m)
+            rcell = f"{rt['mean']:.4f} [{rt['min']:.4f}, {rt['max']:.4f}]" if rt else "-"
+            lines.append(f"| {m} | {b['lr']:g} | " + " | ".join(per) +
+                         f" | {sp['mean']:.4f} [{sp['min']:.4f}, {sp['max']:.4f}] | {rcell} |")
+    lines.append("")
+    return lines
 
 
 def profile_markdown(prof: dict, h: str = "###") -> List[str]:
@@ -515,7 +541,12 @@ def write_docs_page(docs_path: str, results_root: Optional[str] = None) -> str:
         results_root = os.path.splitext(docs_path)[0]
     runs = load_results(results_root)
     docs_dir = os.path.dirname(os.path.abspath(docs_path))
-    parts = [_INTRO]
+    from .study import study_markdown
+
+    intro, results_heading = _INTRO.split("## Results\n")
+    named = {os.path.basename(run_dir): res for run_dir, res in runs}
+    parts = [intro + study_markdown(named, {k: _anchor(run_title(v)) for k, v in named.items()}),
+             "## Results\n" + results_heading]
     if not runs:
         parts.append("No results yet: run `python scripts/benchmark.py`.\n")
     else:

@@ -9,6 +9,11 @@ Variants (same model, same data, same targets -- the 7 projections of every LLaM
 * ``paca``: :func:`paca_hpu.apply_paca` with ``PaCAConfig(r, paca_alpha=alpha)`` on the same targets.
 * ``full``: full fine-tuning (every parameter trainable, tied embeddings included).
 
+The quality section also trains named settings of a method (:func:`parse_quality_variant`): ``paca-req`` (PaCA at
+the r whose trainable-parameter count matches LoRA r's, :func:`paca_r_matching_lora`), ``paca-r16``,
+``paca-weight_norm`` / ``paca-activation_norm`` (column selection strategies, ``PaCAConfig.init_indices``), and
+combinations such as ``paca-req-activation_norm``; ``lora-r16``.
+
 Precision modes (identical for every variant):
 
 * ``fp32``: model parameters float32, no autocast.
@@ -44,6 +49,10 @@ __all__ = [
     "load_base_model",
     "build_variant",
     "make_optimizer",
+    "QUALITY_METHODS",
+    "QualityVariant",
+    "parse_quality_variant",
+    "paca_r_matching_lora",
 ]
 
 VARIANTS = ("floor", "lora", "paca", "full")
@@ -172,11 +181,16 @@ def build_variant(
     targets: Sequence[str] = LLAMA_TARGETS,
     copy_base: bool = True,
     paca_seed: int = 0,
+    init_indices: str = "random",
+    calibration_batches: Optional[Sequence[Dict[str, torch.Tensor]]] = None,
 ) -> Variant:
     """Build variant ``name`` from ``base`` (deep-copied unless ``copy_base=False``).
 
+    ``paca`` chooses its columns with ``init_indices`` (``PaCAConfig.init_indices``); ``"activation_norm"`` runs
+    :func:`paca_hpu.calibrate_indices` over ``calibration_batches`` on the copy before converting it.
+
     Raises:
-        ValueError: unknown variant name.
+        ValueError: unknown variant name, unknown ``init_indices``, or a data-aware one without batches.
     """
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
@@ -196,11 +210,13 @@ def build_variant(
         model = get_peft_model(model, cfg)
         note = f"peft LoRA r={r} alpha={alpha:g} dropout=0 on {len(target_names)} layers"
     elif name == "paca":
-        from .. import PaCAConfig, apply_paca
+        from .. import PaCAConfig, apply_paca, calibrate_indices
 
-        model = apply_paca(model, PaCAConfig(r=r, paca_alpha=alpha, target_modules=list(targets),
-                                             random_seed=paca_seed))
-        note = f"paca_hpu PaCA r={r} paca_alpha={alpha:g} on {len(target_names)} layers"
+        cfg = PaCAConfig(r=r, paca_alpha=alpha, target_modules=list(targets), random_seed=paca_seed,
+                         init_indices=init_indices)
+        indices = calibrate_indices(model, cfg, calibration_batches) if calibration_batches is not None else None
+        model = apply_paca(model, cfg, indices=indices)
+        note = f"paca_hpu PaCA r={r} paca_alpha={alpha:g} init_indices={init_indices} on {len(target_names)} layers"
     else:  # full
         for p in model.parameters():
             p.requires_grad_(True)
@@ -219,3 +235,72 @@ def make_optimizer(variant: Variant, lr: float, foreach: Optional[bool] = None) 
         return None
     return torch.optim.AdamW(variant.params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                              foreach=foreach)
+
+
+# --------------------------------------------------------------------------- quality-section settings
+
+#: Methods the quality section trains (``floor`` trains nothing).
+QUALITY_METHODS = ("lora", "paca", "full")
+
+
+@dataclass(frozen=True)
+class QualityVariant:
+    """A quality-section setting: ``method`` (lora / paca / full), ``r`` (an int, ``"eq"`` for PaCA at LoRA's
+    parameter count, or None for the run's ``--r``) and PaCA's ``init_indices``."""
+
+    spec: str
+    method: str
+    r: Any = None
+    init_indices: str = "random"
+
+
+def parse_quality_variant(spec: str) -> QualityVariant:
+    """``"<method>[-<setting>...]"`` -> :class:`QualityVariant`. Settings: ``r<N>`` (lora, paca), ``req`` (paca at
+    the r matching LoRA's trainable-parameter count) and a column selection strategy (paca:
+    ``paca_hpu.INIT_INDICES``). Examples: ``paca``, ``paca-req``, ``paca-weight_norm``, ``paca-r16-activation_norm``,
+    ``lora-r16``, ``full``.
+
+    Raises:
+        ValueError: a malformed spec; the message shows the grammar.
+    """
+    from ..selection import INIT_INDICES
+
+    grammar = (f"expected <method>[-<setting>...] with method one of {', '.join(QUALITY_METHODS)} and settings "
+               f"r<N> (lora, paca), req (paca) or a column selection strategy (paca: {', '.join(INIT_INDICES)}), "
+               "e.g. paca-req-activation_norm")
+    method, *settings = spec.strip().split("-")
+    r, init = None, "random"
+    if method not in QUALITY_METHODS or (method == "full" and settings) or len(set(settings)) != len(settings):
+        raise ValueError(f"quality variant {spec!r}: {grammar}")
+    for item in settings:
+        if item == "req" and method == "paca" and r is None:
+            r = "eq"
+        elif item[:1] == "r" and item[1:].isdigit() and int(item[1:]) >= 1 and r is None:
+            r = int(item[1:])
+        elif item in INIT_INDICES and method == "paca" and init == "random":
+            init = item
+        else:
+            raise ValueError(f"quality variant {spec!r}: setting {item!r} not understood; {grammar}")
+    return QualityVariant(spec=spec.strip(), method=method, r=r, init_indices=init)
+
+
+def paca_r_matching_lora(model: nn.Module, lora_r: int, targets: Sequence[str] = LLAMA_TARGETS) -> int:
+    """The PaCA r whose trainable-parameter count matches LoRA r = ``lora_r`` on the targeted layers.
+
+    LoRA adds ``r * (in_features + out_features)`` parameters per layer (A and B), PaCA ``out_features * r``
+    (``delta``), so ``r_eq = round(lora_r * sum(in + out) / sum(out))`` over the targeted ``nn.Linear`` layers
+    (SmolLM2-135M, 7 projections: ``round(8 * 10176 / 5184) = 16``; Python's ``round``).
+
+    Raises:
+        ValueError: that r exceeds the smallest targeted ``in_features`` (PaCA cannot match LoRA there).
+    """
+    names = set(_targets(model, targets))
+    layers = [m for n, m in model.named_modules() if n in names]
+    total_in_out = sum(m.in_features + m.out_features for m in layers)
+    total_out = sum(m.out_features for m in layers)
+    r_eq = int(round(lora_r * total_in_out / total_out))
+    smallest = min(m.in_features for m in layers)
+    if r_eq > smallest:
+        raise ValueError(f"PaCA r matching LoRA r={lora_r} would be {r_eq}, above the smallest targeted in_features "
+                         f"({smallest}); lower --r")
+    return r_eq
