@@ -501,3 +501,28 @@ print('ok')
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().endswith("ok")
+
+
+def test_first_write_back_survives_a_dead_weak_proxy_in_the_heap():
+    """The first write-back scans the garbage collector's objects for other holders of the base weights; a
+    ``weakref.proxy`` whose referent is gone (torch.compile leaves such proxies behind) raised ReferenceError at
+    ``isinstance`` and crashed the first optimizer step."""
+    import gc
+    import weakref
+
+    gone = nn.Linear(2, 2)
+    proxies = [weakref.proxy(gone)]
+    del gone
+    gc.collect()
+    assert any(type(o) in weakref.ProxyTypes for o in gc.get_objects())  # the scan meets it
+    model = apply_paca(tiny_llama(), PaCAConfig(r=4, paca_alpha=8))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = random_ids(2, 8)
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    layer = next(m for m in model.modules() if isinstance(m, PaCALinear))
+    idx = layer.indices.long()
+    torch.testing.assert_close(layer.weight[:, idx].double(),
+                               layer.original_columns.double() + layer.scaling * layer.delta.detach().double())
+    assert layer.__dict__.get("_paca_shared_checked") and len(proxies) == 1
