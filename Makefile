@@ -14,7 +14,7 @@ TORCH_PIN ?= torch==2.13.0
 CONSTRAINTS        ?= .ci/constraints-gaudi.txt
 CONSTRAINTS_LATEST ?= .ci/constraints-latest.txt
 PYTEST_ARGS ?= -q
-PYTEST_LATEST_ARGS ?= -q
+PYTEST_LATEST_ARGS ?= -q -m "not embedded_model"
 
 .PHONY: setup setup-latest demo test test-latest test-all bench qpaca-check clean
 
