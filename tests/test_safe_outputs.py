@@ -1,7 +1,9 @@
-"""Nothing lost, nothing silently wrong (issue 12): output directories, atomic checkpoints (a kill and a full disk
-mid-save, in subprocesses), run lineage in rotation and resume, Hub ids from the local cache, and the one-line
-errors of scripts/run_paca_clm.py. Tiny LLaMA on CPU; the CLI runs in-process except where a process must die."""
+"""Nothing lost, nothing silently wrong (issue 12): output directories, atomic checkpoints (a kill mid-save in a
+subprocess, a full disk), run lineage in rotation and resume, Hub ids from the local cache, and the one-line errors
+of scripts/run_paca_clm.py. Tiny LLaMA on CPU; the CLI runs in-process except where a process must die or the
+environment must differ (HF_HUB_OFFLINE)."""
 
+import errno
 import json
 import os
 import shutil
@@ -75,9 +77,9 @@ def test_overwrite_never_rotates_or_resumes_an_earlier_runs_checkpoints(tiny, tm
     """An earlier run's checkpoint-6 stays; the new run (interrupted at step 2, save_total_limit 1) keeps its own
     checkpoint; 'last' resumes the new run, whose final adapter equals an uninterrupted run's, not the old one."""
     out, ref = tmp_path / "out", tmp_path / "ref"
-    assert _main(_argv(tiny, out, "--max_steps", "6", "--save_steps", "6", "--seed", "5")) == 0
+    assert _main(_argv(tiny, out, "--max_steps", "6", "--save_steps", "6", "--seed", "5", "--do_eval", "False")) == 0
     old = _adapter(out / "checkpoint-6")
-    new_run = ("--max_steps", "4", "--save_steps", "1", "--save_total_limit", "1", "--eval_strategy", "no")
+    new_run = ("--max_steps", "4", "--save_steps", "1", "--save_total_limit", "1", "--do_eval", "False")
     assert _main(_argv(tiny, ref, *new_run)) == 0
     assert _main(_argv(tiny, out, *new_run, "--overwrite_output_dir"), callbacks=[StopAt(2)]) == 0
     assert _checkpoints(out) == ["checkpoint-2", "checkpoint-6"]
@@ -91,17 +93,14 @@ def test_overwrite_never_rotates_or_resumes_an_earlier_runs_checkpoints(tiny, tm
 
 # ------------------------------------------------------------------------------- a kill / a full disk mid-save
 
-_DRIVER = textwrap.dedent("""
-    import errno, os, signal, sys
+_KILL_DRIVER = textwrap.dedent("""
+    import os, signal, sys
     import torch
-    mode, target = os.environ["SAFE_MODE"], os.environ.get("SAFE_TARGET", "")
+    target = os.environ["KILL_AT"]
     real_save = torch.save
     def save(obj, f, *args, **kwargs):
-        if target and isinstance(f, (str, os.PathLike)) and os.fspath(f).endswith(target):
-            if mode == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            if mode == "enospc":
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(f))
+        if isinstance(f, (str, os.PathLike)) and os.fspath(f).endswith(target):
+            os.kill(os.getpid(), signal.SIGKILL)  # as a kill -9 / OOM killer / preemption in the middle of the save
         return real_save(obj, f, *args, **kwargs)
     torch.save = save
     from paca_hpu.cli import main
@@ -109,10 +108,10 @@ _DRIVER = textwrap.dedent("""
 """)
 
 
-def _run_driver(tmp_path, argv, mode, target=""):
+def _run_killed(tmp_path, argv, target):
     driver = tmp_path / "driver.py"
-    driver.write_text(_DRIVER)
-    env = dict(os.environ, SAFE_MODE=mode, SAFE_TARGET=target, PACA_DEVICE="cpu",
+    driver.write_text(_KILL_DRIVER)
+    env = dict(os.environ, KILL_AT=target, PACA_DEVICE="cpu",
                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, str(driver), *argv], capture_output=True, text=True, env=env, cwd=REPO,
                           timeout=600)
@@ -120,8 +119,8 @@ def _run_driver(tmp_path, argv, mode, target=""):
 
 def test_kill_mid_save_then_resume_skips_the_incomplete_checkpoint(tiny, tmp_path, capsys):
     out, ref = tmp_path / "out", tmp_path / "ref"
-    args = ("--max_steps", "4", "--save_steps", "1", "--save_total_limit", "5", "--eval_strategy", "no")
-    proc = _run_driver(tmp_path, _argv(tiny, out, *args), "kill", os.path.join("checkpoint-3", "scheduler.pt"))
+    args = ("--max_steps", "4", "--save_steps", "1", "--save_total_limit", "5", "--do_eval", "False")
+    proc = _run_killed(tmp_path, _argv(tiny, out, *args), os.path.join("checkpoint-3", "scheduler.pt"))
     assert proc.returncode == -9, proc.stdout[-2000:] + proc.stderr[-3000:]
     # checkpoint 3 was being written: it exists only under its staging name, so nothing looks complete
     assert _checkpoints(out) == ["checkpoint-1", "checkpoint-2", "tmp-checkpoint-3"]
@@ -137,12 +136,19 @@ def test_kill_mid_save_then_resume_skips_the_incomplete_checkpoint(tiny, tmp_pat
         assert _same(_adapter(out / f"checkpoint-{step}"), _adapter(ref / f"checkpoint-{step}"))
 
 
-def test_disk_full_mid_save_is_one_line_and_leaves_no_checkpoint(tiny, tmp_path):
+def test_disk_full_mid_save_is_one_line_and_leaves_no_checkpoint(tiny, tmp_path, capsys, monkeypatch):
+    """The optimizer state of checkpoint 2 hits a full disk (the writer raises ENOSPC, as a full filesystem does)."""
     out = tmp_path / "out"
-    args = ("--max_steps", "3", "--save_steps", "1", "--eval_strategy", "no")
-    proc = _run_driver(tmp_path, _argv(tiny, out, *args), "enospc", os.path.join("checkpoint-2", "optimizer.pt"))
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
-    line = _one_error_line(proc.stderr)
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)) and os.fspath(f).endswith(os.path.join("checkpoint-2", "optimizer.pt")):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(f))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    assert _main(_argv(tiny, out, "--max_steps", "3", "--save_steps", "1", "--do_eval", "False")) == 2
+    line = _one_error_line(capsys.readouterr().err)
     assert line.startswith(f"error: no space left on {out}") and "checkpoint-2" in line, line
     assert _checkpoints(out) == ["checkpoint-1"]  # no checkpoint-2, no staging folder
     assert os.path.isfile(out / "checkpoint-1" / "trainer_state.json")
@@ -173,7 +179,7 @@ def test_real_full_tmpfs_mid_save(tiny, tmp_path, capsys):
         free = shutil.disk_usage(disk).free
         with open(disk / "filler", "wb") as fh:
             fh.write(b"\0" * (free - 8192))
-        assert _main(_argv(tiny, out, "--max_steps", "2", "--save_steps", "1", "--eval_strategy", "no")) == 2
+        assert _main(_argv(tiny, out, "--max_steps", "2", "--save_steps", "1", "--do_eval", "False")) == 2
         line = _one_error_line(capsys.readouterr().err)
         assert line.startswith("error: no space left on") and str(out) in line, line
         assert _checkpoints(out) == []
@@ -256,7 +262,7 @@ def test_hub_id_with_a_slash_loads_from_the_local_cache(tiny, tmp_path, monkeypa
     monkeypatch.setattr(hub_download, "get_hf_file_metadata", no_network)
     cache = _hub_cache(tmp_path, tiny["model"], "tiny-org/tiny-llama")
     out = tmp_path / "out"
-    argv = _argv(tiny, out, "--max_steps", "1", "--cache_dir", str(cache))
+    argv = _argv(tiny, out, "--max_steps", "1", "--cache_dir", str(cache), "--do_eval", "False")
     argv[argv.index("--model_name_or_path") + 1] = "tiny-org/tiny-llama"
     assert _main(argv) == 0
     assert json.load(open(out / "metrics.json"))["model"] == "tiny-org/tiny-llama"
