@@ -124,6 +124,8 @@ class ModelArguments:
 VERSION_COMPAT_FIELDS: Dict[str, Tuple[Any, Any, str]] = {
     "use_cache": (bool, True, "KV cache (turned off with gradient checkpointing)."),
     "warmup_ratio": (Optional[float], None, "Linear warm-up over this fraction [0, 1) of the training steps."),
+    "overwrite_output_dir": (bool, False, "Write into a non-empty --output_dir (removed in transformers 5; this "
+                                          "script keeps it: a non-empty --output_dir is refused without it)."),
 }
 _VERSION_COMPAT_CLASSES: Dict[Tuple[str, ...], type] = {}
 
@@ -558,6 +560,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, info: Optional[_device.Devi
         raise UsageError(str(err)) from err
     warmup = int(values.get("throughput_warmup_steps") or 0)
     use_cache = bool(getattr(training_args, "use_cache", values.get("use_cache", True)))
+    if not hasattr(training_args, "overwrite_output_dir"):  # transformers >= 5 dropped the field
+        training_args.overwrite_output_dir = bool(values.get("overwrite_output_dir", False))
     return ParsedArgs(model_args, data_args, adapter_args, training_args, explicit, warmup, use_cache)
 
 

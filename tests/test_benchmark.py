@@ -140,7 +140,7 @@ def test_targets_against_hand_computed_ratios():
     (["--rounds", "0"], "--rounds must be >= 1"),
     (["--warmup", "-1"], "--warmup must be >= 0"),
     (["--lr_grid", "paca=abc"], "not a number"),
-    (["--lr_grid", "garbage"], "expected 'method=lr,lr,...'"),
+    (["--lr_grid", "garbage"], "expected 'wide' or 'variant=lr,lr,...'"),
     (["--lr_grid", "paca=-1e-3"], "positive"),
     (["--variants", ""], "--variants: unknown or empty"),
     (["--variants", "floor,dora"], "dora"),
