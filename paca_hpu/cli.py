@@ -212,7 +212,8 @@ class AdapterArguments:
         metadata={"help": "PaCA: how each layer's r columns are chosen: random (default; seed and layer name), "
                           "weight_norm (largest L2 norm of the pretrained weight's columns) or activation_norm "
                           "(largest input-activation L2 norm per input channel over --paca_calibration_batches "
-                          "training batches, computed before training). The indices are saved with the adapter. "
+                          "training batches, computed before training; its columns meet the largest inputs, so "
+                          "tune its learning rate, likely lower). The indices are saved with the adapter. "
                           "Which one to use: docs/benchmarks.md, 'Parity study and column selection'.",
                   "choices": list(INIT_INDICES)},
     )

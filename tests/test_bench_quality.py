@@ -153,3 +153,22 @@ def test_study_section_is_pending_without_runs_and_filled_from_them():
     assert "| weight_norm | 1.0400 / 1.0400 (lr 0.01) |" in page
     assert "1.0050 / 1.0050 (lr 0.01)" in page
     assert "`paca-req-activation_norm`, ends at 1.0050 x LoRA r 8's" in page and "within 1 %" in page
+
+
+def test_the_documented_study_commands_are_valid_benchmark_command_lines():
+    import shlex
+
+    from paca_hpu.bench import study
+    from paca_hpu.bench.cli import _parse_lr_grid, build_parser, check_args
+
+    for run_name, command, _ in study.COMMANDS:
+        argv = shlex.split(command.replace("\\\n", " "))
+        assert argv[:2] == ["python", "scripts/benchmark.py"]
+        args = build_parser().parse_args(argv[2:])
+        assert check_args(args) is None, command
+        assert args.run_name == run_name and args.steps >= 120 and args.lr_extend >= 1
+        grids = _parse_lr_grid(args.lr_grid)
+        for spec in args.quality_variants.split(","):
+            parse_quality_variant(spec)
+            if "activation_norm" in spec:
+                assert grids[spec][0] < grids["paca"][0]  # its own, lower grid

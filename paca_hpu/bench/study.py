@@ -17,9 +17,25 @@ ABLATION_RUN = "cpu-smollm2-135m-bf16-b4-s256-ablation"
 PENDING = "pending: not yet run"
 
 _COMMON = "python scripts/benchmark.py --batch 4 --seq_len 256 --sections quality --steps 120 --eval_every 20"
-PARITY_ESTIMATE = "Estimated time: TBD."
-FULL_ESTIMATE = "Estimated time: TBD."
-ABLATION_ESTIMATE = "Estimated time: TBD."
+#: Estimated wall time on 2 idle CPU cores (torch uses both: CPU time is about twice that); see ESTIMATE_NOTE.
+PARITY_ESTIMATE = ("12 runs (3 variants x 3 learning rates + 3 seed-1 reruns) of about 8 (PaCA r 8), 8.5 (PaCA r 16) "
+                   "and 13 (LoRA) minutes: about 2 h; up to 3.4 h if every grid grows by 3 points (21 runs)")
+FULL_ESTIMATE = ("9 runs of about 13.5 (PaCA), 18 (LoRA) and 20 (full) minutes: about 2.6 h; up to 5.2 h with every "
+                 "grid grown by 3 points (18 runs)")
+ABLATION_ESTIMATE = ("12 runs of about 8-8.5 minutes (+ 10 s calibration for activation_norm): about 1.7 h; up to "
+                     "3.4 h with every grid grown by 3 points (24 runs)")
+ESTIMATE_NOTE = """How the times were estimated. Wall times: one run = 120 steps x (step time) + 7 half-split evaluations + about
+10 s to copy the model, with step times 1.15 x the medians of this page's quiet-machine timing runs at batch 4 x 256
+(bf16: PaCA 2.74 s, LoRA 4.78 s; fp32: PaCA 4.66 s, LoRA 6.69 s, full 7.48 s; 1.15 = the 60-step quality run's
+3.15 s per step / the timing median) and a half-split evaluation (13 batches) of about 14 s in bf16, 22 s in fp32
+(base-model evaluations in those runs' logs). CPU time, from 2-step smoke runs of these commands (`--steps 2
+--eval_every 0 --threads 1 --max_eval_samples 4`, process CPU seconds per run in the log) on this machine while other
+jobs kept its 2 cores at a load average of 12 to 17: fp32 PaCA 14.5 and full 23 CPU-s per step, 2 CPU-s per
+evaluated block, so the float32 command needs about 7.7 CPU-hours (3 x (41 + 54 + 58) CPU-minutes for PaCA, LoRA
+(scaled from PaCA by the timing ratio 1.44) and full), i.e. 3.8 h on 2 cores: an upper bound next to the 2.6 h
+above, as contention inflates CPU time too. In bf16 the 1-thread smoke ran 4 x slower than fp32 (8.3 CPU-s per
+evaluated block against 2; the 2-thread timing runs have bf16 at 0.6 x fp32), so its bf16 figures were not used;
+it did confirm that the commands run end to end on SmolLM2, calibration included."""
 #: (run name, command, estimated wall time on 2 quiet CPU cores; how it was estimated: ESTIMATE_NOTE).
 COMMANDS = [
     (PARITY_RUN,
@@ -27,13 +43,14 @@ COMMANDS = [
      f"    --lr_grid 'lora=1e-3,3e-3,1e-2;paca=3e-3,1e-2,3e-2' --run_name {PARITY_RUN}",
      PARITY_ESTIMATE),
     (FULL_RUN,
-     f"{_COMMON} --dtype fp32 \\\n    --quality_variants lora,paca,paca-req,full --lr_extend 3 \\\n"
+     f"{_COMMON} --dtype fp32 \\\n    --quality_variants lora,paca,full --lr_extend 3 \\\n"
      f"    --lr_grid 'lora=1e-3,3e-3,1e-2;paca=3e-3,1e-2,3e-2;full=1e-5,3e-5,1e-4' --run_name {FULL_RUN}",
      FULL_ESTIMATE),
     (ABLATION_RUN,
      f"{_COMMON} --dtype bf16 \\\n    --quality_variants paca-weight_norm,paca-activation_norm,paca-req-weight_norm,"
-     "paca-req-activation_norm \\\n    --paca_calibration_batches 8 --lr_extend 3 --lr_grid 'paca=3e-3,1e-2,3e-2' "
-     f"--run_name {ABLATION_RUN}",
+     "paca-req-activation_norm \\\n    --paca_calibration_batches 8 --lr_extend 3 \\\n    --lr_grid 'paca=3e-3,1e-2,3e-2;"
+     "paca-activation_norm=3e-4,1e-3,3e-3;paca-req-activation_norm=3e-4,1e-3,3e-3' \\\n"
+     f"    --run_name {ABLATION_RUN}",
      ABLATION_ESTIMATE),
 ]
 
@@ -53,17 +70,22 @@ rate at an edge of its grid grows the grid past that edge (`--lr_extend 3`), so 
 the run says "best at grid edge: extend the grid". `--seeds 0,1` trains each variant's best learning rate again
 with seed 1 (another data order, LoRA initialisation and random PaCA columns): the ratios below are per seed, with
 their mean and range. `activation_norm` chooses, per layer, the input channels of largest L2 norm over 8 training
-batches (`paca_hpu.calibrate_indices`); `weight_norm` the columns of largest `||W0[:, j]||`.
+batches (`paca_hpu.calibrate_indices`); `weight_norm` the columns of largest `||W0[:, j]||`. The `activation_norm`
+grids start 10 x lower: its columns meet the largest inputs, so the same step on `delta` moves the outputs more (in
+a 2-step smoke run, batch 1 x 64, one update at lr 1e-2 raised the held-out loss of `paca-req-activation_norm` from
+2.55 to 4.95, while `paca-weight_norm` stayed at 2.59).
 
 Full fine-tuning, the upper reference, runs in float32: in the bf16 mode every variant trains bf16 parameters, and
 full fine-tuning there has no float32 master copy, so an AdamW update of about `lr` (1e-5) is lost against the
-bf16 spacing of a typical weight (about 1.2e-4 at |w| = 0.03). The float32 run also repeats LoRA and PaCA, so its
-ratios are within one precision.
+bf16 spacing of a typical weight (about 1.2e-4 at |w| = 0.03). The float32 run also repeats LoRA and PaCA r 8, so
+its ratios are within one precision.
 
 The commands (run on an otherwise idle machine, one after the other; each writes `docs/benchmarks/<run name>/`
 and rebuilds this page, which fills the tables in):
 
 {commands}
+{estimate_note}
+
 If the ablation names a better PaCA setting, confirm it against LoRA on more seeds, each at its best learning rate
 (`--quality_variants lora,<setting> --lr_grid 'lora=<lr>;<setting>=<lr>' --seeds 0,1,2 --run_name
 cpu-smollm2-135m-bf16-b4-s256-final`), and make it the recommended setting only if its mean ratio stays within
@@ -158,15 +180,14 @@ def study_markdown(runs: Dict[str, dict], anchors: Dict[str, str]) -> str:
         runs: run directory name -> that run's ``results.json`` (all runs on the page).
         anchors: run directory name -> the page anchor of its own section.
     """
-    cmds = "\n".join(f"```\n{cmd}\n```\n{est}\n" for _, cmd, est in COMMANDS)
+    cmds = "\n".join(f"```\n{cmd}\n```\nEstimated: {est}.\n" for _, cmd, est in COMMANDS)
     parity, full, ablation = runs.get(PARITY_RUN), runs.get(FULL_RUN), runs.get(ABLATION_RUN)
-    lines = [_TEXT.format(commands=cmds)]
+    lines = [_TEXT.format(commands=cmds, estimate_note=ESTIMATE_NOTE)]
     lines += _table("Parity, bf16, seeds 0 and 1", parity,
                     [("lora", "LoRA r 8"), ("paca", "PaCA r 8"), ("paca-req", "PaCA r_eq")], PARITY_RUN,
                     anchors.get(PARITY_RUN))
     lines += _table("Parity with full fine-tuning, float32, seed 0", full,
-                    [("lora", "LoRA r 8"), ("paca", "PaCA r 8"), ("paca-req", "PaCA r_eq"), ("full", "full FT")],
-                    FULL_RUN, anchors.get(FULL_RUN))
+                    [("lora", "LoRA r 8"), ("paca", "PaCA r 8"), ("full", "full FT")], FULL_RUN, anchors.get(FULL_RUN))
     lines += _ablation(parity, ablation)
     lines += _verdict(parity, ablation)
     lines.append("Loss curves (training and held-out loss at each variant's best learning rate): "
