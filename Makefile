@@ -62,8 +62,8 @@ bench: setup
 # loaded onto a freshly quantized base, must give the same held-out loss (too slow for the default test run).
 QPACA_DIR ?= outputs/qpaca_check
 qpaca-check: setup
-	$(BIN)/python scripts/run_paca_clm.py --load_in_4bit --bnb_4bit_use_double_quant --peft_type paca \
-		--max_steps 10 --learning_rate 1e-3 --output_dir $(QPACA_DIR) $(QPACA_ARGS)
+	$(BIN)/python scripts/run_paca_clm.py --load_in_4bit --bnb_4bit_use_double_quant --peft_type paca --overwrite_output_dir \
+		--max_steps 8 --eval_steps 8 --max_eval_samples 16 --learning_rate 1e-3 --output_dir $(QPACA_DIR) $(QPACA_ARGS)
 	$(BIN)/python -c "import json, sys; m = json.load(open(sys.argv[1])); \
 		assert m['eval_loss_after'] < m['eval_loss_before'], m; assert m['eval_loss_reloaded'] == m['eval_loss_after'], m; \
 		print('qpaca-check OK: held-out loss', m['eval_loss_before'], '->', m['eval_loss_after'], \

@@ -224,8 +224,8 @@ def find_target_modules(model: nn.Module, config: PaCAConfig) -> List[str]:
         if not _is_supported(module):
             raise ValueError(
                 f"target module '{name}' is a {type(module).__name__}, which PaCA does not support; PaCA adapts "
-                "torch.nn.Linear, transformers Conv1D and bitsandbytes 4-bit Linear4bit layers. Narrow target_modules to the linear layers "
-                "(e.g. ['q_proj', 'v_proj'] or 'all-linear')"
+                "torch.nn.Linear, transformers Conv1D and bitsandbytes 4-bit Linear4bit layers. Narrow target_modules "
+                "to the linear layers (e.g. ['q_proj', 'v_proj'] or 'all-linear')"
             )
         names.append(name)
     if not names:

@@ -33,20 +33,34 @@ dtype (the autocast dtype under autocast), as ``Linear4bit`` returns it. Only fl
 accepted (bitsandbytes' CPU dequantization writes nothing for other dtypes).
 
 **Why the selected columns are taken out of the 4-bit GEMM and carried in float32** (``scripts/qpaca_design_probe.py``,
-this project's CPU, torch 2.13, bitsandbytes 0.50.2, 2 threads, NF4 576 x 576, r = 8, s = 2; ``upd`` = relative error
-of the weight update ``s * delta`` as the layer applies it, recovered from its outputs by least squares over 16,384
-tokens, for ``s * delta`` of 1 % of the weights' standard deviation):
+this project's CPU, torch 2.13, bitsandbytes 0.50.2, 2 threads, one NF4 576 x 576 layer, r = 8, s = 2). ``upd``: the
+relative error of the weight update ``s * delta`` as each design really applies it, recovered from the layer's
+outputs by least squares over 16,384 tokens, for ``s * delta`` of 1 % of the weights' standard deviation (early
+training); time: forward + backward of 512 tokens, float32, medians of 15 interleaved rounds [q1, q3], measured
+while other jobs kept the 2 cores ~7x oversubscribed (load average 15), so only rough:
 
-MEASURED
+================================================  ============  ==========  ========================
+design                                            upd float32   upd bf16    fwd+bwd ms float32
+================================================  ============  ==========  ========================
+zeroed input channels, M as bf16 hi/lo (here)     5.1e-6        0.062       554 [470, 632]
+correction ``+ s * x_sel @ delta.T`` after GEMM   4.5e-6        0.43        566 [475, 597]
+zeroed 4-bit codes (or inputs), M in bf16         5.1e-6        0.17        560 [446, 620]
+dense merge (dequantize, copy M in, one GEMM)     5.1e-6        0.24        499 [468, 557]
+bitsandbytes' frozen layer alone (QLoRA's base)   -             -           406 [324, 446]
+================================================  ============  ==========  ========================
 
-* correction: ``y = matmul_4bit(x, Wq) + s * x_sel @ delta.T``. In float32 as exact as the rest, but in bf16 the
-  base output is rounded before the small correction is added, and a second rounding drops any correction under
-  half a bf16 step of ``y`` (peft's QLoRA adds its LoRA branch the same way).
-* zeroed codes: the selected 4-bit codes set to 0.0 (NF4 code 7, FP4 code 0) and ``x_sel @ M.T`` added: the same
-  numbers as the design above but it writes into the quantized weight (unload must undo it, a saved state dict would
-  hold a modified base); zeroing the input channels instead gives the identical result without touching ``Wq``.
-* dense merge: dequantize, copy ``M`` in, one GEMM (the dense layer's design): ``M`` is rounded to bf16 and
-  bitsandbytes' fused 4-bit GEMM on CUDA (used up to 1536 tokens per call) is given up.
+The outputs themselves agree with float64 to 2.4e-7 (float32) and 3e-3 (bf16, the output rounding) for every
+design; the designs differ in what reaches the output of a small update, and not measurably in time:
+
+* correction: in bf16 the base output is rounded before the small correction is added, and the second rounding
+  drops any correction under half a bf16 step of ``y`` (peft's QLoRA adds its LoRA branch the same way).
+* zeroed codes: the selected 4-bit codes set to 0.0 (NF4 code 7, FP4 code 0) give exactly the numbers of zeroing
+  the input channels, but write into the quantized weight (unload must undo it, a saved state dict would hold a
+  modified base). Carrying ``M`` as one bf16 operand rounds updates under half a bf16 step of the weight away;
+  the hi/lo pair keeps them.
+* dense merge (the dense layer's design): ``M`` rounded to bf16, and bitsandbytes' fused 4-bit GEMM on CUDA (used
+  up to 1536 tokens per call) given up; on CPU, where bitsandbytes' GEMM is itself a dequantization plus a
+  ``linear``, its median was 10 % lower in this noisy run.
 
 At ``delta = 0`` the layer's output equals bitsandbytes' base output up to rounding (the selected channels are
 summed separately), not bit for bit; :func:`paca_hpu.disable_paca` gives the base output bit for bit.

@@ -168,6 +168,8 @@ def main():
     p.add_argument("--exact_tokens", type=int, default=4096)
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--shapes", default="576x576,576x1536,1536x576", help="in x out")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="compute dtypes")
+    p.add_argument("--no_exactness", action="store_true", help="timing only")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     import bitsandbytes
@@ -184,12 +186,13 @@ def main():
         idx = torch.randperm(fin, generator=gen)[: args.r].sort().values
         x64 = torch.randn(4, args.tokens // 4, fin, generator=gen, dtype=torch.float64)
         x64_exact = torch.randn(4, args.exact_tokens // 4, fin, generator=gen, dtype=torch.float64)
-        for cd in (torch.float32, torch.bfloat16):
+        for cd in [getattr(torch, d) for d in args.dtypes.split(",")]:
             impls = {k: Impl(k, wq, qs, idx, s, cd) for k in KINDS}
-            for scale in (1e-2, 1e-1):
+            for scale in (() if args.no_exactness else (1e-2, 1e-1)):
                 ex = exactness(impls, wq, qs, idx, s, cd, x64_exact, scale)
                 print(f"{shape} {str(cd)[6:]} s*delta/std(D)={scale:g}: " + "; ".join(
-                    f"{k} y {v['y_err']:.1e} gx {v['grad_x_err']:.1e} upd {v['update_err']:.1e}" for k, v in ex.items()))
+                    f"{k} y {v['y_err']:.1e} gx {v['grad_x_err']:.1e} upd {v['update_err']:.1e}"
+                    for k, v in ex.items()))
             delta = (torch.randn(fout, args.r, generator=gen) * 1e-3).requires_grad_(True)
             x = x64.to(cd).requires_grad_(True)
             g = torch.randn(x.shape[:-1] + (fout,), generator=gen).to(cd)

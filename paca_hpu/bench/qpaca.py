@@ -300,8 +300,9 @@ def run_qpaca_section(args, spec, dtype: torch.dtype, splits, info, log: Callabl
                 n: {"wall_s": summarize(raw[n]["wall_s"]), "cpu_s": summarize(raw[n]["cpu_s"]),
                     "tokens_per_s": summarize([tokens / x for x in raw[n]["wall_s"]]),
                     "trainable": built[n].trainable, "raw_wall_s": raw[n]["wall_s"]} for n in names}}
-            res["timing"]["ratios"] = {f"{a}/{b}": summarize([x / y for x, y in zip(raw[a]["wall_s"], raw[b]["wall_s"])])
-                                       for a, b in (("qpaca", "qlora"), ("qpaca", "qfloor"), ("qlora", "qfloor"))}
+            pairs = (("qpaca", "qlora"), ("qpaca", "qfloor"), ("qlora", "qfloor"))
+            res["timing"]["ratios"] = {
+                f"{a}/{b}": summarize([x / y for x, y in zip(raw[a]["wall_s"], raw[b]["wall_s"])]) for a, b in pairs}
         del built, opts
         gc.collect()
 
