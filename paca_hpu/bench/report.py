@@ -141,6 +141,8 @@ def run_title(res: dict) -> str:
     if sections == ["qpaca"]:
         q = res.get("qpaca", {}).get("quant", {})
         extra += f", QPaCA vs QLoRA ({q.get('quant_type', '?')}{' + double quant' if q.get('double_quant') else ''})"
+    if ((res.get("timing") or {}).get("protocol") or {}).get("legacy"):
+        extra += ", legacy timing protocol"
     return (f"{res['meta'].get('model', '?')}, {c['dtype']}, batch {c['batch']} x seq {c['seq_len']}{extra}, "
             f"{res['meta'].get('device', '?')}")
 
@@ -649,8 +651,10 @@ def write_docs_page(docs_path: str, results_root: Optional[str] = None) -> str:
         for run_dir, res in runs:
             r = measured_ratios(res)
             c = res["config"]
+            legacy = ((res.get("timing") or {}).get("protocol") or {}).get("legacy")
+            tag = f" (legacy timing: {','.join(legacy)})" if legacy else ""
             parts.append(
-                f"| [{os.path.basename(run_dir)}](#{_anchor(run_title(res))}) | {c['dtype']} | {c['batch']} x "
+                f"| [{os.path.basename(run_dir)}](#{_anchor(run_title(res))}){tag} | {c['dtype']} | {c['batch']} x "
                 f"{c['seq_len']} | {_fmt(r.get('time_paca_lora'))} | {_fmt(r.get('time_paca_floor'))} | "
                 f"{_fmt(r.get('time_paca_peft_paca'))} | "
                 f"{_fmt(r.get('saved_paca_floor'), 4)} | {_fmt(r.get('peak_paca_lora'))} | "
