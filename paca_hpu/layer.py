@@ -171,6 +171,18 @@ def delta_gradient(grad_y: torch.Tensor, x_sel: torch.Tensor, scaling: float) ->
     return grad_delta.t().mul_(scaling)
 
 
+def refuse_double_backward() -> None:
+    """Raise when a fused PaCA backward runs with grad mode on (``create_graph=True``): it is not differentiable.
+
+    Raises:
+        RuntimeError: naming :func:`paca_hpu.functional_paca`, the exact alternative."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "PaCA's fused backward is not differentiable (double backward, create_graph=True, e.g. a gradient "
+            "penalty): run that computation inside `with paca_hpu.functional_paca(model):`, which uses plain "
+            "autograd ops with exact higher-order gradients")
+
+
 class _PaCAFunction(torch.autograd.Function):
     """``y = F.linear(x, weight, bias)``, saving only ``x[..., indices]``; gradient for ``delta`` (see module doc).
 
@@ -196,18 +208,14 @@ class _PaCAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "PaCA's fused backward is not differentiable (double backward, create_graph=True, e.g. a gradient "
-                "penalty): run that computation inside `with paca_hpu.functional_paca(model):`, which uses plain "
-                "autograd ops with exact higher-order gradients")
+        refuse_double_backward()
         x_sel, weight = ctx.saved_tensors
         grad_x = grad_delta = None
         with _autocast_off(grad_y.device.type):
             if ctx.needs_input_grad[0]:
                 grad_x = input_gradient(grad_y, weight, ctx.compute_dtype, ctx.x_dtype)
             if ctx.needs_input_grad[3]:
-                grad_delta = delta_gradient(grad_y, x_sel, ctx.scaling)
+                grad_delta = _delta_grad(grad_y, x_sel, ctx.scaling)
         return grad_x, None, None, grad_delta, None, None
 
 
@@ -216,6 +224,11 @@ def _write_back_before_state_dict(module, prefix, keep_vars) -> None:
     ``W0`` with ``original_columns + scaling * delta`` in the selected columns (what loading checks)."""
     if module.is_stale():
         module.sync()
+
+
+#: The delta-gradient computation of the backward (:func:`delta_gradient`); :mod:`paca_hpu.experimental` swaps in
+#: candidates.
+_delta_grad = delta_gradient
 
 
 class PaCALinear(nn.Module):

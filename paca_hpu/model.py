@@ -74,8 +74,17 @@ def _optimizer_step_post_hook(optimizer: torch.optim.Optimizer, args, kwargs) ->
     unchecked = [layer for layer in stepped if not layer.__dict__.get("_paca_shared_checked", False)]
     if unchecked:
         check_unshared_weights(unchecked)
-    for layer in stepped:
+    _write_back(stepped)
+
+
+def _write_back_per_layer(layers: Sequence[PaCALinear]) -> None:
+    """The write-back after an optimizer step: :meth:`PaCALinear.sync` of each layer, in order."""
+    for layer in layers:
         layer.sync()
+
+
+#: How the step hook writes back the stepped layers; :mod:`paca_hpu.experimental` swaps in candidates.
+_write_back = _write_back_per_layer
 
 
 def _storage_ptr(t) -> int:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,6 +25,7 @@ def bench_run(tmp_path_factory):
         sys.executable, os.path.join(ROOT, "scripts", "benchmark.py"), "--tiny",
         "--batch", "2", "--seq_len", "32", "--rounds", "2", "--warmup", "1", "--steps", "2", "--eval_every", "1",
         "--memory_warmup", "1", "--memory_steps", "1", "--maxseq_lengths", "32,64",
+        "--maxseq_start", "32", "--maxseq_limit", "64", "--maxseq_granularity", "32",
         "--max_train_samples", "40", "--max_eval_samples", "8", "--threads", "1",
         "--lr_grid", "lora=1e-3;paca=1e-3",
         "--sections", "timing,saved,memory,maxseq,quality,qpaca", "--bnb_4bit_use_double_quant",
@@ -48,9 +50,15 @@ def test_json_sections_and_keys(bench_run):
         assert k in res["meta"]["environment"], k
     timing = res["timing"]
     assert set(timing["variants"]) == set(variants)
+    # the adapters in one fresh process, full with the floor in another; balanced order, no gc.collect
+    assert timing["groups"] == [["floor", "lora", "paca"], ["floor", "full"]]
+    assert timing["protocol"]["process"] == "fresh process per group" and timing["protocol"]["order"] == "balanced"
+    assert timing["protocol"]["gc_collect_before_step"] is False and timing["protocol"]["threads"] == 1
+    assert "full/floor" in timing["ratios"] and "paca/full" not in timing["ratios"]
     for v in variants:
         d = timing["variants"][v]
         assert len(d["raw_wall_s"]) == 2 and all(t > 0 for t in d["raw_wall_s"])
+        assert d["minflt"]["n"] == 2
         for stat in ("median", "q1", "q3", "min", "max"):
             assert d["wall_s"][stat] > 0
         assert d["tokens_per_s"]["median"] > 0
@@ -64,8 +72,12 @@ def test_json_sections_and_keys(bench_run):
         assert res["memory"][v]["malloc_mmap_threshold_fixed"] is True
         plain = res["memory_plain_rss"][v]  # the second set of subprocesses, glibc's malloc left alone
         assert plain["peak_bytes"] >= plain["before_bytes"] > 0 and plain["malloc_mmap_threshold_fixed"] is False
-        ms = res["maxseq"][v]
-        assert ms["method"] == "model" and [p[0] for p in ms["points"]] == [32, 64]
+        ms = res["maxseq"][v]  # the real search, one fresh process per probe; the straight-line model beside it
+        assert ms["method"] == "search" and "RLIMIT_AS" in ms["isolation"]
+        assert [p[0] for p in ms["probes"]] == [32, 64] and all(p[2] for p in ms["probes"])
+        assert ms["max_seq_len"] == 64 and ms["hit_limit"] is True
+        assert ms["budget_bytes"] == 4 * 1024 ** 3  # the CPU default budget
+        assert ms["model"]["method"] == "model" and [p[0] for p in ms["model"]["points"]] == [32, 64]
     q = res["quality"]
     assert set(q["best"]) == {"lora", "paca"} and q["steps"] == 2
     for m in ("lora", "paca"):
@@ -87,7 +99,7 @@ def test_markdown_and_pngs(bench_run):
     run_dir, docs, res = bench_run
     md = (run_dir / "results.md").read_text(encoding="utf-8")
     assert "| variant | median s |" in md and "| paca/lora |" in md
-    assert "Bytes saved for backward" in md and "MODELLED" in md and "held-out loss" in md
+    assert "Bytes saved for backward" in md and "out-of-memory search" in md and "held-out loss" in md
     assert "Peak RSS with glibc's default malloc" in md
     for name in ("step_time.png", "memory.png", "loss_curves.png"):
         path = run_dir / name
@@ -145,6 +157,7 @@ def test_targets_against_hand_computed_ratios():
     (["--variants", ""], "--variants: unknown or empty"),
     (["--variants", "floor,dora"], "dora"),
     (["--sections", "bogus"], "--sections: unknown or empty"),
+    (["--timing_legacy", "rotate,bogus"], "--timing_legacy: unknown part"),
 ])
 def test_bad_arguments_are_usage_errors(argv, needle, capsys):
     from paca_hpu.bench.cli import main
@@ -255,3 +268,118 @@ def test_qpaca_section_measures_and_its_memory_model_matches_the_measured_saved_
     assert params[fam["largest"]["qpaca"]] >= params.get(fam["largest"]["qlora"], 0)
     md = (run_dir / "results.md").read_text(encoding="utf-8")
     assert "QPaCA vs QLoRA on a 4-bit base" in md and "Modelled, not run on Gaudi" in md
+
+
+def test_balanced_orders_every_variant_follows_every_other_equally_often():
+    from collections import Counter
+
+    from paca_hpu.bench.measure import balanced_orders, rotated_orders
+
+    for n in range(2, 7):
+        names = [f"v{i}" for i in range(n)]
+        rows = balanced_orders(names, 2 * n)
+        assert all(sorted(r) == names for r in rows)
+        follows = Counter((r[i], r[i + 1]) for r in rows for i in range(n - 1))
+        assert len(follows) == n * (n - 1) and len(set(follows.values())) == 1, (n, follows)
+    # the rotation used before keeps each variant behind the same predecessor: floor after full in 3 of 4 rounds
+    rot = rotated_orders(["floor", "lora", "paca", "full"], 4)
+    pred = Counter(r[r.index("floor") - 1] for r in rot if r.index("floor") > 0)
+    assert pred == Counter({"full": 3})
+
+
+def test_timing_groups_keep_full_apart_from_the_adapters():
+    from paca_hpu.bench.timing import parse_legacy, plan_groups
+
+    assert plan_groups(["floor", "lora", "paca", "peft_paca", "full"]) == [
+        ["floor", "lora", "paca", "peft_paca"], ["floor", "full"]]
+    assert plan_groups(["lora", "full"]) == [["lora"], ["full"]]
+    assert plan_groups(["floor", "full"]) == [["floor", "full"]]
+    assert plan_groups(["floor", "lora", "full"], legacy=["full"]) == [["floor", "lora", "full"]]
+    assert parse_legacy("all") == ["inprocess", "full", "rotate", "gc"] and parse_legacy(None) == []
+    with pytest.raises(ValueError, match="unknown part"):
+        parse_legacy("rotate,bogus")
+
+
+def test_peft_paca_variant_follows_the_installed_peft(capsys):
+    """peft 0.21 (PyPI) has no PaCA tuner: the default variant list leaves it out with a note, an explicit request is a
+    usage error naming the installed version; with a peft that has it, it is in the default list."""
+    import argparse
+
+    import peft
+
+    from paca_hpu.bench.cli import main, resolve_variants
+    from paca_hpu.bench.variants import build_variant, peft_paca_unavailable
+
+    variants, note = resolve_variants(argparse.Namespace(variants=None))
+    if hasattr(peft, "PacaConfig"):
+        assert peft_paca_unavailable() is None and "peft_paca" in variants and note is None
+        return
+    assert variants == ["floor", "lora", "paca", "full"]
+    assert note and peft.__version__ in note and "not measured" in note
+    with pytest.raises(SystemExit) as exc:
+        main(["--tiny", "--variants", "paca,peft_paca"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--variants peft_paca" in err and peft.__version__ in err and "Traceback" not in err
+    with pytest.raises(ValueError, match="peft_paca.*no PaCA tuner"):
+        build_variant("peft_paca", torch.nn.Linear(2, 2))
+
+
+def test_cpu_longest_sequence_search_is_a_real_search(tmp_path):
+    """Each probe in a fresh process under an address-space cap: a budget a few MB above the tiny model's resident
+    size fits short sequences and refuses long ones, and the probes bracket the answer."""
+    from paca_hpu.bench.maxseq import probe_child, search_cpu
+    from paca_hpu.bench.proc import run_fresh
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (1, 8192), generator=g)
+    stream = tmp_path / "stream.pt"
+    torch.save({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}, stream)
+    cfg = {"model": {"kind": "tiny", "path": None, "seed": 0, "attn_implementation": "sdpa"}, "dtype": "fp32",
+           "seed": 0, "r": 8, "alpha": 16.0, "threads": 1, "cpu_malloc": "tuned", "budget_bytes": 8 * 1024 ** 3,
+           "maxseq_warm_len": 16, "maxseq_start": 512, "maxseq_limit": 8192, "maxseq_granularity": 512}
+    out = str(tmp_path / "calibrate.json")
+    first = run_fresh(probe_child, (cfg, "floor", 512, str(stream), out), out, name="calibrate")
+    assert first["fits"] and first["peak_bytes"] >= first["rss_before"] > 0 and first["error"] is None
+    cfg["budget_bytes"] = first["rss_before"] + 30 * 1024 ** 2  # ~3,000 tokens of the tiny model's ~10 KB/token
+    res = search_cpu(cfg, "floor", str(stream), str(tmp_path), log=lambda m: None)
+    assert res["method"] == "search" and res["hit_limit"] is False
+    assert 1024 <= res["max_seq_len"] < 8192, res
+    for length, peak, fits, error in res["probes"]:
+        if fits:
+            assert length <= res["max_seq_len"] and peak <= cfg["budget_bytes"]
+        else:
+            assert length > res["max_seq_len"]
+            assert error is not None or peak > cfg["budget_bytes"]
+    assert any(not p[2] for p in res["probes"])
+
+
+def test_minimal_loop_script_reports_per_round_ratios(tmp_path):
+    out = tmp_path / "minimal.json"
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "minimal_loop.py"), "--tiny", "--rounds", "2", "--warmup", "1",
+           "--batch", "2", "--seq_len", "32", "--threads", "1", "--max_train_samples", "40",
+           "--variants", "floor,lora,paca", "--json", str(out)]
+    env = dict(os.environ, PACA_DEVICE="cpu", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["times"]) == {"floor", "lora", "paca"} and all(len(t) == 2 for t in res["times"].values())
+    for key in ("paca/lora", "paca/floor", "lora/floor"):
+        a, b = key.split("/")
+        assert res["ratios"][key]["per_round"] == [x / y for x, y in zip(res["times"][a], res["times"][b])]
+        assert res["ratios"][key]["q1"] <= res["ratios"][key]["median"] * (1 + 1e-12) <= res["ratios"][key]["q3"] * (1 + 2e-12)
+    assert "paca/lora: median" in proc.stdout
+
+
+def test_ab_script_checks_then_times_both_paths(tmp_path):
+    out = tmp_path / "ab.json"
+    cmd = [sys.executable, "-m", "paca_hpu.bench.ab", "--candidate", "fused_writeback", "--tiny", "--rounds", "2",
+           "--warmup", "1", "--batch", "2", "--seq_len", "32", "--threads", "1", "--max_train_samples", "40",
+           "--json", str(out)]
+    env = dict(os.environ, PACA_DEVICE="cpu", TOKENIZERS_PARALLELISM="false", PYTHONPATH=ROOT)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert "merged weights identical" in res["check"] and "max relative delta-grad difference 0.00e+00" in res["check"]
+    assert set(res["times"]) == {"old", "new"} and all(len(t) == 2 for t in res["times"].values())
+    assert res["ratios"]["new/old"]["n"] == 2

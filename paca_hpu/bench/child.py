@@ -10,18 +10,17 @@ memory is its own. By hand: ``python -m paca_hpu.bench.child CONFIG.json VARIANT
 * Peak: ``memory_warmup`` steps at ``(batch, seq_len)``, reset of the peak counter (device allocator on
   CUDA/HPU; ``VmHWM`` via ``/proc/self/clear_refs`` on CPU, after ``malloc_trim``), ``memory_steps`` steps.
 * Longest sequence at batch 1 (``maxseq`` section):
-  - CUDA/HPU: a real search. A length "fits" when one training step at ``(1, L)`` neither raises an
-    out-of-memory error nor peaks above the budget; lengths double from ``maxseq_start`` until one does not fit
-    (or ``maxseq_limit``), then bisect down to ``maxseq_granularity`` tokens.
-  - CPU: a MODEL, not a search: peak RSS measured at each of ``maxseq_lengths`` (ascending, counter reset before
-    each), a straight line ``peak = a + b * L`` fitted through the points, solved for ``peak = budget``.
+  - CUDA/HPU: the real search of :func:`paca_hpu.bench.maxseq.search_longest` in this process. A length "fits"
+    when one training step at ``(1, L)`` neither raises an out-of-memory error nor peaks above the budget.
+  - CPU: the cross-check MODEL only: peak RSS measured at each of ``maxseq_lengths`` (ascending, counter reset
+    before each), a straight line ``peak = a + b * L`` fitted through the points, solved for ``peak = budget``.
+    The real CPU search runs one fresh process per probe (:func:`paca_hpu.bench.maxseq.search_cpu`).
 """
 
 from __future__ import annotations
 
 import gc
 import json
-import os
 import sys
 import time
 
@@ -30,6 +29,7 @@ def _run(cfg: dict, variant_name: str, inputs_path: str) -> dict:
     import torch
 
     from .. import device as _device
+    from .maxseq import search_longest
     from .measure import (_to, fix_malloc_mmap_threshold, is_oom_error, linear_memory_model,
                           peak_memory_of_steps, release_host_memory, train_step)
     from .variants import DTYPES, ModelSpec, build_variant, load_base_model, make_optimizer
@@ -82,11 +82,9 @@ def _run(cfg: dict, variant_name: str, inputs_path: str) -> dict:
 
         ms: dict = {"budget_bytes": budget}
         if info.type == "cpu":
-            points = []
-            for length in sorted(cfg["maxseq_lengths"]):
-                points.append([length, step_peak(length)])
-            fit = linear_memory_model(points, budget)
-            ms.update({"method": "model", "points": points, **fit})
+            # the cross-check: the real CPU search runs one fresh process per probe (paca_hpu.bench.maxseq)
+            points = [[length, step_peak(length)] for length in sorted(cfg["maxseq_lengths"])]
+            ms.update({"method": "model", "points": points, **linear_memory_model(points, budget)})
         else:
             probes = []
 
@@ -94,34 +92,24 @@ def _run(cfg: dict, variant_name: str, inputs_path: str) -> dict:
                 try:
                     p = step_peak(length)
                     ok = p <= budget
-                    probes.append([length, p, ok])
+                    probes.append([length, p, ok, None])
                     return ok
                 except Exception as err:  # noqa: BLE001 - OOM surfaces as different types per device
                     if not is_oom_error(err):
                         raise
-                    probes.append([length, None, False])
-                    opt.zero_grad(set_to_none=True)
+                    probes.append([length, None, False, "out of memory"])
+                    if opt is not None:  # floor has no optimizer
+                        opt.zero_grad(set_to_none=True)
+                    variant.model.zero_grad(set_to_none=True)
                     gc.collect()
                     if info.type == "cuda":
                         torch.cuda.empty_cache()
                     return False
 
             limit, gran = int(cfg["maxseq_limit"]), int(cfg["maxseq_granularity"])
-            lo, length = 0, int(cfg["maxseq_start"])
-            while length <= limit and fits(length):
-                lo, length = length, length * 2
-            hi = min(length, limit + gran)
-            if lo:
-                while hi - lo > gran:
-                    mid = (lo + hi) // 2 // gran * gran
-                    if mid <= lo:
-                        break
-                    if fits(mid):
-                        lo = mid
-                    else:
-                        hi = mid
-            ms.update({"method": "search", "probes": probes, "max_seq_len": lo, "hit_limit": lo >= limit,
-                       "limit": limit, "granularity": gran})
+            found = search_longest(fits, int(cfg["maxseq_start"]), limit, gran)
+            ms.update({"method": "search", "isolation": "the variant's measuring process", "probes": probes,
+                       **found, "limit": limit, "granularity": gran})
         out["maxseq"] = ms
     out["seconds"] = time.perf_counter() - t0
     return out
@@ -129,11 +117,9 @@ def _run(cfg: dict, variant_name: str, inputs_path: str) -> dict:
 
 def run_child(cfg: dict, variant_name: str, inputs_path: str, out_path: str) -> None:
     """Entry point of the per-variant process: measure and write the result JSON to ``out_path``."""
-    result = _run(cfg, variant_name, inputs_path)
-    tmp = out_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(result, f)
-    os.replace(tmp, out_path)
+    from .proc import write_json_atomic
+
+    write_json_atomic(_run(cfg, variant_name, inputs_path), out_path)
 
 
 def main(argv=None) -> int:

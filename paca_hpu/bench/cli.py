@@ -37,6 +37,7 @@ from typing import Dict, List, Optional
 SECTIONS = ("timing", "saved", "memory", "maxseq", "quality", "profile", "qpaca")
 QPACA_PARTS = ("timing", "saved", "memory", "quality")
 DEFAULT_SECTIONS = "timing,saved,memory,maxseq,quality"
+DEFAULT_VARIANTS = "floor,lora,paca,peft_paca,full"
 
 
 def _repo_root() -> Path:
@@ -127,10 +128,30 @@ def check_args(args) -> Optional[str]:
     bad = [s for s in sections if s not in SECTIONS]
     if bad or not sections:
         return f"--sections: unknown or empty {bad or args.sections!r}; choose from {', '.join(SECTIONS)} or all"
-    variants = _csv(args.variants)
+    variants = _csv(DEFAULT_VARIANTS if args.variants is None else args.variants)
     bad = [v for v in variants if v not in VARIANTS]
     if bad or not variants:
         return f"--variants: unknown or empty {bad or args.variants!r}; choose from {', '.join(VARIANTS)}"
+    if args.variants is not None and "peft_paca" in variants:
+        from .variants import peft_paca_unavailable
+
+        reason = peft_paca_unavailable()
+        if reason:
+            return f"--variants peft_paca: {reason}"
+    from .timing import parse_legacy
+
+    try:
+        parse_legacy(args.timing_legacy)
+    except ValueError as err:
+        return str(err)
+    parts = _csv(args.qpaca_parts)
+    if not parts or any(x not in QPACA_PARTS for x in parts):
+        return f"--qpaca_parts: unknown or empty {args.qpaca_parts!r}; choose from {', '.join(QPACA_PARTS)}"
+    if not args.qpaca_device_gb > 0:
+        return f"--qpaca_device_gb must be > 0, got {args.qpaca_device_gb}"
+    for flag in ("qpaca_model_batch", "qpaca_model_seq_len"):
+        if getattr(args, flag) < 1:
+            return f"--{flag} must be >= 1, got {getattr(args, flag)}"
     problem = _quality_variant_problem(args.quality_variants)
     if problem:
         return problem
@@ -143,16 +164,6 @@ def check_args(args) -> Optional[str]:
         _parse_seeds(args.seeds)
     except ValueError as err:
         return str(err)
-    parts = _csv(args.qpaca_parts)
-    if not parts or any(x not in QPACA_PARTS for x in parts):
-        return f"--qpaca_parts: unknown or empty {args.qpaca_parts!r}; choose from {', '.join(QPACA_PARTS)}"
-    if not args.qpaca_device_gb > 0:
-        return f"--qpaca_device_gb must be > 0, got {args.qpaca_device_gb}"
-    for flag in ("qpaca_model_batch", "qpaca_model_seq_len"):
-        if getattr(args, flag) < 1:
-            return f"--{flag} must be >= 1, got {getattr(args, flag)}"
-    if args.output_dir and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        return f"--output_dir '{args.output_dir}' is an existing file; pass a directory path"
     if args.model_name_or_path:
         from ..hub import check_model_source
 
@@ -161,6 +172,8 @@ def check_args(args) -> Optional[str]:
             return f"--model_name_or_path: {problem}"
     if args.model_config and not os.path.isfile(args.model_config):
         return f"--model_config '{args.model_config}' not found"
+    if args.output_dir and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        return f"--output_dir '{args.output_dir}' is an existing file; pass a directory path"
     return None
 
 
@@ -198,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp32: float32 model, no autocast; bf16: bfloat16 model, no autocast (same for all variants)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq_len", type=int, default=256)
-    p.add_argument("--variants", default="floor,lora,paca,full", help="comma separated subset of floor,lora,paca,full")
+    p.add_argument("--variants", default=None,
+                   help=f"comma separated subset of {DEFAULT_VARIANTS} (default: all of them; peft_paca only when "
+                        "the installed peft has its PaCA tuner, otherwise the page says it was not measured)")
     p.add_argument("--sections", default=DEFAULT_SECTIONS, help=f"comma separated subset of {','.join(SECTIONS)}, or all")
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0, help="lora_alpha and paca_alpha")
@@ -207,11 +222,17 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("timing")
     t.add_argument("--rounds", type=int, default=12, help="interleaved timed rounds (one step per variant each)")
     t.add_argument("--warmup", type=int, default=2, help="discarded warm-up steps per variant")
+    t.add_argument("--timing_legacy", default=None,
+                   help="reproduce parts of the timing protocol before the fix, to show what each changed: "
+                        "comma separated subset of inprocess,full,rotate,gc, or all (see paca_hpu.bench.timing)")
     mem = p.add_argument_group("memory / longest sequence")
     mem.add_argument("--memory_warmup", type=int, default=1)
     mem.add_argument("--memory_steps", type=int, default=2)
     mem.add_argument("--memory_budget_gb", type=float, default=None,
-                     help="budget for the longest-sequence figure; default: device memory (CUDA/HPU) or total RAM")
+                     help="budget for the longest-sequence figure; default: device memory (CUDA/HPU), 4 GiB (CPU)")
+    mem.add_argument("--maxseq_method", default="search", choices=["search", "model"],
+                     help="CPU: 'search' (real search, one fresh process per probe, RLIMIT_AS cap; the straight-line "
+                          "model is kept as a cross-check) or 'model' (the straight-line model only, quick)")
     mem.add_argument("--cpu_malloc", default="both", choices=["both", "tuned", "default"],
                      help="CPU peak RSS: 'tuned' fixes glibc's mmap threshold at 128 KiB in the measuring process so "
                           "RSS follows live tensors (closest to a device's peak allocated); 'default' leaves glibc's "
@@ -220,9 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "each variant in its own process every time")
     mem.add_argument("--maxseq_lengths", default=None,
                      help="CPU model: batch-1 lengths to measure (default: 2*seq_len,4*seq_len)")
-    mem.add_argument("--maxseq_start", type=int, default=512, help="CUDA/HPU search: first length")
+    mem.add_argument("--maxseq_start", type=int, default=512, help="search: first length")
     mem.add_argument("--maxseq_limit", type=int, default=None,
-                     help="CUDA/HPU search: largest length tried (default: max_position_embeddings)")
+                     help="search: largest length tried (default: max_position_embeddings)")
     mem.add_argument("--maxseq_granularity", type=int, default=128)
     q = p.add_argument_group("quality")
     q.add_argument("--steps", type=int, default=20, help="training steps per quality run")
@@ -250,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out evaluation (selection half) every N steps for the curves; 0: only at the end")
     q.add_argument("--max_train_samples", type=int, default=None, help="limit raw training examples")
     q.add_argument("--max_eval_samples", type=int, default=None, help="limit raw held-out examples")
+    pr = p.add_argument_group("profile")
+    pr.add_argument("--profile_rounds", type=int, default=3)
+    pr.add_argument("--profile_reps", type=int, default=5)
     qp = p.add_argument_group("qpaca (QPaCA vs QLoRA on a bitsandbytes 4-bit base)")
     qp.add_argument("--bnb_4bit_quant_type", default="nf4", choices=["nf4", "fp4"])
     qp.add_argument("--bnb_4bit_use_double_quant", action="store_true", help="quantize the block scales too")
@@ -259,9 +283,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="memory of the device the memory model solves for (Gaudi 2: 96 GB HBM), 10^9 bytes")
     qp.add_argument("--qpaca_model_batch", type=int, default=1, help="batch of the memory model's table")
     qp.add_argument("--qpaca_model_seq_len", type=int, default=2048, help="sequence length of the memory model's table")
-    pr = p.add_argument_group("profile")
-    pr.add_argument("--profile_rounds", type=int, default=3)
-    pr.add_argument("--profile_reps", type=int, default=5)
     o = p.add_argument_group("output")
     o.add_argument("--output_dir", default=None,
                    help="default: docs/benchmarks/<run_name>; outputs/benchmarks/<run_name> for --tiny / --model_config")
@@ -371,22 +392,13 @@ def default_budget_bytes(info) -> float:
     return float(psutil.virtual_memory().total)
 
 
-_PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama", "peft", "safetensors",
-            "paca_hpu", "paca_hpu.bench.child", "paca_hpu.bench.measure", "paca_hpu.bench.variants"]
-
-
 def _run_children(cfg: dict, variants: List[str], inputs: dict, log) -> Dict[str, dict]:
-    """One fresh process per variant running :func:`paca_hpu.bench.child.run_child`."""
-    import multiprocessing
-
+    """One fresh process per variant running :func:`paca_hpu.bench.child.run_child` (:mod:`paca_hpu.bench.proc`)."""
     import torch
 
     from .child import run_child
+    from .proc import run_fresh
 
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    if ctx.get_start_method() == "forkserver":
-        ctx.set_forkserver_preload(_PRELOAD)
     results = {}
     with tempfile.TemporaryDirectory(prefix="paca_bench_") as tmp:
         inputs_path = os.path.join(tmp, "inputs.pt")
@@ -394,15 +406,7 @@ def _run_children(cfg: dict, variants: List[str], inputs: dict, log) -> Dict[str
         for v in variants:
             out_path = os.path.join(tmp, f"{v}.json")
             t0 = time.perf_counter()
-            proc = ctx.Process(target=run_child, args=(cfg, v, inputs_path, out_path), name=f"bench-{v}")
-            proc.start()
-            proc.join()
-            if proc.exitcode != 0 or not os.path.exists(out_path):
-                raise RuntimeError(f"memory subprocess for variant {v} failed (exit code {proc.exitcode}); "
-                                   "its traceback is printed above")
-            with open(out_path, encoding="utf-8") as f:
-                results[v] = json.load(f)
-            d = results[v]
+            results[v] = d = run_fresh(run_child, (cfg, v, inputs_path, out_path), out_path, name=f"bench-{v}")
             extra = ""
             if "maxseq" in d:
                 extra = f", max seq {d['maxseq']['max_seq_len']:.0f} ({d['maxseq']['method']})"
@@ -415,6 +419,176 @@ def _memory_rows(child: Dict[str, dict]) -> Dict[str, dict]:
     """The per-variant peak-memory fields of the children's results."""
     return {v: {k: d[k] for k in ("peak_bytes", "before_bytes", "kind", "trainable", "malloc_mmap_threshold_fixed")}
             for v, d in child.items()}
+
+
+def _model_spec(args):
+    from .variants import ModelSpec
+
+    if args.tiny:
+        return ModelSpec(kind="tiny", seed=args.seed, attn_implementation=args.attn_implementation)
+    if args.model_config:
+        return ModelSpec(kind="config", path=os.path.abspath(args.model_config), seed=args.seed,
+                         attn_implementation=args.attn_implementation)
+    if args.model_name_or_path:
+        return ModelSpec(kind="path", path=args.model_name_or_path, seed=args.seed,
+                         attn_implementation=args.attn_implementation)
+    return ModelSpec(kind="embedded", seed=args.seed, attn_implementation=args.attn_implementation)
+
+
+def resolve_variants(args) -> tuple:
+    """``(variants, peft_paca_note)``: the variants to run. ``peft_paca`` is in the default list only when the
+    installed peft has its PaCA tuner; otherwise it is left out and the note (also shown on the page) says why.
+    (An explicit ``--variants peft_paca`` without it is a usage error: :func:`check_args`.)"""
+    from .variants import peft_paca_unavailable
+
+    if args.variants is not None:
+        return _csv(args.variants), None
+    reason = peft_paca_unavailable()
+    variants = [v for v in _csv(DEFAULT_VARIANTS) if not (v == "peft_paca" and reason)]
+    return variants, (f"upstream peft's PaCA (peft_paca) not measured: {reason}" if reason else None)
+
+
+def _results_skeleton(args, spec, info, threads: int, variants: List[str], sections: List[str],
+                      quality_variants: List[str], lr_grids: dict, legacy: List[str], root: Path) -> dict:
+    from .quality import lr_grid_for
+    from .variants import parse_quality_variant
+
+    argv0 = os.path.relpath(sys.argv[0], root) if os.path.isabs(sys.argv[0]) else sys.argv[0]
+    return {
+        "meta": {
+            "command": "python " + " ".join(shlex.quote(a) for a in [argv0] + sys.argv[1:]),
+            "model": spec.describe(),
+            "device": info.describe(),
+            "device_type": info.type,
+            "precision_note": (
+                "float32 parameters, no autocast" if args.dtype == "fp32" else
+                "bfloat16 parameters, no autocast; LoRA A/B float32 (peft autocast_adapter_dtype), its adapter "
+                "branch on a float32 copy of the input; PaCA delta float32, delta gradient in float32; full "
+                "trains the bf16 parameters in place"),
+            "environment": environment(info, threads),
+        },
+        "config": {
+            "model": spec.to_dict(), "dtype": args.dtype, "batch": args.batch, "seq_len": args.seq_len,
+            "variants": variants, "sections": sections, "r": args.r, "alpha": args.alpha, "seed": args.seed,
+            "threads": threads, "rounds": args.rounds, "warmup": args.warmup,
+            "memory_warmup": args.memory_warmup, "memory_steps": args.memory_steps, "steps": args.steps,
+            "cpu_malloc": args.cpu_malloc, "timing_legacy": legacy,
+            "quality_variants": quality_variants,
+            "lr_grids": {k: lr_grid_for(parse_quality_variant(k), lr_grids) for k in quality_variants},
+            "lr_extend": args.lr_extend, "seeds": _parse_seeds(args.seeds) or [args.seed],
+            "paca_calibration_batches": args.paca_calibration_batches,
+            **({"qpaca": {"quant_type": args.bnb_4bit_quant_type, "double_quant": args.bnb_4bit_use_double_quant,
+                          "parts": _csv(args.qpaca_parts), "device_gb": args.qpaca_device_gb,
+                          "model_batch": args.qpaca_model_batch, "model_seq_len": args.qpaca_model_seq_len}}
+               if "qpaca" in sections else {}),
+        },
+    }
+
+
+def _memory_sections(args, spec, info, sections, variants, splits, results, log) -> None:
+    """Peak memory and the longest sequence: fresh processes only, before this process touches the device."""
+    from transformers import AutoConfig
+
+    from .. import device as _device
+    from .inputs import fixed_batches, token_stream
+    from .maxseq import DEFAULT_CPU_BUDGET_GB, search_cpu
+
+    if args.memory_budget_gb:
+        budget = args.memory_budget_gb * 1024 ** 3
+    else:
+        budget = DEFAULT_CPU_BUDGET_GB * 1024 ** 3 if info.type == "cpu" else None
+    if spec.random_init:
+        max_pos = 4096
+    else:
+        max_pos = int(getattr(AutoConfig.from_pretrained(spec.resolved_path()), "max_position_embeddings", 4096))
+    maxseq_lengths = ([int(x) for x in _csv(args.maxseq_lengths)] if args.maxseq_lengths
+                      else [2 * args.seq_len, 4 * args.seq_len])
+    limit = args.maxseq_limit or max_pos
+    need = max(max(maxseq_lengths), limit)
+    batch = fixed_batches(splits["train"], args.batch, 1, seed=args.seed)[0]
+    inputs = {"batch": batch, "stream": token_stream(splits["train"], need)}
+    child_cfg = {"model": spec.to_dict(), "dtype": args.dtype, "seed": args.seed, "r": args.r,
+                 "alpha": args.alpha, "threads": args.threads, "batch": args.batch, "seq_len": args.seq_len,
+                 "memory_warmup": args.memory_warmup, "memory_steps": args.memory_steps,
+                 "maxseq": "maxseq" in sections, "budget_bytes": budget, "maxseq_lengths": maxseq_lengths,
+                 "maxseq_start": args.maxseq_start, "maxseq_limit": limit,
+                 "maxseq_granularity": args.maxseq_granularity, "cpu_malloc": args.cpu_malloc}
+    plain_too = info.type == "cpu" and args.cpu_malloc == "both" and "memory" in sections
+    if info.type == "cpu" and args.cpu_malloc == "both":
+        child_cfg["cpu_malloc"] = "tuned"
+    log(f"memory: one subprocess per variant ({_device.peak_memory_kind()}"
+        f"{', glibc mmap threshold fixed' if child_cfg['cpu_malloc'] == 'tuned' and info.type == 'cpu' else ''})")
+    child = _run_children(child_cfg, variants, inputs, log)
+    if "memory" in sections:
+        results["memory"] = _memory_rows(child)
+    if plain_too:
+        log("memory: again with glibc's default malloc (plain RSS), one subprocess per variant")
+        plain = _run_children(dict(child_cfg, cpu_malloc="default", maxseq=False), variants, inputs, log)
+        results["memory_plain_rss"] = _memory_rows(plain)
+    if "maxseq" not in sections:
+        return
+    results["maxseq"] = {v: d["maxseq"] for v, d in child.items()}
+    results["maxseq_max_position_embeddings"] = max_pos
+    if info.type != "cpu" or args.maxseq_method == "model":
+        return
+    import torch
+
+    log(f"maxseq: real search within {budget / 1024 ** 3:.2f} GiB, one fresh process per probe (start "
+        f"{args.maxseq_start}, limit {limit}, granularity {args.maxseq_granularity})")
+    with tempfile.TemporaryDirectory(prefix="paca_maxseq_") as tmp:
+        stream_path = os.path.join(tmp, "stream.pt")
+        torch.save(inputs["stream"], stream_path)
+        for v in variants:
+            model = results["maxseq"][v]
+            results["maxseq"][v] = dict(search_cpu(child_cfg, v, stream_path, tmp, log), model=model)
+            log(f"maxseq: {v}: {results['maxseq'][v]['max_seq_len']} tokens (model: {model['max_seq_len']:.0f})")
+
+
+def _timing_cfg(args, spec, legacy: List[str]) -> dict:
+    return {"model": spec.to_dict(), "dtype": args.dtype, "r": args.r, "alpha": args.alpha, "seed": args.seed,
+            "threads": args.threads, "rounds": args.rounds, "warmup": args.warmup, "legacy": legacy}
+
+
+def _log_timing(timing: dict, log) -> None:
+    for k, s in timing["ratios"].items():
+        log(f"timing: {k}: median {s['median']:.3f} [q1 {s['q1']:.3f}, q3 {s['q3']:.3f}] "
+            f"(min {s['min']:.3f}, max {s['max']:.3f})")
+
+
+def _in_process_sections(args, spec, info, sections, variants, train_batches, results, legacy, log, out_dir):
+    """``saved`` (and ``timing`` with ``--timing_legacy inprocess``), ``profile`` and ``quality`` in this process."""
+    from .. import device as _d
+    from .variants import DTYPES, build_variant, load_base_model
+
+    _d.manual_seed_all(args.seed)
+    base = load_base_model(spec, DTYPES[args.dtype], info.device)
+    if "saved" in sections:
+        from .measure import saved_tensor_bytes
+
+        results["saved"] = {}
+        for v in variants:
+            built = build_variant(v, base, r=args.r, alpha=args.alpha)
+            results["saved"][v] = saved_tensor_bytes(built.model, train_batches[0])
+            del built
+            gc.collect()
+            log(f"saved: {v}: {results['saved'][v]['bytes'] / 2 ** 20:,.2f} MB in "
+                f"{results['saved'][v]['tensors']} tensors")
+    if "timing" in sections and "inprocess" in legacy:
+        from .timing import run_timing
+
+        results["timing"] = run_timing(_timing_cfg(args, spec, legacy), variants, train_batches,
+                                       args.batch * args.seq_len, log, base=base)
+        _log_timing(results["timing"], log)
+    if "profile" in sections:
+        from .profile import profile_paca_vs_floor
+
+        prof = profile_paca_vs_floor(base, train_batches, rounds=args.profile_rounds, reps=args.profile_reps,
+                                     r=args.r, alpha=args.alpha, log=log)
+        for name, table in prof.pop("tables").items():
+            (out_dir / f"profile_{name}.txt").write_text(table, encoding="utf-8")
+        results["profile"] = prof
+        log("profile: " + ", ".join(f"{k} {v:.1f} ms" for k, v in prof["breakdown_ms"].items()))
+    return base
 
 
 def run(args) -> dict:
@@ -433,182 +607,58 @@ def run(args) -> dict:
     problem = check_args(args)
     if problem:
         raise ValueError(problem)
-    sections = list(SECTIONS) if args.sections.strip() == "all" else _csv(args.sections)
-    from .quality import lr_grid_for
-    from .variants import DTYPES, ModelSpec, build_variant, load_base_model, make_optimizer, parse_quality_variant
+    from .timing import parse_legacy
 
-    variants = _csv(args.variants)
+    sections = list(SECTIONS) if args.sections.strip() == "all" else _csv(args.sections)
+    legacy = parse_legacy(args.timing_legacy)
+    variants, peft_note = resolve_variants(args)
     quality_variants = [v for v in _csv(args.quality_variants) if v != "floor"]
     lr_grids = _parse_lr_grid(args.lr_grid)
 
     run_name = args.run_name or _default_run_name(args, info.type)
     out_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args, run_name, root)
-    if args.tiny:
-        spec = ModelSpec(kind="tiny", seed=args.seed, attn_implementation=args.attn_implementation)
-    elif args.model_config:
-        spec = ModelSpec(kind="config", path=os.path.abspath(args.model_config), seed=args.seed,
-                         attn_implementation=args.attn_implementation)
-    elif args.model_name_or_path:
-        spec = ModelSpec(kind="path", path=args.model_name_or_path, seed=args.seed,
-                         attn_implementation=args.attn_implementation)
-    else:
-        spec = ModelSpec(kind="embedded", seed=args.seed, attn_implementation=args.attn_implementation)
-    dtype = DTYPES[args.dtype]
-    from .inputs import all_batches, fixed_batches, load_tokenizer, packed_splits, token_stream
+    spec = _model_spec(args)
+    from .inputs import all_batches, fixed_batches, load_tokenizer, packed_splits
 
     tok = load_tokenizer(spec)  # before anything is written: a model that cannot be loaded leaves no run folder
     out_dir.mkdir(parents=True, exist_ok=True)
     log = _Log(str(out_dir / "log.txt"))
     log(f"benchmark {run_name}: {spec.describe()} on {info.describe()}, {args.dtype}, batch {args.batch} x seq "
         f"{args.seq_len}, variants {variants}, sections {sections}, torch threads {threads}")
-
+    if peft_note:
+        log(peft_note)
     splits = packed_splits(tok, args.seq_len, max_train_samples=args.max_train_samples,
                            max_eval_samples=args.max_eval_samples)
     log(f"data: {len(splits['train'])} train / {len(splits['validation'])} held-out blocks of {args.seq_len} tokens")
+    results = _results_skeleton(args, spec, info, threads, variants, sections, quality_variants, lr_grids, legacy,
+                                root)
+    if peft_note:
+        results["meta"]["peft_paca_note"] = peft_note
 
-    results: dict = {
-        "meta": {
-            "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], root)
-                                                                      if os.path.isabs(sys.argv[0]) else sys.argv[0]]
-                                            + sys.argv[1:]),
-            "model": spec.describe(),
-            "device": info.describe(),
-            "device_type": info.type,
-            "precision_note": (
-                "float32 parameters, no autocast" if args.dtype == "fp32" else
-                "bfloat16 parameters, no autocast; LoRA A/B float32 (peft autocast_adapter_dtype), its adapter "
-                "branch on a float32 copy of the input; PaCA delta float32, delta gradient in float32; full "
-                "trains the bf16 parameters in place"),
-            "environment": environment(info, threads),
-        },
-        "config": {
-            "model": spec.to_dict(), "dtype": args.dtype, "batch": args.batch, "seq_len": args.seq_len,
-            "variants": variants, "sections": sections, "r": args.r, "alpha": args.alpha, "seed": args.seed,
-            "threads": threads, "rounds": args.rounds, "warmup": args.warmup,
-            "memory_warmup": args.memory_warmup, "memory_steps": args.memory_steps, "steps": args.steps,
-            "cpu_malloc": args.cpu_malloc,
-            "quality_variants": quality_variants,
-            "lr_grids": {k: lr_grid_for(parse_quality_variant(k), lr_grids) for k in quality_variants},
-            "lr_extend": args.lr_extend, "seeds": _parse_seeds(args.seeds) or [args.seed],
-            "paca_calibration_batches": args.paca_calibration_batches,
-            **({"qpaca": {"quant_type": args.bnb_4bit_quant_type, "double_quant": args.bnb_4bit_use_double_quant,
-                          "parts": _csv(args.qpaca_parts), "device_gb": args.qpaca_device_gb,
-                          "model_batch": args.qpaca_model_batch, "model_seq_len": args.qpaca_model_seq_len}}
-               if "qpaca" in sections else {}),
-        },
-    }
-
-    # ---- memory + longest sequence: subprocesses first, before this process touches the accelerator
+    # ---- fresh processes first (memory, longest sequence, timing), before this process touches the accelerator
     if "memory" in sections or "maxseq" in sections:
-        from transformers import AutoConfig
+        _memory_sections(args, spec, info, sections, variants, splits, results, log)
+    n_batches = max(args.rounds + args.warmup, args.profile_rounds + 1, 1)
+    train_batches = fixed_batches(splits["train"], args.batch, n_batches, seed=args.seed)
+    if "timing" in sections and "inprocess" not in legacy:
+        from .timing import run_timing
 
-        budget = args.memory_budget_gb * 1024 ** 3 if args.memory_budget_gb else None
-        if spec.random_init:
-            max_pos = 4096
-        else:
-            max_pos = int(getattr(AutoConfig.from_pretrained(spec.resolved_path()), "max_position_embeddings", 4096))
-        maxseq_lengths = ([int(x) for x in _csv(args.maxseq_lengths)] if args.maxseq_lengths
-                          else [2 * args.seq_len, 4 * args.seq_len])
-        limit = args.maxseq_limit or max_pos
-        need = max(maxseq_lengths) if info.type == "cpu" else limit
-        batch = fixed_batches(splits["train"], args.batch, 1, seed=args.seed)[0]
-        inputs = {"batch": batch, "stream": token_stream(splits["train"], need)}
-        child_cfg = {"model": spec.to_dict(), "dtype": args.dtype, "seed": args.seed, "r": args.r,
-                     "alpha": args.alpha, "threads": args.threads, "batch": args.batch, "seq_len": args.seq_len,
-                     "memory_warmup": args.memory_warmup, "memory_steps": args.memory_steps,
-                     "maxseq": "maxseq" in sections, "budget_bytes": budget, "maxseq_lengths": maxseq_lengths,
-                     "maxseq_start": args.maxseq_start, "maxseq_limit": limit,
-                     "maxseq_granularity": args.maxseq_granularity, "cpu_malloc": args.cpu_malloc}
-        plain_too = info.type == "cpu" and args.cpu_malloc == "both" and "memory" in sections
-        if info.type == "cpu" and args.cpu_malloc == "both":
-            child_cfg["cpu_malloc"] = "tuned"
-        log(f"memory: one subprocess per variant ({_device.peak_memory_kind()}"
-            f"{', glibc mmap threshold fixed' if child_cfg['cpu_malloc'] == 'tuned' and info.type == 'cpu' else ''})")
-        child = _run_children(child_cfg, variants, inputs, log)
-        if "memory" in sections:
-            results["memory"] = _memory_rows(child)
-        if plain_too:
-            log("memory: again with glibc's default malloc (plain RSS), one subprocess per variant")
-            plain = _run_children(dict(child_cfg, cpu_malloc="default", maxseq=False), variants, inputs, log)
-            results["memory_plain_rss"] = _memory_rows(plain)
-        if "maxseq" in sections:
-            results["maxseq"] = {v: d["maxseq"] for v, d in child.items()}
-            results["maxseq_max_position_embeddings"] = max_pos
+        results["timing"] = run_timing(_timing_cfg(args, spec, legacy), variants, train_batches,
+                                       args.batch * args.seq_len, log, log_path=str(out_dir / "log.txt"))
+        _log_timing(results["timing"], log)
 
     # ---- QPaCA vs QLoRA (its memory subprocesses also run before this process loads the dense base)
     if "qpaca" in sections:
         from .qpaca import run_qpaca_section
+        from .variants import DTYPES
 
-        results["qpaca"] = run_qpaca_section(args, spec, dtype, splits, info, log, _run_children, lr_grids)
+        results["qpaca"] = run_qpaca_section(args, spec, DTYPES[args.dtype], splits, info, log, _run_children,
+                                             lr_grids)
 
-    need_base = any(s in sections for s in ("timing", "saved", "quality", "profile"))
     base = None
-    if need_base:
-        from .. import device as _d
-
-        _d.manual_seed_all(args.seed)
-        base = load_base_model(spec, dtype, info.device)
-
-    n_batches = max(args.rounds + args.warmup, args.profile_rounds + 1, 1)
-    train_batches = fixed_batches(splits["train"], args.batch, n_batches, seed=args.seed)
-
-    # ---- saved for backward + timing (one process, all variants)
-    if "timing" in sections or "saved" in sections:
-        from .measure import saved_tensor_bytes, summarize, time_rounds
-
-        built, opts = {}, {}
-        for v in variants:
-            built[v] = build_variant(v, base, r=args.r, alpha=args.alpha)
-            opts[v] = make_optimizer(built[v], 1e-4)
-        if "saved" in sections:
-            results["saved"] = {}
-            for v in variants:
-                results["saved"][v] = saved_tensor_bytes(built[v].model, train_batches[0])
-                log(f"saved: {v}: {results['saved'][v]['bytes'] / 2 ** 20:,.2f} MB in "
-                    f"{results['saved'][v]['tensors']} tensors")
-        if "timing" in sections:
-            log(f"timing: {args.warmup} warm-up steps per variant, then {args.rounds} interleaved rounds")
-
-            def tlog(msg):
-                        log(msg)
-
-            raw = time_rounds(built, opts, train_batches, rounds=args.rounds, warmup=args.warmup, log=tlog)
-            tokens = args.batch * args.seq_len
-            tv = {}
-            for v in variants:
-                tv[v] = {"wall_s": summarize(raw[v]["wall_s"]), "cpu_s": summarize(raw[v]["cpu_s"]),
-                         "tokens_per_s": summarize([tokens / x for x in raw[v]["wall_s"]]),
-                         "trainable": built[v].trainable, "total_params": built[v].total,
-                         "raw_wall_s": raw[v]["wall_s"], "raw_cpu_s": raw[v]["cpu_s"], "loss": raw[v]["loss"]}
-            pairs = [("paca", "lora"), ("paca", "floor"), ("lora", "floor"), ("full", "floor"), ("paca", "full"),
-                     ("lora", "full")]
-            ratios, cpu_ratios, raw_ratios = {}, {}, {}
-            for a, b in pairs:
-                if a in raw and b in raw:
-                    rr = [x / y for x, y in zip(raw[a]["wall_s"], raw[b]["wall_s"])]
-                    ratios[f"{a}/{b}"] = summarize(rr)
-                    raw_ratios[f"{a}/{b}"] = rr
-                    cpu_ratios[f"{a}/{b}"] = summarize([x / y for x, y in zip(raw[a]["cpu_s"], raw[b]["cpu_s"])])
-            results["timing"] = {"rounds": args.rounds, "warmup": args.warmup, "tokens_per_step": tokens,
-                                 "variants": tv, "ratios": ratios, "cpu_ratios": cpu_ratios, "raw_ratios": raw_ratios}
-            for k, s in ratios.items():
-                log(f"timing: {k}: median {s['median']:.3f} [q1 {s['q1']:.3f}, q3 {s['q3']:.3f}] "
-                    f"(min {s['min']:.3f}, max {s['max']:.3f})")
-        del built, opts
-        gc.collect()
-
-    # ---- profile
-    if "profile" in sections:
-        from .profile import profile_paca_vs_floor
-
-        prof = profile_paca_vs_floor(base, train_batches, rounds=args.profile_rounds, reps=args.profile_reps,
-                                     r=args.r, alpha=args.alpha, log=log)
-        for name, table in prof.pop("tables").items():
-            (out_dir / f"profile_{name}.txt").write_text(table, encoding="utf-8")
-        results["profile"] = prof
-        log("profile: " + ", ".join(f"{k} {v:.1f} ms" for k, v in prof["breakdown_ms"].items()))
-
-    # ---- quality
+    if any(s in sections for s in ("saved", "profile", "quality")) or "inprocess" in legacy and "timing" in sections:
+        base = _in_process_sections(args, spec, info, sections, variants, train_batches, results, legacy, log,
+                                    out_dir)
     if "quality" in sections and quality_variants:
         from .quality import run_quality
 
@@ -623,8 +673,11 @@ def run(args) -> dict:
             alpha=args.alpha, log=log, seeds=_parse_seeds(args.seeds), lr_extend=args.lr_extend,
             calibration_batches=args.paca_calibration_batches)
         results["quality"]["batch"] = qb
+    _write_outputs(args, results, sections, out_dir, root, log)
+    return results
 
-    # ---- outputs
+
+def _write_outputs(args, results: dict, sections: List[str], out_dir: Path, root: Path, log) -> None:
     log("done measuring")
     other = log.other.cores()
     env = results["meta"]["environment"]
@@ -643,15 +696,21 @@ def run(args) -> dict:
 
     results["targets"] = evaluate_targets(results)
     results["charts"] = write_charts(results, str(out_dir))
-    with open(out_dir / "results.json", "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1)
+    write_json_atomic_indented(results, str(out_dir / "results.json"))
     (out_dir / "results.md").write_text(run_markdown(results, image_prefix="", heading="##") + "\n", encoding="utf-8")
     log(f"wrote {out_dir / 'results.json'}, results.md, {', '.join(results['charts'])}")
     docs = _docs_path(args, out_dir, root)
     if docs:
         write_docs_page(docs, str(out_dir.parent))
         log(f"wrote {docs}")
-    return results
+
+
+def write_json_atomic_indented(obj, path: str) -> None:
+    """``results.json``: indented JSON written through a temporary file and ``os.replace``."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
 
 
 _MERGE_KEYS = {"timing": ["timing"], "saved": ["saved"], "memory": ["memory", "memory_plain_rss"],

@@ -22,6 +22,7 @@ from .. import device as _device
 __all__ = [
     "summarize",
     "train_step",
+    "balanced_orders",
     "time_rounds",
     "saved_tensor_bytes",
     "release_host_memory",
@@ -83,6 +84,52 @@ def train_step(variant, optimizer, batch: Dict[str, torch.Tensor], scheduler=Non
     return loss.detach()
 
 
+def balanced_orders(names: Sequence[str], rounds: int) -> List[List[str]]:
+    """The order of ``names`` in each of ``rounds`` rounds: rows of a Williams design, cycled.
+
+    Rotating one fixed order (``names[k:] + names[:k]``) keeps cyclic neighbours: every variant then runs right
+    after the same other variant in ``n - 1`` of every ``n`` rounds, so whatever one step leaves behind (caches,
+    allocator state, a large ``full`` optimizer step) lands on the same successor every time. In a Williams design
+    (E. J. Williams, 1949) every variant directly follows every other variant equally often within a round: once per
+    ``n`` rounds for an even number ``n`` of variants, twice per ``2 n`` rounds for an odd ``n``. Each round still
+    runs every variant exactly once.
+
+    Returns:
+        ``rounds`` lists, each a permutation of ``names``.
+    """
+    n = len(names)
+    if n == 0:
+        return [[] for _ in range(rounds)]
+    first, lo, hi = [0], 1, n - 1
+    while len(first) < n:  # 0, 1, n-1, 2, n-2, ...
+        first.append(lo)
+        lo += 1
+        if len(first) < n:
+            first.append(hi)
+            hi -= 1
+    rows = [[(j + i) % n for j in first] for i in range(n)]
+    if n % 2:
+        rows += [row[::-1] for row in rows]
+    return [[names[j] for j in rows[k % len(rows)]] for k in range(rounds)]
+
+
+def rotated_orders(names: Sequence[str], rounds: int) -> List[List[str]]:
+    """The order of the harness before the fix (kept for ``--timing_legacy rotate``): ``names`` rotated by one each
+    round, which keeps every variant's predecessor fixed in ``n - 1`` of ``n`` rounds (see :func:`balanced_orders`)."""
+    n = len(names)
+    return [list(names[k % n:]) + list(names[:k % n]) for k in range(rounds)]
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (every thread; Linux/macOS ``getrusage``), 0 where unavailable."""
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+    except (ImportError, OSError):  # pragma: no cover - Windows
+        return 0
+
+
 def time_rounds(
     variants: Dict[str, object],
     optimizers: Dict[str, Optional[torch.optim.Optimizer]],
@@ -90,17 +137,21 @@ def time_rounds(
     rounds: int,
     warmup: int,
     log: Callable[[str], None] = print,
+    order: str = "balanced",
+    collect_garbage: bool = False,
 ) -> Dict[str, Dict[str, List[float]]]:
     """Interleaved round-robin timing in this process.
 
     ``warmup`` steps per variant first (discarded), then ``rounds`` rounds; in round ``k`` every variant runs one
-    step on batch ``k`` (so all variants see the same data), in an order rotated by one each round so that no
-    variant always runs right after the same other one. Each step is bracketed by a device synchronize;
-    ``gc.collect()`` runs before (outside) every timed step.
+    step on batch ``k`` (so all variants see the same data), in the order of :func:`balanced_orders` (``order=
+    "balanced"``; ``"rotate"``: :func:`rotated_orders`, the protocol before the fix). Each step is bracketed by a
+    device synchronize and nothing else: Python's garbage collector runs when it would in a user's loop
+    (``collect_garbage=True`` restores the old ``gc.collect()`` before every timed step, outside the timing).
 
     Returns:
-        ``{variant: {"wall_s": [...], "cpu_s": [...], "loss": [...]}}`` in round order (``cpu_s``: process CPU
-        time, all threads, a contention-insensitive companion to wall time on CPU).
+        ``{variant: {"wall_s": [...], "cpu_s": [...], "minflt": [...], "loss": [...]}}`` in round order
+        (``cpu_s``: process CPU time, all threads, a contention-insensitive companion to wall time on CPU;
+        ``minflt``: minor page faults during the step, i.e. fresh memory pages the allocator had to map).
     """
     names = list(variants)
     dev = _device.get_device()
@@ -109,21 +160,25 @@ def time_rounds(
         for i in range(warmup):
             train_step(variants[name], optimizers[name], batches[i % len(batches)])
         _device.synchronize()
-    out = {n: {"wall_s": [], "cpu_s": [], "loss": []} for n in names}
-    for k in range(rounds):
-        order = names[k % len(names):] + names[:k % len(names)]
-        for name in order:
-            batch = batches[(warmup + k) % len(batches)]
-            gc.collect()
+    out = {n: {"wall_s": [], "cpu_s": [], "minflt": [], "loss": []} for n in names}
+    orders = balanced_orders(names, rounds) if order == "balanced" else rotated_orders(names, rounds)
+    for k, round_order in enumerate(orders):
+        batch = batches[(warmup + k) % len(batches)]
+        for name in round_order:
+            if collect_garbage:
+                gc.collect()
             _device.synchronize()
+            f0 = _minor_faults()
             c0, t0 = time.process_time(), time.perf_counter()
             loss = train_step(variants[name], optimizers[name], batch)
             _device.synchronize()
             t1, c1 = time.perf_counter(), time.process_time()
+            out[name]["minflt"].append(_minor_faults() - f0)
             out[name]["wall_s"].append(t1 - t0)
             out[name]["cpu_s"].append(c1 - c0)
             out[name]["loss"].append(float(loss))
-        log(f"  round {k + 1}/{rounds}: " + ", ".join(f"{n} {out[n]['wall_s'][-1]:.3f}s" for n in names))
+        log(f"  round {k + 1}/{rounds} ({' '.join(round_order)}): "
+            + ", ".join(f"{n} {out[n]['wall_s'][-1]:.3f}s" for n in names))
     return out
 
 

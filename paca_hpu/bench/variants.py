@@ -7,6 +7,9 @@ Variants (same model, same data, same targets -- the 7 projections of every LLaM
   gradients only and there is no optimizer step. The cost floor of any adapter method that trains every layer.
 * ``lora``: peft ``LoraConfig(r, lora_alpha=alpha, lora_dropout=0, bias="none")`` on the same targets.
 * ``paca``: :func:`paca_hpu.apply_paca` with ``PaCAConfig(r, paca_alpha=alpha)`` on the same targets.
+* ``peft_paca``: upstream peft's own PaCA tuner (``peft.PacaConfig(r, paca_alpha=alpha)``, peft's main branch; not
+  in peft <= 0.21 on PyPI), used only when the installed peft has it (:func:`peft_paca_unavailable`). It swaps the
+  adapted columns into the weight around every GEMM in forward and backward.
 * ``full``: full fine-tuning (every parameter trainable, tied embeddings included).
 
 The quality section also trains named settings of a method (:func:`parse_quality_variant`): ``paca-req`` (PaCA at
@@ -42,6 +45,7 @@ from ..model import trainable_parameters
 __all__ = [
     "VARIANTS",
     "LLAMA_TARGETS",
+    "peft_paca_unavailable",
     "DTYPES",
     "ModelSpec",
     "Variant",
@@ -55,7 +59,7 @@ __all__ = [
     "paca_r_matching_lora",
 ]
 
-VARIANTS = ("floor", "lora", "paca", "full")
+VARIANTS = ("floor", "lora", "paca", "peft_paca", "full")
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -82,6 +86,19 @@ def tiny_llama_config(**overrides: Any):
     )
     kwargs.update(overrides)
     return LlamaConfig(**kwargs)
+
+
+def peft_paca_unavailable() -> Optional[str]:
+    """``None`` when the installed peft has its own PaCA tuner (``peft.PacaConfig``), else a one-line reason naming
+    the installed peft version and how to get a peft that has it."""
+    try:
+        import peft
+    except ImportError:
+        return "peft is not installed"
+    if getattr(peft, "PacaConfig", None) is None:
+        return (f"the installed peft {peft.__version__} has no PaCA tuner (peft.PacaConfig; peft <= 0.21 on PyPI has "
+                "none): install peft from its main branch in a separate environment to measure it")
+    return None
 
 
 @dataclass
@@ -135,10 +152,12 @@ def load_base_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device) -
             with open(spec.path, encoding="utf-8") as f:
                 cfg = LlamaConfig(**json.load(f))
         cfg._attn_implementation = spec.attn_implementation
-        gen = torch.random.fork_rng(devices=[])
-        with gen:
+        # random init on CUDA itself: a 1B model initialises in seconds there, in tens of seconds on the host
+        on_cuda = torch.device(device).type == "cuda"
+        with torch.random.fork_rng(devices=[torch.device(device).index or 0] if on_cuda else []):
             torch.manual_seed(spec.seed)
-            model = LlamaForCausalLM(cfg)
+            with torch.device(device if on_cuda else "cpu"):
+                model = LlamaForCausalLM(cfg)
     else:
         model = AutoModelForCausalLM.from_pretrained(
             spec.resolved_path(), torch_dtype=dtype, attn_implementation=spec.attn_implementation
@@ -190,10 +209,13 @@ def build_variant(
     :func:`paca_hpu.calibrate_indices` over ``calibration_batches`` on the copy before converting it.
 
     Raises:
-        ValueError: unknown variant name, unknown ``init_indices``, or a data-aware one without batches.
+        ValueError: unknown variant name, unknown ``init_indices``, a data-aware one without batches, or
+            ``peft_paca`` with a peft that has no PaCA tuner.
     """
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+    if name == "peft_paca" and peft_paca_unavailable():
+        raise ValueError(f"variant peft_paca: {peft_paca_unavailable()}")
     model = copy.deepcopy(base) if copy_base else base
     for p in model.parameters():
         p.requires_grad_(False)
@@ -217,6 +239,14 @@ def build_variant(
         indices = calibrate_indices(model, cfg, calibration_batches) if calibration_batches is not None else None
         model = apply_paca(model, cfg, indices=indices)
         note = f"paca_hpu PaCA r={r} paca_alpha={alpha:g} init_indices={init_indices} on {len(target_names)} layers"
+    elif name == "peft_paca":
+        import peft
+        from peft import PacaConfig, get_peft_model
+
+        cfg = PacaConfig(r=r, paca_alpha=alpha, target_modules=list(targets), random_seed=paca_seed,
+                         task_type="CAUSAL_LM")
+        model = get_peft_model(model, cfg)
+        note = f"upstream peft {peft.__version__} PaCA r={r} paca_alpha={alpha:g} on {len(target_names)} layers"
     else:  # full
         for p in model.parameters():
             p.requires_grad_(True)

@@ -1,0 +1,158 @@
+"""Longest sequence at batch 1 that trains within a memory budget: a real search, each CPU probe in a fresh process.
+
+A length ``L`` *fits* when one training step (forward + backward + optimizer step) at ``(1, L)`` completes and its
+peak memory stays within the budget. Lengths double from ``start`` until one does not fit (or ``limit``), then
+bisection narrows the boundary to ``granularity`` tokens (:func:`search_longest`).
+
+* CUDA/HPU: the probes run in the variant's measuring process (:mod:`paca_hpu.bench.child`); out-of-memory errors
+  are recoverable there.
+* CPU (:func:`search_cpu`): every probe runs in a FRESH process (:func:`probe_child`): the model is loaded, the
+  variant built, one warm-up step at a short length allocates the optimizer state and the thread pools, then the
+  address space is capped with ``resource.setrlimit(RLIMIT_AS)`` at what is mapped now plus the part of the budget
+  not yet resident (``VmSize + budget - VmRSS``), the peak-RSS counter is reset and the step at ``L`` runs. It fits
+  when no allocation fails under that cap AND the peak RSS (``VmHWM``) stays within the budget. A probe process that
+  dies under the cap (e.g. a thread that cannot map its stack) counts as not fitting and is listed as such. glibc's
+  mmap threshold is fixed as in the memory section (``--cpu_malloc tuned``), so RSS follows live tensors.
+
+The straight-line model of the memory section (peak RSS at two lengths, solved for the budget) is kept next to the
+search as a cross-check.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, Dict, List, Optional
+
+__all__ = ["search_longest", "probe_child", "search_cpu", "DEFAULT_CPU_BUDGET_GB"]
+
+#: Budget of the CPU search when ``--memory_budget_gb`` is not given (the machine's RAM would put every variant past
+#: the model's position limit and make the search a long run that shows nothing).
+DEFAULT_CPU_BUDGET_GB = 4.0
+
+
+def search_longest(fits: Callable[[int], bool], start: int, limit: int, granularity: int) -> Dict[str, object]:
+    """Doubling from ``start`` while ``fits``, then bisection between the last fitting and the first failing length
+    down to ``granularity`` tokens (lengths probed are multiples of ``granularity`` during bisection).
+
+    Returns:
+        ``{"max_seq_len": longest length that fitted (0 if none), "hit_limit": whether that is >= limit}``.
+    """
+    lo, length = 0, int(start)
+    while length <= limit and fits(length):
+        lo, length = length, length * 2
+    hi = min(length, limit + granularity)
+    if lo:
+        while hi - lo > granularity:
+            mid = (lo + hi) // 2 // granularity * granularity
+            if mid <= lo:
+                break
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid
+    return {"max_seq_len": lo, "hit_limit": lo >= limit}
+
+
+def _status_bytes() -> Dict[str, int]:
+    """``VmSize`` and ``VmRSS`` of this process in bytes (Linux ``/proc/self/status``)."""
+    out = {}
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            key = line.split(":", 1)[0]
+            if key in ("VmSize", "VmRSS"):
+                out[key] = int(line.split()[1]) * 1024
+    return out
+
+
+def _probe(cfg: dict, variant_name: str, length: int, stream_path: str) -> dict:
+    import resource
+
+    import torch
+
+    from .. import device as _device
+    from .measure import fix_malloc_mmap_threshold, is_oom_error, release_host_memory, train_step
+    from .variants import DTYPES, ModelSpec, build_variant, load_base_model, make_optimizer
+
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    malloc_fixed = cfg.get("cpu_malloc", "tuned") == "tuned" and fix_malloc_mmap_threshold()
+    stream = torch.load(stream_path)
+    _device.manual_seed_all(cfg["seed"])
+    base = load_base_model(ModelSpec(**cfg["model"]), DTYPES[cfg["dtype"]], torch.device("cpu"))
+    variant = build_variant(variant_name, base, r=cfg["r"], alpha=cfg["alpha"], copy_base=False)
+    del base
+    opt = make_optimizer(variant, 1e-4)
+    warm = min(length, int(cfg.get("maxseq_warm_len", 64)))
+    train_step(variant, opt, {k: v[:, :warm] for k, v in stream.items()})  # optimizer state, thread pools
+    release_host_memory()
+    budget = int(cfg["budget_bytes"])
+    st = _status_bytes()
+    res = {"length": length, "rss_before": st["VmRSS"], "vm_before": st["VmSize"], "budget_bytes": budget,
+           "malloc_mmap_threshold_fixed": bool(malloc_fixed), "peak_bytes": None, "fits": False, "error": None}
+    if st["VmRSS"] >= budget:
+        res["error"] = "the model and optimizer state alone exceed the budget"
+        return res
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = st["VmSize"] + budget - st["VmRSS"]
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    batch = {k: v[:, :length] for k, v in stream.items()}
+    _device.reset_peak_memory("cpu")
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        train_step(variant, opt, batch)
+        res["peak_bytes"] = int(_device.peak_memory_bytes("cpu"))
+        res["fits"] = res["peak_bytes"] <= budget
+    except Exception as err:  # noqa: BLE001 - the allocator's failure surfaces as RuntimeError or MemoryError
+        if not is_oom_error(err):
+            raise
+        res["error"] = str(err).splitlines()[0][:200]
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    res["cap_bytes"] = cap
+    return res
+
+
+def probe_child(cfg: dict, variant_name: str, length: int, stream_path: str, out_path: str) -> None:
+    """Entry point of one fresh probe process (see the module docstring): result JSON to ``out_path``."""
+    from .proc import write_json_atomic
+
+    write_json_atomic(_probe(cfg, variant_name, length, stream_path), out_path)
+
+
+def search_cpu(cfg: dict, variant_name: str, stream_path: str, tmp_dir: str,
+               log: Callable[[str], None] = print) -> Dict[str, object]:
+    """The CPU search for ``variant_name``, one fresh process per probe.
+
+    ``cfg``: as for the memory children, with ``budget_bytes``, ``maxseq_start``, ``maxseq_limit``,
+    ``maxseq_granularity``. ``stream_path``: a saved ``(1, >= maxseq_limit)`` batch (``input_ids`` /
+    ``attention_mask`` / ``labels``).
+
+    Returns:
+        ``{"method": "search", "isolation": "fresh process per probe", "budget_bytes", "probes": [[L, peak bytes or
+        None, fits, error or None], ...], "max_seq_len", "hit_limit", "limit", "granularity"}``.
+    """
+    from .proc import run_fresh
+
+    probes: List[list] = []
+
+    def fits(length: int) -> bool:
+        t0 = time.perf_counter()
+        out = os.path.join(tmp_dir, f"probe-{variant_name}-{length}.json")
+        res: Optional[dict] = run_fresh(probe_child, (cfg, variant_name, length, stream_path, out), out,
+                                        name=f"maxseq-{variant_name}-{length}", allow_failure=True)
+        if res is None:
+            probes.append([length, None, False, "probe process died under the memory cap"])
+        else:
+            probes.append([length, res["peak_bytes"], res["fits"], res["error"]])
+        p = probes[-1]
+        log(f"maxseq: {variant_name} L={length}: {'fits' if p[2] else 'does not fit'} "
+            f"({'peak ' + format(p[1] / 2 ** 20, ',.0f') + ' MB' if p[1] else p[3]}) [{time.perf_counter() - t0:.0f} s]")
+        return bool(p[2])
+
+    limit, gran = int(cfg["maxseq_limit"]), int(cfg["maxseq_granularity"])
+    found = search_longest(fits, int(cfg["maxseq_start"]), limit, gran)
+    return {"method": "search", "isolation": "fresh process per probe, RLIMIT_AS cap",
+            "budget_bytes": float(cfg["budget_bytes"]), "probes": probes, **found, "limit": limit,
+            "granularity": gran}
