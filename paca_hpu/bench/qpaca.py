@@ -112,7 +112,7 @@ def _linears(a: dict) -> List[tuple]:
 
 def memory_model(a: dict, method: str, batch: int, seq_len: int, *, r: int = 8, dtype_bytes: int = 2,
                  double_quant: bool = True, blocksize: int = 64, checkpointing: bool = False,
-                 gqa_sdpa: bool = True) -> Dict[str, float]:
+                 gqa_sdpa: bool = True, o_proj_input_is_sdpa_output: bool = False) -> Dict[str, float]:
     """Bytes needed to fine-tune LLaMA architecture ``a`` on a 4-bit base with ``method`` (``"qpaca"``,
     ``"qlora"`` or ``"qfloor"``), all 7 projections of every layer targeted, AdamW, at ``batch`` x ``seq_len``.
 
@@ -128,8 +128,10 @@ def memory_model(a: dict, method: str, batch: int, seq_len: int, *, r: int = 8, 
     ``seq_len``-long rows per token ``2 * seq_len * e``, once) and log-sum-exp (``4 * heads``), the MLP's gate,
     SiLU and up outputs (``3 i e``); then the
     method's own: QPaCA ``x[..., idx]`` of each projection (``7 r e``); QLoRA (peft) a float32 copy of each
-    projection's input (shared between projections with the same input when the model is float32) plus the LoRA A
-    output (``7 * 4 r``); but the first layer's input norm only for the frozen floor (whose embedding output requires
+    projection's input (shared between projections with the same input when the model is float32; there, with
+    ``o_proj_input_is_sdpa_output`` (transformers >= 5, whose SDPA output already has the ``(batch, seq, heads,
+    head_dim)`` layout, so ``o_proj``'s input is a view of the tensor SDPA saved) ``o_proj``'s input adds nothing)
+    plus the LoRA A output (``7 * 4 r``); but the first layer's input norm only for the frozen floor (whose embedding output requires
     grad). Once: the final norm, float32
     logits (``4 V``), labels and the rotary tables. With gradient
     checkpointing only each layer's input (``h e``) is kept per layer, and one layer's activations are recomputed.
@@ -162,7 +164,10 @@ def memory_model(a: dict, method: str, batch: int, seq_len: int, *, r: int = 8, 
     if method == "qpaca":
         method_layer = 7 * r * e
     elif method == "qlora":
-        inputs = [fi for fi, _ in lin] if e != 4 else [h, heads_dim, h, i]  # float32 model: shared inputs once
+        if e != 4:
+            inputs = [fi for fi, _ in lin]
+        else:  # float32 model: no cast, so projections sharing an input share its storage
+            inputs = [h, h, i] if o_proj_input_is_sdpa_output else [h, heads_dim, h, i]
         method_layer = 4 * sum(inputs) + 7 * 4 * r
     else:
         method_layer = 0
@@ -231,10 +236,15 @@ def family_table(budget: float, batch: int, seq_len: int, r: int = 8, double_qua
 def model_check(a: dict, measured: dict, batch: int, seq_len: int, r: int, dtype_bytes: int,
                 double_quant: bool) -> Dict[str, dict]:
     """Modelled vs measured on the benchmark's own model: saved-for-backward bytes, weight bytes, and the peak
-    memory increase over the state before a step (saved + transient + gradients vs the measured peak - before)."""
+    memory increase over the state before a step (saved + transient + gradients vs the measured peak - before).
+    The installed transformers' major version decides ``o_proj_input_is_sdpa_output`` (see :func:`memory_model`)."""
+    import transformers
+
+    aliased = int(transformers.__version__.split(".")[0]) >= 5
     out: Dict[str, dict] = {}
     for v in QUANT_VARIANTS:
-        m = memory_model(a, v, batch, seq_len, r=r, dtype_bytes=dtype_bytes, double_quant=double_quant)
+        m = memory_model(a, v, batch, seq_len, r=r, dtype_bytes=dtype_bytes, double_quant=double_quant,
+                         o_proj_input_is_sdpa_output=aliased)
         row: Dict[str, float] = {}
         saved = (measured.get("saved") or {}).get(v)
         if saved:

@@ -283,6 +283,8 @@ def quality_markdown(q: dict, h: str = "###") -> List[str]:
             rcell = f"{rt['mean']:.4f} [{rt['min']:.4f}, {rt['max']:.4f}]" if rt else "-"
             lines.append(f"| {m} | {b['lr']:g} | " + " | ".join(per) +
                          f" | {sp['mean']:.4f} [{sp['min']:.4f}, {sp['max']:.4f}] | {rcell} |")
+    lines.append("")
+    return lines
 
 
 def _timing_markdown(timing: dict, c: dict, h: str) -> List[str]:
