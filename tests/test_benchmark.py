@@ -383,3 +383,28 @@ def test_ab_script_checks_then_times_both_paths(tmp_path):
     assert "merged weights identical" in res["check"] and "max relative delta-grad difference 0.00e+00" in res["check"]
     assert set(res["times"]) == {"old", "new"} and all(len(t) == 2 for t in res["times"].values())
     assert res["ratios"]["new/old"]["n"] == 2
+
+
+def test_qpaca_parts_measured_by_separate_runs_merge_and_record_their_commands(fake_root):
+    pytest.importorskip("bitsandbytes")
+    from paca_hpu.bench.cli import main
+
+    common = ["--tiny", "--sections", "qpaca", "--batch", "1", "--seq_len", "16", "--rounds", "1", "--warmup", "0",
+              "--max_train_samples", "8", "--max_eval_samples", "4", "--threads", "1", "--output_dir",
+              str(fake_root / "run")]
+    assert main(common + ["--qpaca_parts", "saved"]) == 0
+    first = json.load(open(fake_root / "run" / "results.json"))["qpaca"]
+    assert "timing" not in first and first["part_commands"]["saved"].endswith("--qpaca_parts saved")
+    assert main(common + ["--qpaca_parts", "timing", "--merge"]) == 0
+    second = json.load(open(fake_root / "run" / "results.json"))["qpaca"]
+    assert second["saved"] == first["saved"]  # kept as measured by the first run
+    assert set(second["timing"]["variants"]) == {"qfloor", "qlora", "qpaca"}
+    assert second["part_commands"]["saved"] == first["part_commands"]["saved"]
+    assert second["part_commands"]["timing"].endswith("--qpaca_parts timing --merge")
+    # the memory-model check is recomputed from the kept part
+    assert second["model_check"]["qpaca"]["saved_measured"] == first["saved"]["qpaca"]["bytes"]
+    md = (fake_root / "run" / "results.md").read_text(encoding="utf-8")
+    assert "Parts measured by separate runs" in md and "--qpaca_parts saved" in md
+    # another quantization cannot be merged into it
+    with pytest.raises(SystemExit, match="another model/dtype/shape/quantization"):
+        main(common + ["--qpaca_parts", "timing", "--merge", "--bnb_4bit_quant_type", "fp4"])

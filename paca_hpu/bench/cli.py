@@ -453,10 +453,15 @@ def _results_skeleton(args, spec, info, threads: int, variants: List[str], secti
     from .quality import lr_grid_for
     from .variants import parse_quality_variant
 
-    argv0 = os.path.relpath(sys.argv[0], root) if os.path.isabs(sys.argv[0]) else sys.argv[0]
+    argv = getattr(args, "_argv", None)
+    if argv is None:  # run as a script: the command line it was given
+        argv0 = os.path.relpath(sys.argv[0], root) if os.path.isabs(sys.argv[0]) else sys.argv[0]
+        argv = [argv0] + sys.argv[1:]
+    else:  # main(argv) called in-process: the arguments it was given, as the script would take them
+        argv = ["scripts/benchmark.py"] + list(argv)
     return {
         "meta": {
-            "command": "python " + " ".join(shlex.quote(a) for a in [argv0] + sys.argv[1:]),
+            "command": "python " + " ".join(shlex.quote(a) for a in argv),
             "model": spec.describe(),
             "device": info.describe(),
             "device_type": info.type,
@@ -652,8 +657,12 @@ def run(args) -> dict:
         from .qpaca import run_qpaca_section
         from .variants import DTYPES
 
+        previous = _previous_qpaca(args, results, out_dir, log) or {}
+        commands = previous.pop("part_commands", {})
         results["qpaca"] = run_qpaca_section(args, spec, DTYPES[args.dtype], splits, info, log, _run_children,
-                                             lr_grids)
+                                             lr_grids, previous=previous)
+        commands.update({part: results["meta"]["command"] for part in _csv(args.qpaca_parts)})
+        results["qpaca"]["part_commands"] = {part: commands[part] for part in QPACA_PARTS if part in commands}
 
     base = None
     if any(s in sections for s in ("saved", "profile", "quality")) or "inprocess" in legacy and "timing" in sections:
@@ -718,6 +727,29 @@ _MERGE_KEYS = {"timing": ["timing"], "saved": ["saved"], "memory": ["memory", "m
                "qpaca": ["qpaca"]}
 
 
+def _previous_qpaca(args, results: dict, out_dir: Path, log) -> Optional[dict]:
+    """With ``--merge``: the ``qpaca`` section of the earlier run in ``out_dir`` (its parts that ``--qpaca_parts``
+    does not rerun are kept), or None. A run of another model/dtype/shape/quantization is refused (exit 2)."""
+    path = out_dir / "results.json"
+    if not args.merge or not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as f:
+        old = json.load(f)
+    prev = old.get("qpaca")
+    if not prev:
+        return None
+    keys = ("model", "dtype", "batch", "seq_len")
+    quant = {"quant_type": args.bnb_4bit_quant_type, "double_quant": bool(args.bnb_4bit_use_double_quant)}
+    if any(old.get("config", {}).get(k) != results["config"].get(k) for k in keys) or any(
+            prev.get("quant", {}).get(k) != v for k, v in quant.items()):
+        raise SystemExit(f"--merge: {path} holds a qpaca section of another model/dtype/shape/quantization; "
+                         "use another --output_dir")
+    kept = [part for part in QPACA_PARTS if part not in _csv(args.qpaca_parts) and part in prev]
+    log(f"qpaca: keeping parts {kept} of {path}")
+    old_cmds = prev.get("part_commands") or {part: old.get("meta", {}).get("command") for part in kept}
+    return dict({part: prev[part] for part in kept}, part_commands={part: old_cmds.get(part) for part in kept})
+
+
 def _merge_previous(results: dict, path: Path, sections: List[str], log) -> None:
     """Copy into ``results`` the sections of the earlier run at ``path`` that were not rerun now."""
     with open(path, encoding="utf-8") as f:
@@ -758,6 +790,7 @@ def main(argv=None) -> int:
     """``scripts/benchmark.py`` entry point; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args._argv = None if argv is None else list(argv)
     problem = check_args(args)
     if problem:
         parser.error(problem)  # usage + one error line, exit 2

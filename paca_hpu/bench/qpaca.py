@@ -265,10 +265,13 @@ def model_check(a: dict, measured: dict, batch: int, seq_len: int, r: int, dtype
 
 
 def run_qpaca_section(args, spec, dtype: torch.dtype, splits, info, log: Callable[[str], None],
-                      run_children: Callable, lr_grids: Dict[str, List[float]]) -> dict:
+                      run_children: Callable, lr_grids: Dict[str, List[float]],
+                      previous: Optional[dict] = None) -> dict:
     """Measure QPaCA vs QLoRA (see the module docstring) for parsed benchmark ``args``; returns the
     ``results["qpaca"]`` dict. ``run_children(cfg, variants, inputs, log)`` is the benchmark's per-variant
-    subprocess runner (memory)."""
+    subprocess runner (memory). ``previous``: parts (``timing`` / ``saved`` / ``memory`` / ``quality``) of an
+    earlier run of the same model and shape (``--merge``), kept as they are; the memory-model check is recomputed
+    from the kept and the new parts."""
     from .. import device as _device
     from .inputs import all_batches, fixed_batches
     from .measure import saved_tensor_bytes, summarize, time_rounds
@@ -276,6 +279,7 @@ def run_qpaca_section(args, spec, dtype: torch.dtype, splits, info, log: Callabl
 
     quant = {"quant_type": args.bnb_4bit_quant_type, "double_quant": bool(args.bnb_4bit_use_double_quant)}
     res: dict = {"quant": dict(quant, compute_dtype=args.dtype, library=_bnb_version()), "variants": QUANT_VARIANTS}
+    res.update(previous or {})
     names = list(QUANT_VARIANTS)
     batches = fixed_batches(splits["train"], args.batch, max(args.rounds + args.warmup, 1), seed=args.seed)
 
@@ -373,8 +377,11 @@ def qpaca_markdown(res: dict, h: str = "###") -> List[str]:
              f"The model quantized by {qd['library']} to 4-bit {qd['quant_type']}"
              f"{' with double quantization' if qd['double_quant'] else ''}, compute dtype {qd['compute_dtype']}; "
              "`qfloor` / `qlora` / `qpaca` = the frozen floor / peft LoRA (QLoRA) / paca_hpu PaCA (QPaCA) on that "
-             f"same base; 4-bit base weights {_mb(res.get('weight_bytes'))} MB.", "",
-             "| variant | step s (median) | q1 | q3 | saved for backward MB | peak MB | peak - before MB | "
+             f"same base; 4-bit base weights {_mb(res.get('weight_bytes'))} MB.", ""]
+    if len(set((res.get("part_commands") or {}).values())) > 1:  # parts measured by separate --merge runs
+        lines += ["Parts measured by separate runs (`--qpaca_parts ... --merge`):", ""]
+        lines += [f"* {part}: `{cmd}`" for part, cmd in res["part_commands"].items()] + [""]
+    lines += ["| variant | step s (median) | q1 | q3 | saved for backward MB | peak MB | peak - before MB | "
              "held-out loss (best lr) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     timing, saved, mem = res.get("timing") or {}, res.get("saved") or {}, res.get("memory") or {}
     best = (res.get("quality") or {}).get("best") or {}
