@@ -408,3 +408,26 @@ def test_qpaca_parts_measured_by_separate_runs_merge_and_record_their_commands(f
     # another quantization cannot be merged into it
     with pytest.raises(SystemExit, match="another model/dtype/shape/quantization"):
         main(common + ["--qpaca_parts", "timing", "--merge", "--bnb_4bit_quant_type", "fp4"])
+
+
+def test_docs_page_sets_the_minimal_loop_beside_the_harness_run_of_the_same_shape(tmp_path):
+    from paca_hpu.bench.report import minimal_loop_markdown
+
+    def q(med, lo, hi):
+        return {"median": med, "q1": lo, "q3": hi}
+
+    runs = [("runs/a", {"config": {"dtype": "bf16", "batch": 4, "seq_len": 256},
+                        "timing": {"ratios": {"paca/lora": q(0.70, 0.68, 0.72), "paca/floor": q(1.05, 1.04, 1.06)}}}),
+            ("runs/b", {"config": {"dtype": "fp32", "batch": 4, "seq_len": 256},
+                        "timing": {"ratios": {"paca/lora": q(0.5, 0.4, 0.6)}, "protocol": {"legacy": ["gc"]}}})]
+    assert minimal_loop_markdown(str(tmp_path), runs) == []  # no check file: no section
+    (tmp_path / "minimal-loop").mkdir()
+    for dt, ratios in (("bf16", {"paca/lora": q(0.71, 0.70, 0.73), "paca/floor": q(1.08, 1.07, 1.09)}),
+                       ("fp32", {"paca/lora": q(0.86, 0.85, 0.87)})):
+        (tmp_path / "minimal-loop" / f"{dt}.json").write_text(json.dumps(
+            {"args": {"dtype": dt, "batch": 4, "seq_len": 256}, "ratios": ratios}))
+    rows = {ln.split(" | ")[0] + ln.split(" | ")[2]: ln for ln in minimal_loop_markdown(str(tmp_path), runs)
+            if ln.startswith("| bf16") or ln.startswith("| fp32")}
+    assert rows["| bf16paca/lora"].endswith("| 0.700 [0.680, 0.720] | yes |")  # 0.71 within [0.68, 0.72]
+    assert rows["| bf16paca/floor"].endswith("| 1.050 [1.040, 1.060] | no |")  # 1.08 outside [1.04, 1.06]
+    assert rows["| fp32paca/lora"].endswith("| - | - |")  # only a legacy-protocol harness run of that shape

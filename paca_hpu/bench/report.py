@@ -570,12 +570,16 @@ optimizer.zero_grad()`, variants taking turns in one process in a fresh random o
 ratios, median and quartiles:
 
 ```
-python scripts/minimal_loop.py --dtype fp32 --batch 4 --seq_len 256 --rounds 20
-python scripts/minimal_loop.py --dtype bf16 --batch 4 --seq_len 256 --rounds 20
+python scripts/minimal_loop.py --dtype fp32 --batch 4 --seq_len 256 --rounds 16 --threads 2 \
+    --variants floor,lora,paca,peft_paca --json docs/benchmarks/minimal-loop/fp32-b4-s256.json
+python scripts/minimal_loop.py --dtype bf16 --batch 4 --seq_len 256 --rounds 16 --threads 2 \
+    --variants floor,lora,paca,peft_paca --json docs/benchmarks/minimal-loop/bf16-b4-s256.json
 ```
 
 Its medians should fall within the quartiles of the run on this page with the same dtype and shape (on an
-otherwise idle machine; see the caveat below).
+otherwise idle machine; see the caveat below); with `--json` under `docs/benchmarks/minimal-loop/`, the page's
+"Independent check" table puts the two side by side (`python scripts/benchmark.py --docs_only` rebuilds it).
+`peft_paca` needs a peft with PaCA (its main branch), in a separate environment.
 
 ## How to run
 
@@ -643,6 +647,7 @@ def write_docs_page(docs_path: str, results_root: Optional[str] = None) -> str:
     named = {os.path.basename(run_dir): res for run_dir, res in runs}
     parts = [intro + study_markdown(named, {k: _anchor(run_title(v)) for k, v in named.items()}),
              "## Results\n" + results_heading]
+    parts[-1:-1] = minimal_loop_markdown(results_root, runs)
     if not runs:
         parts.append("No results yet: run `python scripts/benchmark.py`.\n")
     else:
@@ -671,6 +676,48 @@ def write_docs_page(docs_path: str, results_root: Optional[str] = None) -> str:
     with open(docs_path, "w", encoding="utf-8") as f:
         f.write(text)
     return docs_path
+
+
+MINIMAL_LOOP_DIR = "minimal-loop"
+
+
+def minimal_loop_markdown(results_root: str, runs: List[tuple]) -> List[str]:
+    """The independent check: every ``<results_root>/minimal-loop/*.json`` written by ``scripts/minimal_loop.py
+    --json`` next to the harness run of the same dtype and shape. A ratio reproduces when the minimal loop's median
+    lies within the harness run's quartiles [q1, q3] (both are medians of per-round ratios). Empty when there is
+    no such file."""
+    files = sorted(glob.glob(os.path.join(results_root, MINIMAL_LOOP_DIR, "*.json")))
+    checks = []
+    for path in files:
+        try:
+            with open(path, encoding="utf-8") as f:
+                checks.append((os.path.basename(path), json.load(f)))
+        except (OSError, ValueError):
+            continue
+    if not checks:
+        return []
+    by_shape = {}
+    for run_dir, res in runs:
+        c = res.get("config", {})
+        if (res.get("timing") or {}).get("ratios") and not ((res["timing"].get("protocol") or {}).get("legacy")):
+            by_shape.setdefault((c.get("dtype"), c.get("batch"), c.get("seq_len")), (run_dir, res))
+    lines = ["## Independent check: the minimal loop against this page", "",
+             "`scripts/minimal_loop.py` (see above) on the same machine, right after the harness runs. A ratio "
+             "reproduces when the minimal loop's median lies within the harness run's quartiles.", "",
+             "| dtype | batch x seq | ratio | minimal loop median [q1, q3] | harness median [q1, q3] | reproduces |",
+             "|---|---|---|---:|---:|:---:|"]
+    for name, chk in checks:
+        a = chk.get("args", {})
+        key = (a.get("dtype"), a.get("batch"), a.get("seq_len"))
+        harness = ((by_shape.get(key) or (None, {}))[1].get("timing") or {}).get("ratios") or {}
+        for pair, m in chk.get("ratios", {}).items():
+            h = harness.get(pair)
+            cell = f"{h['median']:.3f} [{h['q1']:.3f}, {h['q3']:.3f}]" if h else "-"
+            ok = ("yes" if h["q1"] <= m["median"] <= h["q3"] else "no") if h else "-"
+            lines.append(f"| {key[0]} | {key[1]} x {key[2]} | {pair} | {m['median']:.3f} [{m['q1']:.3f}, "
+                         f"{m['q3']:.3f}] | {cell} | {ok} |")
+    lines += ["", f"Files: `docs/benchmarks/{MINIMAL_LOOP_DIR}/` ({', '.join(n for n, _ in checks)}).", ""]
+    return lines
 
 
 def _anchor(title: str) -> str:
