@@ -442,11 +442,13 @@ def _environment_error(err: BaseException) -> Optional[str]:
 
 def _check_distributed(training_args, info) -> None:
     """Engines the trainer cannot honour here are usage errors before anything loads (see
-    :func:`paca_hpu.trainer.check_engine`)."""
+    :func:`paca_hpu.trainer.check_engine`); DeepSpeed's backend starts before the model loads
+    (:func:`paca_hpu.trainer.start_deepspeed_comm`)."""
     try:
         _tr.check_engine(training_args, info.type)
     except ValueError as err:
         raise UsageError(str(err)) from err
+    _tr.start_deepspeed_comm(training_args)
 
 
 def _read_argv(argv: List[str], parser, all_fields) -> Tuple[Dict[str, Any], set]:

@@ -50,6 +50,7 @@ __all__ = [
     "build_training_arguments",
     "make_trainer",
     "check_engine",
+    "start_deepspeed_comm",
     "trainer_class",
     "PaCATrainerMixin",
     "save_merged_model",
@@ -67,20 +68,10 @@ TRAINING_ARGS_NAME = "training_args.bin"
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """Strip DDP / torch.compile wrappers (``module`` / ``_orig_mod``)."""
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        inner = getattr(model, "_orig_mod", None)
-        if isinstance(inner, nn.Module):
-            model = inner
-            continue
-        if type(model).__name__ in ("DistributedDataParallel", "DataParallel") and isinstance(
-            getattr(model, "module", None), nn.Module
-        ):
-            model = model.module
-            continue
-    return model
+    """Strip DDP / DeepSpeed engine / torch.compile wrappers (:func:`paca_hpu.distributed.unwrap`)."""
+    from .distributed import unwrap
+
+    return unwrap(model)
 
 
 def is_paca_model(model: Optional[nn.Module]) -> bool:
@@ -222,6 +213,23 @@ def arguments_class(device_type: Optional[str] = None, deepspeed: bool = False):
     if device_type == "cpu" and gta is not None and not deepspeed:
         return gta
     return ta
+
+
+def start_deepspeed_comm(args) -> None:
+    """Start DeepSpeed's communication backend before the model is built, when ``args`` (training arguments) run
+    DeepSpeed on CPU processes.
+
+    With ``use_cpu=True`` transformers' argument set-up starts torch.distributed (gloo) but not DeepSpeed's
+    backend (it does that only for accelerators), so a ZeRO-3 ``from_pretrained`` (``deepspeed.zero.Init``) reads
+    a world size of 1 and fails its batch-size check ("train_batch_size is not equal to micro_batch_per_gpu *
+    gradient_acc_step * world_size"). ``deepspeed.init_distributed`` reuses the process group already there.
+    A no-op without DeepSpeed, off CPU, or in a single process.
+    """
+    if not getattr(args, "deepspeed", None) or args.device.type != "cpu" or args.world_size <= 1:
+        return
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
 
 
 def check_engine(args, device_type: Optional[str] = None) -> None:
@@ -668,7 +676,10 @@ class PaCATrainerMixin:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         logger.info("Saving PaCA adapter to %s", output_dir)
-        save_adapter(model, output_dir)
+        # This runs on the saving process only, so nothing may be gathered here (a collective would wait for the
+        # other ranks forever): DeepSpeed and FSDP hand the state dict they gathered on every rank; otherwise the
+        # model's own tensors are whole, and an empty dict makes a partitioned one an error instead of a gather.
+        save_adapter(model, output_dir, state_dict=state_dict if state_dict is not None else {})
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         gaudi_config = getattr(self, "gaudi_config", None)
