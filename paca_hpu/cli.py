@@ -1088,10 +1088,25 @@ class _Run:
     # -- 5. held-out loss before, training, held-out loss after
     def evaluate_before(self) -> None:
         self.eval_before = None
-        if self.eval_ds is not None:
-            self.eval_before = self.trainer.evaluate(metric_key_prefix="eval")["eval_loss"]
-            self.metrics["eval_loss_before"] = self.eval_before
-            logger.info("held-out loss before training: %.4f", self.eval_before)
+        if self.eval_ds is None:
+            return
+        if self.training_args.do_train and _tr.zero3_before_training(self.trainer):
+            # ZeRO-3 evaluates only through an engine, and one built for evaluation cannot train: the trainer
+            # evaluates at step 0 inside train() instead (see _held_out_loss_at_start)
+            self.trainer.args.eval_on_start = True
+            return
+        self.eval_before = self.trainer.evaluate(metric_key_prefix="eval")["eval_loss"]
+        self.metrics["eval_loss_before"] = self.eval_before
+        logger.info("held-out loss before training: %.4f", self.eval_before)
+
+    def _held_out_loss_at_start(self) -> None:
+        """The held-out loss that ``eval_on_start`` logged at step 0 (ZeRO-3, see :meth:`evaluate_before`)."""
+        if self.eval_before is None and self.trainer.args.eval_on_start:
+            start = [h["eval_loss"] for h in self.trainer.state.log_history if "eval_loss" in h and h.get("step") == 0]
+            if start:
+                self.eval_before = start[0]
+                self.metrics["eval_loss_before"] = self.eval_before
+                logger.info("held-out loss before training (evaluated at step 0): %.4f", self.eval_before)
 
     def train(self) -> None:
         """``trainer.train`` (resuming if asked), then the final adapter / model and trainer state are saved."""
@@ -1134,6 +1149,7 @@ class _Run:
         for PaCA, if asked, of the saved adapter loaded onto a fresh base model."""
         if self.eval_ds is None:
             return
+        self._held_out_loss_at_start()
         trainer = self.trainer
         reuse = self.trained and not self.training_args.load_best_model_at_end
         last = trainer.state.log_history[-3:] if reuse else []

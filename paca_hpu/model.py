@@ -326,7 +326,8 @@ def _initial_indices(name: str, module: nn.Module, config: PaCAConfig) -> torch.
                              "bitsandbytes 4-bit; use init_indices='random', or 'activation_norm' with "
                              "calibrate_indices(model, config, batches)")
         return select_indices(name, linear_features(module)[0], config.r, config.random_seed)
-    return initial_indices(name, _linear_layout(module), config)
+    with _gathered([module.weight]):  # a ZeRO-3 placeholder: whole (every rank the same) for the column choice
+        return initial_indices(name, _linear_layout(module), config)
 
 
 def apply_paca(

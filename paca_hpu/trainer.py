@@ -51,6 +51,7 @@ __all__ = [
     "make_trainer",
     "check_engine",
     "start_deepspeed_comm",
+    "zero3_before_training",
     "trainer_class",
     "PaCATrainerMixin",
     "save_merged_model",
@@ -395,22 +396,33 @@ def _plain_cpu_device(args):
         setattr(args, cache, device)
 
 
+def zero3_before_training(trainer) -> bool:
+    """Whether ``trainer`` runs DeepSpeed ZeRO-3 and has no engine yet (nothing trained or evaluated so far)."""
+    if not (getattr(trainer, "is_deepspeed_enabled", False) and getattr(trainer, "deepspeed", None) is None):
+        return False
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return bool(is_deepspeed_zero3_enabled())
+
+
 @contextlib.contextmanager
 def _without_deepspeed_before_training(trainer):
-    """Evaluation before ``train()`` under DeepSpeed ZeRO stage 1 or 2 runs on the plain model.
+    """Evaluation before ``train()`` under DeepSpeed: ZeRO stage 1 or 2 runs on the plain model; ZeRO-3 is noted.
 
     ``transformers.Trainer.evaluation_loop`` starts a DeepSpeed inference engine when no training engine exists yet,
     and DeepSpeed refuses that below stage 3 ("ZeRO inference only makes sense with ZeRO Stage 3"), so the held-out
     loss before training (what ``run_paca_clm`` reports) could not be measured. Below stage 3 every rank holds the
     whole model, so evaluating it without an engine gives the same loss. The model the evaluation registered with the
     accelerator is unregistered again, so the training engine built later is the accelerator's only model.
+    Under ZeRO-3 the inference engine stays (the parameters are partitioned; only an engine can run them), and
+    ``train()`` would reuse it and fail without a training engine (transformers 4.55: ``'NoneType' object has no
+    attribute 'backward'``): :meth:`PaCATrainerMixin.train` refuses that with the fix (``eval_on_start``).
     """
     if not (getattr(trainer, "is_deepspeed_enabled", False) and getattr(trainer, "deepspeed", None) is None):
         yield
         return
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if is_deepspeed_zero3_enabled():
+    if zero3_before_training(trainer):
+        trainer._paca_zero3_inference_engine = True
         yield
         return
     known = list(trainer.accelerator._models)
@@ -558,6 +570,12 @@ class PaCATrainerMixin:
                 self._paca_gen_fields_added = outer
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if getattr(self, "_paca_zero3_inference_engine", False):
+            raise RuntimeError(
+                "this trainer evaluated before training under DeepSpeed ZeRO-3, which left it a DeepSpeed inference "
+                "engine that train() cannot train with (transformers 4.55 fails with \"'NoneType' object has no "
+                "attribute 'backward'\"): evaluate before training with TrainingArguments(eval_on_start=True) "
+                "instead, or build a new trainer for training")
         resume_from_checkpoint = self._begin_run(resume_from_checkpoint)
         return self._with_gen_fields(super().train, resume_from_checkpoint, *args, **kwargs)
 

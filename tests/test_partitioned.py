@@ -100,7 +100,7 @@ def test_sharded_weight_is_refused_where_the_whole_weight_is_needed():
 
     model = OneLayer(64, 24, dtype=torch.float32)
     model.proj.weight.data = model.proj.weight.data.flatten()[:100].clone()
-    with pytest.raises(ValueError, match="sharded.*before wrapping it with FSDP"):
+    with pytest.raises(ValueError, match="shard.*before wrapping it with FSDP"):
         apply_paca(model, PaCAConfig(r=8, target_modules=["proj"]))
 
 
