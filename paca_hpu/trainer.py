@@ -217,20 +217,29 @@ def arguments_class(device_type: Optional[str] = None, deepspeed: bool = False):
 
 
 def start_deepspeed_comm(args) -> None:
-    """Start DeepSpeed's communication backend before the model is built, when ``args`` (training arguments) run
-    DeepSpeed on CPU processes.
+    """Prepare DeepSpeed's communication on CPU processes before the model is built, when ``args`` (training
+    arguments) run DeepSpeed there; a no-op without DeepSpeed or off CPU.
 
-    With ``use_cpu=True`` transformers' argument set-up starts torch.distributed (gloo) but not DeepSpeed's
-    backend (it does that only for accelerators), so a ZeRO-3 ``from_pretrained`` (``deepspeed.zero.Init``) reads
-    a world size of 1 and fails its batch-size check ("train_batch_size is not equal to micro_batch_per_gpu *
-    gradient_acc_step * world_size"). ``deepspeed.init_distributed`` reuses the process group already there.
-    A no-op without DeepSpeed, off CPU, or in a single process.
+    * DeepSpeed's shared-memory all-reduce op (``deepspeed_shm_comm``) is switched off. Its CPU communication
+      backend JIT-compiles that C++ op when it starts (about 3 minutes on 2 cores, needs a C++ toolchain, and a lock
+      file left by an interrupted build makes every later start wait forever), yet the op serves only
+      ``inference_all_reduce`` (tensor-parallel inference); training collectives go through gloo either way
+      (DeepSpeed 0.19.8 ``deepspeed/comm/torch.py``).
+    * With several processes, DeepSpeed's backend is started: with ``use_cpu=True`` transformers' argument set-up
+      starts torch.distributed (gloo) but not DeepSpeed's backend (it does that only for accelerators), so a ZeRO-3
+      ``from_pretrained`` (``deepspeed.zero.Init``) reads a world size of 1 and fails its batch-size check
+      ("train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size").
+      ``deepspeed.init_distributed`` reuses the process group already there.
     """
-    if not getattr(args, "deepspeed", None) or args.device.type != "cpu" or args.world_size <= 1:
+    if not getattr(args, "deepspeed", None) or args.device.type != "cpu":
         return
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict):
+        compatible["deepspeed_shm_comm"] = False
+    if args.world_size > 1:
+        deepspeed.init_distributed(dist_backend="gloo")
 
 
 def check_engine(args, device_type: Optional[str] = None) -> None:

@@ -299,8 +299,9 @@ def script_single(script_data, tmp_path_factory):
 def test_script_under_torchrun_matches_one_process(script_data, script_single, tmp_path, engine):
     """The README's commands: ``torchrun --nproc_per_node 2 scripts/run_paca_clm.py ...`` (GaudiTrainer, DDP) and
     ``... --deepspeed scripts/ds_zero2.json`` / ``ds_zero3.json`` (transformers.Trainer on DeepSpeed's CPU
-    accelerator; ZeRO-3 loads the model as zero.Init placeholders) give one process's losses and adapter. The
-    first DeepSpeed run on a machine JIT-compiles DeepSpeed's shared-memory op (minutes, then cached)."""
+    accelerator; ZeRO-3 loads the model as zero.Init placeholders) give one process's losses and adapter. ZeRO-2
+    used to hang here on a machine where an earlier DeepSpeed start had been interrupted while JIT-compiling
+    DeepSpeed's shared-memory op (see test_deepspeed_on_cpu_does_not_build_the_shared_memory_op)."""
     out = tmp_path / engine
     extra = [] if engine == "ddp" else ["--deepspeed", os.path.join(dw.REPO, "scripts", f"ds_{engine}.json")]
     proc = _run_script(_script_argv(script_data, out, 9, "--max_steps", "3", "--save_strategy", "no", *extra), 2)
@@ -333,3 +334,27 @@ def test_script_resume_under_torchrun_is_exact(script_data, tmp_path, engine):
     assert losses == want_losses and len(losses) == 4
     assert adapter.keys() == want_adapter.keys()
     assert all(torch.equal(adapter[k], want_adapter[k]) for k in want_adapter)
+
+
+def test_deepspeed_on_cpu_does_not_build_the_shared_memory_op():
+    """The training script's DeepSpeed start on CPU switches off DeepSpeed's shared-memory all-reduce op: its CPU
+    backend otherwise JIT-compiles that C++ op at start-up (minutes; a lock left by an interrupted build made every
+    later ``--deepspeed`` run on the machine wait forever), and the op serves only inference_all_reduce."""
+    from types import SimpleNamespace
+
+    deepspeed = pytest.importorskip("deepspeed")
+    from deepspeed.comm.torch import build_shm_op
+
+    from paca_hpu.trainer import start_deepspeed_comm
+
+    compatible = deepspeed.ops.__compatible_ops__
+    before = compatible.get("deepspeed_shm_comm")
+    try:
+        start_deepspeed_comm(SimpleNamespace(deepspeed="ds.json", device=torch.device("cpu"), world_size=1))
+        assert compatible["deepspeed_shm_comm"] is False
+        assert build_shm_op() is None  # what DeepSpeed's TorchBackend calls when it starts
+        compatible["deepspeed_shm_comm"] = before
+        start_deepspeed_comm(SimpleNamespace(deepspeed=None, device=torch.device("cpu"), world_size=1))
+        assert compatible.get("deepspeed_shm_comm") == before  # without DeepSpeed: left alone
+    finally:
+        compatible["deepspeed_shm_comm"] = before
