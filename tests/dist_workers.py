@@ -386,3 +386,33 @@ def trainer_run(rank: int, world: int, kind: str, steps: int, out_dir: str, deep
             "deltas": {n: m.delta.detach().float().clone() for n, m in paca_layers(model) if m.delta.numel()},
             "should_save": bool(trainer.args.should_save), "files": sorted(os.listdir(out_dir)),
             "wrapped": type(trainer.model_wrapped).__name__}
+
+
+def _reset_accelerate(saved_env: Dict[str, str]) -> None:
+    """Undo what a Trainer run leaves in the process (accelerate's singleton states, the ACCELERATE_* variables
+    GaudiTrainingArguments exports), so that the next trainer in the same process is set up from scratch; the
+    process group stays."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    for k in [k for k in os.environ if k.startswith("ACCELERATE_") and k not in saved_env]:
+        del os.environ[k]
+
+
+#: the trainers of the default (CI) set: name -> (trainer_run kind, DeepSpeed config)
+CI_TRAINERS = {"gaudi": ("gaudi", ""), "hf_zero2": ("hf", os.path.join(REPO, "scripts", "ds_zero2_gaudi.json"))}
+
+
+def ci_worker(rank: int, world: int, steps: int, root: str, engines) -> Dict:
+    """The default (CI) set in ONE pair of processes (each process start imports transformers, optimum-habana and
+    DeepSpeed: about 20 s on 2 loaded cores): the ``engines`` loops (:func:`engines_worker`, adapters in
+    ``root/<engine>``), then each of :data:`CI_TRAINERS` (:func:`trainer_run`, output in ``root/<trainer>``)."""
+    out = engines_worker(rank, world, steps, adapter_root=root, engines=engines)
+    saved_env = {k: v for k, v in os.environ.items() if k.startswith("ACCELERATE_")}
+    for name, (kind, config) in CI_TRAINERS.items():
+        _reset_accelerate(saved_env)
+        out[name] = trainer_run(rank, world, kind=kind, steps=steps, out_dir=os.path.join(root, name),
+                                deepspeed_config=config)
+    return out

@@ -100,29 +100,33 @@ def _engines(root, engines, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def engine_runs(tmp_path_factory):
-    """DDP, FSDP2 and ZeRO-2 loops, one after the other in one pair of processes."""
-    return _engines(tmp_path_factory.mktemp("engines"), DEFAULT_ENGINES)
+def ci_runs(tmp_path_factory):
+    """The default set in one pair of processes (dist_workers.ci_worker): the DDP, FSDP2 and ZeRO-2 loops, then
+    GaudiTrainer (CPU mode, DDP) and transformers.Trainer with scripts/ds_zero2_gaudi.json. ``{name: ([rank0,
+    rank1], output dir)}``."""
+    root = tmp_path_factory.mktemp("ci")
+    ranks = dw.launch("ci_worker", world=WORLD, steps=STEPS, root=str(root), engines=list(DEFAULT_ENGINES))
+    return {name: ([r[name] for r in ranks], str(root / name)) for name in ranks[0]}
 
 
 @pytest.mark.parametrize("engine", list(DEFAULT_ENGINES))
-def test_engine_matches_one_process(engine_runs, ref, engine):
+def test_engine_matches_one_process(ci_runs, ref, engine):
     """DDP; FSDP2 (``fully_shard``: the weights are DTensor shards, PaCA adds its update in the forward); ZeRO-2
     with ``engine.backward`` / ``engine.step`` only (no ``sync_paca``: the ZeRO optimizer copies its master weights
     into ``delta`` through ``.data``, and the layers refresh their merged columns at the next forward)."""
-    ranks, adapter_dir = engine_runs[engine]
+    ranks, adapter_dir = ci_runs[engine]
     if engine == "fsdp2":
         assert all(ranks[0]["sharded"].values())  # every PaCA weight was a DTensor shard
     check_against_reference(ranks, adapter_dir, ref, dense=DEFAULT_ENGINES[engine])
 
 
-def test_ddp_bytes_reduced_match_the_scale_out_model(engine_runs, tiny_shape):
+def test_ddp_bytes_reduced_match_the_scale_out_model(ci_runs, tiny_shape):
     """A DDP communication hook counts the bytes all-reduced per step: every delta gradient once, float32."""
     from paca_hpu.bench.scale_out import step_communication
 
     predicted = step_communication(tiny_shape, "paca", dw.R, "ddp", WORLD, grad_bytes=4)
     assert predicted["all_reduce"] == 2048 * 4  # 14 layers: sum of out_features (2 x 256) x r=4 float32 gradients
-    for rank in engine_runs["ddp"][0]:
+    for rank in ci_runs["ddp"][0]:
         assert rank["allreduce_bytes_per_step"] == predicted["all_reduce"]
 
 
@@ -130,13 +134,13 @@ def _ds_bytes(comms, op, world=1) -> int:
     return sum(size * count for size, count in comms.get(op, {}).items()) * world
 
 
-def test_zero2_bytes_match_the_scale_out_model(engine_runs, tiny_shape):
+def test_zero2_bytes_match_the_scale_out_model(ci_runs, tiny_shape):
     """DeepSpeed's comms logger: per step one all-reduce of the float32 gradients (plus a 4-byte overflow check)
     and one all-gather of the updated deltas (each rank logs its own shard)."""
     from paca_hpu.bench.scale_out import step_communication
 
     predicted = step_communication(tiny_shape, "paca", dw.R, "zero2", WORLD, param_bytes=4, grad_bytes=4)
-    for rank in engine_runs["zero2"][0]:
+    for rank in ci_runs["zero2"][0]:
         for comms in rank["comms"][1:]:
             assert predicted["all_reduce"] in comms["all_reduce"]
             assert _ds_bytes(comms, "all_reduce") - predicted["all_reduce"] <= 8
@@ -150,11 +154,6 @@ def test_zero2_bytes_match_the_scale_out_model(engine_runs, tiny_shape):
 def ref_fixed():
     """The trainer runs see all ``WORLD * MICRO`` examples at every step (see dist_workers.trainer_dataset)."""
     return dw.reference(WORLD, STEPS, fixed_batch=True)
-
-
-def _trainer(tmp_path_factory, name, **kwargs):
-    out = str(tmp_path_factory.mktemp(name))
-    return dw.launch("trainer_run", world=WORLD, steps=STEPS, out_dir=out, **kwargs), out
 
 
 def check_trainer(ranks, ref, out) -> None:
@@ -177,20 +176,19 @@ def check_trainer(ranks, ref, out) -> None:
         assert _rel(saved[f"{name}.delta"], d) < TOL, name
 
 
-def test_gaudi_trainer_on_cpu_ranks_is_data_parallel(tmp_path_factory, ref_fixed):
+def test_gaudi_trainer_on_cpu_ranks_is_data_parallel(ci_runs, ref_fixed):
     """Under a torchrun-style launch on CPU, GaudiTrainer wraps the model in DDP (upstream wraps only on HPUs: each
     rank trained alone on its half of the data and the ranks diverged); the run equals one process with the same
     global batch."""
-    ranks, out = _trainer(tmp_path_factory, "gaudi_ddp", kind="gaudi")
+    ranks, out = ci_runs["gaudi"]
     assert ranks[0]["wrapped"] == "DistributedDataParallel"
     check_trainer(ranks, ref_fixed, out)
 
 
-def test_trainer_with_shipped_gaudi_zero2_config(tmp_path_factory, ref_fixed):
+def test_trainer_with_shipped_gaudi_zero2_config(ci_runs, ref_fixed):
     """transformers.Trainer + DeepSpeed with scripts/ds_zero2_gaudi.json as shipped (no optimizer block: the
     trainer's optimizer had an empty no-decay group that DeepSpeed drops, and the LR scheduler crashed)."""
-    ranks, out = _trainer(tmp_path_factory, "hf_zero2", kind="hf",
-                          deepspeed_config=os.path.join(dw.REPO, "scripts", "ds_zero2_gaudi.json"))
+    ranks, out = ci_runs["hf_zero2"]
     assert ranks[0]["wrapped"] == "DeepSpeedEngine"
     check_trainer(ranks, ref_fixed, out)
 
