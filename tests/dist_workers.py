@@ -271,29 +271,33 @@ def _deepspeed():
     return deepspeed
 
 
-def _ds_config(stage: int, world: int) -> Dict:
+def _ds_config(stage: int, world: int, persist_small: bool = False) -> Dict:
     cfg = {"train_batch_size": world * MICRO, "train_micro_batch_size_per_gpu": MICRO,
            "gradient_accumulation_steps": 1, "steps_per_print": 10 ** 6, "gradient_clipping": CLIP,
            "optimizer": {"type": "AdamW", "params": {"lr": LR, "torch_adam": True}},
            "zero_optimization": {"stage": stage},
            "comms_logger": {"enabled": True, "verbose": False, "prof_all": True}}
-    if stage == 3:  # partition every tensor, also the tiny ones (the default keeps < 1e5 elements whole)
+    if stage == 3 and not persist_small:  # partition every tensor, also the tiny ones (default: < 1e5 elements whole)
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     return cfg
 
 
-def deepspeed_worker(rank: int, world: int, steps: int, adapter_dir: str, stage: int, checkpoint: str = "") -> Dict:
+def deepspeed_worker(rank: int, world: int, steps: int, adapter_dir: str, stage: int, checkpoint: str = "",
+                     persist_small: bool = False) -> Dict:
     """Hand-written ``deepspeed.initialize`` loop (engine.backward / engine.step), no explicit ``sync_paca``.
 
     ZeRO-3 with ``checkpoint``: the model comes from ``from_pretrained`` under an active ZeRO-3 config, i.e. as
-    ``zero.Init`` placeholders, and PaCA is applied to those. DeepSpeed's comms logger records the bytes of each
-    collective from the second step on (the first ZeRO-3 step also traces the module order)."""
+    ``zero.Init`` placeholders, and PaCA is applied to those; without it, PaCA is applied to the plain model and
+    ``deepspeed.initialize`` partitions it afterwards. ``persist_small``: DeepSpeed's default persistence threshold
+    (tensors under 1e5 elements, every weight of the tiny model, stay whole on every rank as "persistent" ZeRO-3
+    parameters) instead of partitioning everything. DeepSpeed's comms logger records the bytes of each collective
+    from the second step on (the first ZeRO-3 step also traces the module order)."""
     deepspeed = _deepspeed()
     from deepspeed.comm import comms_logger
 
-    from paca_hpu import PaCAConfig, apply_paca, paca_parameters
+    from paca_hpu import PaCAConfig, apply_paca, paca_layers, paca_parameters
 
-    cfg = _ds_config(stage, world)
+    cfg = _ds_config(stage, world, persist_small)
     placeholders = False
     if checkpoint:
         from transformers import AutoModelForCausalLM
@@ -309,6 +313,8 @@ def deepspeed_worker(rank: int, world: int, steps: int, adapter_dir: str, stage:
     else:
         model = build_model()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=paca_parameters(model), config=cfg)
+    zero3 = {n: (hasattr(m.weight, "ds_id"), bool(getattr(m.weight, "ds_persist", False)))
+             for n, m in paca_layers(model)}  # (a ZeRO-3 parameter, persistent)
     losses, comms = [], []
     for step in range(steps):
         comms_logger.comms_dict.clear()
@@ -319,12 +325,13 @@ def deepspeed_worker(rank: int, world: int, steps: int, adapter_dir: str, stage:
         losses.append(_mean_over_ranks(loss, world))
         comms.append({op: {size: v[0] for size, v in sizes.items()}
                       for op, sizes in comms_logger.comms_dict.items()})
-    return _finish(model, engine, losses, world, adapter_dir, comms=comms, placeholders=placeholders)
+    return _finish(model, engine, losses, world, adapter_dir, comms=comms, placeholders=placeholders, zero3=zero3)
 
 
 ENGINES = {"ddp": (ddp_worker, {}), "fsdp1": (fsdp_worker, {"version": 1}), "fsdp2": (fsdp_worker, {"version": 2}),
            "zero1": (deepspeed_worker, {"stage": 1}), "zero2": (deepspeed_worker, {"stage": 2}),
-           "zero3": (deepspeed_worker, {"stage": 3})}
+           "zero3": (deepspeed_worker, {"stage": 3}),
+           "zero3_persistent": (deepspeed_worker, {"stage": 3, "persist_small": True})}
 
 
 def engines_worker(rank: int, world: int, steps: int, adapter_root: str, engines, checkpoint: str = "") -> Dict:
