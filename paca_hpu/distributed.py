@@ -12,7 +12,8 @@ parameters are present):
 * :func:`whole_parameters`: a context in which partitioned parameters are whole on every rank (ZeRO-3:
   ``deepspeed.zero.GatheredParameters``; FSDP1: ``FullyShardedDataParallel.summon_full_params``); FSDP2's ``DTensor``
   parameters are made whole one by one with :func:`whole_tensor`. Every rank must enter it (collectives);
-* :func:`is_main_process`: global rank 0, or no process group.
+* :func:`is_main_process`: global rank 0, or no process group;
+* :func:`wrapping_engine`: the engine that already wraps a model (PaCA must be applied before wrapping).
 
 Sources: torch.distributed.fsdp (``summon_full_params``, ``_fsdp_wrapped_module``), torch.distributed.tensor
 (``DTensor.full_tensor``), DeepSpeed ``zero.GatheredParameters`` and its parameter attributes (``ds_id``).
@@ -21,16 +22,18 @@ Sources: torch.distributed.fsdp (``summon_full_params``, ``_fsdp_wrapped_module`
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .layer import _is_dtensor
 
-__all__ = ["unwrap", "clean_name", "is_partitioned", "whole_parameters", "whole_tensor", "is_main_process"]
+__all__ = ["unwrap", "clean_name", "is_partitioned", "whole_parameters", "whole_tensor", "is_main_process",
+           "wrapping_engine"]
 
 _WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+_WRAPPER_CLASSES = ("DistributedDataParallel", "DeepSpeedEngine", "FullyShardedDataParallel")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -97,3 +100,26 @@ def is_main_process() -> bool:
     """Global rank 0 of the default process group, or no process group at all."""
     dist = torch.distributed
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def wrapping_engine(model: nn.Module) -> Optional[str]:
+    """The data-parallel engine that already wraps ``model`` or one of its submodules: ``"DistributedDataParallel"``,
+    ``"DeepSpeedEngine"``, ``"FullyShardedDataParallel"`` (FSDP1), ``"fully_shard"`` (FSDP2: torch makes each
+    sharded module an ``FSDPModule``); ``None`` for a plain model. Such an engine registered the parameters it
+    synchronises, shards or optimises when it wrapped the model, so parameters added afterwards (PaCA's ``delta``)
+    would be left out. Host-side, one pass over the modules."""
+    fsdp2 = ()
+    if torch.distributed.is_available():
+        try:
+            from torch.distributed.fsdp import FSDPModule
+
+            fsdp2 = (FSDPModule,)
+        except ImportError:  # torch < 2.6: no FSDP2
+            pass
+    for module in model.modules():
+        name = type(module).__name__
+        if name in _WRAPPER_CLASSES:
+            return name
+        if fsdp2 and isinstance(module, fsdp2):
+            return "fully_shard"
+    return None

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .config import PaCAConfig
+from .distributed import wrapping_engine
 from .layer import PaCALinear, _is_dtensor, live_paca_layers
 from .quantized import (PaCALinear4bit, clear_quantization_markers, is_linear4bit, linear_features, merged_linear,
                         unsupported_reason)
@@ -362,11 +363,19 @@ def apply_paca(
     Raises:
         ValueError: nothing matches (names the patterns), ``r`` exceeds a layer's ``in_features`` (names the
             layer), a target is not a supported type, a target's weight is tied to another module's, a target's
-            weight is sharded by FSDP, a name in ``indices`` is missing from the model, or ``config.init_indices``
-            needs calibration data and no ``indices`` are given (the message names :func:`calibrate_indices`).
+            weight is sharded by FSDP, the model is already wrapped by a data-parallel engine
+            (:func:`paca_hpu.distributed.wrapping_engine`), a name in ``indices`` is missing from the model, or
+            ``config.init_indices`` needs calibration data and no ``indices`` are given (the message names
+            :func:`calibrate_indices`).
     """
     if not isinstance(config, PaCAConfig):
         raise TypeError(f"apply_paca expects a PaCAConfig, got {type(config).__name__}")
+    engine = wrapping_engine(model)
+    if engine is not None:
+        raise ValueError(f"the model is already wrapped by {engine}, which registered its parameters before PaCA's "
+                         "deltas existed: they would not be synchronised across ranks, sharded or optimised by it. "
+                         "Apply PaCA (apply_paca / load_adapter) to the plain model, then wrap it (DDP, FSDP, "
+                         "fully_shard, deepspeed.initialize, a Trainer)")
     if indices is None:
         names = find_target_modules(model, config)
     else:

@@ -412,11 +412,39 @@ def _reset_accelerate(saved_env: Dict[str, str]) -> None:
 CI_TRAINERS = {"gaudi": ("gaudi", ""), "hf_zero2": ("hf", os.path.join(REPO, "scripts", "ds_zero2_gaudi.json"))}
 
 
+def refusals_worker(rank: int, world: int) -> Dict[str, str]:
+    """``apply_paca`` on a tiny LLaMA already wrapped by DDP or by FSDP2's ``fully_shard``: ``{engine: "<error
+    type>: <message>"}`` (``"applied"`` if nothing was raised)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from helpers import tiny_llama
+
+    from paca_hpu import PaCAConfig, apply_paca
+
+    fsdp2 = tiny_llama(seed=0)
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in fsdp2.model.layers:
+        fully_shard(layer, mesh=mesh)
+    wrapped = {"ddp": DDP(tiny_llama(seed=0)), "fsdp2": fully_shard(fsdp2, mesh=mesh)}
+    out = {}
+    for name, model in wrapped.items():
+        try:
+            apply_paca(model, PaCAConfig(r=R, paca_alpha=ALPHA, random_seed=SEED))
+            out[name] = "applied"
+        except Exception as err:  # noqa: BLE001  (the parent checks type and message)
+            out[name] = f"{type(err).__name__}: {err}"
+    return out
+
+
 def ci_worker(rank: int, world: int, steps: int, root: str, engines) -> Dict:
     """The default (CI) set in ONE pair of processes (each process start imports transformers, optimum-habana and
     DeepSpeed: about 20 s on 2 loaded cores): the ``engines`` loops (:func:`engines_worker`, adapters in
-    ``root/<engine>``), then each of :data:`CI_TRAINERS` (:func:`trainer_run`, output in ``root/<trainer>``)."""
+    ``root/<engine>``), :func:`refusals_worker` (key ``"refusals"``), then each of :data:`CI_TRAINERS`
+    (:func:`trainer_run`, output in ``root/<trainer>``)."""
     out = engines_worker(rank, world, steps, adapter_root=root, engines=engines)
+    out["refusals"] = refusals_worker(rank, world)
     saved_env = {k: v for k, v in os.environ.items() if k.startswith("ACCELERATE_")}
     for name, (kind, config) in CI_TRAINERS.items():
         _reset_accelerate(saved_env)

@@ -102,8 +102,8 @@ def _engines(root, engines, **kwargs):
 @pytest.fixture(scope="module")
 def ci_runs(tmp_path_factory):
     """The default set in one pair of processes (dist_workers.ci_worker): the DDP, FSDP2 and ZeRO-2 loops, then
-    GaudiTrainer (CPU mode, DDP) and transformers.Trainer with scripts/ds_zero2_gaudi.json. ``{name: ([rank0,
-    rank1], output dir)}``."""
+    apply_paca on wrapped models, GaudiTrainer (CPU mode, DDP) and transformers.Trainer with
+    scripts/ds_zero2_gaudi.json. ``{name: ([rank0, rank1], output dir)}``."""
     root = tmp_path_factory.mktemp("ci")
     ranks = dw.launch("ci_worker", world=WORLD, steps=STEPS, root=str(root), engines=list(DEFAULT_ENGINES))
     return {name: ([r[name] for r in ranks], str(root / name)) for name in ranks[0]}
@@ -118,6 +118,17 @@ def test_engine_matches_one_process(ci_runs, ref, engine):
     if engine == "fsdp2":
         assert all(ranks[0]["sharded"].values())  # every PaCA weight was a DTensor shard
     check_against_reference(ranks, adapter_dir, ref, dense=DEFAULT_ENGINES[engine])
+
+
+@pytest.mark.parametrize("engine,name", [("ddp", "DistributedDataParallel"), ("fsdp2", "fully_shard")])
+def test_apply_paca_on_a_wrapped_model_is_refused(ci_runs, engine, name):
+    """apply_paca on a model DDP or fully_shard already wraps: the engine registered its parameters before the
+    deltas existed (DDP would not all-reduce them: each rank would train alone; fully_shard would not shard them),
+    so it is refused with the order that works. Before, DDP went through silently."""
+    ranks, _ = ci_runs["refusals"]
+    for rank in ranks:
+        assert rank[engine].startswith(f"ValueError: the model is already wrapped by {name}"), rank[engine]
+        assert "Apply PaCA (apply_paca / load_adapter) to the plain model, then wrap it" in rank[engine]
 
 
 def test_ddp_bytes_reduced_match_the_scale_out_model(ci_runs, tiny_shape):
