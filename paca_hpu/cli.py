@@ -440,14 +440,20 @@ def _environment_error(err: BaseException) -> Optional[str]:
     return None
 
 
-def _check_distributed(training_args, info) -> None:
+def _check_distributed(training_args, info, save_merged: bool = False) -> None:
     """Engines the trainer cannot honour here are usage errors before anything loads (see
-    :func:`paca_hpu.trainer.check_engine`); DeepSpeed's backend starts before the model loads
-    (:func:`paca_hpu.trainer.start_deepspeed_comm`)."""
+    :func:`paca_hpu.trainer.check_engine`), and so is ``--save_merged`` under an engine that partitions the weights
+    (merging needs every layer's whole weight in one process, which would otherwise fail only after training);
+    DeepSpeed's backend starts before the model loads (:func:`paca_hpu.trainer.start_deepspeed_comm`)."""
     try:
         _tr.check_engine(training_args, info.type)
     except ValueError as err:
         raise UsageError(str(err)) from err
+    engine = _tr.weight_partitioning_engine(training_args)
+    if save_merged and engine:
+        raise UsageError(f"--save_merged needs the whole weights in one process, but {engine} partitions them across "
+                         "the ranks: drop --save_merged and merge the saved adapter afterwards in one process: "
+                         "python -m paca_hpu export OUTPUT_DIR --to merged --output MERGED_DIR")
     _tr.start_deepspeed_comm(training_args)
 
 
@@ -972,7 +978,7 @@ class _Run:
                              "--num_train_epochs or --max_steps")
         if ta.learning_rate < 0:
             raise UsageError(f"--learning_rate {ta.learning_rate:g} is negative; pass a positive value")
-        _check_distributed(ta, self.info)
+        _check_distributed(ta, self.info, self.adapter_args.save_merged)
         _check_quantization(self.model_args, self.adapter_args.peft_type, self.args.explicit, self.info.type)
         if self.adapter_args.paca_calibration_batches < 1:
             raise UsageError("--paca_calibration_batches must be >= 1, got "

@@ -50,6 +50,7 @@ __all__ = [
     "build_training_arguments",
     "make_trainer",
     "check_engine",
+    "weight_partitioning_engine",
     "start_deepspeed_comm",
     "zero3_before_training",
     "trainer_class",
@@ -240,6 +241,20 @@ def start_deepspeed_comm(args) -> None:
         compatible["deepspeed_shm_comm"] = False
     if args.world_size > 1:
         deepspeed.init_distributed(dist_backend="gloo")
+
+
+def weight_partitioning_engine(args) -> Optional[str]:
+    """``"DeepSpeed ZeRO-3"`` or ``"FSDP"`` when ``args`` (training arguments) select an engine that partitions the
+    model's weights across the ranks (``--deepspeed`` with a stage-3 config, ``--fsdp`` with any strategy but
+    ``no_shard``), else ``None``."""
+    ds = getattr(args, "hf_deepspeed_config", None)
+    if getattr(args, "deepspeed", None) and ds is not None and ds.is_zero3():
+        return "DeepSpeed ZeRO-3"
+    fsdp = getattr(args, "fsdp", None) or []
+    options = fsdp.split() if isinstance(fsdp, str) else [str(getattr(o, "value", o)) for o in fsdp]
+    if options and "no_shard" not in options:
+        return "FSDP"
+    return None
 
 
 def check_engine(args, device_type: Optional[str] = None) -> None:

@@ -262,10 +262,13 @@ def script_data(tmp_path_factory):
 
 
 def _script_argv(data, out, per_device, *extra):
-    # 24 records, 25 % held out: 18 training examples, so per_device 9 on 2 ranks or 18 on one is the whole set
+    # 24 records, 25 % held out: 18 training examples, so per_device 9 on 2 ranks or 18 on one is the whole set;
+    # held-out batches of 1: the Trainer's held-out loss (mean over batches of each batch's token mean, weighted by
+    # batch size) is then the same average on 1 and on 2 ranks
     return ["--model_name_or_path", data["model"], "--train_file", data["train"], "--validation_split_percentage",
             "25", "--max_seq_len", "64", "--learning_rate", "5e-3", "--seed", "11", "--adam_epsilon", "1e-8",
-            "--per_device_train_batch_size", str(per_device), "--output_dir", str(out), *extra]
+            "--per_device_train_batch_size", str(per_device), "--per_device_eval_batch_size", "1",
+            "--output_dir", str(out), *extra]
 
 
 def test_fsdp_on_cpu_is_a_usage_error(script_data, tmp_path, capsys):
@@ -277,6 +280,26 @@ def test_fsdp_on_cpu_is_a_usage_error(script_data, tmp_path, capsys):
     assert main(_script_argv(script_data, out, 4, "--max_steps", "1", "--fsdp", "full_shard auto_wrap")) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error: ")]
     assert len(err) == 1 and "--fsdp needs CUDA or HPU" in err[0] and "ds_zero3.json" in err[0]
+    assert not out.exists()
+
+
+def test_save_merged_under_zero3_is_a_usage_error(script_data, tmp_path, capsys, reset_accelerate):
+    """--save_merged with a ZeRO-3 config: merging needs every whole weight in one process; it used to fail only
+    after training, on rank 0. Refused before anything loads, naming the export command."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from paca_hpu.cli import main
+
+    out = tmp_path / "merged"
+    argv = _script_argv(script_data, out, 4, "--max_steps", "1", "--save_merged", "--deepspeed",
+                        os.path.join(dw.REPO, "scripts", "ds_zero3.json"))
+    try:
+        assert main(argv) == 2
+    finally:
+        unset_hf_deepspeed_config()  # later from_pretrained calls in this process must not see ZeRO-3
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error: ")]
+    assert len(err) == 1 and "--save_merged needs the whole weights" in err[0] and "DeepSpeed ZeRO-3" in err[0]
+    assert "python -m paca_hpu export OUTPUT_DIR --to merged" in err[0]
     assert not out.exists()
 
 
@@ -298,7 +321,9 @@ def _script_result(out):
 
     state = json.load(open(os.path.join(out, "trainer_state.json")))
     losses = [(h["step"], h["loss"]) for h in state["log_history"] if "loss" in h]
-    return losses, load_file(os.path.join(out, "adapter_model.safetensors"))
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    held_out = {k: metrics.get(k) for k in ("eval_loss_before", "eval_loss_after")}
+    return losses, load_file(os.path.join(out, "adapter_model.safetensors")), held_out
 
 
 @pytest.fixture(scope="module")
@@ -322,12 +347,16 @@ def test_script_under_torchrun_matches_one_process(script_data, script_single, t
     want = "GaudiTrainer on 2 CPU processes: model wrapped in DistributedDataParallel" if engine == "ddp" else \
         "trainer: transformers.Trainer"
     assert want in proc.stdout + proc.stderr
-    losses, adapter = _script_result(out)
-    want_losses, want_adapter = script_single
+    losses, adapter, held_out = _script_result(out)
+    want_losses, want_adapter, want_held_out = script_single
     assert losses == want_losses
     assert adapter.keys() == want_adapter.keys()
     for key, value in want_adapter.items():
         assert _rel(adapter[key], value) < TOL, key
+    # held-out loss before (ZeRO-3: evaluated at step 0 inside train(), eval_on_start) and after training
+    for key, value in want_held_out.items():
+        assert value is not None and held_out[key] is not None, (key, held_out)
+        assert abs(held_out[key] - value) <= TOL * abs(value), (key, held_out[key], value)
 
 
 @pytest.mark.dist_heavy
@@ -344,7 +373,7 @@ def test_script_resume_under_torchrun_is_exact(script_data, tmp_path, engine):
     _run_script(_script_argv(script_data, cut, 9, "--max_steps", "2", *common), 2)
     _run_script(_script_argv(script_data, cut, 9, "--max_steps", "4", *common, "--resume_from_checkpoint",
                              str(cut / "checkpoint-2")), 2)
-    (losses, adapter), (want_losses, want_adapter) = _script_result(cut), _script_result(full)
+    (losses, adapter, _), (want_losses, want_adapter, _) = _script_result(cut), _script_result(full)
     assert losses == want_losses and len(losses) == 4
     assert adapter.keys() == want_adapter.keys()
     assert all(torch.equal(adapter[k], want_adapter[k]) for k in want_adapter)
