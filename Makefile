@@ -58,7 +58,7 @@ test-latest: setup-latest
 test-all: test test-latest
 
 # Multi-rank engine tests beyond CI's set (tests marked dist_heavy: ZeRO-1, ZeRO-3, FSDP1 loops, the training script
-# under torchrun with scripts/ds_zero*.json, resume): 2 CPU processes each, about 10 minutes on 2 cores. Not in CI.
+# under torchrun with scripts/ds_zero*.json, resume): 2 CPU processes each, 6.5 minutes on 2 busy cores. Not in CI.
 test-dist: setup
 	$(BIN)/python -m pytest -q -m dist_heavy tests/test_distributed.py
 
