@@ -271,9 +271,10 @@ def _script_argv(data, out, per_device, *extra):
             "--output_dir", str(out), *extra]
 
 
-def test_fsdp_on_cpu_is_a_usage_error(script_data, tmp_path, capsys):
+def test_fsdp_on_cpu_is_a_usage_error(script_data, tmp_path, capsys, reset_accelerate):
     """--fsdp cannot run on CPU processes (accelerate's FSDP needs an accelerator: upstream failed with "There are
-    currently no available devices found"); refused with the alternatives before anything loads."""
+    currently no available devices found"); refused with the alternatives before anything loads. (The arguments
+    export ACCELERATE_USE_FSDP, which reset_accelerate removes again for the tests after this one.)"""
     from paca_hpu.cli import main
 
     out = tmp_path / "fsdp"
