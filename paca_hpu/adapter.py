@@ -18,19 +18,22 @@ can mistake the file for one of its adapters and load it half-way. Files written
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from . import distributed as _dist
 from .config import PaCAConfig
-from .model import PACA_LAYER_TYPES, _is_supported, _matches, apply_paca, find_target_modules, paca_layers
-from .quantized import linear_features
+from .layer import _is_dtensor
+from .model import (PACA_LAYER_TYPES, _is_supported, _matches, _weight_shape, apply_paca, find_target_modules,
+                    paca_layers)
 
 logger = logging.getLogger(__name__)
 
@@ -73,43 +76,66 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def _pick(own: torch.Tensor, key: str, state_dict: Optional[Dict[str, torch.Tensor]]) -> torch.Tensor:
-    """``own`` as a CPU copy, or ``state_dict[key]`` where ``own`` is an empty placeholder (DeepSpeed ZeRO-3 keeps
-    only a shard in the module; the Trainer then passes the gathered state dict)."""
-    if own.numel() == 0 and own.dim() <= 1:
-        if state_dict is None or key not in state_dict:
-            raise ValueError(f"'{key}' is a partitioned placeholder (DeepSpeed ZeRO-3) and no gathered state dict "
-                             "holds it; save with the Trainer's save_model() (it gathers the weights) or use ZeRO-2")
-        own = state_dict[key]
-    return own.detach().to("cpu").contiguous().clone()
+def _whole_copy(own: torch.Tensor, key: str, shape: Optional[Tuple[int, ...]],
+                state_dict: Optional[Dict[str, torch.Tensor]]) -> torch.Tensor:
+    """A contiguous CPU copy of ``own`` (an FSDP2 ``DTensor`` made whole), or of ``state_dict[key]`` where ``own``
+    is partitioned on this rank (DeepSpeed ZeRO-3 placeholder, FSDP1 flat shard) and a gathered state dict is
+    given (the Trainer passes the one DeepSpeed / FSDP gathered; without it ``own`` is whole inside
+    :func:`paca_hpu.distributed.whole_parameters`, or a ``DTensor`` gathered here)."""
+    partitioned = _dist.is_partitioned(own, shape) if shape is not None else (own.numel() == 0 and own.dim() <= 1)
+    if partitioned and (state_dict is not None or not _is_dtensor(own)):
+        value = None if state_dict is None else state_dict.get(key)
+        if value is None or (shape is not None and tuple(value.shape) != tuple(shape)):
+            raise ValueError(
+                f"'{key}' is partitioned on this rank ({tuple(own.shape)}) and no gathered state dict holds it whole: "
+                "call save_adapter on every rank without state_dict (it gathers), or pass a gathered one (DeepSpeed "
+                "ZeRO-3 needs \"stage3_gather_16bit_weights_on_model_save\": true; FSDP a FULL_STATE_DICT)")
+        own = value
+    return _dist.whole_tensor(own).detach().to("cpu").contiguous().clone()
+
+
+def _modules_to_save_parameters(model: nn.Module):
+    """``[(name, parameter)]`` of the parameters of ``paca_config.modules_to_save`` (names without wrapper
+    segments)."""
+    config = getattr(model, "paca_config", None)
+    if config is None or not config.modules_to_save:
+        return []
+    return [(_dist.clean_name(f"{mname}.{pname}"), p) for mname, module in model.named_modules()
+            if mname and _matches(_dist.clean_name(mname), config.modules_to_save)
+            for pname, p in module.named_parameters()]
 
 
 def adapter_state_dict(model: nn.Module,
                        state_dict: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
     """The tensors :func:`save_adapter` writes (contiguous CPU copies): ``<name>.delta`` float32 ``(out_features, r)``,
-    ``<name>.indices`` int64 ``(r,)`` and ``modules_to_save.<param>``.
+    ``<name>.indices`` int64 ``(r,)`` and ``modules_to_save.<param>``; names as in the unwrapped model (DDP,
+    DeepSpeed engine and FSDP wrappers removed).
 
     Args:
-        model: a model with PaCA layers.
-        state_dict: optional ``model.state_dict()``-style mapping (e.g. a DeepSpeed ZeRO-3 gathered one) to take
-            the values of partitioned placeholder tensors from.
+        model: a model with PaCA layers, possibly wrapped by a data-parallel engine.
+        state_dict: optional ``model.state_dict()``-style mapping of the unwrapped model (e.g. one DeepSpeed ZeRO-3
+            or FSDP gathered) to take tensors from that are partitioned on this rank. Without it, partitioned
+            tensors are gathered (ZeRO-3, FSDP, FSDP2): a collective that every rank must call.
 
     Raises:
-        ValueError: the model has no PaCA layers, or a tensor is a ZeRO-3 placeholder that ``state_dict`` lacks.
+        ValueError: the model has no PaCA layers, or a tensor is partitioned and ``state_dict`` lacks it whole.
     """
-    state: Dict[str, torch.Tensor] = {}
-    for name, layer in paca_layers(model):
-        delta = _pick(layer.delta, f"{name}.delta", state_dict)
-        state[f"{name}.delta"] = delta if delta.dtype in (torch.float32, torch.float64) else delta.float()
-        state[f"{name}.indices"] = _pick(layer.indices, f"{name}.indices", state_dict).to(torch.int64)
-    if not state:
+    model = _dist.unwrap(model)
+    layers = [(_dist.clean_name(n), layer) for n, layer in paca_layers(model)]
+    if not layers:
         raise ValueError("the model has no PaCA layers; call apply_paca(model, config) before save_adapter")
-    config = getattr(model, "paca_config", None)
-    if config is not None and config.modules_to_save:
-        for mname, module in model.named_modules():
-            if mname and _matches(mname, config.modules_to_save):
-                for pname, p in module.named_parameters():
-                    state[f"{_MTS_PREFIX}{mname}.{pname}"] = _pick(p, f"{mname}.{pname}", state_dict)
+    extra = _modules_to_save_parameters(model)
+    gather = (_dist.whole_parameters(model, [layer.delta for _, layer in layers] + [p for _, p in extra])
+              if state_dict is None else contextlib.nullcontext())
+    state: Dict[str, torch.Tensor] = {}
+    with gather:
+        for name, layer in layers:
+            delta = _whole_copy(layer.delta, f"{name}.delta", (layer.out_features, layer.r), state_dict)
+            state[f"{name}.delta"] = delta if delta.dtype in (torch.float32, torch.float64) else delta.float()
+            state[f"{name}.indices"] = _whole_copy(layer.indices, f"{name}.indices", (layer.r,),
+                                                   state_dict).to(torch.int64)
+        for key, p in extra:
+            state[f"{_MTS_PREFIX}{key}"] = _whole_copy(p, key, None, state_dict)
     return state
 
 
@@ -119,10 +145,15 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
 
     Files are written atomically one by one (weights first, config last), so an interrupted save never leaves a
     half-written file; other files in ``path`` (e.g. a Trainer checkpoint's optimizer state) are left alone.
-    ``state_dict``: see :func:`adapter_state_dict` (DeepSpeed ZeRO-3).
+
+    Data-parallel runs (``model`` may be wrapped: DDP, a DeepSpeed engine, FSDP, FSDP2): only global rank 0 writes;
+    when an engine partitions the deltas (ZeRO-3, FSDP, FSDP2) every rank must call this (the deltas are gathered
+    with collectives). With ``state_dict`` (see :func:`adapter_state_dict`: a gathered state dict, as DeepSpeed
+    ZeRO-3 or FSDP hand to a Trainer's save) partitioned tensors come from it, nothing is gathered, and the calling
+    process writes (the caller chose it).
 
     Raises:
-        ValueError: ``model`` has no PaCA layers.
+        ValueError: ``model`` has no PaCA layers, or ``state_dict`` lacks a layer's tensors.
         NotADirectoryError: ``path`` exists and is a file.
     """
     from safetensors.torch import save_file
@@ -131,11 +162,14 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"save_adapter: '{path}' is a file; pass a directory path")
     state = adapter_state_dict(model, state_dict)
+    if state_dict is None and not _dist.is_main_process():
+        return
+    model = _dist.unwrap(model)
     config: Optional[PaCAConfig] = getattr(model, "paca_config", None)
     if config is None:  # PaCA layers were built by hand: record what they use
         first = next(layer for _, layer in paca_layers(model))
         config = PaCAConfig(r=first.r, paca_alpha=first.scaling * first.r,
-                            target_modules=[n for n, _ in paca_layers(model)])
+                            target_modules=[_dist.clean_name(n) for n, _ in paca_layers(model)])
     path.mkdir(parents=True, exist_ok=True)
     meta = {
         "format": FORMAT_NAME,
@@ -275,7 +309,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
                 raise ValueError(f"PaCA layer '{name}' has r={module.r}, the adapter r={config.r}; load onto the "
                                  "un-adapted base model instead")
         elif _is_supported(module):
-            in_f, out_f = linear_features(module)
+            out_f, in_f = _weight_shape(name, module)  # ZeRO-3 placeholders: ds_shape
         else:
             raise ValueError(f"adapter module '{name}' is a {type(module).__name__} in this model, not a linear layer")
         if delta.dim() != 2 or delta.shape[0] != out_f or delta.shape[1] != config.r or idx.shape != (config.r,) \

@@ -440,13 +440,21 @@ def _environment_error(err: BaseException) -> Optional[str]:
     return None
 
 
-def _check_distributed(training_args, info) -> None:
+def _check_distributed(training_args, info, save_merged: bool = False) -> None:
     """Engines the trainer cannot honour here are usage errors before anything loads (see
-    :func:`paca_hpu.trainer.check_engine`)."""
+    :func:`paca_hpu.trainer.check_engine`), and so is ``--save_merged`` under an engine that partitions the weights
+    (merging needs every layer's whole weight in one process, which would otherwise fail only after training);
+    DeepSpeed's backend starts before the model loads (:func:`paca_hpu.trainer.start_deepspeed_comm`)."""
     try:
         _tr.check_engine(training_args, info.type)
     except ValueError as err:
         raise UsageError(str(err)) from err
+    engine = _tr.weight_partitioning_engine(training_args)
+    if save_merged and engine:
+        raise UsageError(f"--save_merged needs the whole weights in one process, but {engine} partitions them across "
+                         "the ranks: drop --save_merged and merge the saved adapter afterwards in one process: "
+                         "python -m paca_hpu export OUTPUT_DIR --to merged --output MERGED_DIR")
+    _tr.start_deepspeed_comm(training_args)
 
 
 def _read_argv(argv: List[str], parser, all_fields) -> Tuple[Dict[str, Any], set]:
@@ -970,7 +978,7 @@ class _Run:
                              "--num_train_epochs or --max_steps")
         if ta.learning_rate < 0:
             raise UsageError(f"--learning_rate {ta.learning_rate:g} is negative; pass a positive value")
-        _check_distributed(ta, self.info)
+        _check_distributed(ta, self.info, self.adapter_args.save_merged)
         _check_quantization(self.model_args, self.adapter_args.peft_type, self.args.explicit, self.info.type)
         if self.adapter_args.paca_calibration_batches < 1:
             raise UsageError("--paca_calibration_batches must be >= 1, got "
@@ -1086,10 +1094,25 @@ class _Run:
     # -- 5. held-out loss before, training, held-out loss after
     def evaluate_before(self) -> None:
         self.eval_before = None
-        if self.eval_ds is not None:
-            self.eval_before = self.trainer.evaluate(metric_key_prefix="eval")["eval_loss"]
-            self.metrics["eval_loss_before"] = self.eval_before
-            logger.info("held-out loss before training: %.4f", self.eval_before)
+        if self.eval_ds is None:
+            return
+        if self.training_args.do_train and _tr.zero3_before_training(self.trainer):
+            # ZeRO-3 evaluates only through an engine, and one built for evaluation cannot train: the trainer
+            # evaluates at step 0 inside train() instead (see _held_out_loss_at_start)
+            self.trainer.args.eval_on_start = True
+            return
+        self.eval_before = self.trainer.evaluate(metric_key_prefix="eval")["eval_loss"]
+        self.metrics["eval_loss_before"] = self.eval_before
+        logger.info("held-out loss before training: %.4f", self.eval_before)
+
+    def _held_out_loss_at_start(self) -> None:
+        """The held-out loss that ``eval_on_start`` logged at step 0 (ZeRO-3, see :meth:`evaluate_before`)."""
+        if self.eval_before is None and self.trainer.args.eval_on_start:
+            start = [h["eval_loss"] for h in self.trainer.state.log_history if "eval_loss" in h and h.get("step") == 0]
+            if start:
+                self.eval_before = start[0]
+                self.metrics["eval_loss_before"] = self.eval_before
+                logger.info("held-out loss before training (evaluated at step 0): %.4f", self.eval_before)
 
     def train(self) -> None:
         """``trainer.train`` (resuming if asked), then the final adapter / model and trainer state are saved."""
@@ -1132,6 +1155,7 @@ class _Run:
         for PaCA, if asked, of the saved adapter loaded onto a fresh base model."""
         if self.eval_ds is None:
             return
+        self._held_out_loss_at_start()
         trainer = self.trainer
         reuse = self.trained and not self.training_args.load_best_model_at_end
         last = trainer.state.log_history[-3:] if reuse else []

@@ -34,6 +34,34 @@ layer's own (``torch.func.functional_call``) or inside :func:`paca_hpu.functiona
 autograd ops on an out-of-place merged weight instead (exact gradients, double backward; a weight-sized copy per
 call).
 
+Partitioned weights (DeepSpeed ZeRO-3, FSDP, FSDP2). A sharding engine owns ``weight``: it keeps only a shard on
+each rank and gathers the whole weight into a temporary tensor for each forward and backward (FSDP1: a view of its
+flat parameter; FSDP2: an unsharded ``nn.Parameter`` beside the ``DTensor`` shard; ZeRO-3: ``param.data`` swapped
+between a partition and a gathered buffer). A column written into that gathered tensor is dropped at the next
+gather, and writing into the shard would need each rank to own whole columns. So the layer writes its merged
+columns only into a weight it owns (its registered ``nn.Parameter``, whole ``(out_features, in_features)``, not a
+``DTensor``, not a ZeRO-3 parameter; checked outside forward, when the layer is built, loaded, cast or synced) and
+takes the dense path above only for that very tensor object. Any other weight (the gathered tensor of an engine, or
+one substituted by ``torch.func.functional_call``) goes through a rank-``r`` correction that never writes::
+
+    D      = original_columns + scaling * delta - weight[:, idx]            (out_features, r)
+    y      = x @ weight.T + b + x[..., idx] @ D.T                           (== x @ W_merged.T + b)
+    grad_x = grad_y @ weight ;  grad_x[..., idx] += grad_y @ D
+    grad_delta as above
+
+``D`` is exact whatever the gathered columns hold (base columns, or merged ones written before the model was
+sharded). Saved for backward: ``x[..., idx]``, ``D`` and the engine's reference to ``weight`` (re-gathered by the
+engine for backward, as for any ``nn.Linear``). Chosen over forming the merged weight out of place
+(``weight.index_copy(1, idx, merged)``) by measured memory: one fp32 layer, forward + backward, peak heap bytes
+beyond the output and ``grad_x`` that every linear layer allocates, r = 8 (glibc ``mallinfo2`` after every op):
+in=2048, out=8192 (a 64 MiB weight), 128 tokens: correction +0.8 MiB, out-of-place merged weight +74 MiB (a
+weight-sized copy in forward and again in backward), plain autograd on that copy (``functional_paca``) +128 MiB
+(it also keeps the copy and the whole input); 1,024 tokens: +0.8, +75 and +128 MiB. The cost is one
+``(tokens x r) @ (r x out_features)`` GEMM in forward and one ``(tokens x out_features) @ (out_features x r)`` in
+backward (``r / in_features`` of the layer's GEMM work). The dense single-device path is unchanged. ``apply_paca``
+on a ZeRO-3 model built under ``deepspeed.zero.Init`` gathers each targeted weight once, at conversion, to
+capture ``original_columns`` (see :mod:`paca_hpu.model`).
+
 Autocast: the autograd function follows ``torch.amp.custom_fwd`` / ``custom_bwd`` semantics for whatever device
 the input lives on (``hpu``, ``cuda``, ``cpu``): under autocast the GEMMs run in the autocast dtype, and
 ``grad_delta`` is computed from float32 operands, so ``delta.grad`` is float32 even when the model runs in bf16.
@@ -231,6 +259,65 @@ def _write_back_before_state_dict(module, prefix, keep_vars) -> None:
 _delta_grad = delta_gradient
 
 
+class _PaCAPartitionedFunction(torch.autograd.Function):
+    """PaCA on a weight the layer does not own (an engine's gathered weight): the rank-``r`` correction of the
+    module docstring, ``y = F.linear(x, weight, bias) + x[..., idx] @ D.T`` with
+    ``D = original_columns + scaling * delta - weight[:, idx]``; nothing is written into ``weight``.
+
+    Inputs: x (..., in), weight (out, in), bias (out,) or None, delta (out, r), indices (r,) int32/int64,
+    original_columns (out, r), scaling float. Saves ``x[..., idx]`` (only when ``delta`` needs a gradient), ``D``
+    (out, r, compute dtype) and ``weight``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, delta, indices, original_columns, scaling):
+        compute_dtype = _autocast_dtype(x) or x.dtype
+        with _autocast_off(x.device.type):
+            xc = x if x.dtype == compute_dtype else x.to(compute_dtype)
+            wc = weight if weight.dtype == compute_dtype else weight.to(compute_dtype)
+            bc = None if bias is None else (bias if bias.dtype == compute_dtype else bias.to(compute_dtype))
+            y = F.linear(xc, wc, bc)
+            acc = _delta_dtype(weight.dtype)
+            d = torch.add(original_columns.to(acc), delta.detach().to(acc), alpha=scaling)
+            d = d.sub_(weight.detach().index_select(1, indices).to(acc)).to(compute_dtype)
+            x_sel = xc.index_select(-1, indices)
+            y.view(-1, y.shape[-1]).addmm_(x_sel.reshape(-1, x_sel.shape[-1]), d.t())
+        ctx.save_for_backward(x_sel if ctx.needs_input_grad[3] else None, weight, d)
+        ctx.indices = indices
+        ctx.compute_dtype = compute_dtype
+        ctx.x_dtype = x.dtype
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        refuse_double_backward()
+        x_sel, weight, d = ctx.saved_tensors
+        grad_x = grad_delta = None
+        with _autocast_off(grad_y.device.type):
+            if ctx.needs_input_grad[0]:
+                cd = ctx.compute_dtype
+                grad_x = input_gradient(grad_y, weight, cd, cd)
+                grad_x.index_add_(-1, ctx.indices, torch.matmul(grad_y if grad_y.dtype == cd else grad_y.to(cd), d))
+                if grad_x.dtype != ctx.x_dtype:
+                    grad_x = grad_x.to(ctx.x_dtype)
+            if ctx.needs_input_grad[3]:
+                grad_delta = _delta_grad(grad_y, x_sel, ctx.scaling)
+        return grad_x, None, None, grad_delta, None, None, None
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _no_weight():
+    return None
+
+
 class PaCALinear(nn.Module):
     """A linear layer of which ``r`` fixed input columns are trained (PaCA).
 
@@ -238,8 +325,9 @@ class PaCALinear(nn.Module):
     replacement always stores the weight in ``nn.Linear`` layout.
 
     Attributes:
-        weight: frozen ``nn.Parameter`` ``(out_features, in_features)``, always the MERGED weight
-            (``W0`` with ``W0[:, indices] + scaling * delta`` written into the selected columns).
+        weight: frozen ``nn.Parameter`` ``(out_features, in_features)``, the MERGED weight (``W0`` with
+            ``W0[:, indices] + scaling * delta`` written into the selected columns) while the layer owns it; once a
+            sharding engine partitions it (ZeRO-3, FSDP) it is never written again (module docstring).
         bias: frozen ``nn.Parameter`` ``(out_features,)`` or ``None``.
         indices: buffer ``(r,)``, unique, sorted, int64 (int32 on HPU by default, also after ``.to("hpu")``).
         delta: trainable :class:`PaCADelta` ``(out_features, r)``, float32 (float64 if the weight is float64),
@@ -326,7 +414,15 @@ class PaCALinear(nn.Module):
         self._functional = False
         self.register_state_dict_pre_hook(_write_back_before_state_dict)
         self._synced = (id(self.delta), self.delta._version)  # weight == W0 + scaling * 0 already
+        self._claim_weight()
         _LIVE_LAYERS.add(self)
+
+    def __getstate__(self):
+        """Pickling and ``copy.deepcopy``: without the weak reference to the owned weight (not picklable, and a copy
+        owns its own weight: :meth:`__setstate__` claims it)."""
+        state = self.__dict__.copy()
+        state.pop("_dense_weight", None)
+        return state
 
     def __setstate__(self, state):
         """Unpickling and ``copy.deepcopy`` build layers without ``__init__``: register those too (pickle turns
@@ -335,6 +431,7 @@ class PaCALinear(nn.Module):
         delta = self._parameters.get("delta")
         if isinstance(delta, nn.Parameter) and not isinstance(delta, PaCADelta):
             self._parameters["delta"] = PaCADelta(_TENSOR_DATA.__get__(delta), delta.requires_grad)
+        self._claim_weight()
         _LIVE_LAYERS.add(self)
 
     def _apply(self, fn, recurse=True):
@@ -351,7 +448,29 @@ class PaCALinear(nn.Module):
             wanted = default_index_dtype(self.indices.device)
             if self.indices.dtype != wanted:
                 self.indices = self.indices.to(wanted)
+        self._claim_weight()  # a conversion may have replaced the weight Parameter by a new object
         return self
+
+    def _owns(self, weight) -> bool:
+        """``weight`` is a whole tensor this layer may write its merged columns into (checked outside forward): its
+        registered ``nn.Parameter``, of shape ``(out_features, in_features)``, neither a DTensor (FSDP2 shard) nor a
+        DeepSpeed ZeRO-3 parameter (``ds_id``: the engine swaps its data between a partition and gathered
+        copies). FSDP1 keeps the registered Parameter but gives it a flat shard of another shape."""
+        return (isinstance(weight, nn.Parameter) and weight is self._parameters.get("weight")
+                and tuple(weight.shape) == (self.out_features, self.in_features)
+                and not hasattr(weight, "ds_id") and not _is_dtensor(weight))
+
+    def _claim_weight(self) -> None:
+        """Note the weight tensor object the dense path may use (a weak reference), or none if the layer does not
+        own its current weight (:meth:`_owns`)."""
+        weight = self._parameters.get("weight")
+        self.__dict__["_dense_weight"] = weakref.ref(weight) if self._owns(weight) else _no_weight
+
+    def owns_weight(self) -> bool:
+        """Whether the merged columns live in ``weight`` (False once a sharding engine partitioned it, see the
+        module docstring); host-side check."""
+        self._claim_weight()
+        return self._dense_weight() is not None
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
@@ -364,12 +483,18 @@ class PaCALinear(nn.Module):
         weight, bias, indices, delta = params["weight"], params.get("bias"), buffers["indices"], params["delta"]
         if not self._paca_enabled:
             return F.linear(x, weight.index_copy(1, indices.long(), buffers["original_columns"]), bias)
-        if self._functional or not isinstance(delta, PaCADelta):
+        owned = weight is self._dense_weight()
+        if self._functional or (owned and not isinstance(delta, PaCADelta)):
             return F.linear(x, weight.index_copy(1, indices.long(), self._merged_columns_of(delta)), bias)
-        if not torch.compiler.is_compiling() and (
-                (id(delta), delta._version) != self._synced or delta.__dict__.get("_paca_touched", False)):
-            self.sync()
-        return _PaCAFunction.apply(x, weight, bias, delta, indices, self.scaling)
+        if owned:
+            if not torch.compiler.is_compiling() and (
+                    (id(delta), delta._version) != self._synced or delta.__dict__.get("_paca_touched", False)):
+                self.sync()  # may find that an engine took the weight over (ZeRO-3 partitioning touches delta)
+                owned = weight is self._dense_weight()
+            if owned:
+                return _PaCAFunction.apply(x, weight, bias, delta, indices, self.scaling)
+        return _PaCAPartitionedFunction.apply(x, weight, bias, delta, indices, buffers["original_columns"],
+                                              self.scaling)
 
     def is_stale(self) -> bool:
         """Whether ``delta`` may have changed since the merged columns were last written (host-side check, no
@@ -396,19 +521,31 @@ class PaCALinear(nn.Module):
     @torch.no_grad()
     def sync(self) -> None:
         """Write the adapted columns into ``weight`` (a fixed-shape ``index_copy_`` of ``(out_features, r)``) and
-        note the ``delta`` version it reflects.
+        note the ``delta`` version it reflects. Writes nothing into a weight the layer does not own (partitioned
+        by ZeRO-3 / FSDP: the forward then adds the update itself, see the module docstring).
 
         Called after every optimizer step by the hook in :mod:`paca_hpu.model`, and by ``forward`` when
         :meth:`is_stale`. Disabled layers are written too (their forward does not read the merged columns)."""
         delta = self.delta
-        self.weight.index_copy_(1, self.indices.long(), self.merged_columns())
+        if self.owns_weight():
+            self.weight.index_copy_(1, self.indices.long(), self.merged_columns())
         delta.__dict__["_paca_touched"] = False
         self._synced = (id(delta), delta._version)
 
     @torch.no_grad()
     def restore_original(self) -> None:
-        """Write the original (base) columns back into ``weight``; bit-for-bit the base weight afterwards."""
-        self.weight.index_copy_(1, self.indices.long(), self.original_columns)
+        """Write the original (base) columns back into ``weight``; bit-for-bit the base weight afterwards. Nothing
+        to do for a weight the layer does not own (it never wrote into it)."""
+        if self.owns_weight():
+            self.weight.index_copy_(1, self.indices.long(), self.original_columns)
+
+    def _require_whole_weight(self, what: str) -> None:
+        if not self.owns_weight():
+            raise RuntimeError(
+                f"{what} needs the whole weight of PaCA layer '{getattr(self, 'paca_name', '?')}', but it is "
+                f"partitioned by a sharding engine (shape {tuple(self.weight.shape)}, "
+                f"{type(self.weight).__name__}): do it before wrapping the model (FSDP, DeepSpeed ZeRO-3), or on the "
+                "whole model (save_adapter, then load_adapter into an unwrapped base model)")
 
     @torch.no_grad()
     def set_indices(self, indices: torch.Tensor) -> None:
@@ -424,6 +561,7 @@ class PaCALinear(nn.Module):
             raise ValueError(f"expected {self.r} indices, got shape {tuple(new.shape)}")
         if new.min() < 0 or new.max() >= self.in_features or torch.unique(new).numel() != self.r:
             raise ValueError(f"indices must be unique and lie in [0, {self.in_features})")
+        self._require_whole_weight("set_indices")
         self.restore_original()
         self.indices.copy_(new.sort().values.to(self.indices.device, self.indices.dtype))
         self.original_columns.copy_(self.weight.index_select(1, self.indices))
@@ -431,7 +569,12 @@ class PaCALinear(nn.Module):
         self.sync()
 
     def base_weight(self) -> torch.Tensor:
-        """A copy of the original weight ``W0`` (``(out_features, in_features)``, weight dtype)."""
+        """A copy of the original weight ``W0`` (``(out_features, in_features)``, weight dtype).
+
+        Raises:
+            RuntimeError: the weight is partitioned by a sharding engine.
+        """
+        self._require_whole_weight("base_weight")
         return self.weight.detach().index_copy(1, self.indices.long(), self.original_columns)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -450,6 +593,9 @@ class PaCALinear(nn.Module):
           is merged), ``W0[:, idx] = weight[:, idx] - scaling * delta`` (exact in float32/64, rounded to the weight
           dtype otherwise);
         * no ``weight`` (e.g. only ``delta``/``indices``): the base columns of this layer's own weight.
+
+        A weight partitioned by a sharding engine is loaded as the engine loads it; ``original_columns`` then comes
+        from the state dict or stays as it is (the layer never wrote into that weight).
         """
         has = {k: prefix + k in state_dict for k in ("weight", "original_columns", "delta")}
         with torch.no_grad():
@@ -457,7 +603,9 @@ class PaCALinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         with torch.no_grad():
-            if has["weight"] and has["original_columns"] and torch.equal(
+            if not self.owns_weight():
+                pass
+            elif has["weight"] and has["original_columns"] and torch.equal(
                     self.weight.index_select(1, self.indices.long()), self.merged_columns()):
                 self.restore_original()  # a consistent PaCA state dict (state_dict() writes back first)
             elif has["weight"] and has["delta"]:

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from .config import PaCAConfig
-from .layer import PaCALinear, live_paca_layers
+from .distributed import wrapping_engine
+from .layer import PaCALinear, _is_dtensor, live_paca_layers
 from .quantized import (PaCALinear4bit, clear_quantization_markers, is_linear4bit, linear_features, merged_linear,
                         unsupported_reason)
 from .selection import (DATA_AWARE_INIT_INDICES, activation_norms, agree_across_ranks, initial_indices,
@@ -258,6 +259,41 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _weight_shape(name: str, module: nn.Module) -> Tuple[int, int]:
+    """``(out_features, in_features)`` of a target layer's base weight. A DeepSpeed ZeRO-3 parameter built under
+    ``deepspeed.zero.Init`` is a shape-``(0,)`` placeholder whose real shape is ``ds_shape``.
+
+    Raises:
+        ValueError: the weight is already sharded by FSDP / FSDP2 (PaCA must be applied before wrapping).
+    """
+    if is_linear4bit(module):
+        in_features, out_features = linear_features(module)
+        return out_features, in_features
+    w = module.weight
+    shape = tuple(getattr(w, "ds_shape", None) or w.shape)
+    expected = (module.out_features, module.in_features) if isinstance(module, nn.Linear) else None
+    if _is_dtensor(w) or len(shape) != 2 or (expected is not None and shape != expected):
+        raise ValueError(f"the weight of layer '{name}' is sharded ({type(w).__name__} of shape {tuple(w.shape)}): "
+                         "apply_paca / load_adapter must run on the whole model, before wrapping it with FSDP or "
+                         "fully_shard")
+    return shape if isinstance(module, nn.Linear) else (shape[1], shape[0])
+
+
+@contextlib.contextmanager
+def _gathered(params: Sequence[torch.Tensor]) -> Iterator[None]:
+    """DeepSpeed ZeRO-3 partitioned parameters among ``params`` gathered whole on every rank for the block
+    (``deepspeed.zero.GatheredParameters``, a collective: every rank converts the same layers in the same order);
+    a no-op for ordinary tensors."""
+    zero3 = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if not zero3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(zero3, modifier_rank=None):
+        yield
+
+
 def _to_paca(name: str, module: nn.Module, indices: torch.Tensor, scaling: float,
              index_dtype: Optional[torch.dtype]) -> nn.Module:
     if is_linear4bit(module):
@@ -291,7 +327,8 @@ def _initial_indices(name: str, module: nn.Module, config: PaCAConfig) -> torch.
                              "bitsandbytes 4-bit; use init_indices='random', or 'activation_norm' with "
                              "calibrate_indices(model, config, batches)")
         return select_indices(name, linear_features(module)[0], config.r, config.random_seed)
-    return initial_indices(name, _linear_layout(module), config)
+    with _gathered([module.weight]):  # a ZeRO-3 placeholder: whole (every rank the same) for the column choice
+        return initial_indices(name, _linear_layout(module), config)
 
 
 def apply_paca(
@@ -305,6 +342,11 @@ def apply_paca(
 
     Every targeted ``nn.Linear`` / ``Conv1D`` becomes a :class:`PaCALinear` (weights reused, no copy for
     ``nn.Linear``); every other parameter is frozen except those of ``config.modules_to_save``.
+
+    On a model built under DeepSpeed's ``zero.Init`` (ZeRO-3: ``from_pretrained`` with a ZeRO-3 config, weights are
+    ``(0,)`` placeholders with ``ds_shape``), each targeted weight is gathered once, on every rank, to capture its
+    original columns; call it on every rank then (it is a collective). Models sharded by FSDP are refused: apply
+    PaCA before wrapping.
 
     Args:
         model: any ``nn.Module`` (typically a transformers ``PreTrainedModel``).
@@ -320,12 +362,20 @@ def apply_paca(
 
     Raises:
         ValueError: nothing matches (names the patterns), ``r`` exceeds a layer's ``in_features`` (names the
-            layer), a target is not a supported type, a target's weight is tied to another module's, a name in
-            ``indices`` is missing from the model, or ``config.init_indices`` needs calibration data and no
-            ``indices`` are given (the message names :func:`calibrate_indices`).
+            layer), a target is not a supported type, a target's weight is tied to another module's, a target's
+            weight is sharded by FSDP, the model is already wrapped by a data-parallel engine
+            (:func:`paca_hpu.distributed.wrapping_engine`), a name in ``indices`` is missing from the model, or
+            ``config.init_indices`` needs calibration data and no ``indices`` are given (the message names
+            :func:`calibrate_indices`).
     """
     if not isinstance(config, PaCAConfig):
         raise TypeError(f"apply_paca expects a PaCAConfig, got {type(config).__name__}")
+    engine = wrapping_engine(model)
+    if engine is not None:
+        raise ValueError(f"the model is already wrapped by {engine}, which registered its parameters before PaCA's "
+                         "deltas existed: they would not be synchronised across ranks, sharded or optimised by it. "
+                         "Apply PaCA (apply_paca / load_adapter) to the plain model, then wrap it (DDP, FSDP, "
+                         "fully_shard, deepspeed.initialize, a Trainer)")
     if indices is None:
         names = find_target_modules(model, config)
     else:
@@ -352,7 +402,7 @@ def apply_paca(
     planned: List[Tuple[str, nn.Module, torch.Tensor]] = []
     for name in names:
         module = modules[name]
-        in_features, out_features = linear_features(module)
+        out_features, in_features = _weight_shape(name, module)
         sharers = [o for o in owners.get(id(module.weight), []) if o != f"{name}.weight"]
         if sharers:
             raise ValueError(f"layer '{name}' shares its weight with {sharers[0]} (tied weights); PaCA cannot adapt "
@@ -378,7 +428,8 @@ def apply_paca(
     for p in model.parameters():
         p.requires_grad_(False)
     for name, module, idx in planned:
-        layer = _to_paca(name, module, idx, config.scaling, index_dtype)
+        with _gathered([module.weight]):  # ZeRO-3 placeholders: whole once, to capture original_columns
+            layer = _to_paca(name, module, idx, config.scaling, index_dtype)
         layer.paca_name = name  # for error messages only
         _set_submodule(model, name, layer)
     for module in to_save:

@@ -106,10 +106,14 @@ def unsupported_reason(name: str, module: nn.Module) -> Optional[str]:
     if is_linear4bit(module) or not isinstance(module, nn.Linear):
         return None
     w = module.weight
+    shape = tuple(getattr(w, "ds_shape", None) or w.shape)  # a DeepSpeed ZeRO-3 placeholder has shape (0,)
     bnn = _bnb_nn()
     if bnn is not None and isinstance(module, getattr(bnn, "Linear8bitLt", ())):
         kind = "a bitsandbytes 8-bit Linear8bitLt"
-    elif not (w.is_floating_point() and tuple(w.shape) == (module.out_features, module.in_features)):
+    elif w.is_floating_point() and w.dim() == 1 and shape != (module.out_features, module.in_features):
+        return (f"the weight of layer '{name}' is a flat shard of shape {tuple(w.shape)} (FSDP): apply_paca / "
+                "load_adapter must run on the whole model, before wrapping it with FSDP or fully_shard")
+    elif not (w.is_floating_point() and shape == (module.out_features, module.in_features)):
         kind = f"a {type(module).__name__} with a {w.dtype} weight of shape {tuple(w.shape)}"
     else:
         return None

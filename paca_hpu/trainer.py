@@ -50,6 +50,9 @@ __all__ = [
     "build_training_arguments",
     "make_trainer",
     "check_engine",
+    "weight_partitioning_engine",
+    "start_deepspeed_comm",
+    "zero3_before_training",
     "trainer_class",
     "PaCATrainerMixin",
     "save_merged_model",
@@ -67,20 +70,10 @@ TRAINING_ARGS_NAME = "training_args.bin"
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """Strip DDP / torch.compile wrappers (``module`` / ``_orig_mod``)."""
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        inner = getattr(model, "_orig_mod", None)
-        if isinstance(inner, nn.Module):
-            model = inner
-            continue
-        if type(model).__name__ in ("DistributedDataParallel", "DataParallel") and isinstance(
-            getattr(model, "module", None), nn.Module
-        ):
-            model = model.module
-            continue
-    return model
+    """Strip DDP / DeepSpeed engine / torch.compile wrappers (:func:`paca_hpu.distributed.unwrap`)."""
+    from .distributed import unwrap
+
+    return unwrap(model)
 
 
 def is_paca_model(model: Optional[nn.Module]) -> bool:
@@ -222,6 +215,46 @@ def arguments_class(device_type: Optional[str] = None, deepspeed: bool = False):
     if device_type == "cpu" and gta is not None and not deepspeed:
         return gta
     return ta
+
+
+def start_deepspeed_comm(args) -> None:
+    """Prepare DeepSpeed's communication on CPU processes before the model is built, when ``args`` (training
+    arguments) run DeepSpeed there; a no-op without DeepSpeed or off CPU.
+
+    * DeepSpeed's shared-memory all-reduce op (``deepspeed_shm_comm``) is switched off. Its CPU communication
+      backend JIT-compiles that C++ op when it starts (about 3 minutes on 2 cores, needs a C++ toolchain, and a lock
+      file left by an interrupted build makes every later start wait forever), yet the op serves only
+      ``inference_all_reduce`` (tensor-parallel inference); training collectives go through gloo either way
+      (DeepSpeed 0.19.8 ``deepspeed/comm/torch.py``).
+    * With several processes, DeepSpeed's backend is started: with ``use_cpu=True`` transformers' argument set-up
+      starts torch.distributed (gloo) but not DeepSpeed's backend (it does that only for accelerators), so a ZeRO-3
+      ``from_pretrained`` (``deepspeed.zero.Init``) reads a world size of 1 and fails its batch-size check
+      ("train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size").
+      ``deepspeed.init_distributed`` reuses the process group already there.
+    """
+    if not getattr(args, "deepspeed", None) or args.device.type != "cpu":
+        return
+    import deepspeed
+
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict):
+        compatible["deepspeed_shm_comm"] = False
+    if args.world_size > 1:
+        deepspeed.init_distributed(dist_backend="gloo")
+
+
+def weight_partitioning_engine(args) -> Optional[str]:
+    """``"DeepSpeed ZeRO-3"`` or ``"FSDP"`` when ``args`` (training arguments) select an engine that partitions the
+    model's weights across the ranks (``--deepspeed`` with a stage-3 config, ``--fsdp`` with any strategy but
+    ``no_shard``), else ``None``."""
+    ds = getattr(args, "hf_deepspeed_config", None)
+    if getattr(args, "deepspeed", None) and ds is not None and ds.is_zero3():
+        return "DeepSpeed ZeRO-3"
+    fsdp = getattr(args, "fsdp", None) or []
+    options = fsdp.split() if isinstance(fsdp, str) else [str(getattr(o, "value", o)) for o in fsdp]
+    if options and "no_shard" not in options:
+        return "FSDP"
+    return None
 
 
 def check_engine(args, device_type: Optional[str] = None) -> None:
@@ -387,22 +420,33 @@ def _plain_cpu_device(args):
         setattr(args, cache, device)
 
 
+def zero3_before_training(trainer) -> bool:
+    """Whether ``trainer`` runs DeepSpeed ZeRO-3 and has no engine yet (nothing trained or evaluated so far)."""
+    if not (getattr(trainer, "is_deepspeed_enabled", False) and getattr(trainer, "deepspeed", None) is None):
+        return False
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return bool(is_deepspeed_zero3_enabled())
+
+
 @contextlib.contextmanager
 def _without_deepspeed_before_training(trainer):
-    """Evaluation before ``train()`` under DeepSpeed ZeRO stage 1 or 2 runs on the plain model.
+    """Evaluation before ``train()`` under DeepSpeed: ZeRO stage 1 or 2 runs on the plain model; ZeRO-3 is noted.
 
     ``transformers.Trainer.evaluation_loop`` starts a DeepSpeed inference engine when no training engine exists yet,
     and DeepSpeed refuses that below stage 3 ("ZeRO inference only makes sense with ZeRO Stage 3"), so the held-out
     loss before training (what ``run_paca_clm`` reports) could not be measured. Below stage 3 every rank holds the
     whole model, so evaluating it without an engine gives the same loss. The model the evaluation registered with the
     accelerator is unregistered again, so the training engine built later is the accelerator's only model.
+    Under ZeRO-3 the inference engine stays (the parameters are partitioned; only an engine can run them), and
+    ``train()`` would reuse it and fail without a training engine (transformers 4.55: ``'NoneType' object has no
+    attribute 'backward'``): :meth:`PaCATrainerMixin.train` refuses that with the fix (``eval_on_start``).
     """
     if not (getattr(trainer, "is_deepspeed_enabled", False) and getattr(trainer, "deepspeed", None) is None):
         yield
         return
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if is_deepspeed_zero3_enabled():
+    if zero3_before_training(trainer):
+        trainer._paca_zero3_inference_engine = True
         yield
         return
     known = list(trainer.accelerator._models)
@@ -550,6 +594,12 @@ class PaCATrainerMixin:
                 self._paca_gen_fields_added = outer
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if getattr(self, "_paca_zero3_inference_engine", False):
+            raise RuntimeError(
+                "this trainer evaluated before training under DeepSpeed ZeRO-3, which left it a DeepSpeed inference "
+                "engine that train() cannot train with (transformers 4.55 fails with \"'NoneType' object has no "
+                "attribute 'backward'\"): evaluate before training with TrainingArguments(eval_on_start=True) "
+                "instead, or build a new trainer for training")
         resume_from_checkpoint = self._begin_run(resume_from_checkpoint)
         return self._with_gen_fields(super().train, resume_from_checkpoint, *args, **kwargs)
 
@@ -668,7 +718,10 @@ class PaCATrainerMixin:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         logger.info("Saving PaCA adapter to %s", output_dir)
-        save_adapter(model, output_dir)
+        # This runs on the saving process only, so nothing may be gathered here (a collective would wait for the
+        # other ranks forever): DeepSpeed and FSDP hand the state dict they gathered on every rank; otherwise the
+        # model's own tensors are whole, and an empty dict makes a partitioned one an error instead of a gather.
+        save_adapter(model, output_dir, state_dict=state_dict if state_dict is not None else {})
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         gaudi_config = getattr(self, "gaudi_config", None)

@@ -24,7 +24,7 @@
 # Environment:
 #     WORLD_SIZE      default 8
 #     DISTRIBUTED     deepspeed (default) | mpi   (mpi: plain DDP over HCCL, gaudi_spawn.py --use_mpi, no DeepSpeed)
-#     DS_CONFIG       default scripts/ds_zero2_gaudi.json (ZeRO stage 1 or 2; see docs/hpu.md for why not 3)
+#     DS_CONFIG       default scripts/ds_zero2_gaudi.json (ZeRO-2; scripts/ds_zero3.json: verified on CPU ranks only, docs/hpu.md)
 #     OUTPUT_DIR      default outputs/gaudi_8x
 #     MASTER_PORT     default 29500
 #     PYTHON          default python3

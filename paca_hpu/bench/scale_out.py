@@ -11,7 +11,8 @@ ZeRO-3 parameter all-gathers happen ``k`` times, the gradient reduction once):
 
   - DDP: one ``all_reduce`` of every trainable gradient (param dtype);
   - ZeRO-1 and ZeRO-2: ``all_reduce`` of the trainable gradients (communication dtype: bf16 under ``bf16``), then an
-    ``all_gather`` of the updated trainable parameters (model dtype);
+    ``all_gather`` of the updated trainable parameters (in their own dtype: DeepSpeed's ``bf16`` casts the model,
+    but PaCA's ``delta`` stays float32, :class:`paca_hpu.PaCALinear`);
   - ZeRO-3: ``all_gather`` of every partitioned parameter, frozen ones included, before the forward, and again
     before the backward for what DeepSpeed released in between (modelled as everything beyond
     ``stage3_max_reuse_distance`` elements), then a ``reduce_scatter`` of the trainable gradients. Parameters with at
@@ -47,6 +48,7 @@ __all__ = [
     "ModelShape",
     "trainable_numels",
     "frozen_numels",
+    "trainable_bytes",
     "step_communication",
     "wire_bytes",
     "memory_per_rank",
@@ -132,6 +134,14 @@ def frozen_numels(shape: ModelShape, method: str) -> List[int]:
     return [] if method == "full" else shape.base_numels()
 
 
+def trainable_bytes(method: str, param_bytes: int) -> int:
+    """Bytes per trainable element in the model: PaCA's ``delta`` is float32 (float64 with a float64 model) whatever
+    the model dtype; LoRA factors and full fine-tuning take the model dtype (DeepSpeed's ``bf16`` casts them)."""
+    if method == "paca":
+        return 8 if param_bytes == 8 else 4
+    return param_bytes
+
+
 def step_communication(shape: ModelShape, method: str, r: int, engine: str, world: int, *,
                        param_bytes: int = 2, grad_bytes: int = 2,
                        persistence_threshold: int = DS_PERSISTENCE_THRESHOLD,
@@ -142,7 +152,8 @@ def step_communication(shape: ModelShape, method: str, r: int, engine: str, worl
         shape, method, r: the model and fine-tuning method (see :func:`trainable_numels`).
         engine: ``"ddp"``, ``"zero1"``, ``"zero2"`` or ``"zero3"``.
         world: data-parallel ranks (only ZeRO-3's persistence rule does not depend on it; payloads do not).
-        param_bytes: bytes per parameter element in the model (2 for bf16, 4 for float32).
+        param_bytes: bytes per element of the model dtype (2 for bf16, 4 for float32); trainable tensors in
+            their own dtype (:func:`trainable_bytes`).
         grad_bytes: bytes per gradient element communicated (DDP: the parameter's dtype; DeepSpeed: its
             ``communication_data_type``, by default the model dtype).
         persistence_threshold, reuse_distance: ZeRO-3's ``stage3_param_persistence_threshold`` and
@@ -156,6 +167,7 @@ def step_communication(shape: ModelShape, method: str, r: int, engine: str, worl
     if world < 1:
         raise ValueError(f"world must be >= 1, got {world}")
     trainable = sum(trainable_numels(shape, method, r))
+    t_bytes = trainable_bytes(method, param_bytes)
     comm = {"all_reduce": 0, "reduce_scatter": 0, "all_gather": 0}
     if world == 1:
         return comm
@@ -163,11 +175,12 @@ def step_communication(shape: ModelShape, method: str, r: int, engine: str, worl
         comm["all_reduce"] = trainable * grad_bytes
     elif engine in ("zero1", "zero2"):
         comm["all_reduce"] = trainable * grad_bytes
-        comm["all_gather"] = trainable * param_bytes
+        comm["all_gather"] = trainable * t_bytes
     else:
-        every = frozen_numels(shape, method) + trainable_numels(shape, method, r)
-        gathered = sum(n for n in every if n > persistence_threshold)
-        comm["all_gather"] = (gathered + max(0, gathered - reuse_distance)) * param_bytes
+        frozen = sum(n for n in frozen_numels(shape, method) if n > persistence_threshold)
+        train = sum(n for n in trainable_numels(shape, method, r) if n > persistence_threshold)
+        regather = max(0.0, 1.0 - reuse_distance / max(1, frozen + train))  # share released between fwd and bwd
+        comm["all_gather"] = int(round((1 + regather) * (frozen * param_bytes + train * t_bytes)))
         comm["reduce_scatter"] = trainable * grad_bytes
     return comm
 
@@ -184,8 +197,9 @@ def memory_per_rank(shape: ModelShape, method: str, r: int, engine: str, world: 
                     param_bytes: int = 2, persistence_threshold: int = DS_PERSISTENCE_THRESHOLD) -> Dict[str, int]:
     """Model-state bytes per rank: ``{"frozen", "trainable", "gradients", "optimizer", "paca_buffers", "total"}``.
 
-    ``param_bytes`` is the model dtype (frozen weights, trainable copy, gradients); the optimizer holds a float32
-    master copy plus two float32 Adam moments per trainable element (12 bytes), partitioned by every ZeRO stage.
+    ``param_bytes`` is the model dtype (frozen weights); trainable tensors and their gradients take
+    :func:`trainable_bytes`; the optimizer holds a float32 master copy plus two float32 Adam moments per trainable
+    element (12 bytes), partitioned by every ZeRO stage.
     DDP keeps everything on every rank. ZeRO-3 partitions parameters above ``persistence_threshold`` elements.
     """
     if engine not in ENGINES:
@@ -193,6 +207,7 @@ def memory_per_rank(shape: ModelShape, method: str, r: int, engine: str, world: 
     n = max(1, world)
     trainable = trainable_numels(shape, method, r)
     phi = sum(trainable)
+    t_bytes = trainable_bytes(method, param_bytes)
 
     def params(numels: Sequence[int]) -> float:
         if engine != "zero3":
@@ -201,8 +216,8 @@ def memory_per_rank(shape: ModelShape, method: str, r: int, engine: str, world: 
 
     mem = {
         "frozen": params(frozen_numels(shape, method)) * param_bytes,
-        "trainable": params(trainable) * param_bytes,
-        "gradients": phi * param_bytes / (n if engine in ("zero2", "zero3") else 1),
+        "trainable": params(trainable) * t_bytes,
+        "gradients": phi * t_bytes / (n if engine in ("zero2", "zero3") else 1),
         "optimizer": phi * 12 / (1 if engine == "ddp" else n),
         "paca_buffers": phi * param_bytes if method == "paca" else 0,
     }
