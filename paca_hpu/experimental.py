@@ -58,6 +58,9 @@ def fused_write_back(layers: Sequence[PaCALinear]) -> None:
     weights are bit-identical to the per-layer path."""
     groups: Dict[Tuple, List[PaCALinear]] = {}
     for lay in layers:
+        if not lay.owns_weight():  # partitioned by a sharding engine: sync() notes the version, writes nothing
+            lay.sync()
+            continue
         w = lay.weight
         groups.setdefault((w.dtype, w.device, lay.scaling, lay.delta.dtype), []).append(lay)
     for (wdtype, _dev, scaling, ddtype), group in groups.items():
@@ -103,11 +106,13 @@ def _lean_forward(self: PaCALinear, x: torch.Tensor) -> torch.Tensor:
     params = self._parameters
     delta, weight = params["delta"], params["weight"]
     if (not self._paca_enabled or self._functional or type(delta) is not PaCADelta or x.dtype != weight.dtype
-            or torch.is_autocast_enabled(x.device.type)):
-        return _DEFAULT_FORWARD(self, x)
+            or torch.is_autocast_enabled(x.device.type) or weight is not self._dense_weight()):
+        return _DEFAULT_FORWARD(self, x)  # includes a weight partitioned by a sharding engine (not owned)
     if not torch.compiler.is_compiling() and ((id(delta), delta._version) != self._synced
                                               or delta.__dict__.get("_paca_touched", False)):
         self.sync()
+        if weight is not self._dense_weight():  # the write-back found an engine took the weight over
+            return _DEFAULT_FORWARD(self, x)
     return _LeanPaCAFunction.apply(x, weight, params.get("bias"), delta, self._buffers["indices"], self.scaling)
 
 

@@ -244,3 +244,24 @@ def test_lean_function_refuses_double_backward():
         y = layer(x)
         with pytest.raises(RuntimeError, match="functional_paca"):
             torch.autograd.grad(y.sum(), x, create_graph=True)
+
+
+def test_candidates_never_write_into_a_weight_the_layer_does_not_own():
+    """A weight the layer does not own (an engine's gathered copy; here one substituted by functional_call) takes
+    the rank-r correction path under lean_forward too, and the fused write-back leaves such a weight alone; the
+    output equals a float64 dense reference either way."""
+    torch.manual_seed(0)
+    w0 = torch.randn(16, 12, dtype=torch.float64)
+    layer = PaCALinear(w0.float().clone(), None, torch.tensor([1, 4, 7]), 2.0)
+    with torch.no_grad():
+        layer.delta.copy_(torch.randn(16, 3))
+    gathered = w0.float().clone()  # base columns only, as an engine's gathered weight would hold
+    x = torch.randn(5, 12)
+    ref = x.double() @ (w0.index_add(1, torch.tensor([1, 4, 7]), 2.0 * layer.delta.detach().double())).T
+    with experimental.candidate("lean_forward"), experimental.candidate("fused_writeback"):
+        y = torch.func.functional_call(layer, {"weight": gathered}, (x,))
+        experimental.fused_write_back([layer])  # the layer owns its own weight: written
+    assert torch.allclose(y.double(), ref, atol=1e-5)
+    assert torch.equal(gathered, w0.float())  # never written
+    assert torch.allclose(layer.weight[:, [1, 4, 7]].double(), ref.new_tensor(
+        (w0[:, [1, 4, 7]] + 2.0 * layer.delta.detach().double()).numpy()), atol=1e-6)
