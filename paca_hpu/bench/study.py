@@ -81,7 +81,11 @@ bf16 spacing of a typical weight (about 1.2e-4 at |w| = 0.03). The float32 run a
 its ratios are within one precision.
 
 The commands (run on an otherwise idle machine, one after the other; each writes `docs/benchmarks/<run name>/`
-and rebuilds this page, which fills the tables in):
+and rebuilds this page, which fills the tables in). The bf16 ones need a CPU with bf16 GEMM support
+(`python -c "import torch; print(torch.ops.mkldnn._is_mkldnn_bf16_supported())"` prints True; AVX-512 BF16 or AMX)
+or a device: without it torch runs bf16 GEMMs on its reference kernel, many times slower than float32 (on the 2-core
+AVX2 machine of 2026-12-02 a bf16 timing group did not finish 12 rounds in 14 minutes), and the estimates below
+do not hold; there, run them with `--dtype fp32` and new run names.
 
 {commands}
 {estimate_note}
