@@ -21,6 +21,7 @@ import contextlib
 import gc
 import re
 import sys
+import warnings
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -96,6 +97,22 @@ def _storage_ptr(t) -> int:
         return 0
 
 
+def _live_modules() -> List[nn.Module]:
+    """Every ``nn.Module`` the garbage collector tracks. ``isinstance`` on some objects of the heap warns (torch's
+    deprecated ``torch.distributed.reduce_op`` raises a FutureWarning on attribute access) or raises (a dead
+    ``weakref.proxy``, which torch.compile leaves behind): neither is a module, and neither reaches the user."""
+    found = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        for obj in gc.get_objects():
+            try:
+                if isinstance(obj, nn.Module):
+                    found.append(obj)
+            except ReferenceError:
+                continue
+    return found
+
+
 def check_unshared_weights(layers: Sequence[PaCALinear]) -> None:
     """Raise if a module other than the PaCA layer itself holds a layer's base ``weight``: the same Parameter, or
     another tensor over the same storage (e.g. ``load_state_dict(policy.state_dict(), assign=True)``).
@@ -114,11 +131,8 @@ def check_unshared_weights(layers: Sequence[PaCALinear]) -> None:
             by_storage[ptr] = layer
     if not by_storage:
         return
-    for obj in gc.get_objects():
-        try:
-            if not isinstance(obj, nn.Module) or isinstance(obj, PaCALinear):
-                continue
-        except ReferenceError:  # a dead weakref.proxy (torch.compile leaves some behind): holds nothing
+    for obj in _live_modules():
+        if isinstance(obj, PaCALinear):
             continue
         for p in obj._parameters.values():
             layer = by_storage.get(_storage_ptr(p))

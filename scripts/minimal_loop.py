@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from paca_hpu.bench.inputs import byte_level_tokenizer, fixed_batches, packed_splits  # noqa: E402  (data only)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VARIANTS = ("floor", "lora", "paca", "peft_paca")
 PAIRS = [("paca", "lora"), ("paca", "floor"), ("lora", "floor"), ("paca", "peft_paca"), ("peft_paca", "floor")]
 
 
@@ -99,7 +100,8 @@ def main():
     p.add_argument("--seq_len", type=int, default=256)
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--variants", default="floor,lora,paca")
+    p.add_argument("--variants", default="floor,lora,paca",
+                   help=f"comma separated subset of {','.join(VARIANTS)} (peft_paca: a peft with PaCA, its main branch)")
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--threads", type=int, default=None)
@@ -111,6 +113,14 @@ def main():
         torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if not names or unknown:
+        p.error(f"--variants: unknown or empty {args.variants!r}; choose from {', '.join(VARIANTS)}")
+    for flag in ("rounds", "batch", "seq_len", "r"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
 
     # the same batches as the harness (seed 0): fixed_batches(train blocks, batch, count, seed=0)
     if args.tiny:

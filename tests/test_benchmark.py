@@ -431,3 +431,41 @@ def test_docs_page_sets_the_minimal_loop_beside_the_harness_run_of_the_same_shap
     assert rows["| bf16paca/lora"].endswith("| 0.700 [0.680, 0.720] | yes |")  # 0.71 within [0.68, 0.72]
     assert rows["| bf16paca/floor"].endswith("| 1.050 [1.040, 1.060] | no |")  # 1.08 outside [1.04, 1.06]
     assert rows["| fp32paca/lora"].endswith("| - | - |")  # only a legacy-protocol harness run of that shape
+
+
+@pytest.mark.parametrize("argv, needle", [(["--variants", "bogus"], "--variants: unknown or empty 'bogus'"),
+                                          (["--rounds", "0"], "--rounds must be >= 1")])
+def test_minimal_loop_refuses_bad_input_in_one_line(argv, needle):
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "minimal_loop.py"), "--tiny"] + argv
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and needle in proc.stderr.splitlines()[-1] and "Traceback" not in proc.stderr
+
+
+def test_docs_only_builds_the_repository_page_only_from_its_own_runs(fake_root, tmp_path, capsys):
+    from paca_hpu.bench.cli import main
+
+    page = (fake_root / "docs" / "benchmarks.md").read_bytes()
+    other = tmp_path / "elsewhere" / "run"
+    other.mkdir(parents=True)
+    (other / "results.json").write_text("{}")
+    for extra in ([], ["--docs", ""]):
+        with pytest.raises(SystemExit) as exc:
+            main(["--docs_only", "--output_dir", str(other)] + extra)
+        assert exc.value.code == 2
+    assert "--docs PATH" in capsys.readouterr().err
+    assert (fake_root / "docs" / "benchmarks.md").read_bytes() == page  # the repository's page untouched
+
+
+def test_merge_with_another_shape_is_refused_before_measuring(fake_root, tmp_path):
+    from paca_hpu.bench.cli import main
+
+    common = ["--tiny", "--sections", "saved", "--batch", "1", "--rounds", "1", "--warmup", "0",
+              "--max_train_samples", "8", "--max_eval_samples", "4", "--threads", "1",
+              "--output_dir", str(tmp_path / "run")]
+    assert main(common + ["--seq_len", "16"]) == 0
+    before = (tmp_path / "run" / "results.json").read_bytes()
+    with pytest.raises(SystemExit, match=r"different seq_len \(seq_len 16 there, 32 now\)"):
+        main(common + ["--seq_len", "32", "--merge"])
+    assert (tmp_path / "run" / "results.json").read_bytes() == before
+    assert (tmp_path / "run" / "log.txt").read_text().count("saved: floor") == 1  # the refused run measured nothing
+

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -526,3 +528,17 @@ def test_first_write_back_survives_a_dead_weak_proxy_in_the_heap():
     torch.testing.assert_close(layer.weight[:, idx].double(),
                                layer.original_columns.double() + layer.scaling * layer.delta.detach().double())
     assert layer.__dict__.get("_paca_shared_checked") and len(proxies) == 1
+
+
+def test_first_optimizer_step_shows_the_user_no_warning_from_the_shared_weight_scan():
+    from paca_hpu import PaCAConfig, apply_paca, paca_parameters
+
+    model = tiny_llama()
+    apply_paca(model, PaCAConfig(r=2, target_modules=["q_proj"]))
+    opt = torch.optim.AdamW(paca_parameters(model), lr=1e-3)
+    ids = torch.randint(0, 100, (1, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch.distributed.reduce_op's FutureWarning reached users before
+        opt.step()
+    assert all(layer._paca_shared_checked for layer in model.modules() if hasattr(layer, "delta"))

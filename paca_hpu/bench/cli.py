@@ -639,6 +639,8 @@ def run(args) -> dict:
                                 root)
     if peft_note:
         results["meta"]["peft_paca_note"] = peft_note
+    if args.merge and (out_dir / "results.json").is_file():  # refuse a mismatched --merge before measuring
+        _check_merge_target(out_dir / "results.json", results)
 
     # ---- fresh processes first (memory, longest sequence, timing), before this process touches the accelerator
     if "memory" in sections or "maxseq" in sections:
@@ -750,13 +752,24 @@ def _previous_qpaca(args, results: dict, out_dir: Path, log) -> Optional[dict]:
     return dict({part: prev[part] for part in kept}, part_commands={part: old_cmds.get(part) for part in kept})
 
 
-def _merge_previous(results: dict, path: Path, sections: List[str], log) -> None:
-    """Copy into ``results`` the sections of the earlier run at ``path`` that were not rerun now."""
+def _check_merge_target(path: Path, results: dict) -> dict:
+    """The earlier run at ``path`` as a dict, if it has this run's model, dtype, batch and seq_len; else exit with
+    the fields that differ."""
     with open(path, encoding="utf-8") as f:
         old = json.load(f)
     keys = ("model", "dtype", "batch", "seq_len")
-    if any(old.get("config", {}).get(k) != results["config"].get(k) for k in keys):
-        raise SystemExit(f"--merge: {path} was made with a different {'/'.join(keys)}; use another --output_dir")
+    before = old.get("config", {})
+    differ = [k for k in keys if before.get(k) != results["config"].get(k)]
+    if differ:
+        was = ", ".join(f"{k} {before.get(k)!r} there, {results['config'].get(k)!r} now" for k in differ)
+        raise SystemExit(f"--merge: {path} was made with a different {'/'.join(differ)} ({was}); "
+                         "use another --output_dir")
+    return old
+
+
+def _merge_previous(results: dict, path: Path, sections: List[str], log) -> None:
+    """Copy into ``results`` the sections of the earlier run at ``path`` that were not rerun now."""
+    old = _check_merge_target(path, results)
     kept = []
     for sec, ks in _MERGE_KEYS.items():
         if sec in sections or ks[0] not in old:
@@ -798,10 +811,16 @@ def main(argv=None) -> int:
         from .report import write_docs_page
 
         root = _repo_root()
-        docs = args.docs or str(root / "docs" / "benchmarks.md")
         from .report import load_results, run_markdown
 
         results_root = str(Path(args.output_dir).parent) if args.output_dir else str(root / "docs" / "benchmarks")
+        if args.docs == "":
+            parser.error("--docs_only with --docs '': no page to build; give --docs PATH or leave --docs out")
+        if args.docs is None and Path(results_root).resolve() != (root / "docs" / "benchmarks").resolve():
+            parser.error(f"--docs_only: the runs under '{results_root}' are not this repository's docs/benchmarks/; "
+                         "give the page to build with --docs PATH (the repository's page is built only from its own "
+                         "runs)")
+        docs = args.docs or str(root / "docs" / "benchmarks.md")
         runs = load_results(results_root)
         if not runs:
             parser.error(f"--docs_only: no */results.json under '{results_root}'; nothing to build (run a benchmark "

@@ -595,18 +595,22 @@ python scripts/benchmark.py --dtype bf16 --batch 2 --seq_len 512
 python scripts/benchmark.py --dtype fp32 --batch 4 --seq_len 256 --sections profile --merge   # + PaCA vs floor profile
 ```
 
-QPaCA vs QLoRA (the `qpaca` section: the model quantized by bitsandbytes to NF4 with double quantization, bf16
-compute; step time, bytes saved for backward, peak memory and held-out loss after the same steps for `qfloor`,
-`qlora` and `qpaca`, plus a memory model in bytes per parameter and per token, checked against these measurements,
-that names the largest LLaMA-family model fitting one 96 GB Gaudi 2 at batch 1 x 2048 with each method). Not yet
-run here; produce its table with (on an idle machine; about the time of the `quality` section plus three memory
-subprocesses):
+QPaCA vs QLoRA (the `qpaca` section: the model quantized by bitsandbytes to NF4 with double quantization; step
+time, bytes saved for backward, peak memory and held-out loss after the same steps for `qfloor`, `qlora` and
+`qpaca`, plus a memory model in bytes per parameter and per token, checked against these measurements, that names
+the largest LLaMA-family model fitting one 96 GB Gaudi 2 at batch 1 x 2048 with each method). Its parts can be
+measured by separate runs (`--qpaca_parts ... --merge`): step time on an idle machine, the rest (deterministic or
+load-independent) whenever. The run on this page (float32 compute: this machine's CPU has no bf16 GEMM support):
 
 ```
-python scripts/benchmark.py --dtype bf16 --batch 4 --seq_len 256 --sections qpaca --bnb_4bit_use_double_quant
+python scripts/benchmark.py --dtype fp32 --batch 4 --seq_len 256 --sections qpaca --bnb_4bit_use_double_quant \
+    --qpaca_parts timing --merge --rounds 6 --warmup 1 --threads 2
+python scripts/benchmark.py --dtype fp32 --batch 4 --seq_len 256 --sections qpaca --bnb_4bit_use_double_quant \
+    --memory_steps 1 --qpaca_parts saved,memory,quality --steps 20 --eval_every 0 --max_eval_samples 64 \
+    --lr_grid 'lora=3e-3;paca=1e-2' --threads 2 --merge
 ```
 
-It writes `docs/benchmarks/cpu-smollm2-135m-bf16-b4-s256-qpaca-nf4-dq/`. `--qpaca_parts` picks what is measured,
+It writes `docs/benchmarks/<device>-<model>-<dtype>-b<batch>-s<seq>-qpaca-nf4-dq/`. `--qpaca_parts` picks what is measured,
 `--qpaca_device_gb`, `--qpaca_model_batch` and `--qpaca_model_seq_len` what the memory model solves for.
 
 Each run writes `docs/benchmarks/<device>-<model>-<dtype>-b<batch>-s<seq>/` (`results.json`, `results.md`, charts,
