@@ -731,19 +731,17 @@ _MERGE_KEYS = {"timing": ["timing"], "saved": ["saved"], "memory": ["memory", "m
 
 def _previous_qpaca(args, results: dict, out_dir: Path, log) -> Optional[dict]:
     """With ``--merge``: the ``qpaca`` section of the earlier run in ``out_dir`` (its parts that ``--qpaca_parts``
-    does not rerun are kept), or None. A run of another model/dtype/shape/quantization is refused (exit 2)."""
+    does not rerun are kept), or None. Another model/dtype/shape (:func:`_check_merge_target`) or quantization is
+    refused."""
     path = out_dir / "results.json"
     if not args.merge or not path.is_file():
         return None
-    with open(path, encoding="utf-8") as f:
-        old = json.load(f)
+    old = _check_merge_target(path, results)
     prev = old.get("qpaca")
     if not prev:
         return None
-    keys = ("model", "dtype", "batch", "seq_len")
     quant = {"quant_type": args.bnb_4bit_quant_type, "double_quant": bool(args.bnb_4bit_use_double_quant)}
-    if any(old.get("config", {}).get(k) != results["config"].get(k) for k in keys) or any(
-            prev.get("quant", {}).get(k) != v for k, v in quant.items()):
+    if any(prev.get("quant", {}).get(k) != v for k, v in quant.items()):
         raise SystemExit(f"--merge: {path} holds a qpaca section of another model/dtype/shape/quantization; "
                          "use another --output_dir")
     kept = [part for part in QPACA_PARTS if part not in _csv(args.qpaca_parts) and part in prev]
