@@ -10,6 +10,7 @@ from .config import PaCAConfig
 from .integration import from_pretrained
 from .layer import PaCADelta, PaCALinear
 from .quantized import PaCALinear4bit
+from .reference import PaCAReferenceModel
 from .model import (
     _ensure_hook,
     apply_paca,
@@ -33,6 +34,7 @@ __all__ = [
     "PaCALinear",
     "PaCALinear4bit",
     "PaCADelta",
+    "PaCAReferenceModel",
     "apply_paca",
     "calibrate_indices",
     "sync_paca",

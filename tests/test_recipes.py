@@ -17,6 +17,7 @@ from helpers import lm_loss, logits, random_ids, randn, tiny_llama
 
 from paca_hpu import (
     PaCAConfig,
+    PaCAReferenceModel,
     apply_paca,
     disable_paca,
     functional_paca,
@@ -131,6 +132,42 @@ def test_reference_forward_between_policy_forward_and_backward():
         assert torch.count_nonzero(got[name]) > 0, name
     # the adapter is back on afterwards
     torch.testing.assert_close(logits(model, ids), logits(dense_reference(base, model), ids), **F64)
+
+
+def test_reference_model_wrapper_is_the_base_model_without_a_copy():
+    """``PaCAReferenceModel(model)``: called between the policy forward and its backward it returns the base
+    model's logits bit for bit (also after a library replaced the wrapper's ``forward``, as TRL 1.x and accelerate
+    do), with no gradient and no weights of its own; the policy's delta gradients are those of the same loss
+    against the base model's logits; ``generate`` is the base model's; its state dict is the policy's."""
+    base, model = _adapted()
+    _set_deltas(model, seed=5)
+    ids = random_ids(2, 8, seed=6)
+    base_logits = logits(base, ids)
+    ref = PaCAReferenceModel(model)
+    assert not list(ref.parameters()) and not list(ref.buffers()) and ref.config is model.config
+    ref.forward = lambda *a, **k: model(*a, **k)  # what a patch onto the wrapper would do: must not bypass it
+
+    out = model(input_ids=ids, labels=ids)
+    ref_out = ref(input_ids=ids)
+    assert torch.equal(ref_out.logits, base_logits) and not ref_out.logits.requires_grad
+    (out.loss + 0.5 * _kl(out.logits, ref_out.logits)).backward()
+    got = {name: layer.delta.grad.clone() for name, layer in paca_layers(model)}
+    dense = dense_reference(base, model, requires_grad=True)
+    out_d = dense(input_ids=ids, labels=ids)
+    (out_d.loss + 0.5 * _kl(out_d.logits, base_logits)).backward()
+    want = reference_delta_grads(dense, model)
+    for name, _ in paca_layers(model):
+        torch.testing.assert_close(got[name], want[name], **F64, msg=_named(name))
+    assert not torch.equal(logits(model, ids), base_logits)  # the adapter is on outside the wrapper's calls
+
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(ref.generate(ids[:1], **kw), base.generate(ids[:1], **kw))
+    assert ref.state_dict().keys() == model.state_dict().keys()
+
+
+def test_reference_model_wrapper_refuses_a_model_without_paca():
+    with pytest.raises(ValueError, match="no PaCA layer.*apply_paca"):
+        PaCAReferenceModel(tiny_llama(seed=0))
 
 
 @pytest.mark.parametrize("backward_where", ["inside", "after"])

@@ -17,28 +17,10 @@ import torch
 from test_recipes import _kl, _named, _random_deltas, dense_reference
 from test_trainer import make_tiny_checkpoint, qa_records, write_jsonl
 
-from paca_hpu import disable_paca, load_adapter, paca_layers, save_adapter
+from paca_hpu import PaCAReferenceModel, disable_paca, load_adapter, paca_layers, save_adapter
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 R, ALPHA = 4, 8.0
-
-
-def _trl_major():
-    import importlib.metadata
-
-    try:
-        return int(importlib.metadata.version("trl").split(".")[0])
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-#: The README's DPO recipes were written against TRL 0.22's DPOTrainer (the pinned Gaudi stack). TRL 1.x rewrote the
-#: reference forward (``ref_model`` None is called directly when the model is no PeftModel) and the batch keys
-#: (no ``prompt_input_ids``); the recipes are not ported yet, so on TRL >= 1 these tests must fail (strict xfail:
-#: a port turns them into passes that demand removing this marker).
-TRL1_DPO_GAP = pytest.mark.xfail((_trl_major() or 0) >= 1, strict=True, reason=(
-    "README DPO recipe written for TRL 0.22; TRL 1.x DPOTrainer calls ref_model=None and renamed the batch keys "
-    "(not ported yet)"))
 
 
 @pytest.fixture(scope="module")
@@ -146,13 +128,22 @@ def _preference_rows():
 
 
 def _dpo_reference_logps(trainer, reference):
-    """Mean chosen / rejected log-probs of ``reference`` on the one training batch (all preference rows), computed
-    by TRL's own ``concatenated_forward`` on the given (dense) model."""
+    """Mean chosen / rejected log-probs of ``reference`` on the one training batch (all preference rows). TRL 0.22:
+    by TRL's own ``concatenated_forward`` on the given (dense) model. TRL 1.x (rows ``[chosen..., rejected...]``,
+    ``completion_mask`` marking the completion tokens): summed by hand from the model's logits."""
     batch = next(iter(trainer.get_train_dataloader()))
-    assert batch["prompt_input_ids"].shape[0] == len(trainer.train_dataset)  # one batch holds every row
+    if "prompt_input_ids" in batch:  # TRL 0.22
+        assert batch["prompt_input_ids"].shape[0] == len(trainer.train_dataset)  # one batch holds every row
+        with torch.no_grad():
+            out = trainer.concatenated_forward(reference, batch)
+        return float(out["chosen_logps"].mean()), float(out["rejected_logps"].mean())
+    ids, completion = batch["input_ids"], batch["completion_mask"]
+    assert ids.shape[0] == 2 * len(trainer.train_dataset)  # one batch holds every row, chosen then rejected
     with torch.no_grad():
-        out = trainer.concatenated_forward(reference, batch)
-    return float(out["chosen_logps"].mean()), float(out["rejected_logps"].mean())
+        logits = reference(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, :-1].double()
+    token_logps = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    chosen, rejected = (token_logps * completion[:, 1:]).sum(dim=1).chunk(2)
+    return float(chosen.mean()), float(rejected.mean())
 
 
 def _check_dpo_run(trainer, model, reference, start_deltas):
@@ -173,12 +164,21 @@ def _check_dpo_run(trainer, model, reference, start_deltas):
         assert not torch.equal(layer.delta.detach(), start_deltas[name]), name
 
 
-@TRL1_DPO_GAP
+def _assert_no_weight_copy(trainer, model):
+    """The trainer's reference is the wrapper over ``model`` and no model accelerate prepared holds weights other
+    than ``model``'s (TRL builds no copy)."""
+    assert isinstance(trainer.ref_model, PaCAReferenceModel) and trainer.ref_model.policy is model
+    assert not list(trainer.ref_model.parameters()) and not list(trainer.ref_model.buffers())
+    own = {p.data_ptr() for p in model.parameters()}
+    for prepared in trainer.accelerator._models:
+        assert all(p.data_ptr() in own for p in prepared.parameters()), type(prepared).__name__
+
+
 @pytest.mark.parametrize("gradient_checkpointing", [False, True], ids=["no_ckpt", "reentrant_ckpt"])
-def test_readme_trl_sft_then_dpo_with_ref_model_none(tiny, tmp_path, monkeypatch, gradient_checkpointing,
+def test_readme_trl_sft_then_dpo_with_disabled_adapter_reference(tiny, tmp_path, monkeypatch, gradient_checkpointing,
                                                      reset_accelerate):
-    """Issue 9 item 1 through TRL: the README's SFT block, then its DPO block (``ref_model=None``, the PaCA model
-    with its adapter disabled as reference). SFT trains every delta (reentrant checkpointing with a frozen
+    """Issue 9 item 1 through TRL (0.22 and 1.x): the README's SFT block, then its DPO block (``ref_model=
+    PaCAReferenceModel(model)``, the PaCA model with its adapter disabled as reference, no copy of the weights). SFT trains every delta (reentrant checkpointing with a frozen
     embedding) and the model equals the dense reference; DPO trains without error, reports the SFT model's
     log-probs as reference at every step, and its result equals the dense reference too."""
     monkeypatch.chdir(tmp_path)
@@ -198,12 +198,11 @@ def test_readme_trl_sft_then_dpo_with_ref_model_none(tiny, tmp_path, monkeypatch
     run_args["per_device_train_batch_size"] = len(ns["pairs"])
     exec(compile(dpo_block, "README.md:Use with TRL (DPO)", "exec"), ns)
     dpo, model = ns["dpo"], ns["model"]
-    assert dpo.ref_model is None
+    _assert_no_weight_copy(dpo, model)
     _check_dpo_run(dpo, model, sft_dense, {n: torch.zeros_like(l.delta) for n, l in paca_layers(model)})
     torch.testing.assert_close(_logits(model, IDS), _logits(dense_reference(sft_dense, model), IDS), **F32)
 
 
-@TRL1_DPO_GAP
 def test_plain_trl_dpo_trainer_ref_model_none(tiny, tmp_path, reset_accelerate):
     """``DPOTrainer(model=paca_model, ref_model=None)`` without the README subclass: TRL keeps a frozen deep copy
     as reference (a PaCA model is no PeftModel); the reported reference log-probs are the base model's."""
@@ -217,6 +216,47 @@ def test_plain_trl_dpo_trainer_ref_model_none(tiny, tmp_path, reset_accelerate):
     dpo.train()
     _check_dpo_run(dpo, model, base.double(), {n: torch.zeros_like(l.delta) for n, l in paca_layers(model)})
     torch.testing.assert_close(_logits(model, IDS), _logits(dense_reference(_base(tiny), model), IDS), **F32)
+
+
+def _perturbed_base(tiny, seed):
+    """The tiny checkpoint with every weight moved by noise: another base model of the same shape."""
+    base = _base(tiny)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return base
+
+
+def test_dpo_reference_wrapper_with_precomputed_reference_logps(tiny, tmp_path, reset_accelerate):
+    """``precompute_ref_log_probs=True`` with ``ref_model=PaCAReferenceModel(model)``, on the same preference rows,
+    for two PaCA models over DIFFERENT bases: each run's reference log-probs are its own base model's, and TRL 1.x's
+    cache key for them (dataset fingerprint + hash of the reference's state dict) differs in its model part."""
+    import trl
+
+    from paca_hpu.trainer import prepare_model
+
+    from datasets import load_dataset
+
+    # a dataset read from a file (not from_dict): its fingerprint, and so TRL's cache file name, is the same in
+    # both runs unless the reference's hash differs
+    write_jsonl(tmp_path / "pairs.jsonl", _preference_rows().to_list())
+    pairs = load_dataset("json", data_files=str(tmp_path / "pairs.jsonl"), split="train",
+                         cache_dir=str(tmp_path / "hf_cache"))
+    hashes = set()
+    for seed in (11, 12):
+        base = _perturbed_base(tiny, seed)
+        model = prepare_model(copy.deepcopy(base), "paca", r=R, alpha=ALPHA)
+        args = trl.DPOConfig(output_dir=str(tmp_path / str(seed)), max_steps=2, per_device_train_batch_size=len(pairs),
+                             learning_rate=1e-2, report_to="none", use_cpu=True, bf16=False, logging_steps=1,
+                             save_strategy="no", seed=3, disable_tqdm=True, gradient_checkpointing=False,
+                             precompute_ref_log_probs=True)
+        dpo = trl.DPOTrainer(model=model, ref_model=PaCAReferenceModel(model), args=args, train_dataset=pairs,
+                             processing_class=_tokenizer(tiny))
+        hashes.add(getattr(dpo, "_precompute_model_hash", seed))  # TRL 1.x: the reference's part of the cache key
+        dpo.train()
+        _check_dpo_run(dpo, model, base.double(), {n: torch.zeros_like(l.delta) for n, l in paca_layers(model)})
+    assert len(hashes) == 2, "both references hashed alike: TRL 1.x could hand one the other's cached log-probs"
 
 
 # ----------------------------------------------------------------------------------------- 1. GaudiTrainer, KL to base
