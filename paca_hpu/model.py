@@ -612,14 +612,27 @@ def merge_paca(model: nn.Module) -> nn.Module:
     A 4-bit :class:`PaCALinear4bit` becomes a plain float ``nn.Linear`` holding ``dequantize(Wq)`` with the merged
     columns, computed in float32 and rounded once to the dtype the weights had before quantization (see
     :meth:`PaCALinear4bit.merged_weight`); when no bitsandbytes layer is left, transformers' quantization markers
-    are dropped so ``save_pretrained`` writes a plain checkpoint."""
+    are dropped so ``save_pretrained`` writes a plain checkpoint.
+
+    Raises:
+        ValueError: ``model`` has no PaCA layer (nothing to merge; as peft, whose layer-status helpers raise "No
+            adapter layers found in the model" and whose base models have no ``merge_and_unload``)."""
+    if next(paca_layers(model), None) is None:
+        raise ValueError(f"no PaCA layers in this {type(model).__name__}: nothing to merge; apply_paca(model, config) "
+                         "or load_adapter(model, path) first")
     return _replace_all(model, merged=True)
 
 
 def unload_paca(model: nn.Module) -> nn.Module:
     """Replace every :class:`PaCALinear` by its original layer type with the ORIGINAL weights (bit-for-bit the
     base model; a 4-bit layer gets its very ``Linear4bit`` object back, never modified); the adaptation is
-    discarded. In place; returns ``model``. (peft: ``unload``.)"""
+    discarded. In place; returns ``model``. (peft: ``unload``.)
+
+    Raises:
+        ValueError: ``model`` has no PaCA layer (nothing to unload; see :func:`merge_paca`)."""
+    if next(paca_layers(model), None) is None:
+        raise ValueError(f"no PaCA layers in this {type(model).__name__}: nothing to unload; apply_paca(model, config) "
+                         "or load_adapter(model, path) first")
     return _replace_all(model, merged=False)
 
 

@@ -426,6 +426,22 @@ def test_unload_paca_restores_base_bit_for_bit(trained):
     assert torch.equal(logits(unloaded, ids), logits(base, ids))
 
 
+@pytest.mark.parametrize("fn, verb", [(merge_paca, "merge"), (unload_paca, "unload")])
+def test_merge_or_unload_without_paca_layers_is_refused(fn, verb):
+    """A model that was never adapted, or one merged already, has nothing to merge / unload: an error that says so
+    (it used to return the model unchanged, hiding e.g. a forgotten ``load_adapter``); the model is left as it was."""
+    plain = tiny_llama(seed=0)
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    with pytest.raises(ValueError, match=f"no PaCA layers in this LlamaForCausalLM: nothing to {verb}; "
+                                         r"apply_paca\(model, config\) or load_adapter\(model, path\) first"):
+        fn(plain)
+    assert plain.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in before.items())
+    done = fn(apply_paca(tiny_llama(seed=0), PaCAConfig(r=4)))  # the first call works, a second one is refused
+    with pytest.raises(ValueError, match=f"nothing to {verb}"):
+        fn(done)
+
+
 # ------------------------------------------------------------------------------------------
 # index selection: seed + qualified name, never the global RNG
 # ------------------------------------------------------------------------------------------
