@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -54,6 +55,8 @@ __all__ = [
     "memory_per_rank",
     "saved_linear_inputs_per_token",
     "report",
+    "PROJECTIONS",
+    "r_problem",
     "main",
 ]
 
@@ -268,29 +271,69 @@ def report(models: Sequence[Tuple[str, Dict]] = (("LLaMA-3-8B", LLAMA3_8B), ("LL
     return "\n".join(lines) + "\n"
 
 
+#: Names of the projections :meth:`ModelShape.linears` lists, in its order.
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def r_problem(label: str, shape: ModelShape, r: int) -> Optional[str]:
+    """Why ``r`` does not fit ``shape`` (one line), or None: PaCA trains ``r`` of a projection's ``in_features``
+    input columns, so ``r`` may not exceed the smallest ``in_features`` of the targeted projections (a LoRA rank
+    above it adds parameters but no rank)."""
+    in_features, name = min(((i, n) for (i, _), n in zip(shape.linears(), PROJECTIONS)), key=lambda t: t[0])
+    if r <= in_features:
+        return None
+    return (f"--r {r} exceeds in_features={in_features} of {label}'s {name}; PaCA trains r of a layer's input "
+            f"columns: pass --r {in_features} or less")
+
+
+def _read_config(path: str) -> Tuple[str, Dict]:
+    """``(label, config dict)`` of a transformers ``config.json``; the label is its ``_name_or_path``, else the
+    folder (or file) name.  Raises OSError / ValueError / KeyError / TypeError for a file that is no LLaMA-style
+    config."""
+    with open(path) as fh:
+        cfg = json.load(fh)
+    ModelShape.from_config(cfg)  # KeyError / ValueError / TypeError for what is no LLaMA-style config
+    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    label = cfg.get("_name_or_path") or (folder if os.path.basename(path) == "config.json" else
+                                         os.path.splitext(os.path.basename(path))[0])
+    return str(label), cfg
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``scripts/scale_out.py``: print the tables of :func:`report` (default: LLaMA-3-8B and 70B, 8 and 64 cards,
-    ZeRO-2 and ZeRO-3, r=8), or the numbers for one ``--config config.json`` as JSON."""
+    ZeRO-2 and ZeRO-3, r=8; ``--config config.json``: that model instead), or with ``--json`` the numbers as JSON.
+    Returns 2 with one ``error: ...`` line for a config that cannot be read and for an ``--r`` above a projection's
+    ``in_features`` (:func:`r_problem`)."""
     p = argparse.ArgumentParser(prog="scale_out.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="a transformers config.json of a LLaMA-style model (default: LLaMA-3 8B and 70B)")
     p.add_argument("--r", type=int, default=8, help="PaCA columns / LoRA rank per projection (default 8)")
     p.add_argument("--world", type=int, nargs="+", default=[8, 64], help="data-parallel ranks (default 8 64)")
     p.add_argument("--engines", nargs="+", default=["zero2", "zero3"], choices=ENGINES)
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON instead of the table")
     args = p.parse_args(argv)
     if args.r < 1 or any(w < 1 for w in args.world):
         p.error("--r and --world must be positive")
-    if args.config is None:
-        sys.stdout.write(report(worlds=args.world, engines=args.engines, r=args.r))
+    models: List[Tuple[str, Dict]] = [("LLaMA-3-8B", LLAMA3_8B), ("LLaMA-3-70B", LLAMA3_70B)]
+    if args.config is not None:
+        try:
+            models = [_read_config(args.config)]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            print(f"error: cannot read a LLaMA-style config from '{args.config}': {err}", file=sys.stderr)
+            return 2
+    for label, cfg in models:
+        problem = r_problem(label, ModelShape.from_config(cfg), args.r)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
+    if not args.json:
+        sys.stdout.write(report(models, worlds=args.world, engines=args.engines, r=args.r))
         return 0
-    try:
-        with open(args.config) as fh:
-            shape = ModelShape.from_config(json.load(fh))
-    except (OSError, ValueError, KeyError) as err:
-        print(f"error: cannot read a LLaMA-style config from '{args.config}': {err}", file=sys.stderr)
-        return 2
-    out = {m: {e: {w: {"communication": step_communication(shape, m, args.r, e, w),
-                       "memory": memory_per_rank(shape, m, args.r, e, w)}
-                   for w in args.world} for e in args.engines} for m in METHODS}
+    out = {}
+    for label, cfg in models:
+        shape = ModelShape.from_config(cfg)
+        out[label] = {m: {e: {w: {"communication": step_communication(shape, m, args.r, e, w),
+                                  "memory": memory_per_rank(shape, m, args.r, e, w)}
+                              for w in args.world} for e in args.engines} for m in METHODS}
     json.dump(out, sys.stdout, indent=1)
     sys.stdout.write("\n")
     return 0
