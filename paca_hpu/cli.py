@@ -389,6 +389,96 @@ def _check_batch_sizes(training_args) -> None:
             raise UsageError(f"--{flag} {value} is not allowed; pass a value >= 1")
 
 
+def _typed_flag(argv: Sequence[str], name: str) -> str:
+    """How the user spelled the flag of field ``name`` (``--paca_r``, ``--paca-r`` or an alias like ``--lora_rank``);
+    ``--name`` when it was not on the command line (a JSON argument file, a default)."""
+    spec = next((f for f in dataclasses.fields(AdapterArguments) if f.name == name), None)
+    aliases = spec.metadata.get("aliases", []) if spec is not None else []
+    spellings = {f"--{name}", f"--{name.replace('_', '-')}", *aliases}
+    typed = [a.split("=", 1)[0] for a in argv if a.split("=", 1)[0] in spellings]
+    return typed[-1] if typed else f"--{name}"
+
+
+def _check_adapter_numbers(adapter_args, argv: Sequence[str]) -> None:
+    """``--paca_r`` (LoRA: the rank) must be >= 1 and PaCA's ``--paca_alpha`` a finite number > 0; checked before
+    anything loads, and named as the user typed them (not as the ``PaCAConfig`` fields they end up in).
+
+    Raises:
+        UsageError: naming the flag and its value.
+    """
+    a = adapter_args
+    if a.peft_type == "none":
+        return  # warned about as not applicable (NOT_APPLICABLE)
+    if a.paca_r < 1:
+        what = "the number of trained columns per layer" if a.peft_type == "paca" else "the LoRA rank"
+        raise UsageError(f"{_typed_flag(argv, 'paca_r')} {a.paca_r} is not allowed: {what} must be >= 1 (e.g. 8)")
+    if a.peft_type == "paca" and not (math.isfinite(a.paca_alpha) and a.paca_alpha > 0):
+        raise UsageError(f"{_typed_flag(argv, 'paca_alpha')} {a.paca_alpha:g} is not allowed: the scaling numerator "
+                         "must be a finite number > 0 (e.g. 16; the update is scaled by alpha / r)")
+
+
+def _linear_module_kinds(model) -> List[str]:
+    """Distinct last name parts of ``model``'s linear layers (``nn.Linear`` and subclasses such as bitsandbytes'
+    ``Linear4bit``, transformers ``Conv1D``), in module order: ``q_proj, k_proj, ..., lm_head``."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    kinds: List[str] = []
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if name and isinstance(module, (torch.nn.Linear, Conv1D)) and leaf not in kinds:
+            kinds.append(leaf)
+    return kinds
+
+
+def _check_targets(model, adapter_args, argv: Sequence[str]) -> None:
+    """Right after the base model is loaded, before any data is processed: every name given to ``--target_modules``
+    matches a module of ``model`` (as peft and :func:`paca_hpu.apply_paca` match names: the qualified name or its
+    last parts; one regular expression must match some module), and for PaCA ``--paca_r`` fits every targeted
+    layer's ``in_features``.  A name that matches nothing used to be dropped silently when another one matched.
+
+    Raises:
+        UsageError: naming the unknown modules and the model's linear module names, or the layer whose
+            ``in_features`` is smaller than ``--paca_r``.
+    """
+    import re
+
+    a = adapter_args
+    if a.peft_type == "none":
+        return
+    flag = _typed_flag(argv, "target_modules")
+    try:  # the value as the adapter sees it: "all-linear", one regular expression, or a list of names
+        target = _tr.paca_config(target_modules=a.target_modules, exclude_modules=a.exclude_modules).target_modules
+    except ValueError as err:
+        raise UsageError(f"{flag}: {err}") from err
+    names = [n for n, _ in model.named_modules() if n]
+    if isinstance(target, str):
+        unknown = [] if target == "all-linear" or any(re.fullmatch(target, n) for n in names) else [target]
+    else:
+        unknown = [t for t in target if not any(n == t or n.endswith("." + t) for n in names)]
+    if unknown:
+        shown = ", ".join("'" + u + "'" for u in unknown)
+        verb = "matches" if len(unknown) == 1 else "match"
+        raise UsageError(f"{flag}: {shown} {verb} no module of {type(model).__name__}; its linear modules are "
+                         f"{', '.join(_linear_module_kinds(model)) or 'none'} (or pass all-linear)")
+    if a.peft_type != "paca":
+        return
+    from . import find_target_modules
+
+    config = _tr.paca_config(a.paca_r, a.paca_alpha, a.target_modules, a.exclude_modules, None, a.random_seed)
+    try:
+        layers = find_target_modules(model, config)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    modules = dict(model.named_modules())
+    for name in layers:
+        in_features = getattr(modules[name], "in_features", None) or getattr(modules[name], "nx", None)
+        if in_features is not None and a.paca_r > in_features:
+            raise UsageError(f"{_typed_flag(argv, 'paca_r')} {a.paca_r} exceeds in_features={in_features} of layer "
+                             f"'{name}' (PaCA trains r of its input columns); lower it, or leave that layer out "
+                             "with --exclude_modules")
+
+
 def _check_writable(out: str) -> None:
     """``out`` (or, when it does not exist yet, the nearest existing folder above it) must be writable."""
     probe = os.path.abspath(out)
@@ -953,6 +1043,7 @@ class _Run:
         self.callbacks = callbacks
         _setup_logging()
         self.info = _device.get_device_info()
+        self.argv = list(sys.argv[1:] if argv is None else argv)  # to name flags as the user typed them
         self.args = parse_args(argv, self.info)
         self.model_args, self.data_args = self.args.model, self.args.data
         self.adapter_args, self.training_args = self.args.adapter, self.args.training
@@ -980,6 +1071,7 @@ class _Run:
             raise UsageError(f"--learning_rate {ta.learning_rate:g} is negative; pass a positive value")
         _check_distributed(ta, self.info, self.adapter_args.save_merged)
         _check_quantization(self.model_args, self.adapter_args.peft_type, self.args.explicit, self.info.type)
+        _check_adapter_numbers(self.adapter_args, self.argv)
         if self.adapter_args.paca_calibration_batches < 1:
             raise UsageError("--paca_calibration_batches must be >= 1, got "
                              f"{self.adapter_args.paca_calibration_batches}")
@@ -995,9 +1087,11 @@ class _Run:
         if self.info.type == "hpu":
             _device.manual_seed_all(ta.seed)
 
-    # -- 2. tokenizer and data
+    # -- 2. tokenizer, base model, data
     def load_tokenizer_and_data(self) -> None:
-        """Model path (the embedded default when none is given), tokenizer, tokenized splits and collator."""
+        """Model path (the embedded default when none is given), tokenizer, the base model (checked against
+        --target_modules before the data are processed: a typo must not wait for the tokenization of a large data
+        set), tokenized splits and collator."""
         model_path = self.model_args.model_name_or_path
         if model_path is None:
             from .embedded import embedded_model_path
@@ -1018,6 +1112,8 @@ class _Run:
         except (OSError, ValueError) as err:
             raise UsageError(f"cannot load the tokenizer from '{self.model_args.tokenizer_name or model_path}': "
                              f"{one_line(err)}") from err
+        self.check_selection = bool(self.resume) and _check_resume(self.resume, self.adapter_args)
+        self._load_base_model()
         ta = self.training_args
         try:
             datasets, self.collator = _load_data(self.data_args, self.tokenizer, ta, self.info)
@@ -1031,17 +1127,24 @@ class _Run:
         if self.eval_ds is not None and len(self.eval_ds) == 0:
             logger.warning("the held-out set is empty (validation_split_percentage=0?): no held-out loss is reported")
             self.eval_ds = None
-        self.check_selection = bool(self.resume) and _check_resume(self.resume, self.adapter_args)
 
-    # -- 3. model with the adapter
-    def load_model(self) -> None:
-        """The base model with ``--peft_type`` applied; counts trainable parameters."""
+    def _load_base_model(self) -> None:
+        """The base model (Gaudi generation options set) as ``self.base_model``; what ``--target_modules`` and
+        ``--paca_r`` ask of it is checked at once (:func:`_check_targets`)."""
         a = self.adapter_args
         try:
             model = _load_model(self.model_args, self.model_path, self.training_args, a.peft_type, self.args.use_cache)
         except (OSError, ValueError) as err:
             raise UsageError(f"cannot load the model from '{self.model_path}': {one_line(err)}") from err
         _configure_gaudi_generation(model, self.model_args, self.training_args)
+        _check_targets(model, a, self.argv)
+        self.base_model = model
+
+    # -- 3. model with the adapter
+    def load_model(self) -> None:
+        """The base model (loaded in step 2) with ``--peft_type`` applied; counts trainable parameters."""
+        a = self.adapter_args
+        model, self.base_model = self.base_model, None
         self.calibration = _calibration_batches(a, self.train_ds, self.collator, self.training_args)
         try:
             self.model = _tr.prepare_model(
@@ -1205,9 +1308,9 @@ class _Run:
 def run(argv: Optional[Sequence[str]] = None, callbacks: Optional[list] = None) -> Dict[str, Any]:
     """Do the whole run and return the metrics dict (raises :class:`UsageError` for input errors).
 
-    Steps (methods of :class:`_Run`): argument checks and seeds; tokenizer and data; model with the adapter;
-    trainer; held-out loss before; training and saving; held-out loss after (and the saved-adapter check); plot,
-    metrics.json and the summary.
+    Steps (methods of :class:`_Run`): argument checks and seeds; tokenizer, base model (targets checked) and data;
+    the adapter; trainer; held-out loss before; training and saving; held-out loss after (and the saved-adapter
+    check); plot, metrics.json and the summary.
     """
     r = _Run(argv, callbacks)
     r.check_and_seed()

@@ -1,9 +1,8 @@
 """Nothing lost, nothing silently wrong (issue 12): output directories, atomic checkpoints (a kill mid-save in a
 subprocess, a full disk), run lineage in rotation and resume, Hub ids from the local cache, and the one-line errors
-of scripts/run_paca_clm.py. Tiny LLaMA on CPU; the CLI runs in-process except where a process must die or the
-environment must differ (HF_HUB_OFFLINE)."""
+of scripts/run_paca_clm.py. Tiny LLaMA on CPU; the CLI runs in-process except where a process must die, where its exit
+status is the point (a full disk) or where the environment must differ (HF_HUB_OFFLINE)."""
 
-import errno
 import json
 import os
 import shutil
@@ -93,14 +92,16 @@ def test_overwrite_never_rotates_or_resumes_an_earlier_runs_checkpoints(tiny, tm
 
 # ------------------------------------------------------------------------------- a kill / a full disk mid-save
 
-_KILL_DRIVER = textwrap.dedent("""
-    import os, signal, sys
+_FAULT_DRIVER = textwrap.dedent("""
+    import errno, os, signal, sys
     import torch
-    target = os.environ["KILL_AT"]
+    target, fault = os.environ["FAULT_AT"], os.environ["FAULT"]
     real_save = torch.save
     def save(obj, f, *args, **kwargs):
         if isinstance(f, (str, os.PathLike)) and os.fspath(f).endswith(target):
-            os.kill(os.getpid(), signal.SIGKILL)  # as a kill -9 / OOM killer / preemption in the middle of the save
+            if fault == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)  # as a kill -9 / OOM killer / preemption in the middle of the save
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(f))  # what a full filesystem raises
         return real_save(obj, f, *args, **kwargs)
     torch.save = save
     from paca_hpu.cli import main
@@ -108,10 +109,12 @@ _KILL_DRIVER = textwrap.dedent("""
 """)
 
 
-def _run_killed(tmp_path, argv, target):
+def _run_with_fault(tmp_path, argv, target, fault):
+    """``scripts/run_paca_clm.py``'s ``main(argv)`` in its own process, whose ``torch.save`` of a path ending in
+    ``target`` meets ``fault``: ``"kill"`` (SIGKILL, mid-save) or ``"enospc"`` (the write fails: disk full)."""
     driver = tmp_path / "driver.py"
-    driver.write_text(_KILL_DRIVER)
-    env = dict(os.environ, KILL_AT=target, PACA_DEVICE="cpu",
+    driver.write_text(_FAULT_DRIVER)
+    env = dict(os.environ, FAULT_AT=target, FAULT=fault, PACA_DEVICE="cpu",
                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, str(driver), *argv], capture_output=True, text=True, env=env, cwd=REPO,
                           timeout=600)
@@ -120,7 +123,7 @@ def _run_killed(tmp_path, argv, target):
 def test_kill_mid_save_then_resume_skips_the_incomplete_checkpoint(tiny, tmp_path, capsys):
     out, ref = tmp_path / "out", tmp_path / "ref"
     args = ("--max_steps", "4", "--save_steps", "1", "--save_total_limit", "5", "--do_eval", "False")
-    proc = _run_killed(tmp_path, _argv(tiny, out, *args), os.path.join("checkpoint-3", "scheduler.pt"))
+    proc = _run_with_fault(tmp_path, _argv(tiny, out, *args), os.path.join("checkpoint-3", "scheduler.pt"), "kill")
     assert proc.returncode == -9, proc.stdout[-2000:] + proc.stderr[-3000:]
     # checkpoint 3 was being written: it exists only under its staging name, so nothing looks complete
     assert _checkpoints(out) == ["checkpoint-1", "checkpoint-2", "tmp-checkpoint-3"]
@@ -136,19 +139,14 @@ def test_kill_mid_save_then_resume_skips_the_incomplete_checkpoint(tiny, tmp_pat
         assert _same(_adapter(out / f"checkpoint-{step}"), _adapter(ref / f"checkpoint-{step}"))
 
 
-def test_disk_full_mid_save_is_one_line_and_leaves_no_checkpoint(tiny, tmp_path, capsys, monkeypatch):
-    """The optimizer state of checkpoint 2 hits a full disk (the writer raises ENOSPC, as a full filesystem does)."""
+def test_disk_full_mid_save_is_one_line_and_leaves_no_checkpoint(tiny, tmp_path):
+    """In its own process (the exit status and stderr are the user's): the optimizer state of checkpoint 2 hits a
+    full disk (the writer raises ENOSPC, as a full filesystem does; runs everywhere, unlike the tmpfs test below)."""
     out = tmp_path / "out"
-    real_save = torch.save
-
-    def save(obj, f, *args, **kwargs):
-        if isinstance(f, (str, os.PathLike)) and os.fspath(f).endswith(os.path.join("checkpoint-2", "optimizer.pt")):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(f))
-        return real_save(obj, f, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", save)
-    assert _main(_argv(tiny, out, "--max_steps", "3", "--save_steps", "1", "--do_eval", "False")) == 2
-    line = _one_error_line(capsys.readouterr().err)
+    argv = _argv(tiny, out, "--max_steps", "3", "--save_steps", "1", "--do_eval", "False")
+    proc = _run_with_fault(tmp_path, argv, os.path.join("checkpoint-2", "optimizer.pt"), "enospc")
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    line = _one_error_line(proc.stderr)
     assert line.startswith(f"error: no space left on {out}") and "checkpoint-2" in line, line
     assert _checkpoints(out) == ["checkpoint-1"]  # no checkpoint-2, no staging folder
     assert os.path.isfile(out / "checkpoint-1" / "trainer_state.json")
@@ -193,19 +191,41 @@ def test_real_full_tmpfs_mid_save(tiny, tmp_path, capsys):
         _umount(disk)
 
 
+def _read_only_mount_point():
+    """A directory on a file system mounted read-only (containers mount e.g. /sys or /proc/sys so), or None."""
+    try:
+        with open("/proc/mounts") as fh:
+            mounts = [line.split() for line in fh]
+    except OSError:
+        return None
+    for fields in mounts:
+        if len(fields) >= 4 and "ro" in fields[3].split(",") and os.path.isdir(fields[1]) \
+                and not os.access(fields[1], os.W_OK):
+            return fields[1]
+    return None
+
+
 def test_read_only_output_dir_is_one_line(tiny, tmp_path, capsys):
-    ro = tmp_path / "ro"
-    if os.geteuid() == 0:
-        _mount_tmpfs(ro, "ro,size=64k")
-    else:
+    """A folder this user cannot write: chmod 555 for a normal user; root writes there anyway, so for root a read-only
+    tmpfs, or where mounting is not allowed an existing read-only mount point (skipped only without either)."""
+    ro, mounted = tmp_path / "ro", False
+    if os.geteuid() != 0:
         ro.mkdir()
         ro.chmod(0o555)
+    else:
+        ro.mkdir()
+        mounted = bool(shutil.which("mount")) and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)], capture_output=True).returncode == 0
+        if not mounted:
+            ro = _read_only_mount_point()
+            if ro is None:
+                pytest.skip("root, no tmpfs can be mounted and no read-only mount point exists")
     try:
-        assert _main(_argv(tiny, ro / "out", "--max_steps", "1")) == 2
+        assert _main(_argv(tiny, os.path.join(ro, "out"), "--max_steps", "1")) == 2
         line = _one_error_line(capsys.readouterr().err)
         assert "cannot be written" in line and str(ro) in line, line
     finally:
-        if os.geteuid() == 0:
+        if mounted:
             _umount(ro)
 
 
@@ -237,6 +257,55 @@ def test_bad_inputs_are_one_line_errors(tiny, tmp_path, capsys, case, expected):
     line = _one_error_line(capsys.readouterr().err)
     assert expected in line and len(line) < 400, line
     assert not out.exists()
+
+
+def _latin1_data(tmp_path):
+    """A data file that fails as soon as the data are processed: an error about anything else proves that it was
+    found before the data were read."""
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes('{"question": "café?", "answer": "yes"}\n'.encode("latin-1"))
+    return str(bad)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (("--paca_r", "0"), "error: --paca_r 0 is not allowed: the number of trained columns per layer must be >= 1"),
+    (("--peft_type", "lora", "--lora_rank", "0"), "error: --lora_rank 0 is not allowed: the LoRA rank must be >= 1"),
+    (("--paca_alpha", "0"), "error: --paca_alpha 0 is not allowed"),
+    (("--paca_r", "40"), "error: --paca_r 40 exceeds in_features=32 of layer 'model.layers.0.self_attn.q_proj'"),
+])
+def test_adapter_size_errors_name_the_flag_typed_before_the_data(tiny, tmp_path, capsys, flags, expected):
+    """``--paca_r 0`` used to be reported as ``PaCAConfig.r`` (a name the user never typed), and only after the whole
+    data set was tokenized; r larger than a layer's in_features likewise."""
+    out = tmp_path / "out"
+    argv = _argv(tiny, out, "--max_steps", "1", *flags)
+    argv[argv.index("--train_file") + 1] = _latin1_data(tmp_path)
+    assert _main(argv) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(expected) and "PaCAConfig" not in line, line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("peft_type, targets, unknown", [
+    ("paca", ["q_proj", "no_such_proj"], "'no_such_proj' matches"),  # used to train q_proj only, without a word
+    ("paca", ["qproj", "vproj"], "'qproj', 'vproj' match"),
+    ("paca", [r".*\.attn\.q_proj"], r"'.*\.attn\.q_proj' matches"),  # one regular expression that matches nothing
+    ("lora", ["q_proj", "no_such_proj"], "'no_such_proj' matches"),  # peft drops unmatched names silently too
+])
+def test_unknown_target_modules_are_refused_before_the_data(tiny, tmp_path, capsys, peft_type, targets, unknown):
+    out = tmp_path / "out"
+    argv = _argv(tiny, out, "--max_steps", "1", "--peft_type", peft_type, "--target_modules", *targets)
+    argv[argv.index("--train_file") + 1] = _latin1_data(tmp_path)
+    assert _main(argv) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: --target_modules: {unknown} no module of LlamaForCausalLM; its linear modules are "
+                           "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head"), line
+    assert not out.exists()
+    # with usable data the same flags without the unknown name train (the check refuses only what matches nothing)
+    known = [t for t in targets if t == "q_proj"]
+    if known and peft_type == "paca":
+        capsys.readouterr()
+        assert _main(_argv(tiny, out, "--max_steps", "1", "--peft_type", peft_type, "--target_modules", *known,
+                           "--do_eval", "False")) == 0
 
 
 # ---------------------------------------------------------------------------------------------------- Hub ids
