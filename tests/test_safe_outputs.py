@@ -191,15 +191,20 @@ def test_real_full_tmpfs_mid_save(tiny, tmp_path, capsys):
         _umount(disk)
 
 
+#: System folders that unprivileged containers (Docker, Podman) mount read-only.
+_CONTAINER_READ_ONLY = ("/sys", "/sys/fs/cgroup", "/proc/sys", "/proc/bus", "/proc/fs", "/proc/irq")
+
+
 def _read_only_mount_point():
-    """A directory on a file system mounted read-only (containers mount e.g. /sys or /proc/sys so), or None."""
+    """One of :data:`_CONTAINER_READ_ONLY` when it is mounted read-only here (nothing is written to it: the script
+    refuses the folder before writing), or None."""
     try:
         with open("/proc/mounts") as fh:
             mounts = [line.split() for line in fh]
     except OSError:
         return None
     for fields in mounts:
-        if len(fields) >= 4 and "ro" in fields[3].split(",") and os.path.isdir(fields[1]) \
+        if len(fields) >= 4 and fields[1] in _CONTAINER_READ_ONLY and "ro" in fields[3].split(",") \
                 and not os.access(fields[1], os.W_OK):
             return fields[1]
     return None
@@ -207,19 +212,19 @@ def _read_only_mount_point():
 
 def test_read_only_output_dir_is_one_line(tiny, tmp_path, capsys):
     """A folder this user cannot write: chmod 555 for a normal user; root writes there anyway, so for root a read-only
-    tmpfs, or where mounting is not allowed an existing read-only mount point (skipped only without either)."""
+    tmpfs, or where mounting is not allowed a system folder that containers mount read-only (skipped only without
+    either)."""
     ro, mounted = tmp_path / "ro", False
+    ro.mkdir()
     if os.geteuid() != 0:
-        ro.mkdir()
         ro.chmod(0o555)
     else:
-        ro.mkdir()
         mounted = bool(shutil.which("mount")) and subprocess.run(
             ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)], capture_output=True).returncode == 0
         if not mounted:
             ro = _read_only_mount_point()
             if ro is None:
-                pytest.skip("root, no tmpfs can be mounted and no read-only mount point exists")
+                pytest.skip("root, no tmpfs can be mounted and no system folder is mounted read-only")
     try:
         assert _main(_argv(tiny, os.path.join(ro, "out"), "--max_steps", "1")) == 2
         line = _one_error_line(capsys.readouterr().err)
