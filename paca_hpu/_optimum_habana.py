@@ -79,6 +79,16 @@ it works around.  Nothing here edits site-packages or leaves a patch in place af
     is available). Workaround: :func:`hidden_cpu_device_map` removes a CPU-only ``hf_device_map`` of a
     bitsandbytes-quantized model for the duration of ``train`` / ``evaluate`` / ``predict`` of the CPU
     ``GaudiTrainer`` and puts it back afterwards.
+12. ``GaudiTrainingArguments`` accepts its HPU-only flags on the CPU path and acts on some of them there: ``--fp8``
+    sets ``ACCELERATE_MIXED_PRECISION=fp8`` in the process environment (Intel Gaudi's transformer engine),
+    ``--flash_attention_recompute`` / ``--minimize_memory`` set HPU environment variables, and
+    ``--context_parallel_size N`` under ``torchrun`` cuts every sequence into N pieces for a sequence-parallel
+    attention that only optimum-habana's Gaudi model classes have; the others (``--use_lazy_mode``,
+    ``--pipelining_fwd_bwd``, ...) silently do nothing. Upstream: ``GaudiTrainingArguments.__post_init__`` /
+    ``_setup_devices``, ``GaudiTrainer``. Workaround: :data:`HPU_ONLY_FIELDS`; off HPU
+    :func:`paca_hpu.trainer.adjust_for_device` sets each of them to the value that asks for nothing and warns
+    about every one the user asked for (so does it, with :data:`GAUDI_TRAINER_FIELDS`, where
+    ``transformers.TrainingArguments`` lacks a GaudiTrainer option).
 """
 
 from __future__ import annotations
@@ -92,7 +102,7 @@ import importlib.util
 import logging
 import sys
 from types import ModuleType
-from typing import Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -100,6 +110,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "GAUDI_GENERATION_FIELDS",
+    "HPU_ONLY_FIELDS",
+    "GAUDI_TRAINER_FIELDS",
     "is_optimum_habana_installed",
     "synapse_check_would_crash",
     "import_optimum_habana",
@@ -121,6 +133,43 @@ GAUDI_GENERATION_FIELDS = (
     "flash_attention_recompute",
     "flash_attention_causal_mask",
 )
+
+_HPU_GRAPHS = "HPU graphs"
+_FUSED_SDPA = "options of Habana's fused attention kernel (gaudi_fused_sdpa)"
+
+#: ``GaudiTrainingArguments`` fields (optimum-habana 1.21.2, same names and types) that act only on an HPU (workaround
+#: 12): name -> (the value that asks for nothing, what the flag is for). ``None``: any given value asks for something;
+#: such a field is reset to the dataclass default. ``attn_implementation`` is read only on HPU (``gaudi_fused_sdpa``);
+#: elsewhere the model keeps transformers' default attention.
+HPU_ONLY_FIELDS: Dict[str, Tuple[Any, str]] = {
+    "use_habana": (False, "training on an HPU"),
+    "use_lazy_mode": (False, "the HPU's lazy graph mode"),
+    "use_hpu_graphs": (False, _HPU_GRAPHS),
+    "use_hpu_graphs_for_training": (False, _HPU_GRAPHS),
+    "use_hpu_graphs_for_inference": (False, _HPU_GRAPHS),
+    "disable_tensor_cache_hpu_graphs": (False, _HPU_GRAPHS),
+    "max_hpu_graphs": (None, _HPU_GRAPHS),
+    "gaudi_config_name": (None, "Habana's mixed-precision op lists and fused optimizer kernels"),
+    "pipelining_fwd_bwd": (False, "an HPU mark_step between forward and backward, in lazy mode"),
+    "fp8": (False, "FP8 training through Intel Gaudi's transformer engine"),
+    "minimize_memory": (False, "memory saving of Intel Gaudi's FP8 transformer engine"),
+    "attn_implementation": (None, "Habana's fused attention kernel; the model keeps transformers' default attention"),
+    "flash_attention_recompute": (False, _FUSED_SDPA),
+    "flash_attention_causal_mask": (False, _FUSED_SDPA),
+    "flash_attention_fast_softmax": (False, _FUSED_SDPA),
+    "flash_attention_fp8": (False, _FUSED_SDPA),
+    "context_parallel_size": (1, "sequence parallelism of optimum-habana's Gaudi model classes"),
+}
+
+#: GaudiTrainer options that also work off HPU (on GaudiTrainer's CPU path) but that ``transformers.TrainingArguments``
+#: lacks: name -> (``GaudiTrainingArguments`` default, what the option does).
+GAUDI_TRAINER_FIELDS: Dict[str, Tuple[Any, str]] = {
+    "distribution_strategy": ("ddp", "fast_ddp: GaudiTrainer's own gradient all-reduce"),
+    "cache_size_limit": (None, "torch._dynamo's cache size under --torch_compile"),
+    "use_regional_compilation": (False, "GaudiTrainer's per-block torch.compile"),
+    "compile_from_sec_iteration": (False, "GaudiTrainer's torch.compile from the second step on"),
+    "allow_unspec_int_on_nn_module": (None, "a torch._dynamo option GaudiTrainer sets"),
+}
 
 # Backends torch.compile accepts without the Gaudi plugin (workaround 4).
 _OFF_HPU_BACKENDS = ("aot_eager", "inductor", "eager")

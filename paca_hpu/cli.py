@@ -254,20 +254,27 @@ class HabanaCompatArguments:
     """Gaudi flags of ``GaudiTrainingArguments`` (optimum-habana 1.21.2: same names, types and defaults) accepted where
     plain ``transformers.TrainingArguments`` is used (CUDA, or CPU without optimum-habana), so the same command line
     runs everywhere, every ``run_lora_clm.py`` command of optimum-habana's README included.  They are ignored, with a
-    warning when one differs from its default, except ``throughput_warmup_steps``, which the throughput summary
-    honours."""
+    warning for each one given that asks for something (:func:`paca_hpu.trainer.adjust_for_device`, after the lists
+    in :mod:`paca_hpu._optimum_habana`), except ``throughput_warmup_steps``, which the throughput summary honours."""
 
     use_habana: Optional[bool] = field(default=False, metadata={"help": "Gaudi only; ignored here."})
     use_lazy_mode: Optional[bool] = field(default=True, metadata={"help": "Gaudi only; ignored here."})
     use_hpu_graphs_for_training: Optional[bool] = field(default=False, metadata={"help": "Gaudi only; ignored here."})
     use_hpu_graphs_for_inference: Optional[bool] = field(default=False, metadata={"help": "Gaudi only; ignored here."})
+    use_hpu_graphs: Optional[bool] = field(default=False, metadata={"help": "Gaudi only; ignored here."})
+    disable_tensor_cache_hpu_graphs: Optional[bool] = field(default=False,
+                                                            metadata={"help": "Gaudi only; ignored here."})
+    max_hpu_graphs: Optional[int] = field(default=None, metadata={"help": "Gaudi only; ignored here."})
     gaudi_config_name: Optional[str] = field(default=None, metadata={"help": "Gaudi only; ignored here."})
     distribution_strategy: Optional[str] = field(default="ddp", metadata={"help": "Gaudi only; ignored here."})
     pipelining_fwd_bwd: Optional[bool] = field(default=False, metadata={"help": "Gaudi only; ignored here."})
     attn_implementation: Optional[str] = field(default="eager", metadata={"help": "Gaudi only; ignored here."})
     flash_attention_recompute: bool = field(default=False, metadata={"help": "Gaudi only; ignored here."})
     flash_attention_causal_mask: bool = field(default=False, metadata={"help": "Gaudi only; ignored here."})
+    flash_attention_fast_softmax: bool = field(default=False, metadata={"help": "Gaudi only; ignored here."})
+    flash_attention_fp8: bool = field(default=False, metadata={"help": "Gaudi only; ignored here."})
     fp8: Optional[bool] = field(default=False, metadata={"help": "Gaudi only; ignored here."})
+    minimize_memory: Optional[bool] = field(default=False, metadata={"help": "Gaudi only; ignored here."})
     cache_size_limit: Optional[int] = field(default=None, metadata={"help": "Gaudi only; ignored here."})
     use_regional_compilation: Optional[bool] = field(default=False, metadata={"help": "Gaudi only; ignored here."})
     compile_from_sec_iteration: Optional[bool] = field(default=False, metadata={"help": "Gaudi only; ignored here."})
@@ -606,19 +613,25 @@ def _translate_version_fields(values: Dict[str, Any], explicit: set, args_cls) -
         values["warmup_steps"] = ratio
 
 
-def _warn_ignored(values: Dict[str, Any], explicit: set, info: _device.DeviceInfo, compat: bool) -> None:
-    """Warn about every given flag that has no effect in this run (never drop one silently)."""
+#: Model flags of run_lora_clm.py that configure optimum-habana's Gaudi model classes (read on HPU only).
+HPU_ONLY_MODEL_FLAGS = {
+    "use_fused_rope": "Habana's fused RoPE kernel, which exists on HPU only",
+    "attn_softmax_bf16": "the attention softmax of optimum-habana's Gaudi llama, on HPU only",
+}
+
+
+def _warn_ignored(values: Dict[str, Any], explicit: set, info: _device.DeviceInfo) -> None:
+    """Warn about every given method or model flag that has no effect in this run (never drop one silently); the
+    Gaudi training flags are warned about by :func:`paca_hpu.trainer.adjust_for_device`."""
     for name, why in NOT_APPLICABLE.get(values.get("peft_type", "paca"), {}).items():
         if name in explicit:
             logger.warning("--%s %s does not apply to --peft_type %s (%s); ignored.", name, values.get(name),
                            values.get("peft_type"), why)
-    if "use_fused_rope" in explicit and info.type != "hpu":
-        logger.warning("--use_fused_rope selects Habana's fused RoPE kernel, which exists on HPU only; it does "
-                       "nothing on %s.", info.type)
-    if compat:
-        for f in dataclasses.fields(HabanaCompatArguments):
-            if f.name != "throughput_warmup_steps" and values.get(f.name, f.default) != f.default:
-                logger.warning("--%s has no effect on %s (Gaudi only); ignored.", f.name, info.type)
+    if info.type != "hpu":
+        for name, why in HPU_ONLY_MODEL_FLAGS.items():
+            if name in explicit:
+                logger.warning("--%s has no effect without Gaudi (HPU), and this run is on %s: ignored (%s).", name,
+                               info.type, why)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, info: Optional[_device.DeviceInfo] = None) -> ParsedArgs:
@@ -641,19 +654,21 @@ def parse_args(argv: Optional[Sequence[str]] = None, info: Optional[_device.Devi
     values, explicit = _read_argv(argv, parser, [f for dt in classes for f in dataclasses.fields(dt) if f.init])
     _apply_script_defaults(values, explicit, info)
     _translate_version_fields(values, explicit, args_cls)
-    compat = HabanaCompatArguments in classes
-    _warn_ignored(values, explicit, info, compat)
+    _warn_ignored(values, explicit, info)
 
     def build(dt):
         return dt(**{f.name: values[f.name] for f in dataclasses.fields(dt) if f.init and f.name in values})
 
     model_args, data_args, adapter_args = (build(dt) for dt in classes[:3])
-    targs = {f.name: values[f.name] for f in dataclasses.fields(args_cls) if f.init and f.name in values}
+    # HabanaCompatArguments values go along (where parsed) so that adjust_for_device warns about them and drops them
+    with_compat = (args_cls, HabanaCompatArguments) if HabanaCompatArguments in classes else (args_cls,)
+    targs = {f.name: values[f.name] for dt in with_compat for f in dataclasses.fields(dt)
+             if f.init and f.name in values}
     if targs.get("deepspeed") and importlib.util.find_spec("deepspeed") is None:
         raise UsageError("--deepspeed needs DeepSpeed, which is not installed: pip install deepspeed (on a CPU-only "
                          "machine DS_BUILD_OPS=0 pip install deepspeed; on Gaudi, Habana's DeepSpeed fork)")
     try:
-        targs = _tr.adjust_for_device(targs, info, args_cls)
+        targs = _tr.adjust_for_device(targs, info, args_cls, explicit)
         training_args = args_cls(**targs)
     except ValueError as err:
         raise UsageError(str(err)) from err

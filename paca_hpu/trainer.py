@@ -276,14 +276,47 @@ def check_engine(args, device_type: Optional[str] = None) -> None:
             "(--deepspeed scripts/ds_zero3.json partitions the weights like FSDP full_shard)")
 
 
-def adjust_for_device(values: Dict[str, Any], info: Optional[_device.DeviceInfo] = None, cls=None) -> Dict[str, Any]:
+def _ignore_gaudi_only(v: Dict[str, Any], explicit: Optional[set], info: _device.DeviceInfo, cls) -> None:
+    """Off HPU, in ``v`` (training-argument values): every HPU-only flag (:data:`paca_hpu._optimum_habana.
+    HPU_ONLY_FIELDS`) is set to the value that asks for nothing, or dropped where ``cls`` has no such field, and so is
+    every GaudiTrainer option ``cls`` lacks (``GAUDI_TRAINER_FIELDS``). One warning for each of them that was given
+    (``explicit``: the names given; None: every key of ``v``) with a value that asks for something."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.init}
+
+    def given(name, off):
+        return name in v and (explicit is None or name in explicit) and v[name] != off
+
+    for name, (off, why) in _oh.HPU_ONLY_FIELDS.items():
+        if given(name, off):
+            logger.warning("--%s has no effect without Gaudi (HPU), and this run is on %s: ignored (%s).", name,
+                           info.type, why)
+        if name in defaults:
+            v[name] = defaults[name] if off is None else off
+        else:
+            v.pop(name, None)
+    for name, (off, why) in _oh.GAUDI_TRAINER_FIELDS.items():
+        if name in defaults:
+            continue
+        if given(name, off):
+            logger.warning("--%s is an option of optimum-habana's GaudiTrainer; %s has none: ignored (%s).", name,
+                           cls.__name__, why)
+        v.pop(name, None)
+
+
+def adjust_for_device(values: Dict[str, Any], info: Optional[_device.DeviceInfo] = None, cls=None,
+                      explicit: Optional[set] = None) -> Dict[str, Any]:
     """Rewrite training-argument ``values`` (field -> value) for the device before the dataclass is built.
 
     HPU: ``use_habana=True``, lazy mode only if ``PT_HPU_LAZY_MODE`` allows it, ``torch.compile`` backend
-    ``hpu_backend`` by default.  CPU (the GaudiTrainer emulation path): ``use_cpu=True``, ``use_habana=False``,
-    ``use_lazy_mode=False``, no HPU graphs, ``half_precision_backend="cpu_amp"`` and an ``aot_eager`` compile
-    backend (workarounds 3, 4 and 8 in :mod:`paca_hpu._optimum_habana`).  CUDA: Gaudi-only flags dropped
-    (with a warning when one was switched on).
+    ``hpu_backend`` by default.  Elsewhere every HPU-only flag is set to the value that asks for nothing (or dropped
+    where ``cls`` lacks it), with one warning for each one given (``explicit``: the names the user gave; default:
+    every key of ``values``) that asked for something (workaround 12 in :mod:`paca_hpu._optimum_habana`).  CPU (the
+    GaudiTrainer emulation path): ``use_cpu=True``, ``half_precision_backend="cpu_amp"`` and an ``aot_eager`` compile
+    backend (workarounds 3, 4 and 8).  ``transformers.TrainingArguments`` (CUDA, CPU without optimum-habana):
+    GaudiTrainer options it lacks are dropped, with a warning for each one given.
+
+    Raises:
+        ValueError: ``--torch_compile`` with lazy mode on HPU.
     """
     info = info or _device.get_device_info()
     cls = cls or arguments_class(info.type)
@@ -303,16 +336,9 @@ def adjust_for_device(values: Dict[str, Any], info: Optional[_device.DeviceInfo]
             v["torch_compile"] = True
             v["torch_compile_backend"] = _oh.compile_backend_for("hpu", v.get("torch_compile_backend"))
         return v
+    _ignore_gaudi_only(v, explicit, info, cls)
     if info.type == "cpu" and is_gaudi_args:
-        if v.get("use_habana"):
-            logger.warning("--use_habana given but no HPU is available: running GaudiTrainer's CPU path.")
-        for flag in ("use_hpu_graphs", "use_hpu_graphs_for_training", "use_hpu_graphs_for_inference"):
-            if v.get(flag):
-                logger.warning("--%s needs an HPU; ignored on CPU.", flag)
-            v[flag] = False
-        v.update(use_cpu=True, use_habana=False, use_lazy_mode=False, gaudi_config_name=None)
-        v["disable_tensor_cache_hpu_graphs"] = False
-        v["max_hpu_graphs"] = None
+        v["use_cpu"] = True
         if v.get("bf16"):
             v["half_precision_backend"] = "cpu_amp"
         if v.get("torch_compile") or v.get("torch_compile_backend"):
@@ -321,12 +347,8 @@ def adjust_for_device(values: Dict[str, Any], info: Optional[_device.DeviceInfo]
         return v
     # CUDA, or CPU without optimum-habana: transformers.TrainingArguments
     names = {f.name for f in dataclasses.fields(cls) if f.init}
-    for key in list(v):
-        if key not in names:
-            # use_lazy_mode is True by default in GaudiTrainingArguments: only warn about flags a user switched on
-            if key in ("use_habana", "use_hpu_graphs_for_training", "use_hpu_graphs") and v[key]:
-                logger.warning("--%s has no effect on %s; ignored.", key, info.type)
-            del v[key]
+    for key in [k for k in v if k not in names]:
+        del v[key]  # e.g. throughput_warmup_steps, which run_paca_clm.py's summary honours itself
     if info.type == "cpu":
         v["use_cpu"] = True
         if v.get("torch_compile") or v.get("torch_compile_backend"):  # as on GaudiTrainer's CPU path: aot_eager

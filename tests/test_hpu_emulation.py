@@ -225,11 +225,11 @@ def _run_gaudi_trainer_lazy(fake, tmp_path, monkeypatch, *, pipelining: bool, ma
     args = build_training_arguments(
         info=cpu, output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=2,
         gradient_accumulation_steps=ga, learning_rate=5e-2, report_to="none", save_strategy="no",
-        eval_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
-        pipelining_fwd_bwd=pipelining, max_grad_norm=1.0,
+        eval_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0, max_grad_norm=1.0,
     )
     args.use_lazy_mode = True  # ... with the lazy-mode and HPU-graph branches of its training loop switched on
-    args.use_hpu_graphs_for_training = True
+    args.use_hpu_graphs_for_training = True  # (build_training_arguments turns these HPU-only fields off on a CPU)
+    args.pipelining_fwd_bwd = pipelining
     trainer = make_trainer(model, args, train_dataset=_dataset())
     trainer.htcore = htcore
     fake.reset()

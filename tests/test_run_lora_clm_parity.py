@@ -112,10 +112,14 @@ def test_every_readme_command_line_builds_its_arguments_on_this_cpu(name, in_tmp
     assert ("--lora_dropout" in warned) == bool(dropout)
     if dropout:
         assert "does not apply to --peft_type paca" in warned
-    if _flag_values(argv, "--use_fused_rope") is not None:
-        assert "--use_fused_rope" in warned and "does nothing on cpu" in warned
-    if type(t).__name__ == "TrainingArguments" and _flag_values(argv, "--fp8") is not None:
-        assert "--fp8 has no effect on cpu" in warned
+    # each Gaudi-only flag of the command that asks for something (not e.g. --use_lazy_mode False): one warning
+    ignored = [m.split()[0] for m in _messages(caplog, "has no effect without Gaudi (HPU), and this run is on cpu")]
+    assert len(ignored) == len(set(ignored)), ignored
+    for flag in ("use_habana", "use_lazy_mode", "pipelining_fwd_bwd", "fp8", "gaudi_config_name", "attn_implementation",
+                 "flash_attention_causal_mask", "context_parallel_size", "attn_softmax_bf16", "use_fused_rope"):
+        given = _flag_values(argv, f"--{flag}")
+        asks = given is not None and (flag == "use_fused_rope" or given[:1] not in (["False"], ["1"]))
+        assert (f"--{flag}" in ignored) == asks, (flag, given, ignored)
 
 
 def test_lora_only_and_paca_only_flags_are_warned_about(tmp_path, caplog):
@@ -247,3 +251,119 @@ def test_readme_command_runs_as_paca(name, tiny_model, tmp_path, capsys, reset_a
     assert cfg["format"] == "paca_hpu" and "paca_hpu.from_pretrained" in cfg["peft_type"] and cfg["r"] == 8
     assert cfg["target_modules"] == _flag_values(argv, "--lora_target_modules")
     assert os.path.isfile(tmp_path / "out" / "loss_curves.png")
+
+
+# ----------------------------------------------------------------------------- Gaudi-only flags off HPU
+
+#: Every Gaudi-only flag of run_lora_clm.py / GaudiTrainingArguments, each with a value that asks for something.
+HPU_ONLY_ARGV = {
+    "use_habana": [], "use_lazy_mode": [], "use_hpu_graphs_for_training": [], "use_hpu_graphs_for_inference": [],
+    "use_hpu_graphs": [], "disable_tensor_cache_hpu_graphs": [], "max_hpu_graphs": ["4"],
+    "gaudi_config_name": ["Habana/gpt2"], "pipelining_fwd_bwd": [], "fp8": [], "minimize_memory": [],
+    "attn_implementation": ["gaudi_fused_sdpa"], "flash_attention_recompute": ["True"],
+    "flash_attention_causal_mask": ["True"], "flash_attention_fast_softmax": ["True"],
+    "flash_attention_fp8": ["True"], "context_parallel_size": ["2"],
+    "use_fused_rope": ["False"], "attn_softmax_bf16": ["True"],  # model flags
+}
+#: GaudiTrainer options that work on its CPU path too but that transformers.TrainingArguments lacks.
+GAUDI_TRAINER_ARGV = {"distribution_strategy": ["fast_ddp"], "cache_size_limit": ["64"],
+                      "use_regional_compilation": [], "compile_from_sec_iteration": [],
+                      "allow_unspec_int_on_nn_module": ["True"]}
+
+
+def _as_argv(flags):
+    return [tok for name, vals in flags.items() for tok in (f"--{name}", *vals)]
+
+
+@pytest.fixture(params=[pytest.param("gaudi", marks=pytest.mark.optimum_habana), "transformers"])
+def trainer_path(request, monkeypatch):
+    """'gaudi' (GaudiTrainer's CPU path; needs optimum-habana) or 'transformers' (transformers.Trainer: real on the
+    newest stack; on the pinned one the script is made to see no optimum-habana, as on a machine without it)."""
+    from paca_hpu import _optimum_habana
+
+    if request.param == "transformers":
+        monkeypatch.setattr(_optimum_habana, "is_optimum_habana_installed", lambda: False)
+    return request.param
+
+
+def _messages(caplog, text):
+    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+
+def test_gaudi_only_flags_off_hpu_are_warned_about_once_each_and_turned_off(trainer_path, tmp_path, caplog,
+                                                                             monkeypatch, reset_accelerate):
+    """Off HPU each Gaudi-only flag given with a value that asks for something gets exactly one warning that names it
+    and says it is ignored, and nothing of it reaches the run: on GaudiTrainer's CPU path its field is set to the value
+    that asks for nothing (no FP8 / fused-attention variables exported, no sequence parallelism), on
+    transformers.Trainer it is dropped, with GaudiTrainer's own options (warned there too)."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.setenv("FLASH_ATTENTION_RECOMPUTE", "0")
+    base = ["--model_name_or_path", "x", "--train_file", "t.jsonl", "--output_dir", str(tmp_path)]
+    with caplog.at_level(logging.WARNING, logger="paca_hpu"):
+        parsed = cli.parse_args(base + _as_argv(HPU_ONLY_ARGV) + _as_argv(GAUDI_TRAINER_ARGV), CPU)
+    ignored = _messages(caplog, "has no effect without Gaudi (HPU), and this run is on cpu: ignored")
+    assert sorted(m.split()[0] for m in ignored) == sorted(f"--{name}" for name in HPU_ONLY_ARGV), ignored
+    other = _messages(caplog, "is an option of optimum-habana's GaudiTrainer")
+    t = parsed.training
+    if trainer_path == "gaudi":
+        assert type(t).__name__ == "GaudiTrainingArguments" and not t.use_habana and t.use_cpu
+        assert not (t.use_lazy_mode or t.pipelining_fwd_bwd or t.fp8 or t.minimize_memory or t.use_hpu_graphs
+                    or t.use_hpu_graphs_for_training or t.use_hpu_graphs_for_inference or t.flash_attention_recompute
+                    or t.flash_attention_causal_mask or t.flash_attention_fast_softmax or t.flash_attention_fp8)
+        assert t.max_hpu_graphs is None and not t.disable_tensor_cache_hpu_graphs
+        assert t.gaudi_config_name is None and t.attn_implementation == "eager" and t.context_parallel_size == 1
+        assert os.environ["ACCELERATE_MIXED_PRECISION"] == "no" and os.environ["FLASH_ATTENTION_RECOMPUTE"] == "0"
+        assert other == []  # these work on GaudiTrainer's CPU path, and are kept
+        assert t.distribution_strategy == "fast_ddp" and t.cache_size_limit == 64 and t.use_regional_compilation
+    else:
+        assert type(t).__name__ == "TrainingArguments"
+        assert sorted(m.split()[0] for m in other) == sorted(f"--{name}" for name in GAUDI_TRAINER_ARGV), other
+        assert not any(hasattr(t, name) for name in {**HPU_ONLY_ARGV, **GAUDI_TRAINER_ARGV})
+
+    caplog.clear()  # values that ask for nothing (run_lora_clm.py commands say --use_lazy_mode False) are no news
+    with caplog.at_level(logging.WARNING, logger="paca_hpu"):
+        cli.parse_args(base + ["--use_lazy_mode", "False", "--pipelining_fwd_bwd", "False", "--fp8", "False",
+                               "--context_parallel_size", "1", "--distribution_strategy", "ddp"], CPU)
+    assert _messages(caplog, "--") == []
+
+
+def test_every_gaudi_flag_the_script_accepts_off_gaudi_is_accounted_for():
+    """HabanaCompatArguments (the Gaudi flags parsed where transformers.TrainingArguments is used) holds exactly the
+    HPU-only and GaudiTrainer-only fields the warnings know, plus throughput_warmup_steps (honoured by the summary),
+    with GaudiTrainingArguments' defaults."""
+    import dataclasses
+
+    from paca_hpu._optimum_habana import GAUDI_TRAINER_FIELDS, HPU_ONLY_FIELDS
+
+    compat = {f.name: f.default for f in dataclasses.fields(cli.HabanaCompatArguments)}
+    known = set(HPU_ONLY_FIELDS) | set(GAUDI_TRAINER_FIELDS) | {"throughput_warmup_steps"}
+    assert set(compat) == known, set(compat) ^ known
+    assert set(HPU_ONLY_ARGV) == set(HPU_ONLY_FIELDS) | set(cli.HPU_ONLY_MODEL_FLAGS)
+    assert set(GAUDI_TRAINER_ARGV) == set(GAUDI_TRAINER_FIELDS)
+    if is_optimum_habana_installed():
+        from paca_hpu.trainer import arguments_class
+
+        gaudi = {f.name: f.default for f in dataclasses.fields(arguments_class("hpu"))}
+        assert all(gaudi[name] == default for name, default in compat.items()), compat
+        assert set(HPU_ONLY_FIELDS) | set(GAUDI_TRAINER_FIELDS) <= set(gaudi)
+        assert all(gaudi[name] == default for name, (default, _) in GAUDI_TRAINER_FIELDS.items())
+
+
+def test_gaudi_only_flags_change_nothing_in_a_run(trainer_path, tiny_model, tmp_path, capsys, reset_accelerate):
+    """The same tiny run with and without every Gaudi-only flag: the same losses and the same adapter, bit for bit."""
+    from safetensors.torch import load_file
+
+    train = write_jsonl(tmp_path / "alpaca.jsonl", _alpaca_rows(24))
+    base = ["--model_name_or_path", tiny_model, "--train_file", train, "--max_seq_len", "64", "--max_steps", "2",
+            "--per_device_train_batch_size", "4", "--validation_split_percentage", "25", "--learning_rate", "5e-3",
+            "--save_strategy", "no", "--seed", "7"]
+    runs = {}
+    for label, extra in (("plain", []), ("gaudi_flags", _as_argv(HPU_ONLY_ARGV))):
+        out = tmp_path / label
+        assert cli.main(base + ["--output_dir", str(out)] + extra) == 0
+        m = json.load(open(out / "metrics.json"))
+        runs[label] = (m["eval_loss_before"], m["eval_loss_after"], load_file(str(out / "adapter_model.safetensors")))
+    assert "--fp8 has no effect without Gaudi (HPU)" in capsys.readouterr().out
+    (before_a, after_a, adapter_a), (before_b, after_b, adapter_b) = runs["plain"], runs["gaudi_flags"]
+    assert (before_a, after_a) == (before_b, after_b) and after_a < before_a
+    assert adapter_a.keys() == adapter_b.keys() and all(torch.equal(adapter_a[k], adapter_b[k]) for k in adapter_a)
