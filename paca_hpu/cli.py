@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -320,6 +321,10 @@ EVALS_PER_RUN = 5
 EVAL_COST = 1 / 3
 EVAL_BUDGET = 0.25
 
+#: A help sentence naming the library's own default ("Defaults to 'trainer_output' if not provided.", "Default is
+#: unlimited checkpoints"), dropped where this script sets another default.
+_LIBRARY_DEFAULT = re.compile(r"\s*Defaults? (?:to|is) [^.]*\.?")
+
 
 def _given(argv: Sequence[str], name: str, aliases: Sequence[str] = ()) -> bool:
     opts = {f"--{name}", f"--{name.replace('_', '-')}", *aliases}
@@ -342,12 +347,18 @@ def argument_classes(args_cls) -> tuple:
 
 
 def build_parser(args_cls):
-    """``HfArgumentParser`` over :func:`argument_classes` ``(args_cls)`` with this script's defaults."""
+    """``HfArgumentParser`` over :func:`argument_classes` ``(args_cls)`` with this script's defaults; a help text that
+    names the library's own default of such a flag (transformers 4.55: "Defaults to 'trainer_output'") loses that
+    sentence, so that ``--help`` shows the one default that applies."""
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(argument_classes(args_cls))
     parser.prog = "run_paca_clm.py"
-    parser.set_defaults(**{k: v for k, v in SCRIPT_DEFAULTS.items() if _has_field(args_cls, k)})
+    defaults = {k: v for k, v in SCRIPT_DEFAULTS.items() if _has_field(args_cls, k)}
+    parser.set_defaults(**defaults)
+    for action in parser._actions:
+        if action.dest in defaults and action.help:
+            action.help = _LIBRARY_DEFAULT.sub("", action.help)
     return parser
 
 

@@ -388,6 +388,27 @@ def test_parse_args_defaults_aliases_and_json(tmp_path):
         parse_args([str(cfg)])
 
 
+def test_help_shows_one_default_per_flag_the_script_sets():
+    """``--help``: a flag whose default the script changes (SCRIPT_DEFAULTS) names that default only; transformers
+    4.55's own help texts also said "Defaults to 'trainer_output' if not provided." (--output_dir) and "Default is
+    unlimited checkpoints" (--save_total_limit). Checked for every argument set the script uses."""
+    import re
+
+    from transformers import TrainingArguments
+
+    from paca_hpu import cli
+    from paca_hpu.trainer import arguments_class
+
+    for args_cls in {TrainingArguments, arguments_class("cpu")}:
+        text = cli.build_parser(args_cls).format_help()
+        entries = {m.group(1): " ".join(m.group(0).split())
+                   for m in re.finditer(r"^  (--\w+).*?(?=^  -|\Z)", text, flags=re.M | re.S)}
+        for name, value in cli.SCRIPT_DEFAULTS.items():
+            entry = entries[f"--{name}"]
+            assert len(re.findall("default", entry, flags=re.I)) == 1, (args_cls.__name__, entry)
+            assert f"(default: {value})" in entry, (args_cls.__name__, entry)
+
+
 def test_only_device_module_imports_habana():
     pkg = os.path.join(REPO, "paca_hpu")
     offenders = []
