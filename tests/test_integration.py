@@ -161,6 +161,7 @@ def test_accelerate_unwrapped_save_pretrained_writes_the_adapter(base_dir, tmp_p
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.save_pretrained(tmp_path / "adapter")  # peft's documented accelerate idiom
     assert set(os.listdir(tmp_path / "adapter")) == ADAPTER_FILES
+    _check_adapter_only(tmp_path / "adapter", base_dir, sum(d.numel() for d in _deltas(unwrapped).values()))
     loaded = paca_hpu.from_pretrained(tmp_path / "adapter")
     assert torch.equal(logits(loaded, ids), logits(unwrapped.eval(), ids))
 

@@ -180,7 +180,7 @@ def test_save_merged_same_logits(tiny, tmp_path):
     assert cfg["r"] == 4 and cfg["target_modules"] == ["q_proj", "v_proj", "down_proj"]
 
 
-def test_gaudi_flags_bf16_and_gradient_checkpointing_on_cpu(tiny, tmp_path):
+def test_gaudi_flags_bf16_and_gradient_checkpointing_on_cpu(tiny, tmp_path, reset_accelerate):
     """A Gaudi command line (run_lora_clm.py style) runs unchanged on CPU: the HPU-only flags are turned off."""
     out = tmp_path / "gaudi_flags"
     argv = _argv(tiny, out, "--max_steps", "3", "--use_habana", "--use_lazy_mode", "--use_hpu_graphs_for_training",
