@@ -14,7 +14,7 @@ TORCH_PIN ?= torch==2.13.0
 CONSTRAINTS        ?= .ci/constraints-gaudi.txt
 CONSTRAINTS_LATEST ?= .ci/constraints-latest.txt
 PYTEST_ARGS ?= -q
-PYTEST_LATEST_ARGS ?= -q -m "not embedded_model and not dist_heavy"
+PYTEST_LATEST_ARGS ?= -q -m "(not embedded_model or both_stacks) and not dist_heavy"
 # DeepSpeed (test extra) installs from source: compile none of its ops (they JIT-compile on use, if ever)
 export DS_BUILD_OPS = 0
 

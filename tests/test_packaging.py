@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -87,3 +89,66 @@ def test_the_core_runs_without_the_hugging_face_stack(tmp_path):
                           env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "CORE-OK" in proc.stdout
+
+
+def _installed_extras():
+    """The extras this environment was set up with (Makefile: .[gaudi,test,bench] pinned, .[test,bench] newest)."""
+    from paca_hpu._optimum_habana import is_optimum_habana_installed
+
+    return ["gaudi", "test", "bench"] if is_optimum_habana_installed() else ["test", "bench"]
+
+
+def _source_copy(tmp_path):
+    """What ``pip install .`` reads, copied (building the metadata writes an egg-info next to setup.cfg)."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(os.path.join(REPO, "paca_hpu"), src / "paca_hpu",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(REPO, name), src / name)
+    return src
+
+
+@pytest.mark.parametrize("extras", [[], "installed"], ids=["core", "extras"])
+def test_pip_install_leaves_this_stack_alone(extras, tmp_path):
+    """``pip install .`` (and with the extras this environment was set up with) into this environment, as pip's
+    resolver decides it (``--dry-run --report``, offline: only what is installed can satisfy a requirement): it would
+    install paca_hpu and nothing else, so transformers 5.x stays 5.x on the newest stack (and 4.55.4 on the pinned
+    one)."""
+    import importlib.metadata
+    import json
+
+    extras = _installed_extras() if extras == "installed" else extras
+    target = str(_source_copy(tmp_path)) + (f"[{','.join(extras)}]" if extras else "")
+    report = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--no-build-isolation",
+                           "--disable-pip-version-check", "--quiet", "--report", str(report), target],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    install = [item["metadata"]["name"] for item in json.load(open(report))["install"]]
+    assert install == ["paca_hpu"], install
+    transformers = importlib.metadata.version("transformers")
+    stack = "gaudi" if "gaudi" in _installed_extras() else "latest"
+    assert f"transformers=={transformers}" in open(os.path.join(REPO, ".ci", f"constraints-{stack}.txt")).read()
+
+
+def test_readme_names_the_tested_stacks_as_ci_pins_them():
+    """README 'Tested stacks' gives, for each stack, the versions .ci/constraints-<stack>.txt pins."""
+    import re
+
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    tested = readme[readme.index("Tested stacks"):]
+    tested = " ".join(tested[:tested.index("\n\n")].split())
+    pinned, newest = tested.split("**newest stack**")
+    names = {"optimum-habana", "transformers", "accelerate", "datasets", "huggingface_hub", "peft", "trl"}
+    for part, stack in ((pinned, "gaudi"), (newest, "latest")):
+        text = open(os.path.join(REPO, ".ci", f"constraints-{stack}.txt")).read()
+        pins = dict(re.findall(r"^([\w.-]+)==(\S+)$", text, flags=re.M))
+        shown = {n: pins[n] for n in names if n in pins}
+        assert len(shown) >= 6, (stack, shown)
+        for name, version in shown.items():
+            label = "TRL" if name == "trl" else name
+            assert re.search(rf"{re.escape(label)} {re.escape(version)}\b", part), (stack, name, version, part)
+        assert f".ci/constraints-{stack}.txt" in part
+        assert f"torch {pins['torch']}" in tested  # one torch for both
