@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from helpers import logits, random_ids, tiny_gpt2
+from helpers import logits, random_ids, tiny_gpt2, tiny_llama
 from test_trainer import make_tiny_checkpoint
 
 from paca_hpu import PaCAConfig, apply_paca, merge_paca, paca_layers, sync_paca
@@ -160,6 +160,40 @@ def test_bad_inputs_exit_2_with_one_line(llama, tmp_path, capsys):
     # nothing half-written anywhere
     left = sorted(p for p in os.listdir(tmp_path) if p not in ("lora", "full"))
     assert left == [], left
+
+
+def test_base_model_and_dtype_options(tmp_path, capsys):
+    """An adapter that records no base model (trained on a model built in memory): refused without --base_model, and
+    with it both exports follow the named base; --dtype bf16 gives bf16 LoRA matrices (lora_A still exactly one-hot)."""
+    from safetensors.torch import load_file
+
+    tiny_llama(seed=0).save_pretrained(tmp_path / "base")  # the same weights as the model trained below
+    trained = apply_paca(tiny_llama(seed=0), PaCAConfig(r=4, paca_alpha=6, random_seed=2))
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for _, layer in paca_layers(trained):
+            layer.delta.copy_(torch.randn(layer.delta.shape, generator=gen) * 0.05)
+    sync_paca(trained)
+    trained.save_pretrained(tmp_path / "adapter")
+    code, err = _run_cli(capsys, tmp_path / "adapter", "--to", "merged", "--output", tmp_path / "m0")
+    assert code == 2 and "records no base model; pass --base_model" in err and not os.path.exists(tmp_path / "m0")
+
+    base = str(tmp_path / "base")
+    assert _export(tmp_path / "adapter", "--to", "merged", "--output", tmp_path / "merged", "--base_model", base) == 0
+    got = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    for key, value in merge_paca(copy.deepcopy(trained)).state_dict().items():
+        assert key not in got or torch.equal(got[key], value), key
+    assert {k for k in got if k.endswith("proj.weight")} == {n + ".weight" for n, _ in paca_layers(trained)}
+
+    assert _export(tmp_path / "adapter", "--to", "lora", "--output", tmp_path / "lora", "--base_model", base,
+                   "--dtype", "bf16") == 0
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["base_model_name_or_path"] == base
+    lora = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
+    for name, layer in paca_layers(trained):
+        a, b = lora[f"base_model.model.{name}.lora_A.weight"], lora[f"base_model.model.{name}.lora_B.weight"]
+        assert a.dtype == b.dtype == torch.bfloat16
+        assert torch.equal(b, layer.delta.detach().to(torch.bfloat16))
+        assert torch.equal(a.float(), torch.eye(layer.in_features)[layer.indices])
 
 
 def test_module_entry_point(tmp_path):
