@@ -277,10 +277,11 @@ def check_engine(args, device_type: Optional[str] = None) -> None:
 
 
 def _ignore_gaudi_only(v: Dict[str, Any], explicit: Optional[set], info: _device.DeviceInfo, cls) -> None:
-    """Off HPU, in ``v`` (training-argument values): every HPU-only flag (:data:`paca_hpu._optimum_habana.
-    HPU_ONLY_FIELDS`) is set to the value that asks for nothing, or dropped where ``cls`` has no such field, and so is
-    every GaudiTrainer option ``cls`` lacks (``GAUDI_TRAINER_FIELDS``). One warning for each of them that was given
-    (``explicit``: the names given; None: every key of ``v``) with a value that asks for something."""
+    """Off HPU, in ``v`` (training-argument values): every HPU-only flag
+    (:data:`paca_hpu._optimum_habana.HPU_ONLY_FIELDS`) is set to the value that asks for nothing, or dropped where
+    ``cls`` has no such field, and so is every GaudiTrainer option ``cls`` lacks (``GAUDI_TRAINER_FIELDS``). One
+    warning for each of them that was given (``explicit``: the names given; None: every key of ``v``) with a value that
+    asks for something."""
     defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.init}
 
     def given(name, off):
