@@ -318,6 +318,9 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
                 f"adapter module '{name}' does not fit this model: adapter delta {tuple(delta.shape)} with indices up "
                 f"to {int(idx.max())}, model layer has out_features={out_f}, in_features={in_f}; the adapter was "
                 "trained on a different model")
+        if idx.unique().numel() != config.r:
+            raise ValueError(f"adapter module '{name}' has repeated indices {idx.tolist()}: PaCA's r indices are "
+                             "distinct input columns; the adapter file is corrupt")
     existing = dict(paca_layers(model))
     if not existing:
         _check_complete(model, config, names, path)

@@ -45,6 +45,7 @@ class PaCAReferenceModel(nn.Module):
 
     Raises:
         ValueError: ``model`` has no PaCA layer (nothing would be disabled: the "reference" would be the policy).
+        RuntimeError: at a call, ``model`` has no PaCA layer any more (``merge_paca`` / ``unload_paca`` ran on it).
     """
 
     def __init__(self, model: nn.Module):
@@ -55,6 +56,16 @@ class PaCAReferenceModel(nn.Module):
                 "still the policy itself; call apply_paca(model, config) first, or pass a separate frozen model "
                 "as the reference")
         object.__setattr__(self, "_policy", model)  # not a submodule: no parameters, no state_dict entries
+
+    def _disabled(self):
+        """``disable_paca(policy)``, refusing a policy that lost its PaCA layers since (``merge_paca`` /
+        ``unload_paca``): disabling nothing would silently make the reference the policy."""
+        if next(paca_layers(self.policy), None) is None:
+            raise RuntimeError(
+                f"PaCAReferenceModel: its {type(self.policy).__name__} has no PaCA layer any more (merge_paca or "
+                "unload_paca ran on it), so the 'reference' would be the policy itself; build the reference from "
+                "the model that is trained now (after apply_paca), e.g. PaCAReferenceModel(apply_paca(merged, cfg))")
+        return disable_paca(self.policy)
 
     @property
     def policy(self) -> nn.Module:
@@ -68,7 +79,7 @@ class PaCAReferenceModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         """``model(*args, **kwargs)`` with the adapter disabled, without gradient."""
-        with torch.no_grad(), disable_paca(self.policy):
+        with torch.no_grad(), self._disabled():
             return self.policy(*args, **kwargs)
 
     def __call__(self, *args, **kwargs):
@@ -87,7 +98,7 @@ class PaCAReferenceModel(nn.Module):
 
     def generate(self, *args, **kwargs):
         """``model.generate(*args, **kwargs)`` with the adapter disabled, without gradient."""
-        with torch.no_grad(), disable_paca(self.policy):
+        with torch.no_grad(), self._disabled():
             return self.policy.generate(*args, **kwargs)
 
     def extra_repr(self) -> str:

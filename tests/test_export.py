@@ -4,6 +4,7 @@ export against AutoModelForCausalLM, both compared with the PaCA model they come
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -160,6 +161,41 @@ def test_bad_inputs_exit_2_with_one_line(llama, tmp_path, capsys):
     # nothing half-written anywhere
     left = sorted(p for p in os.listdir(tmp_path) if p not in ("lora", "full"))
     assert left == [], left
+
+
+def _damage(adapter, out, damage):
+    """A copy of ``adapter`` with one defect: a layer's delta removed, one index -1, one index repeated."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(adapter, out)
+    path = out / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    first = sorted(k[: -len(".indices")] for k in tensors if k.endswith(".indices"))[0]
+    idx = tensors[f"{first}.indices"].clone()
+    if damage == "missing_layer":
+        del tensors[f"{first}.delta"], tensors[f"{first}.indices"]
+    elif damage == "negative_index":
+        idx[0] = -1
+    else:
+        idx[1] = idx[0]
+    if damage != "missing_layer":
+        tensors[f"{first}.indices"] = idx
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return first
+
+
+@pytest.mark.parametrize("damage", ["missing_layer", "negative_index", "repeated_index"])
+@pytest.mark.parametrize("to", ["lora", "merged"])
+def test_incomplete_or_corrupt_adapter_is_refused_by_both_exports(llama, tmp_path, capsys, damage, to):
+    """Newcomer finding: ``--to lora`` wrote a LoRA without the missing layer, with index -1 wrapped to the last
+    column, or with two equal one-hot rows (exit 0), where ``load_adapter`` and ``--to merged`` refuse. Both exports
+    now refuse, one line naming the layer, exit 2, nothing written."""
+    _, adapter, _ = llama
+    layer = _damage(adapter, tmp_path / "bad", damage)
+    code, err = _run_cli(capsys, tmp_path / "bad", "--to", to, "--output", tmp_path / "out")
+    assert code == 2 and "\n" not in err, err
+    assert layer in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_base_model_and_dtype_options(tmp_path, capsys):

@@ -21,6 +21,7 @@ from paca_hpu import (
     apply_paca,
     disable_paca,
     functional_paca,
+    merge_paca,
     paca_layers,
     paca_parameters,
     sync_paca,
@@ -166,8 +167,20 @@ def test_reference_model_wrapper_is_the_base_model_without_a_copy():
 
 
 def test_reference_model_wrapper_refuses_a_model_without_paca():
+    """A model without PaCA layers is refused when wrapped, and at a call when the layers went since (newcomer
+    finding: after ``merge_paca`` the wrapper returned the policy's logits as the reference, silently)."""
     with pytest.raises(ValueError, match="no PaCA layer.*apply_paca"):
         PaCAReferenceModel(tiny_llama(seed=0))
+    _, model = _adapted()
+    _set_deltas(model, seed=7)
+    ref = PaCAReferenceModel(model)
+    ids = random_ids(1, 6, seed=8)
+    ref(input_ids=ids)
+    merge_paca(model)
+    with pytest.raises(RuntimeError, match="no PaCA layer any more"):
+        ref(input_ids=ids)
+    with pytest.raises(RuntimeError, match="no PaCA layer any more"):
+        ref.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
 
 
 @pytest.mark.parametrize("backward_where", ["inside", "after"])
