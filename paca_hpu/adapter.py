@@ -265,6 +265,42 @@ def _warn_other_base(model: nn.Module, meta: dict, path) -> None:
                        "same weights, the result is a different model", path, saved, current)
 
 
+def _check_layers_fit(model: nn.Module, config: PaCAConfig, tensors: Dict[str, torch.Tensor], names) -> None:
+    """Every saved layer ``name`` (``<name>.delta`` ``(out_features, r)``, ``<name>.indices`` ``(r,)``, distinct, in
+    ``[0, in_features)``) exists in ``model`` as a linear layer (or a PaCA layer with the same ``r``) of that shape.
+
+    Raises:
+        ValueError: naming the first saved layer that does not fit, and why.
+    """
+    modules = dict(model.named_modules())
+    for name in names:
+        delta, idx = tensors[f"{name}.delta"], tensors.get(f"{name}.indices")
+        module = modules.get(name)
+        if idx is None:
+            raise ValueError(f"adapter file lacks '{name}.indices'; the file is corrupt")
+        if module is None:
+            raise ValueError(f"adapter module '{name}' does not exist in {type(model).__name__}; the adapter was "
+                             "trained on a different model")
+        if isinstance(module, PACA_LAYER_TYPES):
+            out_f, in_f = module.out_features, module.in_features
+            if module.r != config.r:
+                raise ValueError(f"PaCA layer '{name}' has r={module.r}, the adapter r={config.r}; load onto the "
+                                 "un-adapted base model instead")
+        elif _is_supported(module):
+            out_f, in_f = _weight_shape(name, module)  # ZeRO-3 placeholders: ds_shape
+        else:
+            raise ValueError(f"adapter module '{name}' is a {type(module).__name__} in this model, not a linear layer")
+        if delta.dim() != 2 or delta.shape[0] != out_f or delta.shape[1] != config.r or idx.shape != (config.r,) \
+                or int(idx.max()) >= in_f or int(idx.min()) < 0:
+            raise ValueError(
+                f"adapter module '{name}' does not fit this model: adapter delta {tuple(delta.shape)} with indices up "
+                f"to {int(idx.max())}, model layer has out_features={out_f}, in_features={in_f}; the adapter was "
+                "trained on a different model")
+        if idx.unique().numel() != config.r:
+            raise ValueError(f"adapter module '{name}' has repeated indices {idx.tolist()}: PaCA's r indices are "
+                             "distinct input columns; the adapter file is corrupt")
+
+
 def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
                  index_dtype: Optional[torch.dtype] = None) -> nn.Module:
     """Load a PaCA adapter saved by :func:`save_adapter` into ``model`` and return it.
@@ -293,34 +329,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
     if not names:
         raise ValueError(f"adapter file '{Path(path) / ADAPTER_WEIGHTS_NAME}' holds no '<layer>.delta' tensor; it "
                          "is not a PaCA adapter or it is incomplete")
-    modules = dict(model.named_modules())
-    # validate everything before touching the model
-    for name in names:
-        delta, idx = tensors[f"{name}.delta"], tensors.get(f"{name}.indices")
-        module = modules.get(name)
-        if idx is None:
-            raise ValueError(f"adapter file lacks '{name}.indices'; the file is corrupt")
-        if module is None:
-            raise ValueError(f"adapter module '{name}' does not exist in {type(model).__name__}; the adapter was "
-                             "trained on a different model")
-        if isinstance(module, PACA_LAYER_TYPES):
-            out_f, in_f = module.out_features, module.in_features
-            if module.r != config.r:
-                raise ValueError(f"PaCA layer '{name}' has r={module.r}, the adapter r={config.r}; load onto the "
-                                 "un-adapted base model instead")
-        elif _is_supported(module):
-            out_f, in_f = _weight_shape(name, module)  # ZeRO-3 placeholders: ds_shape
-        else:
-            raise ValueError(f"adapter module '{name}' is a {type(module).__name__} in this model, not a linear layer")
-        if delta.dim() != 2 or delta.shape[0] != out_f or delta.shape[1] != config.r or idx.shape != (config.r,) \
-                or int(idx.max()) >= in_f or int(idx.min()) < 0:
-            raise ValueError(
-                f"adapter module '{name}' does not fit this model: adapter delta {tuple(delta.shape)} with indices up "
-                f"to {int(idx.max())}, model layer has out_features={out_f}, in_features={in_f}; the adapter was "
-                "trained on a different model")
-        if idx.unique().numel() != config.r:
-            raise ValueError(f"adapter module '{name}' has repeated indices {idx.tolist()}: PaCA's r indices are "
-                             "distinct input columns; the adapter file is corrupt")
+    _check_layers_fit(model, config, tensors, names)  # everything is validated before the model is touched
     existing = dict(paca_layers(model))
     if not existing:
         _check_complete(model, config, names, path)

@@ -17,10 +17,10 @@ fixed held-out split).  Every run prints the held-out loss before and after trai
 writes the adapter (or the full model for ``--peft_type none``), ``metrics.json`` and ``loss_curves.png`` into
 ``--output_dir``.
 
-Exit codes: 0 success, 2 a usage / input error (bad flag, missing data file, unknown column layout, no module
-matching ``--target_modules``, a non-empty ``--output_dir`` without ``--overwrite_output_dir``, a model or data set
-that is neither local nor reachable on the Hub) or a full / read-only disk, reported as one ``error: ...`` line on
-stderr.
+Exit codes: 0 success, 2 a usage / input error (bad flag, missing data file, unknown column layout, a
+``--target_modules`` name that matches no module of the model, an adapter size that does not fit it, a non-empty
+``--output_dir`` without ``--overwrite_output_dir``, a model or data set that is neither local nor reachable on the
+Hub) or a full / read-only disk, reported as one ``error: ...`` line on stderr.
 
 A non-empty ``--output_dir`` is refused unless ``--overwrite_output_dir`` is given or the run resumes from a checkpoint
 inside it (transformers' convention); checkpoints are written atomically and only this run's own ones are rotated
