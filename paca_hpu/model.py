@@ -345,6 +345,59 @@ def _initial_indices(name: str, module: nn.Module, config: PaCAConfig) -> torch.
         return initial_indices(name, _linear_layout(module), config)
 
 
+def _target_names(model: nn.Module, config: PaCAConfig, indices: Optional[Dict[str, torch.Tensor]]) -> List[str]:
+    """The layers :func:`apply_paca` converts: ``config``'s targets, or exactly the names in ``indices`` (each must be a
+    supported linear layer of ``model``; ValueError naming it otherwise)."""
+    if indices is None:
+        return find_target_modules(model, config)
+    names = list(indices)
+    modules = dict(model.named_modules())
+    for name in names:
+        if name not in modules:
+            raise ValueError(f"adapter module '{name}' does not exist in {type(model).__name__}; the adapter was "
+                             "trained on a different architecture")
+        reason = unsupported_reason(name, modules[name])
+        if reason:
+            raise ValueError(reason)
+        if not _is_supported(modules[name]):
+            raise ValueError(f"adapter module '{name}' is a {type(modules[name]).__name__} in this model, not an "
+                             "nn.Linear / Conv1D")
+    return names
+
+
+def _plan(model: nn.Module, config: PaCAConfig, names: List[str], indices: Optional[Dict[str, torch.Tensor]]
+          ) -> List[Tuple[str, nn.Module, torch.Tensor]]:
+    """``(name, module, (r,) int64 indices)`` for each layer to convert, everything checked before the model changes
+    (tied weights, the shape and range of given indices; ValueError naming the layer)."""
+    # weights shared between modules (tied) cannot carry a PaCA update for one module only
+    owners: Dict[int, List[str]] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for pname, p in module._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
+
+    modules = dict(model.named_modules())
+    planned: List[Tuple[str, nn.Module, torch.Tensor]] = []
+    for name in names:
+        module = modules[name]
+        out_features, in_features = _weight_shape(name, module)
+        sharers = [o for o in owners.get(id(module.weight), []) if o != f"{name}.weight"]
+        if sharers:
+            raise ValueError(f"layer '{name}' shares its weight with {sharers[0]} (tied weights); PaCA cannot adapt "
+                             "it alone. Exclude it (exclude_modules) or untie the weights")
+        if indices is None:
+            idx = _initial_indices(name, module, config)
+        else:
+            idx = torch.as_tensor(indices[name]).to("cpu", torch.int64)
+            if idx.dim() != 1 or idx.numel() != config.r:
+                raise ValueError(f"adapter indices of '{name}' have shape {tuple(idx.shape)}, expected ({config.r},)")
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= in_features):
+                raise ValueError(f"adapter indices of '{name}' exceed in_features={in_features} of this model's "
+                                 f"layer (out_features={out_features}); the adapter belongs to another model")
+        planned.append((name, module, idx))
+    return planned
+
+
 def apply_paca(
     model: nn.Module,
     config: PaCAConfig,
@@ -375,6 +428,7 @@ def apply_paca(
         The same ``model`` object; ``model.paca_config`` holds ``config``.
 
     Raises:
+        TypeError: ``model`` is no ``nn.Module`` (e.g. a path string) or ``config`` no :class:`PaCAConfig`.
         ValueError: nothing matches (names the patterns), ``r`` exceeds a layer's ``in_features`` (names the
             layer), a target is not a supported type, a target's weight is tied to another module's, a target's
             weight is sharded by FSDP, the model is already wrapped by a data-parallel engine
@@ -382,6 +436,9 @@ def apply_paca(
             ``config.init_indices`` needs calibration data and no ``indices`` are given (the message names
             :func:`calibrate_indices`).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"apply_paca expects a torch.nn.Module (e.g. AutoModelForCausalLM.from_pretrained(path)), got "
+                        f"{type(model).__name__}; load the model first")
     if not isinstance(config, PaCAConfig):
         raise TypeError(f"apply_paca expects a PaCAConfig, got {type(config).__name__}")
     engine = wrapping_engine(model)
@@ -390,47 +447,7 @@ def apply_paca(
                          "deltas existed: they would not be synchronised across ranks, sharded or optimised by it. "
                          "Apply PaCA (apply_paca / load_adapter) to the plain model, then wrap it (DDP, FSDP, "
                          "fully_shard, deepspeed.initialize, a Trainer)")
-    if indices is None:
-        names = find_target_modules(model, config)
-    else:
-        names = list(indices)
-        modules = dict(model.named_modules())
-        for name in names:
-            if name not in modules:
-                raise ValueError(f"adapter module '{name}' does not exist in {type(model).__name__}; the adapter was "
-                                 "trained on a different architecture")
-            reason = unsupported_reason(name, modules[name])
-            if reason:
-                raise ValueError(reason)
-            if not _is_supported(modules[name]):
-                raise ValueError(f"adapter module '{name}' is a {type(modules[name]).__name__} in this model, not an "
-                                 "nn.Linear / Conv1D")
-    # weights shared between modules (tied) cannot carry a PaCA update for one module only
-    owners: Dict[int, List[str]] = {}
-    for mname, module in model.named_modules(remove_duplicate=False):
-        for pname, p in module._parameters.items():
-            if p is not None:
-                owners.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
-
-    modules = dict(model.named_modules())
-    planned: List[Tuple[str, nn.Module, torch.Tensor]] = []
-    for name in names:
-        module = modules[name]
-        out_features, in_features = _weight_shape(name, module)
-        sharers = [o for o in owners.get(id(module.weight), []) if o != f"{name}.weight"]
-        if sharers:
-            raise ValueError(f"layer '{name}' shares its weight with {sharers[0]} (tied weights); PaCA cannot adapt "
-                             "it alone. Exclude it (exclude_modules) or untie the weights")
-        if indices is None:
-            idx = _initial_indices(name, module, config)
-        else:
-            idx = torch.as_tensor(indices[name]).to("cpu", torch.int64)
-            if idx.dim() != 1 or idx.numel() != config.r:
-                raise ValueError(f"adapter indices of '{name}' have shape {tuple(idx.shape)}, expected ({config.r},)")
-            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= in_features):
-                raise ValueError(f"adapter indices of '{name}' exceed in_features={in_features} of this model's "
-                                 f"layer (out_features={out_features}); the adapter belongs to another model")
-        planned.append((name, module, idx))
+    planned = _plan(model, config, _target_names(model, config, indices), indices)
 
     to_save = []
     if config.modules_to_save:

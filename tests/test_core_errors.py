@@ -173,3 +173,12 @@ def test_apply_paca_twice_says_already_applied():
     model = apply_paca(tiny_llama(), PaCAConfig(r=4))
     with pytest.raises(ValueError, match="already"):
         apply_paca(model, PaCAConfig(r=4))
+
+
+def test_apply_paca_on_something_that_is_no_model_names_what_to_pass():
+    """Newcomer finding: ``apply_paca("path/to/model", config)`` failed with ``'str' object has no attribute
+    'modules'``; a config given as a dict is refused likewise."""
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module.*got str; load the model first"):
+        apply_paca("HuggingFaceTB/SmolLM2-135M", PaCAConfig(r=4))
+    with pytest.raises(TypeError, match="expects a PaCAConfig, got dict"):
+        apply_paca(tiny_llama(seed=0), {"r": 4})
