@@ -43,6 +43,7 @@ __all__ = [
     "checkpoints_in",
     "staging_dirs_in",
     "rotate",
+    "detach_abandoned",
     "last_checkpoint",
     "resolve_checkpoint",
     "staging_dir",
@@ -155,6 +156,22 @@ def rotate(output_dir: Union[str, os.PathLike], run_id: Optional[str], save_tota
             shutil.rmtree(path, ignore_errors=True)
             deleted.append(path)
     return deleted
+
+
+def detach_abandoned(output_dir: Union[str, os.PathLike], run_id: Optional[str], resumed: str) -> List[str]:
+    """A run that resumes ``resumed`` (a ``checkpoint-N`` of run ``run_id``) abandons that run's later checkpoints in
+    ``output_dir`` (steps above N, trained past the point it goes back to): each gets a run id of its own, so that
+    from now on it is an earlier run's checkpoint there, kept, never rotated and never picked by
+    :func:`last_checkpoint` (which would otherwise resume the abandoned branch, silently). Returns their paths.
+    """
+    m = _CHECKPOINT_RE.match(os.path.basename(os.path.normpath(os.fspath(resumed))))
+    if run_id is None or m is None:
+        return []
+    step = int(m.group(1))
+    later = [path for n, path in checkpoints_in(output_dir, run_id) if n > step]
+    for path in later:
+        write_run_id(path, new_run_id())
+    return later
 
 
 def _warn_incomplete(paths: Iterable[str]) -> None:

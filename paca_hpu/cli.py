@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -510,6 +511,22 @@ def _check_writable(out: str) -> None:
         read_only = False
     why = "is on a read-only file system" if read_only else "is not writable for this user"
     raise UsageError(f"--output_dir '{out}' cannot be written: '{probe}' {why}; pass a writable --output_dir")
+
+
+def _check_not_the_model(output_dir: str, model_path: Optional[str]) -> None:
+    """``--output_dir`` must not be, or hold, the local ``--model_name_or_path`` folder, whatever
+    ``--overwrite_output_dir`` says: the run would write its adapter config (which makes the folder unloadable as
+    a base model) or, with ``--peft_type none``, its weights over the base model.
+
+    Raises:
+        UsageError: naming both paths.
+    """
+    if not model_path or not os.path.isdir(model_path) or not os.path.isdir(output_dir):
+        return
+    model, out = os.path.realpath(model_path), os.path.realpath(output_dir)
+    if model == out or model.startswith(out + os.sep):
+        raise UsageError(f"--output_dir '{output_dir}' is (or holds) the model folder --model_name_or_path "
+                         f"'{model_path}'; the run would write over the base model: choose another --output_dir")
 
 
 def _check_output_dir(training_args, resume: Optional[str]) -> None:
@@ -1106,6 +1123,7 @@ class _Run:
         except FileNotFoundError as err:
             raise UsageError(str(err)) from err
         _check_batch_sizes(ta)
+        _check_not_the_model(ta.output_dir, self.model_args.model_name_or_path)
         _check_output_dir(ta, self.resume)
         from transformers import set_seed
 
@@ -1323,6 +1341,11 @@ class _Run:
             _tr.save_merged_model(trainer.model, merged_dir, self.tokenizer, inplace=True)
             m["merged_dir"] = merged_dir
             logger.info("merged model written to %s", merged_dir)
+        elif os.path.isfile(os.path.join(out, "merged", "config.json")):
+            # an earlier run's merged checkpoint no longer matches this run's adapter beside it
+            shutil.rmtree(os.path.join(out, "merged"))
+            logger.warning("removed %s: an earlier run's merged model, which does not match this run's adapter "
+                           "(pass --save_merged to write a new one)", os.path.join(out, "merged"))
         side = _tr.side_seconds(trainer)
         m.update(eval_seconds=side["evaluation"] + self.eval_seconds, evaluations=side["evaluations"] + self.evals,
                  checkpoint_seconds=side["checkpoint"], total_seconds=time.perf_counter() - self.t_start)

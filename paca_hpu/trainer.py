@@ -629,8 +629,9 @@ class PaCATrainerMixin:
     # -- run lineage and atomic checkpoints (paca_hpu.checkpoints) ---------------------------------
     def _begin_run(self, resume_from_checkpoint):
         """Resolve ``True`` to this output_dir's latest run's newest complete checkpoint, take over the run id of
-        the checkpoint resumed (else a new one), record it in ``output_dir`` and clear staging folders left by a
-        killed save.  Returns the checkpoint to resume from (or None)."""
+        the checkpoint resumed (else a new one), detach that run's checkpoints beyond the one resumed
+        (:func:`paca_hpu.checkpoints.detach_abandoned`), record the run id in ``output_dir`` and clear staging folders
+        left by a killed save.  Returns the checkpoint to resume from (or None)."""
         out = self.args.output_dir
         if resume_from_checkpoint is True:
             resume_from_checkpoint = _ckpt.last_checkpoint(out) if os.path.isdir(out) else None
@@ -644,6 +645,11 @@ class PaCATrainerMixin:
             os.makedirs(out, exist_ok=True)
             for _step, staging in _ckpt.staging_dirs_in(out):
                 shutil.rmtree(staging, ignore_errors=True)
+            if inherited:
+                for path in _ckpt.detach_abandoned(out, inherited, resume_from_checkpoint):
+                    logger.warning("'%s' was trained past the checkpoint this run resumes from; it is kept, but is "
+                                   "no longer part of this run ('last' will not resume it, rotation will not delete "
+                                   "it)", path)
             _ckpt.write_run_id(out, self.paca_run_id)
         return resume_from_checkpoint
 

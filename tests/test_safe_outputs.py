@@ -90,6 +90,56 @@ def test_overwrite_never_rotates_or_resumes_an_earlier_runs_checkpoints(tiny, tm
     assert _checkpoints(out) == ["checkpoint-4", "checkpoint-6"] and _same(_adapter(out / "checkpoint-6"), old)
 
 
+def test_a_run_without_save_merged_removes_an_earlier_merged_model(tiny, tmp_path, caplog):
+    """Newcomer finding: after --save_merged at step 2, a resume to step 4 without --save_merged left merged/ of
+    step 2 beside the step-4 adapter, silently. It is removed with a warning."""
+    out = tmp_path / "out"
+    assert _main(_argv(tiny, out, "--max_steps", "2", "--save_steps", "2", "--save_merged")) == 0
+    assert (out / "merged" / "config.json").is_file()
+    with caplog.at_level("WARNING"):
+        assert _main(_argv(tiny, out, "--max_steps", "4", "--resume_from_checkpoint", "last")) == 0
+    assert not (out / "merged").exists()
+    assert any("merged" in r.getMessage() and "does not match" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("where", ["same", "parent"])
+def test_output_dir_that_is_or_holds_the_model_folder_is_refused(tiny, tmp_path, capsys, where):
+    """Newcomer finding: ``--output_dir`` equal to the model folder, with ``--overwrite_output_dir``, wrote an
+    adapter_config.json into the base model (no longer loadable), or with ``--peft_type none`` its weights over the
+    base. Refused before anything is written; the model folder is byte-identical afterwards."""
+    model = tmp_path / "models" / "base"
+    shutil.copytree(tiny["model"], model)
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    out = model if where == "same" else model.parent
+    argv = _argv(dict(tiny, model=str(model)), out, "--max_steps", "1", "--overwrite_output_dir")
+    for extra in ([], ["--peft_type", "none"]):
+        assert _main(argv + extra) == 2
+        line = _one_error_line(capsys.readouterr().err)
+        assert "--output_dir" in line and "--model_name_or_path" in line
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+
+
+def test_resume_from_an_earlier_checkpoint_abandons_the_later_ones(tiny, tmp_path, caplog):
+    """Newcomer finding: after resuming checkpoint-2 of a run that had reached checkpoint-4, the new run's
+    checkpoint-3 sat beside the old checkpoint-4 under the same run id, and 'last' resumed the abandoned branch
+    (checkpoint-4) without a word. Now checkpoint-4 is kept but detached (warning naming it) and 'last' is
+    checkpoint-3, the resumed run's newest."""
+    from paca_hpu import checkpoints
+
+    out = tmp_path / "out"
+    keep = ("--save_steps", "1", "--save_total_limit", "10", "--do_eval", "False")
+    assert _main(_argv(tiny, out, "--max_steps", "4", *keep)) == 0
+    old4 = _adapter(out / "checkpoint-4")
+    with caplog.at_level("WARNING"):
+        assert _main(_argv(tiny, out, "--max_steps", "3", "--learning_rate", "1e-2", *keep,
+                           "--resume_from_checkpoint", str(out / "checkpoint-2"))) == 0
+    assert any("checkpoint-4" in r.getMessage() and "no longer part of this run" in r.getMessage()
+               for r in caplog.records)
+    assert checkpoints.last_checkpoint(out) == str(out / "checkpoint-3")
+    assert checkpoints.read_run_id(out / "checkpoint-4") != checkpoints.read_run_id(out)
+    assert _same(_adapter(out / "checkpoint-4"), old4)  # kept as it was
+
+
 # ------------------------------------------------------------------------------- a kill / a full disk mid-save
 
 _FAULT_DRIVER = textwrap.dedent("""
