@@ -35,7 +35,8 @@ from typing import Dict, Iterator, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .adapter import ADAPTER_WEIGHTS_NAME, _MTS_PREFIX, _check_complete, load_adapter, read_adapter
+from .adapter import (ADAPTER_WEIGHTS_NAME, _MTS_PREFIX, _check_complete, _check_layers_fit, load_adapter,
+                      read_adapter)
 from .config import PaCAConfig
 from .model import _is_supported, merge_paca
 
@@ -112,21 +113,17 @@ def _load_config(base: str):
                           "PATH_OR_NAME") from err
 
 
-def _layer_shapes(base: str, names: List[str], config: PaCAConfig, adapter_dir: PathLike
-                  ) -> Tuple[Dict[str, Tuple[str, int, int]], List[str]]:
+def _layer_shapes(base: str, names: List[str], config: PaCAConfig, tensors: Dict[str, torch.Tensor],
+                  adapter_dir: PathLike) -> Tuple[Dict[str, Tuple[str, int, int]], List[str]]:
     """``({name: (kind, out_features, in_features)}, names of all linear layers)`` of the base architecture, built on
-    the meta device from its config (no weights read). Like :func:`paca_hpu.load_adapter`, every layer that the
-    adapter's ``target_modules`` select in that architecture must have a saved delta (else ExportError naming the
-    first missing one)."""
+    the meta device from its config (no weights read). The adapter is checked against it as
+    :func:`paca_hpu.load_adapter` checks it (every saved layer fits, its indices distinct and in range; every layer
+    that ``target_modules`` selects has a saved delta): ExportError naming the first layer that fails."""
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(_load_config(base))
-    try:
-        _check_complete(model, config, names, adapter_dir)
-    except ValueError as err:
-        raise ExportError(_one_line(err)) from err
     modules = dict(model.named_modules())
     shapes = {}
     for name in names:
@@ -137,6 +134,11 @@ def _layer_shapes(base: str, names: List[str], config: PaCAConfig, adapter_dir: 
         w = module.weight
         shapes[name] = ("conv1d", w.shape[1], w.shape[0]) if isinstance(module, Conv1D) else (
             "linear", w.shape[0], w.shape[1])
+    try:
+        _check_layers_fit(model, config, tensors, names)
+        _check_complete(model, config, names, adapter_dir)
+    except ValueError as err:
+        raise ExportError(_one_line(err)) from err
     return shapes, [n for n, m in model.named_modules() if n and _is_supported(m)]
 
 
@@ -166,14 +168,11 @@ def lora_state_dict(config: PaCAConfig, tensors: Dict[str, torch.Tensor],
         ``base_model.model.<param>`` for ``modules_to_save``; with ``lora_alpha = paca_alpha``.
 
     Raises:
-        ExportError: a delta or its indices do not fit the base layer, or the indices are negative or repeated.
+        ExportError: a delta or its indices do not fit the base layer.
     """
     out: Dict[str, torch.Tensor] = {}
     for name, (_, out_features, in_features) in shapes.items():
         delta, idx = tensors[f"{name}.delta"], tensors[f"{name}.indices"].to(torch.int64)
-        if idx.shape == (config.r,) and (int(idx.min()) < 0 or idx.unique().numel() != config.r):
-            raise ExportError(f"adapter layer '{name}' has indices {idx.tolist()}: PaCA's r indices are distinct "
-                              "input columns >= 0; the adapter file is corrupt")
         if delta.shape != (out_features, config.r) or idx.shape != (config.r,) or int(idx.max()) >= in_features:
             raise ExportError(f"adapter layer '{name}' (delta {tuple(delta.shape)}, indices up to {int(idx.max())}) "
                               f"does not fit the base layer ({out_features} x {in_features}); pass the right "
@@ -213,7 +212,7 @@ def export_lora(adapter_dir: PathLike, output_dir: PathLike, *, base_model: Opti
         raise ImportError("export --to lora needs peft (it writes peft's adapter_config.json): pip install peft"
                           ) from err
     names = [k[: -len(".delta")] for k in tensors if k.endswith(".delta") and not k.startswith(_MTS_PREFIX)]
-    shapes, linear_names = _layer_shapes(base, names, config, adapter_dir)
+    shapes, linear_names = _layer_shapes(base, names, config, tensors, adapter_dir)
     kinds = {kind for kind, _, _ in shapes.values()}
     if len(kinds) > 1:
         raise ExportError("the adapter mixes nn.Linear and Conv1D layers; peft's fan_in_fan_out is one flag for all: "
