@@ -41,6 +41,9 @@ def main(argv=None) -> int:
     name = args.name or f"study-{dtype}-b4-s256"
     study_dir = ROOT / "docs" / "benchmarks" / name
     if args.summary:
+        if not (study_dir / "study.json").is_file():
+            print(f"error: no study at {study_dir}: run scripts/study.py first", file=sys.stderr)
+            return 2
         print(json.dumps(study_summary(study_dir), indent=1))
         return 0
     ckpt = Path(args.ckpt_dir) if args.ckpt_dir else ROOT / "outputs" / "study-ckpt" / name
@@ -54,7 +57,17 @@ def main(argv=None) -> int:
             f.write(line + "\n")
 
     only = [s.strip() for s in args.only.split(",")] if args.only else None
-    summary = run_study(StudyConfig(name=name, dtype=dtype), study_dir, ckpt, ROOT, log, only=only)
+
+    def rebuild(_record) -> None:  # the page and the plot follow every run file written
+        from paca_hpu.bench.report import write_docs_page
+        from paca_hpu.bench.study import plot_study
+
+        plot_study(str(study_dir))
+        write_docs_page(str(ROOT / "docs" / "benchmarks.md"))
+
+    summary = run_study(StudyConfig(name=name, dtype=dtype), study_dir, ckpt, ROOT, log, only=only,
+                        on_record=rebuild)
+    rebuild(None)
     log(f"study {name}: {summary['runs']} run files; missing: {summary['missing'] or 'none'}")
     return 0
 

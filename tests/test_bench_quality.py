@@ -126,49 +126,90 @@ def test_seed_reruns_equal_single_seed_runs_and_ratios_are_per_seed():
     assert "| seed 0 | seed 1 |" in md and "paca-activation_norm" in md
 
 
-def test_study_section_is_pending_without_runs_and_filled_from_them():
+def _tiny_study(tmp_path, **over):
+    from paca_hpu.bench.study_runs import StudyConfig
+
+    cfg = dict(name="study-test", dtype="fp32", batch=2, seq_len=64, steps=6, stage1_steps=2, eval_every=2,
+               model="tiny", max_train_samples=24, max_eval_samples=8, variants=["lora", "paca"],
+               seed_variants=["lora", "paca"], grids={"lora": [1e-3, 1e-2], "paca": [1e-2, 3e-2, 1e-1]})
+    cfg.update(over)
+    return StudyConfig(**cfg), tmp_path / "study-test", tmp_path / "ckpt"
+
+
+def test_study_halving_resume_and_tables_from_run_files(tmp_path):
+    """The resumable study on the tiny model: every grid point is trained to stage 1, only the best `keep` go on;
+    an interrupted run continues from its checkpoint and a lost checkpoint retrains from zero, both giving exactly
+    the uninterrupted run's losses; the summary and page come from the run files (ratios recomputed here)."""
+    import json
+
+    from paca_hpu.bench import study, study_runs
+
+    cfg, d, ck = _tiny_study(tmp_path)
+    summary = study_runs.run_study(cfg, d, ck, tmp_path, lambda m: None)
+    runs = study_runs.load_runs(d)
+    for spec in ("lora", "paca"):
+        mine = [r for r in runs.values() if r["spec"] == spec and r["seed"] == 0]
+        stage1 = {r["lr"]: dict(map(tuple, r["eval"]))[2] for r in mine}
+        done = [r for r in mine if r["steps_done"] == 6]
+        assert len(done) == 2 and len(mine) >= len(cfg.grids[spec])  # halving: only 2 of the grid go the whole way
+        finalists = sorted(stage1, key=stage1.get)[:2]
+        assert {r["lr"] for r in done} >= set(finalists)
+        b = summary["best"][spec]
+        assert b["lr"] == min(done, key=lambda r: r["final_select"])["lr"]
+        seed1 = runs[study_runs.run_id(spec, b["lr"], 1)]
+        assert b["seeds"] == {"0": runs[b["run"]]["final_report"], "1": seed1["final_report"]}
+    ratio = {s: summary["best"]["paca"]["seeds"][s] / summary["best"]["lora"]["seeds"][s] for s in ("0", "1")}
+    assert summary["ratios_to_lora"]["paca"]["per_seed"] == pytest.approx(ratio)
+    assert summary["missing"] == []
+    page = study.study_markdown(str(tmp_path))
+    assert f"{summary['ratios_to_lora']['paca']['mean']:.4f}" in page
+    assert f"runs/{summary['best']['lora']['run']}.json" in page
+    assert page.count(study.PENDING) == 7  # full FT and PaCA r 16 (not in this study), five ablation cells
+
+    # resume: the same command trains nothing more (no new files, same records)
+    before = {k: json.dumps(v, sort_keys=True) for k, v in runs.items()}
+    study_runs.run_study(cfg, d, ck, tmp_path, lambda m: None)
+    assert {k: json.dumps(v, sort_keys=True) for k, v in study_runs.load_runs(d).items()} == before
+
+    # an interrupted run (checkpoint at step 4) and a run whose checkpoint is lost reproduce the losses exactly
+    best = summary["best"]["lora"]
+    rid = best["run"]
+    ref = runs[rid]
+    cfg2, d2, ck2 = _tiny_study(tmp_path / "again")
+    log = []
+    partial = study_runs.run_study(cfg2, d2, ck2, tmp_path, log.append, only=["nothing"])
+    assert partial["missing"]
+    runner_log = []
+    from paca_hpu.bench import study_runs as sr
+
+    def stop_at_4(rec):
+        raise KeyboardInterrupt if rec["steps_done"] == 2 and rec["spec"] == "lora" else None
+
+    with pytest.raises(KeyboardInterrupt):
+        sr.run_study(cfg2, d2, ck2, tmp_path, runner_log.append, on_record=stop_at_4)
+    sr.run_study(cfg2, d2, ck2, tmp_path, runner_log.append)
+    assert any("resuming from its checkpoint" in m for m in runner_log)
+    again = sr.load_runs(d2)[rid]
+    assert again["train_loss"] == ref["train_loss"] and again["final_report"] == ref["final_report"]
+    (d2 / "runs" / f"{rid}.json").unlink()
+    assert not list(ck2.glob(f"{rid}*"))  # a finished run leaves no checkpoint behind
+    sr.run_study(cfg2, d2, ck2, tmp_path, runner_log.append)
+    assert sr.load_runs(d2)[rid]["eval"] == ref["eval"]
+
+
+def test_study_refuses_another_configuration_in_the_same_folder(tmp_path):
+    from paca_hpu.bench import study_runs
+
+    cfg, d, ck = _tiny_study(tmp_path, variants=[])
+    study_runs.run_study(cfg, d, ck, tmp_path, lambda m: None)
+    cfg.steps = 8
+    with pytest.raises(ValueError, match="another configuration"):
+        study_runs.run_study(cfg, d, ck, tmp_path, lambda m: None)
+
+
+def test_study_section_is_pending_without_study_folders(tmp_path):
     from paca_hpu.bench import study
 
-    page = study.study_markdown({}, {})
-    assert page.startswith("## Parity study and column selection (issue 14)")
-    assert page.count(study.PENDING) >= 8 and "--steps 120" in page and "--seeds 0,1" in page
-
-    def best(loss, lr, r, seeds=None, edge=False):
-        return {"heldout_loss": loss, "lr": lr, "r": r, "trainable": 10 * (r or 100), "at_grid_edge": edge,
-                "seeds": seeds or {"0": loss}}
-
-    parity = {"quality": {"best": {"lora": best(1.00, 3e-3, 8, {"0": 1.00, "1": 1.10}),
-                                   "paca": best(1.05, 1e-2, 8, {"0": 1.05, "1": 1.111}),
-                                   "paca-req": best(1.02, 1e-2, 16, {"0": 1.02, "1": 1.10}, edge=True)},
-                          "ratios_to_lora": {"paca": {"per_seed": {"0": 1.05, "1": 1.01}, "mean": 1.03,
-                                                      "min": 1.01, "max": 1.05},
-                                             "paca-req": {"per_seed": {"0": 1.02, "1": 1.0}, "mean": 1.01,
-                                                          "min": 1.0, "max": 1.02}}}}
-    ablation = {"quality": {"best": {"paca-weight_norm": best(1.04, 1e-2, 8),
-                                     "paca-req-activation_norm": best(1.005, 1e-2, 16)}}}
-    page = study.study_markdown({study.PARITY_RUN: parity, study.ABLATION_RUN: ablation},
-                                {study.PARITY_RUN: "parity-anchor"})
-    assert "| PaCA r 8 | 8 | 80 | 0.01 | 1.0500, 1.1110 | 1.0300 [1.0100, 1.0500] |" in page
-    assert "(edge: extend the grid)" in page and "(#parity-anchor)" in page
-    assert "| weight_norm | 1.0400 / 1.0400 (lr 0.01) |" in page
-    assert "1.0050 / 1.0050 (lr 0.01)" in page
-    assert "`paca-req-activation_norm`, ends at 1.0050 x LoRA r 8's" in page and "within 1 %" in page
-
-
-def test_the_documented_study_commands_are_valid_benchmark_command_lines():
-    import shlex
-
-    from paca_hpu.bench import study
-    from paca_hpu.bench.cli import _parse_lr_grid, build_parser, check_args
-
-    for run_name, command, _ in study.COMMANDS:
-        argv = shlex.split(command.replace("\\\n", " "))
-        assert argv[:2] == ["python", "scripts/benchmark.py"]
-        args = build_parser().parse_args(argv[2:])
-        assert check_args(args) is None, command
-        assert args.run_name == run_name and args.steps >= 120 and args.lr_extend >= 1
-        grids = _parse_lr_grid(args.lr_grid)
-        for spec in args.quality_variants.split(","):
-            parse_quality_variant(spec)
-            if "activation_norm" in spec:
-                assert grids[spec][0] < grids["paca"][0]  # its own, lower grid
+    page = study.study_markdown(str(tmp_path))
+    assert page.startswith("## Parity study and column selection")
+    assert page.count(study.PENDING) == 3 and "scripts/study.py" in page

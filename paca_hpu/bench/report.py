@@ -648,8 +648,7 @@ def write_docs_page(docs_path: str, results_root: Optional[str] = None) -> str:
     from .study import study_markdown
 
     intro, results_heading = _INTRO.split("## Results\n")
-    named = {os.path.basename(run_dir): res for run_dir, res in runs}
-    parts = [intro + study_markdown(named, {k: _anchor(run_title(v)) for k, v in named.items()}),
+    parts = [intro + study_markdown(results_root),
              "## Results\n" + results_heading]
     parts[-1:-1] = minimal_loop_markdown(results_root, runs)
     if not runs:

@@ -47,7 +47,9 @@ __all__ = ["StudyConfig", "run_id", "load_runs", "study_summary", "run_study"]
 @dataclass
 class StudyConfig:
     """What one study trains. ``grids`` maps a variant spec or a method (lora / paca / full) to its first grid;
-    ``seed_variants`` get every seed of ``seeds`` at their best learning rate, the others only ``seeds[0]``."""
+    ``seed_variants`` get every seed of ``seeds`` at their best learning rate, the others only ``seeds[0]``.
+    ``model``: ``"embedded"`` (SmolLM2-135M-Instruct) or ``"tiny"`` (random 2-layer LLaMA, for tests);
+    ``max_*_samples`` limit the raw GSM8K examples (None: all)."""
 
     name: str
     dtype: str = "fp32"
@@ -66,6 +68,9 @@ class StudyConfig:
         "lora", "paca", "paca-req",
         "paca-weight_norm", "paca-activation_norm", "paca-req-weight_norm", "paca-req-activation_norm", "full"])
     seed_variants: List[str] = field(default_factory=lambda: ["lora", "paca", "paca-req"])
+    model: str = "embedded"
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
     grids: Dict[str, List[float]] = field(default_factory=lambda: {
         "lora": [1e-3, 3e-3, 1e-2], "paca": [3e-3, 1e-2, 3e-2], "full": [1e-5, 3e-5, 1e-4],
         "paca-activation_norm": [3e-4, 1e-3, 3e-3], "paca-req-activation_norm": [3e-4, 1e-3, 3e-3]})
@@ -133,6 +138,7 @@ class _Runner:
 
         self.cfg, self.dir, self.ckpt_dir, self.base, self.log = cfg, Path(study_dir), Path(ckpt_dir), base, log
         self.train_batches, self.select, self.report, self.root = train_batches, select, report, root
+        self.on_record: Optional[Callable[[dict], None]] = None
         self.evaluate = evaluate_loss
         (self.dir / "runs").mkdir(parents=True, exist_ok=True)
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -163,7 +169,21 @@ class _Runner:
                  if variant.init_indices in DATA_AWARE_INIT_INDICES else None)
         built = build_variant(variant.method, self.base, r=r, alpha=self.cfg.alpha, paca_seed=seed,
                               init_indices=variant.init_indices, calibration_batches=calib)
+        if self._amp(variant.method):  # float32 master weights (the bf16 values of the base, exactly)
+            built.model.float()
+            built.params = [p for p in built.model.parameters() if p.requires_grad]
         return built, r, make_optimizer, get_linear_schedule_with_warmup
+
+    def _amp(self, method: str) -> bool:
+        """Full fine-tuning in a bf16 study trains float32 master weights under bf16 autocast (what
+        transformers' ``--bf16`` does): a bf16 parameter would lose AdamW updates of about ``lr`` (1e-5) against its
+        spacing (about 1.2e-4 at |w| = 0.03). LoRA's and PaCA's trainable parameters are float32 already."""
+        return method == "full" and self.cfg.dtype == "bf16"
+
+    def _autocast(self, method: str):
+        import contextlib
+
+        return (torch.autocast("cpu", dtype=torch.bfloat16) if self._amp(method) else contextlib.nullcontext())
 
     def _trainable_state(self, model) -> Dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -214,9 +234,12 @@ class _Runner:
         step = state["step"]
         while step < target:
             step += 1
-            state["train_loss"].append(float(train_step(built, opt, _to(batches[step - 1], dev), scheduler=sched)))
+            with self._autocast(variant.method):
+                loss = train_step(built, opt, _to(batches[step - 1], dev), scheduler=sched)
+            state["train_loss"].append(float(loss))
             if step in self.eval_points:
-                sel = self.evaluate(built.model, self.select)
+                with self._autocast(variant.method):
+                    sel = self.evaluate(built.model, self.select)
                 state["eval"].append([step, sel])
                 state["step"] = step
                 state["seconds"] += time.perf_counter() - t0
@@ -226,7 +249,8 @@ class _Runner:
                 if step < cfg.steps:
                     self._checkpoint(built, opt, sched, state, ck_path)
                 if step == cfg.stage1_steps or step == cfg.steps:
-                    rec = self._write(spec, lr, seed, r, built, state, final=step == cfg.steps)
+                    with self._autocast(variant.method):
+                        rec = self._write(spec, lr, seed, r, built, state, final=step == cfg.steps)
         del built, opt, sched
         gc.collect()
         if rec["steps_done"] >= cfg.steps and ck_path.is_file():
@@ -262,6 +286,8 @@ class _Runner:
         self.log(f"{run_id(spec, lr, seed)}: step {state['step']}/{cfg.steps} select {rec['final_select']:.4f}"
                  + (f" report {rec['final_report']:.4f}" if final else "")
                  + f" ({rec['seconds']:.0f} s wall, {rec['cpu_seconds']:.0f} s CPU so far)")
+        if self.on_record is not None:
+            self.on_record(rec)
         return rec
 
 
@@ -351,8 +377,9 @@ def study_summary(study_dir: Path) -> dict:
 
 
 def run_study(cfg: StudyConfig, study_dir: Path, ckpt_dir: Path, root: Path, log: Callable[[str], None],
-              only: Optional[Sequence[str]] = None) -> dict:
+              only: Optional[Sequence[str]] = None, on_record: Optional[Callable[[dict], None]] = None) -> dict:
     """Run (or continue) the study: every variant's search, then the extra seeds; returns :func:`study_summary`.
+    ``on_record(record)`` is called after each run file is written (e.g. to rebuild the docs page).
 
     Raises:
         ValueError: the study folder holds a ``study.json`` with another configuration (start a new study name).
@@ -367,7 +394,9 @@ def run_study(cfg: StudyConfig, study_dir: Path, ckpt_dir: Path, root: Path, log
     if cfg_path.is_file():
         with open(cfg_path, encoding="utf-8") as f:
             old = json.load(f)
-        if old != asdict(cfg):
+        new = asdict(cfg)
+        defaults = asdict(StudyConfig(name=cfg.name))
+        if any(old.get(k, defaults[k]) != v for k, v in new.items()) or set(old) - set(new):
             raise ValueError(f"{cfg_path} holds another configuration ({old}); keep it or use a new study name")
     else:
         _write_json(asdict(cfg), cfg_path)
@@ -375,9 +404,10 @@ def run_study(cfg: StudyConfig, study_dir: Path, ckpt_dir: Path, root: Path, log
         v = parse_quality_variant(spec)
         if not cfg.grid(spec, v.method):
             raise ValueError(f"no learning-rate grid for {spec!r}")
-    spec = ModelSpec()
+    spec = ModelSpec(kind=cfg.model)
     tok = load_tokenizer(spec)
-    splits = packed_splits(tok, cfg.seq_len)
+    splits = packed_splits(tok, cfg.seq_len, max_train_samples=cfg.max_train_samples,
+                           max_eval_samples=cfg.max_eval_samples)
     val = splits["validation"]
     select = all_batches(val.select(range(0, len(val), 2)), cfg.batch)
     report = all_batches(val.select(range(1, len(val), 2)), cfg.batch)
@@ -385,6 +415,7 @@ def run_study(cfg: StudyConfig, study_dir: Path, ckpt_dir: Path, root: Path, log
     n = max(cfg.steps, cfg.calibration_batches)
     run = _Runner(cfg, study_dir, ckpt_dir, base, lambda s: fixed_batches(splits["train"], cfg.batch, n, seed=s + 1),
                   select, report, log, root)
+    run.on_record = on_record
     run.base_select = run.evaluate(base, select)
     log(f"study {cfg.name}: {len(splits['train'])} train / {len(val)} held-out blocks; base select loss "
         f"{run.base_select:.4f}; host {_host()}")
