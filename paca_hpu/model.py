@@ -31,7 +31,7 @@ from .config import PaCAConfig
 from .distributed import wrapping_engine
 from .layer import PaCALinear, _is_dtensor, live_paca_layers
 from .quantized import (PaCALinear4bit, clear_quantization_markers, is_linear4bit, linear_features, merged_linear,
-                        unsupported_reason)
+                        prevent_cpu_repack, unsupported_reason)
 from .selection import (DATA_AWARE_INIT_INDICES, activation_norms, agree_across_ranks, initial_indices,
                         select_indices, top_r)
 
@@ -434,7 +434,8 @@ def apply_paca(
             weight is sharded by FSDP, the model is already wrapped by a data-parallel engine
             (:func:`paca_hpu.distributed.wrapping_engine`), a name in ``indices`` is missing from the model, or
             ``config.init_indices`` needs calibration data and no ``indices`` are given (the message names
-            :func:`calibrate_indices`).
+            :func:`calibrate_indices`), a bitsandbytes 4-bit layer was already repacked for CPU inference
+            (:func:`paca_hpu.quantized.prevent_cpu_repack`, which runs here on every ``Linear4bit`` of the model).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply_paca expects a torch.nn.Module (e.g. AutoModelForCausalLM.from_pretrained(path)), got "
@@ -455,6 +456,7 @@ def apply_paca(
         if not to_save:  # checked before anything changes: a failed apply_paca leaves the model untouched
             raise ValueError(f"modules_to_save={config.modules_to_save!r} matched no module of "
                              f"{type(model).__name__}")
+    prevent_cpu_repack(model)  # 4-bit layers: refused if repacked, never repacked from here on
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -498,10 +500,12 @@ def calibrate_indices(model: nn.Module, config: PaCAConfig, batches=None) -> Dic
 
     Raises:
         ValueError: ``"activation_norm"`` without batches (names the fix), no target matches, ``r`` out of range,
-            or a targeted layer never ran during the pass.
+            a targeted layer never ran during the pass, or a bitsandbytes 4-bit layer was already repacked for CPU
+            inference (:func:`paca_hpu.quantized.prevent_cpu_repack`, which runs here first).
     """
     names = find_target_modules(model, config)
     modules = dict(model.named_modules())
+    prevent_cpu_repack(model)  # the eval-mode pass below must not repack bitsandbytes 4-bit layers
     if config.init_indices in DATA_AWARE_INIT_INDICES:
         if batches is None:
             raise ValueError(f"PaCAConfig(init_indices={config.init_indices!r}) needs calibration data: pass a few "

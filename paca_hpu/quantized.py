@@ -65,6 +65,10 @@ design; the designs differ in what reaches the output of a small update, and not
 At ``delta = 0`` the layer's output equals bitsandbytes' base output up to rounding (the selected channels are
 summed separately), not bit for bit; :func:`paca_hpu.disable_paca` gives the base output bit for bit.
 
+bitsandbytes' CPU inference repack (bitsandbytes >= 0.50 on AVX-512 BF16 hosts, at a layer's first eval-mode forward
+without gradients) is kept off every 4-bit layer of a PaCA model, and a model it has already repacked is refused
+(:func:`prevent_cpu_repack` says why).
+
 8-bit ``Linear8bitLt`` layers are refused (:func:`unsupported_reason`); 4-bit is the supported quantized mode.
 bitsandbytes is imported only when a model already holds its layers; importing this module does not import it.
 """
@@ -81,7 +85,7 @@ from torch import nn
 from .layer import _autocast_dtype, _autocast_off, default_index_dtype, delta_gradient, input_gradient
 
 __all__ = ["PaCALinear4bit", "is_linear4bit", "unsupported_reason", "linear_features", "merged_linear",
-           "clear_quantization_markers"]
+           "clear_quantization_markers", "prevent_cpu_repack"]
 
 _COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -133,11 +137,21 @@ def linear_features(module: nn.Module):
     return int(w.shape[0]), int(w.shape[1])
 
 
+def _repacked_message(name: str) -> str:
+    return (f"bitsandbytes layer '{name}' has been repacked for bitsandbytes' CPU inference kernel (what its "
+            "eval-mode forward without gradients does on a CPU with AVX-512 BF16, e.g. an evaluation or a generation "
+            "before PaCA was applied); the repack rounds the block scales (absmax) to bfloat16, which a fresh load of "
+            "the checkpoint does not give, and bitsandbytes computes no input gradient through a repacked layer. "
+            "Reload the model and apply PaCA (apply_paca / load_adapter) before evaluating or generating with it; "
+            "evaluate the base model afterwards inside paca_hpu.disable_paca(model)")
+
+
 def _quant_state(base: nn.Module, name: str = ""):
     """The layer's bitsandbytes ``QuantState`` in bitsandbytes' standard packing.
 
     Raises:
-        ValueError: the layer is not quantized yet (bitsandbytes quantizes on ``.to(device)``).
+        ValueError: the layer is not quantized yet (bitsandbytes quantizes on ``.to(device)``), or bitsandbytes
+            repacked it for its CPU inference kernel (see :func:`prevent_cpu_repack`).
     """
     w = base.weight
     qs = getattr(w, "quant_state", None)
@@ -145,13 +159,39 @@ def _quant_state(base: nn.Module, name: str = ""):
         raise ValueError(f"Linear4bit '{name}' is not quantized yet (bitsandbytes quantizes when the layer is moved to "
                          "its device: .to('cpu') / .to('cuda') / .to('hpu')); move the model first")
     if getattr(qs, "packing_format_for_cpu", False):
-        # Linear4bit.forward repacks the weight for its AVX512-BF16 CPU inference kernel (eval mode, no grad);
-        # bitsandbytes converts it back the same way before saving or moving the layer.
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-        w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, qs)
-        qs = w.quant_state
+        raise ValueError(_repacked_message(name))
     return qs
+
+
+def _linear4bit_layers(model: nn.Module):
+    """``(name, module)`` of every bitsandbytes ``Linear4bit`` in ``model`` (those inside PaCA layers included)."""
+    return [(n, m) for n, m in model.named_modules() if is_linear4bit(m)]
+
+
+def prevent_cpu_repack(model: nn.Module) -> None:
+    """Keep every bitsandbytes ``Linear4bit`` of ``model`` in bitsandbytes' standard 4-bit layout for good.
+
+    bitsandbytes (>= 0.50, CPU) repacks a ``Linear4bit`` weight for its AVX-512 BF16 inference kernel at the
+    layer's first eval-mode forward without gradients (``support_avx512bf16_for_cpu``, hosts with AVX-512 BF16 only):
+    the block scales are rounded to bfloat16 and transposed, double quantization is dropped, later forwards run a
+    kernel without autograd (no gradient reaches the layer's input, silently, also in training mode), and
+    bitsandbytes' private inverse leaves ``absmax`` transposed when there was no double quantization. Called on the
+    whole model, targeted layers or not, by :func:`paca_hpu.apply_paca` (so ``load_adapter``),
+    :func:`paca_hpu.calibrate_indices`, :func:`paca_hpu.trainer.prepare_model` before peft LoRA (QLoRA) and the
+    benchmark's 4-bit base: the layers then always compute on bitsandbytes' standard 4-bit path (as on AVX2 hosts,
+    in training and on other devices). Not undone by ``unload_paca`` / ``merge_paca``. A no-op for a model without
+    bitsandbytes layers.
+
+    Raises:
+        ValueError: a layer was already repacked (names it, the cause and the fix: reload the model and convert it
+            before evaluating or generating); nothing is changed then.
+    """
+    layers = _linear4bit_layers(model)
+    for name, module in layers:
+        if getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False):
+            raise ValueError(_repacked_message(name))
+    for _, module in layers:
+        module.support_avx512bf16_for_cpu = False
 
 
 def _dequantize(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
@@ -258,7 +298,8 @@ class PaCALinear4bit(nn.Module):
 
     Raises:
         TypeError: ``base_layer`` is not a bitsandbytes ``Linear4bit``.
-        ValueError: the layer is not quantized yet; bad indices.
+        ValueError: the layer is not quantized yet, or bitsandbytes repacked it for CPU inference
+            (:func:`prevent_cpu_repack`, which the layer applies to its base); bad indices.
     """
 
     base_layer_type = "linear4bit"
@@ -284,6 +325,7 @@ class PaCALinear4bit(nn.Module):
         self._base_requires_grad = {n: p.requires_grad for n, p in base_layer.named_parameters()}
         for p in base_layer.parameters():
             p.requires_grad_(False)
+        base_layer.support_avx512bf16_for_cpu = False  # never repacked for CPU inference (prevent_cpu_repack)
         self.base_layer = base_layer
         self.register_buffer("indices", idx.to(device=device, dtype=index_dtype))
         self.register_buffer("original_columns", torch.empty(self.out_features, self.r, device=device),
@@ -341,7 +383,7 @@ class PaCALinear4bit(nn.Module):
         """``x``: ``(..., in_features)`` -> ``(..., out_features)`` (module docstring)."""
         cd = self.compute_dtype(x)
         out_dtype = _autocast_dtype(x) or x.dtype
-        qs = _quant_state(self.base_layer)
+        qs = _quant_state(self.base_layer, getattr(self, "paca_name", ""))
         delta = None
         if self._paca_enabled:
             self._refresh_columns()
@@ -378,7 +420,9 @@ class PaCALinear4bit(nn.Module):
         key = (id(w), w.data_ptr(), id(getattr(w, "quant_state", None)), self.indices.data_ptr(),
                self.indices._version)
         if key != self._columns_of:
-            with torch.no_grad():
+            # a normal tensor even when first needed under torch.inference_mode() (a generation after a device
+            # move): an inference tensor could not be saved for a later training step's backward
+            with torch.inference_mode(False), torch.no_grad():
                 self.original_columns = self.base_weight().index_select(1, self.indices).to(self.indices.device)
             self._columns_of = key
 
@@ -438,10 +482,17 @@ def merged_linear(layer: PaCALinear4bit, dtype: Optional[torch.dtype] = None) ->
 
 
 def clear_quantization_markers(model: nn.Module) -> bool:
-    """After merging: if ``model`` was quantized by transformers' bitsandbytes integration and no bitsandbytes layer
-    is left, drop its quantization markers (``hf_quantizer``, ``config.quantization_config``, ``is_quantized``...,
-    through transformers' ``HfQuantizer.remove_quantization_config``) so ``save_pretrained`` writes a plain
-    checkpoint. Returns whether it did. A model that still holds bitsandbytes layers (e.g. excluded ones) keeps them."""
+    """After merging: make ``save_pretrained`` write a checkpoint that ``from_pretrained`` loads as this model.
+
+    If ``model`` was quantized by transformers' bitsandbytes integration and no bitsandbytes layer is left, its
+    quantization markers are dropped (``hf_quantizer``, ``config.quantization_config``, ``is_quantized``..., through
+    transformers' ``HfQuantizer.remove_quantization_config``): a plain checkpoint. If some are left (only some layers
+    were adapted, e.g. ``q_proj`` / ``v_proj``), the markers stay and every float ``nn.Linear`` / ``Conv1D`` of the
+    model (the merged layers, and those never quantized such as ``lm_head``) is listed by its qualified name in
+    ``quantization_config.llm_int8_skip_modules`` (transformers' list of layers not to quantize, 4-bit included): the
+    reload keeps the merged layers float with their saved weights and the other layers 4-bit with their saved
+    quantization states, instead of looking for quantization states of the merged layers. (peft instead re-quantizes
+    merged layers to 4 bits, which changes them.) Returns whether the markers were dropped."""
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is None or not hasattr(quantizer, "remove_quantization_config"):
         return False
@@ -449,6 +500,24 @@ def clear_quantization_markers(model: nn.Module) -> bool:
     if bnn is not None:
         kinds = tuple(k for k in (getattr(bnn, "Linear4bit", None), getattr(bnn, "Linear8bitLt", None)) if k)
         if any(isinstance(m, kinds) for m in model.modules()):
+            _skip_float_layers(model, quantizer, kinds)
             return False
     quantizer.remove_quantization_config(model)
     return True
+
+
+def _skip_float_layers(model: nn.Module, quantizer, quantized_kinds: tuple) -> None:
+    """List every float ``nn.Linear`` / ``Conv1D`` of ``model`` in ``llm_int8_skip_modules`` of its quantization
+    config(s) (see :func:`clear_quantization_markers`)."""
+    from transformers.pytorch_utils import Conv1D
+
+    names = sorted(n for n, m in model.named_modules()
+                   if n and isinstance(m, (nn.Linear, Conv1D)) and not isinstance(m, quantized_kinds))
+    configs = [getattr(model.config, "quantization_config", None), getattr(quantizer, "quantization_config", None)]
+    for qc in {id(c): c for c in configs if c is not None}.values():
+        if isinstance(qc, dict):
+            qc["llm_int8_skip_modules"] = names
+        else:
+            qc.llm_int8_skip_modules = names
+    if isinstance(getattr(quantizer, "modules_to_not_convert", None), list):
+        quantizer.modules_to_not_convert = sorted(set(quantizer.modules_to_not_convert) | set(names))

@@ -145,9 +145,13 @@ def prepare_model(
     With ``gradient_checkpointing`` and a frozen base, the input embeddings are made to require grad
     (``enable_input_require_grads``) so that reentrant checkpointing still back-propagates into the adapters.
 
+    A bitsandbytes 4-bit base (QPaCA, QLoRA) is kept out of bitsandbytes' CPU inference repack
+    (:func:`paca_hpu.quantized.prevent_cpu_repack`).
+
     Raises:
         ValueError: unknown ``peft_type``; no module matches ``target_modules`` (message from apply_paca / peft);
-            unknown ``init_indices``, or a data-aware one without ``calibration_data``.
+            unknown ``init_indices``, or a data-aware one without ``calibration_data``; a 4-bit layer that
+            bitsandbytes already repacked for CPU inference.
     """
     if peft_type not in PEFT_TYPES:
         raise ValueError(f"peft_type must be one of {', '.join(PEFT_TYPES)}, got {peft_type!r}")
@@ -175,6 +179,9 @@ def prepare_model(
             bias="none",
             task_type="CAUSAL_LM",
         )
+        from .quantized import prevent_cpu_repack
+
+        prevent_cpu_repack(model)  # a repacked bitsandbytes layer passes no gradient to its input (QLoRA's base)
         model = get_peft_model(model, lora_config)
     else:
         for p in model.parameters():

@@ -19,9 +19,12 @@ from paca_hpu import (PaCAConfig, apply_paca, disable_paca, load_adapter, merge_
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnbF  # noqa: E402
 
-from paca_hpu.quantized import PaCALinear4bit  # noqa: E402
+from paca_hpu.quantized import PaCALinear4bit, prevent_cpu_repack  # noqa: E402
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1.5e-2}
+#: hidden size of the tiny 4-bit LLaMAs: bitsandbytes' CPU repack (AVX-512 BF16 hosts) needs in_features of at least
+#: the 4-bit block size (64) and out_features divisible by 32 (k_proj / v_proj: 64 / 4 heads * 2 KV heads = 32)
+Q_HIDDEN = 64
 
 
 def quantize(linear: nn.Linear, quant_type="nf4", double_quant=False, compute_dtype=torch.float32):
@@ -166,21 +169,6 @@ def test_float64_input_is_refused_with_a_clear_error():
         layer(torch.zeros(2, 64, dtype=torch.float64))
 
 
-def test_weight_repacked_for_cpu_inference_is_converted_back():
-    layer = quantize(OneLayer(64, 64, seed=2, dtype=torch.float32).proj, "nf4", True, torch.bfloat16)
-    before = dequant64(layer.weight)
-    # what Linear4bit.forward does in eval mode without grad on AVX512-BF16 CPUs
-    layer.weight.data, layer.weight.quant_state = bnbF._convert_weight_packed_for_cpu(layer.weight.data,
-                                                                                      layer.weight.quant_state)
-    paca = PaCALinear4bit(layer, torch.arange(0, 64, 8), 2.0)
-    assert not getattr(paca.weight.quant_state, "packing_format_for_cpu", False)
-    assert max_rel_err(dequant64(paca.weight), before) < 5e-3  # absmax went through bf16 in bitsandbytes' repacking
-    x = randn(3, 64, seed=1)
-    with torch.no_grad():
-        expected = x @ dequant64(paca.weight).t() + paca.bias.double()
-        assert max_rel_err(paca(x.bfloat16()), expected) < TOL[torch.bfloat16]
-
-
 def test_8bit_layers_are_refused_naming_4bit():
     model = OneLayer(64, 24, dtype=torch.float32)
     l8 = bnb.nn.Linear8bitLt(64, 24, has_fp16_weights=False)
@@ -198,7 +186,7 @@ def test_8bit_layers_are_refused_naming_4bit():
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("qpaca") / "tiny"
-    tiny_llama(seed=0).save_pretrained(path)
+    tiny_llama(seed=0, hidden=Q_HIDDEN).save_pretrained(path)
     return str(path)
 
 
@@ -213,7 +201,8 @@ def load_4bit(path, quant_type="nf4", double_quant=True, dtype=torch.float32):
 
 
 def reference_model(path, qpaca_model):
-    """Dense float64 LLaMA from the same checkpoint; each adapted projection carries D with the merged columns."""
+    """Dense float64 LLaMA from the same checkpoint; each adapted projection carries D with the merged columns, each
+    4-bit projection left alone carries D."""
     from transformers import AutoModelForCausalLM
 
     ref = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float64, attn_implementation="eager").eval()
@@ -222,7 +211,25 @@ def reference_model(path, qpaca_model):
             w = dequant64(module.weight)
             w[:, module.indices] += module.scaling * module.delta.detach().double()
             ref.get_submodule(name).weight.data.copy_(w)
+        elif isinstance(module, bnb.nn.Linear4bit) and not name.endswith(".base_layer"):
+            ref.get_submodule(name).weight.data.copy_(dequant64(module.weight))
     return ref
+
+
+def assert_delta_gradients_match(model, ref, ids):
+    """One training-mode loss and backward of ``model`` and of its float64 reference ``ref``: the losses and every
+    ``delta.grad`` (against ``scaling * dW[:, idx]`` of the dense reference) agree."""
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    ref_loss = ref(input_ids=ids, labels=ids).loss
+    ref_loss.backward()
+    assert abs(loss.item() - ref_loss.item()) < 1e-5 * abs(ref_loss.item())
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, PaCALinear4bit)]
+    assert layers
+    for name, module in layers:
+        expected = module.scaling * ref.get_submodule(name).weight.grad[:, module.indices]  # d loss / d delta
+        assert max_rel_err(module.delta.grad, expected) < 1e-4, name
 
 
 def _train(model, steps=2, lr=3e-2, seed=0):
@@ -237,7 +244,7 @@ def _train(model, steps=2, lr=3e-2, seed=0):
 
 def test_apply_paca_converts_every_4bit_projection_with_the_dense_columns(tiny_dir):
     model = apply_paca(load_4bit(tiny_dir), PaCAConfig(r=4))
-    dense = apply_paca(tiny_llama(seed=0), PaCAConfig(r=4))
+    dense = apply_paca(tiny_llama(seed=0, hidden=Q_HIDDEN), PaCAConfig(r=4))
     layers = {n: m for n, m in model.named_modules() if isinstance(m, PaCALinear4bit)}
     assert len(layers) == 2 * 7
     for name, layer in layers.items():
@@ -257,19 +264,7 @@ def test_model_gradients_match_float64_reference(tiny_dir, checkpointing):
     if checkpointing is not None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
         model.enable_input_require_grads()
-    ids = random_ids(seed=7)
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    ref_loss = ref(input_ids=ids, labels=ids).loss
-    ref_deltas = []
-    for name, module in model.named_modules():
-        if isinstance(module, PaCALinear4bit):
-            ref_deltas.append((module, ref.get_submodule(name).weight))
-    ref_loss.backward()
-    assert abs(loss.item() - ref_loss.item()) < 1e-5 * abs(ref_loss.item())
-    for module, w in ref_deltas:
-        expected = module.scaling * w.grad[:, module.indices]  # d loss / d delta of the dense reference
-        assert max_rel_err(module.delta.grad, expected) < 1e-4
+    assert_delta_gradients_match(model, ref, random_ids(seed=7))
 
 
 def test_adapter_reloads_onto_a_freshly_quantized_base(tiny_dir, tmp_path):
@@ -317,6 +312,7 @@ def test_merge_gives_a_plain_checkpoint_with_float32_merged_weights_rounded_once
 def test_unload_returns_the_untouched_linear4bit_and_disable_gives_the_base(tiny_dir):
     model = load_4bit(tiny_dir, "nf4", True, torch.bfloat16)
     ids = random_ids(seed=8)
+    prevent_cpu_repack(model)  # as apply_paca does: bitsandbytes' standard 4-bit path also on AVX-512 BF16 hosts
     with torch.no_grad():
         base_logits = model(input_ids=ids).logits
     originals = {n: (m, m.weight.data.clone()) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
@@ -333,6 +329,147 @@ def test_unload_returns_the_untouched_linear4bit_and_disable_gives_the_base(tiny
         assert torch.equal(model(input_ids=ids).logits, base_logits)
 
 
+def _linear4bit(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+
+def repack_for_cpu_inference(model, ids):
+    """What bitsandbytes does to each Linear4bit at its first eval-mode forward without gradients on a CPU with
+    AVX-512 BF16: for real (the model's own forward) where this host has it, else through bitsandbytes' own repack
+    function, which is what that forward calls."""
+    if bnbF.has_avx512bf16():
+        with torch.no_grad():
+            model.eval()(input_ids=ids)
+    else:
+        for m in _linear4bit(model).values():
+            m.weight.data, m.weight.quant_state = bnbF._convert_weight_packed_for_cpu(m.weight.data,
+                                                                                      m.weight.quant_state)
+    assert all(m.weight.quant_state.packing_format_for_cpu for m in _linear4bit(model).values())
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_a_model_that_bitsandbytes_repacked_for_cpu_inference_is_refused(tiny_dir, double_quant):
+    # the repack rounds absmax to bf16 (and bitsandbytes' inverse leaves it transposed without double quantization):
+    # no longer the checkpoint's 4-bit base, so PaCA refuses it instead of training on another base
+    model = load_4bit(tiny_dir, "nf4", double_quant)
+    repack_for_cpu_inference(model, random_ids(seed=2))
+    config = PaCAConfig(r=4, target_modules=["q_proj", "v_proj"])
+    first = r"layer 'model\.layers\.0\.self_attn\.q_proj' has been repacked .* Reload the model and apply PaCA"
+    with pytest.raises(ValueError, match=first):
+        apply_paca(model, config)
+    assert not any(isinstance(m, PaCALinear4bit) for m in model.modules())  # untouched
+    with pytest.raises(ValueError, match="repacked"):
+        PaCALinear4bit(model.model.layers[0].mlp.down_proj, torch.arange(4), 2.0, name="down_proj")
+    with pytest.raises(ValueError, match="repacked"):
+        load_adapter(model, _saved_adapter(tiny_dir, config))
+
+
+def _saved_adapter(tiny_dir, config):
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="qpaca-adapter-")
+    save_adapter(apply_paca(load_4bit(tiny_dir, "nf4", False), config), path)
+    return path
+
+
+def test_a_paca_model_is_never_repacked_and_trains_right_after_evaluation_and_generation(tiny_dir):
+    # q_proj / v_proj only (optimum-habana's run_lora_clm targets): the other projections are bitsandbytes layers that
+    # bitsandbytes would repack at the evaluation below on AVX-512 BF16 hosts, after which they pass no gradient on
+    model = load_4bit(tiny_dir, "nf4", False)
+    model = _train(apply_paca(model, PaCAConfig(r=4, target_modules=["q_proj", "v_proj"])), steps=1)
+    before = {n: (m.weight.data.clone(), m.weight.quant_state.absmax.clone()) for n, m in _linear4bit(model).items()}
+    ids = random_ids(seed=3)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+        model.generate(ids[:, :4], max_new_tokens=3, do_sample=False)
+    for name, m in _linear4bit(model).items():
+        assert not getattr(m.weight.quant_state, "packing_format_for_cpu", False), name
+        assert torch.equal(m.weight.data, before[name][0]) and torch.equal(m.weight.quant_state.absmax, before[name][1])
+    assert_delta_gradients_match(model, reference_model(tiny_dir, model), ids)
+
+
+def _qlora_from_the_training_script(tiny_dir):
+    from paca_hpu.trainer import prepare_model
+
+    return prepare_model(load_4bit(tiny_dir, "nf4", False), "lora", r=4, target_modules=["q_proj", "v_proj"])
+
+
+def _qlora_from_the_benchmark(tiny_dir):
+    from paca_hpu.bench.qpaca import load_quantized_base
+    from paca_hpu.bench.variants import ModelSpec, build_variant
+
+    base = load_quantized_base(ModelSpec(kind="tiny", attn_implementation="eager"), torch.float32,
+                               torch.device("cpu"), "nf4", double_quant=False)
+    return build_variant("lora", base, r=4, alpha=8, targets=("q_proj", "v_proj")).model
+
+
+@pytest.mark.parametrize("build", [_qlora_from_the_training_script, _qlora_from_the_benchmark])
+def test_qlora_base_is_not_repacked_by_an_evaluation(tiny_dir, build):
+    # peft LoRA calls the bitsandbytes layer itself: after a repack its input gets no gradient from it (and LoRA's
+    # own gradients change), silently; the reference is the same QLoRA model never evaluated
+    def gradients(evaluate_first):
+        torch.manual_seed(0)
+        model = build(tiny_dir)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(std=0.1)  # (peft starts B at zero)
+        ids = random_ids(seed=4)
+        if evaluate_first:
+            with torch.no_grad():
+                model.eval()(input_ids=ids)
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    fresh, evaluated = gradients(False), gradients(True)
+    assert fresh.keys() == evaluated.keys() and len(fresh) == 8
+    for name, g in fresh.items():
+        assert g.abs().max() > 0 and evaluated[name] is not None and torch.equal(evaluated[name], g), name
+
+
+def test_device_move_then_generation_in_inference_mode_then_training(tiny_dir):
+    model = _train(apply_paca(load_4bit(tiny_dir), PaCAConfig(r=4)), steps=1)
+    model.to("cpu")  # a device move: the dequantized columns are re-captured at the next forward
+    ids = random_ids(seed=5)
+    with torch.inference_mode():
+        model.eval().generate(ids[:, :4], max_new_tokens=3, do_sample=False)
+    for m in model.modules():
+        if isinstance(m, PaCALinear4bit):
+            assert not m.original_columns.is_inference()
+    assert_delta_gradients_match(model, reference_model(tiny_dir, model), ids)
+
+
+def test_merge_of_a_partly_4bit_adapted_model_reloads_as_the_merged_model(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = _train(apply_paca(load_4bit(tiny_dir), PaCAConfig(r=4, target_modules=["q_proj", "v_proj"])), steps=2)
+    ids = random_ids(seed=6)
+    with torch.no_grad():
+        qpaca_logits = model(input_ids=ids).logits
+    merged = merge_paca(model)
+    with torch.no_grad():
+        merged_logits = merged(input_ids=ids).logits
+    assert max_rel_err(merged_logits, qpaca_logits) < 1e-5
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", device_map="cpu", torch_dtype=torch.float32,
+                                                    attn_implementation="eager").eval()
+    kinds = {n: type(m) for n, m in reloaded.named_modules() if isinstance(m, nn.Linear)}
+    assert kinds == {n: type(m) for n, m in merged.named_modules() if isinstance(m, nn.Linear)}
+    assert kinds["model.layers.1.self_attn.q_proj"] is nn.Linear
+    assert kinds["model.layers.1.self_attn.k_proj"] is bnb.nn.Linear4bit
+    saved = dict(merged.named_modules())
+    for name, m in reloaded.named_modules():
+        if type(m) is nn.Linear:  # merged (and never quantized: lm_head): the float weights as saved
+            assert torch.equal(m.weight, saved[name].weight), name
+        elif isinstance(m, bnb.nn.Linear4bit):  # the same 4-bit codes and scales
+            assert torch.equal(dequant64(m.weight), dequant64(saved[name].weight)), name
+    prevent_cpu_repack(reloaded)  # bitsandbytes' standard 4-bit path, as in the merged model
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, merged_logits)
+
+
 # ------------------------------------------------------------------------------------------ the training script
 
 
@@ -341,7 +478,8 @@ def tiny_run(tmp_path_factory):
     from test_trainer import make_tiny_checkpoint, qa_records, write_jsonl
 
     root = tmp_path_factory.mktemp("qpaca_run")
-    return {"model": make_tiny_checkpoint(root / "model"), "train": write_jsonl(root / "train.jsonl", qa_records(24))}
+    return {"model": make_tiny_checkpoint(root / "model", hidden_size=Q_HIDDEN),
+            "train": write_jsonl(root / "train.jsonl", qa_records(24))}
 
 
 def _run(tiny_run, out, *extra):

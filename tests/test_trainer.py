@@ -34,8 +34,9 @@ def write_jsonl(path, records):
     return str(path)
 
 
-def make_tiny_checkpoint(path, seed=0):
-    """A tiny LlamaForCausalLM (hidden 32, 2 layers) + a small byte-level BPE tokenizer with a chat template."""
+def make_tiny_checkpoint(path, seed=0, hidden_size=32):
+    """A tiny LlamaForCausalLM (hidden 32 by default, 2 layers) + a small byte-level BPE tokenizer with a chat
+    template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -54,7 +55,7 @@ def make_tiny_checkpoint(path, seed=0):
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(path)
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, attention_dropout=0.0,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )

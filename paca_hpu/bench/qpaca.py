@@ -53,10 +53,13 @@ def load_quantized_base(spec, dtype: torch.dtype, device: torch.device, quant_ty
                         double_quant: bool = True) -> torch.nn.Module:
     """The benchmark model (:class:`~paca_hpu.bench.variants.ModelSpec`) loaded by transformers with a bitsandbytes
     4-bit ``BitsAndBytesConfig`` (compute dtype = ``dtype``, the rest of the model in ``dtype``) onto ``device``;
-    train mode, every parameter frozen. In-process models (``--tiny`` / ``--model_config``) are built as
-    :func:`~paca_hpu.bench.variants.load_base_model` builds them, saved to a temporary directory and loaded from it."""
+    train mode, every parameter frozen, kept out of bitsandbytes' CPU inference repack for every variant copied from
+    it (:func:`paca_hpu.quantized.prevent_cpu_repack`: a QLoRA base repacked by an evaluation would pass no gradient).
+    In-process models (``--tiny`` / ``--model_config``) are built as :func:`~paca_hpu.bench.variants.load_base_model`
+    builds them, saved to a temporary directory and loaded from it."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from ..quantized import prevent_cpu_repack
     from .variants import load_base_model
 
     cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=dtype,
@@ -72,6 +75,7 @@ def load_quantized_base(spec, dtype: torch.dtype, device: torch.device, quant_ty
     model.config.use_cache = False
     for p in model.parameters():
         p.requires_grad_(False)
+    prevent_cpu_repack(model)
     model.train()
     return model
 
