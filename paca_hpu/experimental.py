@@ -1,7 +1,7 @@
 """Candidate speed-ups of PaCA's training step, OFF by default, to be measured before any becomes the default.
 
 Each candidate computes exactly what the default path computes (``bf16_delta_grad`` excepted, see there) and is
-switched on and off at run time, so that ``python -m paca_hpu.bench.ab --candidate NAME`` can time the old and new
+switched on and off at run time, so that ``python -m benchmarks.ab --candidate NAME`` can time the old and new
 path interleaved in one process on the same model. The correctness tests are in ``tests/test_experimental.py``.
 
 * ``fused_writeback``: the write-back after an optimizer step for all stepped layers at once: the merged columns
@@ -37,7 +37,8 @@ from . import layer as _layer
 from . import model as _model
 from .layer import PaCADelta, PaCALinear
 
-__all__ = ["CANDIDATES", "enable", "disable", "enabled", "candidate", "fused_write_back", "compile_decoder_layers"]
+__all__ = ["CANDIDATES", "enable", "disable", "enabled", "candidate", "fused_write_back", "lowp_delta_gradient",
+           "compile_decoder_layers"]
 
 
 # ------------------------------------------------------------------------------------------ fused write-back
@@ -119,9 +120,18 @@ def _lean_forward(self: PaCALinear, x: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ bf16 delta gradient
 
 
-def _delta_grad_lowp(grad_y: torch.Tensor, x_sel: torch.Tensor, scaling: float) -> torch.Tensor:
+def lowp_delta_gradient(grad_y: torch.Tensor, x_sel: torch.Tensor, scaling: float) -> torch.Tensor:
     """:func:`paca_hpu.layer.delta_gradient` for bf16/fp16 inputs as per-sequence GEMMs in the input dtype,
-    partials summed in float32 (see the module doc); other dtypes take the default."""
+    partials summed in float32 (see the module doc); other dtypes take the default. What the fused backward
+    computes while ``bf16_delta_grad`` is on.
+
+    Args:
+        grad_y: ``(..., out_features)`` gradient of the layer output.
+        x_sel: ``(..., r)`` the saved ``x[..., indices]`` (same leading dims and, for this path, same dtype).
+        scaling: ``paca_alpha / r``.
+
+    Returns:
+        ``(out_features, r)`` float32 (float64 for float64 inputs, through the default)."""
     if x_sel.dtype not in (torch.bfloat16, torch.float16) or grad_y.dtype != x_sel.dtype:
         return _layer.delta_gradient(grad_y, x_sel, scaling)
     if x_sel.dim() == 3:
@@ -144,14 +154,14 @@ def _set_lean(on: bool) -> None:
 
 
 def _set_lowp(on: bool) -> None:
-    _layer._delta_grad = _delta_grad_lowp if on else _layer.delta_gradient
+    _layer._delta_grad = lowp_delta_gradient if on else _layer.delta_gradient
 
 
 #: name -> (switch, is-on test)
 CANDIDATES: Dict[str, Tuple[Callable[[bool], None], Callable[[], bool]]] = {
     "fused_writeback": (_set_fused, lambda: _model._write_back is fused_write_back),
     "lean_forward": (_set_lean, lambda: PaCALinear.forward is _lean_forward),
-    "bf16_delta_grad": (_set_lowp, lambda: _layer._delta_grad is _delta_grad_lowp),
+    "bf16_delta_grad": (_set_lowp, lambda: _layer._delta_grad is lowp_delta_gradient),
 }
 
 

@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from paca_hpu.bench.cli import main  # noqa: E402
+from benchmarks.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

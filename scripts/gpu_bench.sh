@@ -61,7 +61,7 @@ fi
 export PACA_DEVICE=cuda TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 $PY - <<'EOF' || { echo "gpu_bench: environment check failed"; exit 1; }
 import torch, transformers, peft, datasets, paca_hpu
-from paca_hpu.bench.variants import peft_paca_unavailable
+from benchmarks.variants import peft_paca_unavailable
 print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")
 print("transformers", transformers.__version__, "peft", peft.__version__, "datasets", datasets.__version__)

@@ -6,7 +6,7 @@ Each variant is a model of its own, loaded from disk and adapted the way a user 
 All variants live in this one process and take turns: every round, each variant does one step on the same batch, in
 a fresh random order; the ratios are computed per round and summarised by their median and quartiles.
 
-Shared with the harness (``scripts/benchmark.py``) is only the data loading (``paca_hpu.bench.inputs``: the embedded
+Shared with the harness (``scripts/benchmark.py``) is only the data loading (``benchmarks.inputs``: the embedded
 GSM8K, chat-formatted, response-only labels, packed into blocks of exactly ``seq_len`` tokens). Everything else is
 written out here.
 
@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from paca_hpu.bench.inputs import byte_level_tokenizer, fixed_batches, packed_splits  # noqa: E402  (data only)
+from benchmarks.inputs import byte_level_tokenizer, fixed_batches, packed_splits  # noqa: E402  (data only)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ("floor", "lora", "paca", "peft_paca")

@@ -4,7 +4,7 @@
     nice -n 19 python scripts/study.py                 # fp32 on AVX2-only CPUs, bf16 where the CPU has bf16 GEMMs
     python scripts/study.py --summary                  # the tables' state from the run files, no training
 
-Run files: docs/benchmarks/<name>/runs/; checkpoints: outputs/study-ckpt/<name>/ (see paca_hpu.bench.study_runs).
+Run files: docs/benchmarks/<name>/runs/; checkpoints: outputs/study-ckpt/<name>/ (see benchmarks.study_runs).
 Stop it at any time (Ctrl-C, kill); the same command continues where it stopped.
 """
 
@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from paca_hpu.bench.study_runs import StudyConfig, run_study, study_summary
+    from benchmarks.study_runs import StudyConfig, run_study, study_summary
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -59,8 +59,8 @@ def main(argv=None) -> int:
     only = [s.strip() for s in args.only.split(",")] if args.only else None
 
     def rebuild(_record) -> None:  # the page and the plot follow every run file written
-        from paca_hpu.bench.report import write_docs_page
-        from paca_hpu.bench.study import plot_study
+        from benchmarks.report import write_docs_page
+        from benchmarks.study import plot_study
 
         plot_study(str(study_dir))
         write_docs_page(str(ROOT / "docs" / "benchmarks.md"))

@@ -1,4 +1,4 @@
-"""The benchmark's quality section (paca_hpu/bench/quality.py, variants.py, study.py) in-process on tiny models:
+"""The benchmark's quality section (benchmarks/quality.py, variants.py, study.py) in-process on tiny models:
 parameter-matched r, variant specs, learning-rate grid extension and its edge flag, seed reruns, the docs tables."""
 import pytest
 import torch
@@ -6,10 +6,10 @@ import torch
 pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-from paca_hpu.bench.quality import EDGE_NOTE, run_quality  # noqa: E402
-from paca_hpu.bench.report import quality_markdown  # noqa: E402
-from paca_hpu.bench.variants import (LLAMA_TARGETS, build_variant, paca_r_matching_lora,  # noqa: E402
-                                     parse_quality_variant, tiny_llama_config)
+from benchmarks.quality import EDGE_NOTE, run_quality  # noqa: E402
+from benchmarks.report import quality_markdown  # noqa: E402
+from benchmarks.variants import (LLAMA_TARGETS, build_variant, paca_r_matching_lora,  # noqa: E402
+                                 parse_quality_variant, tiny_llama_config)
 
 
 def _llama(seed=0, **cfg):
@@ -82,7 +82,7 @@ def test_grid_search_grows_past_an_edge_until_the_best_is_interior(grid, extend,
     grown grid, the best point and the edge flag are what the objective dictates."""
     import math
 
-    from paca_hpu.bench.quality import _search
+    from benchmarks.quality import _search
 
     def train(variant, lr, seed):
         return {"lr": lr, "final_select": float("nan") if lr > 1 else (math.log10(lr) + 3) ** 2}
@@ -127,7 +127,7 @@ def test_seed_reruns_equal_single_seed_runs_and_ratios_are_per_seed():
 
 
 def _tiny_study(tmp_path, **over):
-    from paca_hpu.bench.study_runs import StudyConfig
+    from benchmarks.study_runs import StudyConfig
 
     cfg = dict(name="study-test", dtype="fp32", batch=2, seq_len=64, steps=6, stage1_steps=2, eval_every=2,
                model="tiny", max_train_samples=24, max_eval_samples=8, variants=["lora", "paca"],
@@ -142,7 +142,7 @@ def test_study_halving_resume_and_tables_from_run_files(tmp_path):
     the uninterrupted run's losses; the summary and page come from the run files (ratios recomputed here)."""
     import json
 
-    from paca_hpu.bench import study, study_runs
+    from benchmarks import study, study_runs
 
     cfg, d, ck = _tiny_study(tmp_path)
     summary = study_runs.run_study(cfg, d, ck, tmp_path, lambda m: None)
@@ -180,7 +180,7 @@ def test_study_halving_resume_and_tables_from_run_files(tmp_path):
     partial = study_runs.run_study(cfg2, d2, ck2, tmp_path, log.append, only=["nothing"])
     assert partial["missing"]
     runner_log = []
-    from paca_hpu.bench import study_runs as sr
+    from benchmarks import study_runs as sr
 
     def stop_at_4(rec):
         raise KeyboardInterrupt if rec["steps_done"] == 2 and rec["spec"] == "lora" else None
@@ -198,7 +198,7 @@ def test_study_halving_resume_and_tables_from_run_files(tmp_path):
 
 
 def test_study_refuses_another_configuration_in_the_same_folder(tmp_path):
-    from paca_hpu.bench import study_runs
+    from benchmarks import study_runs
 
     cfg, d, ck = _tiny_study(tmp_path, variants=[])
     study_runs.run_study(cfg, d, ck, tmp_path, lambda m: None)
@@ -208,7 +208,7 @@ def test_study_refuses_another_configuration_in_the_same_folder(tmp_path):
 
 
 def test_study_section_is_pending_without_study_folders(tmp_path):
-    from paca_hpu.bench import study
+    from benchmarks import study
 
     page = study.study_markdown(str(tmp_path))
     assert page.startswith("## Parity study and column selection")

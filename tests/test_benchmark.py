@@ -114,7 +114,7 @@ def test_markdown_and_pngs(bench_run):
 
 def test_targets_against_hand_computed_ratios():
     """evaluate_targets on a hand-made result: measured ratios and the floor's bound, per dtype."""
-    from paca_hpu.bench.report import evaluate_targets
+    from benchmarks.report import evaluate_targets
 
     mb = 2 ** 20
     res = {
@@ -160,7 +160,7 @@ def test_targets_against_hand_computed_ratios():
     (["--timing_legacy", "rotate,bogus"], "--timing_legacy: unknown part"),
 ])
 def test_bad_arguments_are_usage_errors(argv, needle, capsys):
-    from paca_hpu.bench.cli import main
+    from benchmarks.cli import main
 
     with pytest.raises(SystemExit) as exc:
         main(["--tiny", *argv])
@@ -170,7 +170,7 @@ def test_bad_arguments_are_usage_errors(argv, needle, capsys):
 
 
 def test_output_dir_that_is_a_file_is_refused_and_kept(tmp_path, capsys):
-    from paca_hpu.bench.cli import main
+    from benchmarks.cli import main
 
     f = tmp_path / "results"
     f.write_text("precious")
@@ -181,7 +181,7 @@ def test_output_dir_that_is_a_file_is_refused_and_kept(tmp_path, capsys):
 
 
 def test_docs_only_without_results_keeps_the_page(tmp_path, capsys):
-    from paca_hpu.bench.cli import main
+    from benchmarks.cli import main
 
     page = tmp_path / "benchmarks.md"
     page.write_text("# earlier page")
@@ -198,7 +198,7 @@ def test_docs_only_without_results_keeps_the_page(tmp_path, capsys):
 @pytest.fixture
 def fake_root(tmp_path, monkeypatch):
     """A repository root with a copy of the tracked docs page (the benchmark writes relative to it)."""
-    from paca_hpu.bench import cli as bench_cli
+    from benchmarks import cli as bench_cli
 
     (tmp_path / "docs" / "benchmarks").mkdir(parents=True)
     page = tmp_path / "docs" / "benchmarks.md"
@@ -209,7 +209,7 @@ def fake_root(tmp_path, monkeypatch):
 
 
 def test_tiny_smoke_run_leaves_the_docs_alone(fake_root):
-    from paca_hpu.bench.cli import main
+    from benchmarks.cli import main
 
     page = (fake_root / "docs" / "benchmarks.md").read_bytes()
     assert main(["--tiny", "--sections", "saved", "--variants", "floor,paca", "--batch", "1", "--seq_len", "16",
@@ -226,7 +226,7 @@ def test_tiny_smoke_run_leaves_the_docs_alone(fake_root):
 @pytest.mark.parametrize("case, needle", [("missing", "not found"), ("not_a_model", "is not a model folder")])
 def test_benchmark_on_a_model_it_cannot_load_is_one_line_and_writes_nothing(fake_root, tmp_path, capsys, case,
                                                                                needle):
-    from paca_hpu.bench.cli import main
+    from benchmarks.cli import main
 
     model = tmp_path / "models" / "mine"
     if case == "not_a_model":
@@ -273,7 +273,7 @@ def test_qpaca_section_measures_and_its_memory_model_matches_the_measured_saved_
 def test_balanced_orders_every_variant_follows_every_other_equally_often():
     from collections import Counter
 
-    from paca_hpu.bench.measure import balanced_orders, rotated_orders
+    from benchmarks.measure import balanced_orders, rotated_orders
 
     for n in range(2, 7):
         names = [f"v{i}" for i in range(n)]
@@ -288,7 +288,7 @@ def test_balanced_orders_every_variant_follows_every_other_equally_often():
 
 
 def test_timing_groups_keep_full_apart_from_the_adapters():
-    from paca_hpu.bench.timing import parse_legacy, plan_groups
+    from benchmarks.timing import parse_legacy, plan_groups
 
     assert plan_groups(["floor", "lora", "paca", "peft_paca", "full"]) == [
         ["floor", "lora", "paca", "peft_paca"], ["floor", "full"]]
@@ -307,8 +307,8 @@ def test_peft_paca_variant_follows_the_installed_peft(capsys):
 
     import peft
 
-    from paca_hpu.bench.cli import main, resolve_variants
-    from paca_hpu.bench.variants import build_variant, peft_paca_unavailable
+    from benchmarks.cli import main, resolve_variants
+    from benchmarks.variants import build_variant, peft_paca_unavailable
 
     variants, note = resolve_variants(argparse.Namespace(variants=None))
     if hasattr(peft, "PacaConfig"):
@@ -328,8 +328,8 @@ def test_peft_paca_variant_follows_the_installed_peft(capsys):
 def test_cpu_longest_sequence_search_is_a_real_search(tmp_path):
     """Each probe in a fresh process under an address-space cap: a budget a few MB above the tiny model's resident
     size fits short sequences and refuses long ones, and the probes bracket the answer."""
-    from paca_hpu.bench.maxseq import probe_child, search_cpu
-    from paca_hpu.bench.proc import run_fresh
+    from benchmarks.maxseq import probe_child, search_cpu
+    from benchmarks.proc import run_fresh
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 256, (1, 8192), generator=g)
@@ -373,7 +373,7 @@ def test_minimal_loop_script_reports_per_round_ratios(tmp_path):
 
 def test_ab_script_checks_then_times_both_paths(tmp_path):
     out = tmp_path / "ab.json"
-    cmd = [sys.executable, "-m", "paca_hpu.bench.ab", "--candidate", "fused_writeback", "--tiny", "--rounds", "2",
+    cmd = [sys.executable, "-m", "benchmarks.ab", "--candidate", "fused_writeback", "--tiny", "--rounds", "2",
            "--warmup", "1", "--batch", "2", "--seq_len", "32", "--threads", "1", "--max_train_samples", "40",
            "--json", str(out)]
     env = dict(os.environ, PACA_DEVICE="cpu", TOKENIZERS_PARALLELISM="false", PYTHONPATH=ROOT)
@@ -385,9 +385,81 @@ def test_ab_script_checks_then_times_both_paths(tmp_path):
     assert res["ratios"]["new/old"]["n"] == 2
 
 
+def test_profile_times_the_write_back_as_a_step_without_gradients(monkeypatch, one_torch_thread):
+    """The profile's ``write_back_all_layers`` is ``optimizer.step()`` with every gradient None: AdamW updates
+    nothing (deltas and optimizer state unchanged) and the step hook writes back every layer once, as after a
+    training step (the harness no longer calls the hook's private function)."""
+    from paca_hpu import PaCALinear, paca_layers
+
+    from benchmarks.variants import ModelSpec, build_variant, load_base_model, make_optimizer
+
+    base = load_base_model(ModelSpec(kind="tiny"), torch.float32, torch.device("cpu"))
+    paca = build_variant("paca", base, r=4, alpha=8.0)
+    opt = make_optimizer(paca, 1e-2)
+    with torch.no_grad():
+        for p in paca.params:
+            p.add_(0.5)  # a delta the merged weights do not show yet
+    layers = [lay for _, lay in paca_layers(paca.model)]
+    stale = [lay.weight.detach().clone() for lay in layers]
+    before = [p.detach().clone() for p in paca.params]
+    synced = []
+    monkeypatch.setattr(PaCALinear, "sync", lambda self, _s=PaCALinear.sync: (synced.append(self), _s(self))[1])
+    assert all(p.grad is None for p in paca.params)
+    opt.step()
+    assert sorted(map(id, synced)) == sorted(map(id, layers)) and not opt.state
+    assert all(torch.equal(p, b) for p, b in zip(paca.params, before))
+    for lay, old in zip(layers, stale):  # the write-back happened: the selected columns hold W0 + scaling * 0.5
+        want = old.clone()
+        want[:, lay.indices] = lay.original_columns + lay.scaling * 0.5
+        assert not torch.equal(lay.weight, old) and torch.allclose(lay.weight, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("candidate, dtype", [("fused_writeback", "fp32"), ("bf16_delta_grad", "bf16")])
+def test_ab_component_scope_runs_each_arms_own_path(candidate, dtype, monkeypatch, one_torch_thread):
+    """``--scope component`` times the default path in the old arm and the candidate in the new one, for every layer
+    (through paca_hpu's public API: PaCALinear.sync / experimental.fused_write_back, layer.delta_gradient /
+    experimental.lowp_delta_gradient)."""
+    monkeypatch.setenv("PACA_DEVICE", "cpu")
+    import paca_hpu.layer
+    from paca_hpu import PaCALinear, experimental, paca_layers
+
+    from benchmarks import ab
+
+    args = ab.build_parser().parse_args(["--candidate", candidate, "--tiny", "--scope", "component", "--dtype", dtype,
+                                         "--batch", "1", "--seq_len", "16", "--rounds", "1", "--warmup", "0",
+                                         "--max_train_samples", "8"])
+    _, batches, paca, opt, floor = ab._setup(args)
+    calls = []
+
+    def record(name, fn):
+        def wrapped(*a, **k):
+            calls.append(name)
+            return fn(*a, **k)
+        return wrapped
+
+    if candidate == "fused_writeback":
+        monkeypatch.setattr(PaCALinear, "sync", record("default", PaCALinear.sync))
+        monkeypatch.setattr(experimental, "fused_write_back", record("candidate", experimental.fused_write_back))
+    else:
+        monkeypatch.setattr(paca_hpu.layer, "delta_gradient", record("default", paca_hpu.layer.delta_gradient))
+        monkeypatch.setattr(experimental, "lowp_delta_gradient", record("candidate", experimental.lowp_delta_gradient))
+    toggles = ab._toggles(args, paca, floor)
+    component = ab._component_fn(args, paca, opt, batches[0])
+    n_layers = len(list(paca_layers(paca.model)))
+    try:
+        for arm, want in (("old", ["default"] * n_layers), ("new", ["candidate"] * (1 if candidate ==
+                                                                                   "fused_writeback" else n_layers))):
+            toggles[arm]()
+            calls.clear()
+            component()
+            assert calls == want, (arm, calls)
+    finally:
+        experimental.disable(candidate)
+
+
 def test_qpaca_parts_measured_by_separate_runs_merge_and_record_their_commands(fake_root):
     pytest.importorskip("bitsandbytes")
-    from paca_hpu.bench.cli import main
+    from benchmarks.cli import main
 
     common = ["--tiny", "--sections", "qpaca", "--batch", "1", "--seq_len", "16", "--rounds", "1", "--warmup", "0",
               "--max_train_samples", "8", "--max_eval_samples", "4", "--threads", "1", "--output_dir",
@@ -411,7 +483,7 @@ def test_qpaca_parts_measured_by_separate_runs_merge_and_record_their_commands(f
 
 
 def test_docs_page_sets_the_minimal_loop_beside_the_harness_run_of_the_same_shape(tmp_path):
-    from paca_hpu.bench.report import minimal_loop_markdown
+    from benchmarks.report import minimal_loop_markdown
 
     def q(med, lo, hi):
         return {"median": med, "q1": lo, "q3": hi}
@@ -442,7 +514,7 @@ def test_minimal_loop_refuses_bad_input_in_one_line(argv, needle):
 
 
 def test_docs_only_builds_the_repository_page_only_from_its_own_runs(fake_root, tmp_path, capsys):
-    from paca_hpu.bench.cli import main
+    from benchmarks.cli import main
 
     page = (fake_root / "docs" / "benchmarks.md").read_bytes()
     other = tmp_path / "elsewhere" / "run"
@@ -457,7 +529,7 @@ def test_docs_only_builds_the_repository_page_only_from_its_own_runs(fake_root, 
 
 
 def test_merge_with_another_shape_is_refused_before_measuring(fake_root, tmp_path):
-    from paca_hpu.bench.cli import main
+    from benchmarks.cli import main
 
     common = ["--tiny", "--sections", "saved", "--batch", "1", "--rounds", "1", "--warmup", "0",
               "--max_train_samples", "8", "--max_eval_samples", "4", "--threads", "1",

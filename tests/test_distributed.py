@@ -6,7 +6,7 @@ transformers.Trainer with the shipped DeepSpeed configs.
 Checked for every engine: losses, deltas, indices and the merged weights (the probe logits through the engine's own
 forward; the layers' weights where the engine leaves them whole; the saved adapter merged into a fresh base model)
 equal the single-process run within 1e-5 relative (float32), every rank holds the same values, and the adapter is
-written once (rank 0), complete. Also the communication the engines did against :mod:`paca_hpu.bench.scale_out`.
+written once (rank 0), complete. Also the communication the engines did against :mod:`benchmarks.scale_out`.
 
 The default run (CI) covers DDP, ZeRO-2, FSDP2 and the trainers' data-parallel paths; ``make test-dist`` adds the
 tests marked ``dist_heavy`` (ZeRO-1, ZeRO-3 on ``zero.Init`` placeholders, FSDP1, the training script under
@@ -42,7 +42,7 @@ def ref():
 def tiny_shape():
     from helpers import llama_config
 
-    from paca_hpu.bench.scale_out import ModelShape
+    from benchmarks.scale_out import ModelShape
 
     return ModelShape.from_config(llama_config().to_dict())
 
@@ -133,7 +133,7 @@ def test_apply_paca_on_a_wrapped_model_is_refused(ci_runs, engine, name):
 
 def test_ddp_bytes_reduced_match_the_scale_out_model(ci_runs, tiny_shape):
     """A DDP communication hook counts the bytes all-reduced per step: every delta gradient once, float32."""
-    from paca_hpu.bench.scale_out import step_communication
+    from benchmarks.scale_out import step_communication
 
     predicted = step_communication(tiny_shape, "paca", dw.R, "ddp", WORLD, grad_bytes=4)
     assert predicted["all_reduce"] == 2048 * 4  # 14 layers: sum of out_features (2 x 256) x r=4 float32 gradients
@@ -148,7 +148,7 @@ def _ds_bytes(comms, op, world=1) -> int:
 def test_zero2_bytes_match_the_scale_out_model(ci_runs, tiny_shape):
     """DeepSpeed's comms logger: per step one all-reduce of the float32 gradients (plus a 4-byte overflow check)
     and one all-gather of the updated deltas (each rank logs its own shard)."""
-    from paca_hpu.bench.scale_out import step_communication
+    from benchmarks.scale_out import step_communication
 
     predicted = step_communication(tiny_shape, "paca", dw.R, "zero2", WORLD, param_bytes=4, grad_bytes=4)
     for rank in ci_runs["zero2"][0]:
@@ -240,7 +240,7 @@ def test_heavy_engine_matches_one_process(heavy_runs, ref, engine):
 def test_zero3_bytes_match_the_scale_out_model(heavy_runs, tiny_shape):
     """ZeRO-3 per step: one all-gather of every parameter (frozen weights included; the tiny model stays gathered
     between forward and backward) and one reduce-scatter of the float32 delta gradients."""
-    from paca_hpu.bench.scale_out import step_communication
+    from benchmarks.scale_out import step_communication
 
     predicted = step_communication(tiny_shape, "paca", dw.R, "zero3", WORLD, param_bytes=4, grad_bytes=4,
                                    persistence_threshold=0)

@@ -92,10 +92,10 @@ def test_the_core_runs_without_the_hugging_face_stack(tmp_path):
 
 
 def _installed_extras():
-    """The extras this environment was set up with (Makefile: .[gaudi,test,bench] pinned, .[test,bench] newest)."""
+    """The extras this environment was set up with (Makefile: .[gaudi,test] pinned, .[test] newest)."""
     from paca_hpu._optimum_habana import is_optimum_habana_installed
 
-    return ["gaudi", "test", "bench"] if is_optimum_habana_installed() else ["test", "bench"]
+    return ["gaudi", "test"] if is_optimum_habana_installed() else ["test"]
 
 
 def _source_copy(tmp_path):
@@ -152,3 +152,72 @@ def test_readme_names_the_tested_stacks_as_ci_pins_them():
             assert re.search(rf"{re.escape(label)} {re.escape(version)}\b", part), (stack, name, version, part)
         assert f".ci/constraints-{stack}.txt" in part
         assert f"torch {pins['torch']}" in tested  # one torch for both
+
+
+def test_the_wheel_holds_paca_hpu_only(tmp_path):
+    """``pip install .`` installs no benchmark code: the wheel built from the source tree, with the benchmark harness
+    (``benchmarks/``) and ``scripts/`` next to the package as in the repository, holds ``paca_hpu`` and its metadata
+    only. (It held ``paca_hpu/bench/``, 18 modules, before issue 21.)"""
+    import shutil
+    import zipfile
+
+    src = _source_copy(tmp_path)
+    for name in ("benchmarks", "scripts"):
+        shutil.copytree(os.path.join(REPO, name), src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-index", "--no-build-isolation",
+                           "--disable-pip-version-check", "--quiet", str(src), "-w", str(tmp_path / "wheel")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names} == {"paca_hpu", "paca_hpu-0.1.0.dist-info"}, names
+    modules = [n for n in names if n.endswith(".py")]
+    assert "paca_hpu/__init__.py" in modules and "paca_hpu/layer.py" in modules
+    assert not [n for n in modules if "bench" in n], modules
+
+
+def _paca_hpu_names(path):
+    """``[(line, "paca_hpu.mod.name")]`` for every name that ``path`` takes from paca_hpu: ``import paca_hpu[.mod]
+    [as alias]``, ``from paca_hpu[.mod] import name [as alias]``, and attribute reads (``alias.name``, chained too)
+    on what those bound."""
+    import ast
+
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    bound = {}  # local name -> the paca_hpu object it stands for
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "paca_hpu":
+            for a in node.names:
+                found.append((node.lineno, f"{node.module}.{a.name}"))
+                bound[a.asname or a.name] = f"{node.module}.{a.name}"
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] == "paca_hpu":
+                    found.append((node.lineno, a.name))
+                    bound[a.asname or "paca_hpu"] = a.name if a.asname else "paca_hpu"
+    for node in ast.walk(tree):
+        attrs = []
+        while isinstance(node, ast.Attribute):
+            attrs.insert(0, node.attr)
+            node = node.value
+        if attrs and isinstance(node, ast.Name) and node.id in bound:
+            found.append((node.lineno, ".".join([bound[node.id]] + attrs)))
+    return found
+
+
+def test_the_benchmark_harness_uses_the_public_api_only():
+    """The harness (``benchmarks/*.py``) and the scripts that drive it take nothing private from paca_hpu: no name
+    with a leading underscore, from no module with one (the harness imported ``layer._PaCAFunction`` and called
+    ``model._optimizer_step_post_hook`` and the ``_write_back`` / ``_delta_grad`` seams before issue 21)."""
+    import glob
+
+    files = sorted(glob.glob(os.path.join(REPO, "benchmarks", "*.py")))
+    files += [os.path.join(REPO, "scripts", n) for n in ("benchmark.py", "study.py", "minimal_loop.py", "scale_out.py")]
+    assert len(files) > 15
+    private = [f"{os.path.relpath(f, REPO)}:{line}: {name}" for f in files for line, name in _paca_hpu_names(f)
+               if any(part.startswith("_") and not part.endswith("__") for part in name.split("."))]
+    assert not private, private
+    paca_hpu_dir = os.path.join(REPO, "paca_hpu")
+    for f in glob.glob(os.path.join(paca_hpu_dir, "**", "*.py"), recursive=True):  # and the package never imports it
+        assert "import benchmarks" not in open(f, encoding="utf-8").read() and \
+            "from benchmarks" not in open(f, encoding="utf-8").read(), f

@@ -80,7 +80,7 @@ def test_same_indices_same_logits_grads_and_merge():
 
 
 def test_benchmark_variant_builds_and_trains():
-    from paca_hpu.bench.variants import build_variant, make_optimizer
+    from benchmarks.variants import build_variant, make_optimizer
 
     base = tiny_llama(seed=0, dtype=torch.float32)
     base.train()

@@ -396,8 +396,8 @@ def _qlora_from_the_training_script(tiny_dir):
 
 
 def _qlora_from_the_benchmark(tiny_dir):
-    from paca_hpu.bench.qpaca import load_quantized_base
-    from paca_hpu.bench.variants import ModelSpec, build_variant
+    from benchmarks.qpaca import load_quantized_base
+    from benchmarks.variants import ModelSpec, build_variant
 
     base = load_quantized_base(ModelSpec(kind="tiny", attn_implementation="eager"), torch.float32,
                                torch.device("cpu"), "nf4", double_quant=False)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from paca_hpu.bench.scale_out import LLAMA3_8B, main
+from benchmarks.scale_out import LLAMA3_8B, main
 
 #: LLaMA-3-8B under PaCA r=8, counted by hand: 32 layers x r x the sum of the seven projections' out_features
 #: (q 4096, k 1024, v 1024, o 4096, gate 14336, up 14336, down 4096 = 43,008) trainable float32 elements.

@@ -1,4 +1,4 @@
-"""Command line of the benchmark (``scripts/benchmark.py``; ``python -m paca_hpu.bench``).
+"""Command line of the benchmark (``scripts/benchmark.py``; ``python -m benchmarks`` from the repository root).
 
 Sections (``--sections``, comma separated, default ``timing,saved,memory,maxseq,quality``; ``profile`` on
 request; ``all`` = every section):
@@ -10,7 +10,7 @@ request; ``all`` = every section):
 * ``quality``: held-out loss after ``--steps`` steps at each method's best learning rate;
 * ``profile``: where PaCA's step time goes beyond the floor's (torch.profiler + component timings);
 * ``qpaca``: QPaCA vs QLoRA on the model quantized to 4 bits by bitsandbytes (step time, saved bytes, peak memory,
-  held-out loss; ``--qpaca_parts``), plus a memory model for large LLaMA models (:mod:`paca_hpu.bench.qpaca`).
+  held-out loss; ``--qpaca_parts``), plus a memory model for large LLaMA models (:mod:`benchmarks.qpaca`).
 
 Outputs in ``--output_dir`` (default ``docs/benchmarks/<run name>``; ``outputs/benchmarks/<run name>`` for the
 ``--tiny`` / ``--model_config`` smoke models): ``results.json``, ``results.md``, ``step_time.png``, ``memory.png``,
@@ -41,8 +41,10 @@ DEFAULT_VARIANTS = "floor,lora,paca,peft_paca,full"
 
 
 def _repo_root() -> Path:
-    root = Path(__file__).resolve().parents[2]
-    return root if (root / "scripts").is_dir() or (root / "setup.cfg").is_file() else Path.cwd()
+    """The checkout this harness belongs to: ``benchmarks/`` is never installed (the wheel holds ``paca_hpu`` only),
+    so its parent folder is the repository, whose ``docs/benchmarks/`` and ``outputs/benchmarks/`` receive runs by
+    default and whose git commit is recorded with each run."""
+    return Path(__file__).resolve().parents[1]
 
 
 def _csv(value: str) -> List[str]:
@@ -51,7 +53,7 @@ def _csv(value: str) -> List[str]:
 
 def _parse_lr_grid(text: Optional[str]) -> Dict[str, List[float]]:
     """``'lora=1e-3,3e-3;paca=1e-2'`` -> the default grids with those entries replaced; a ``wide`` part starts from
-    :data:`~paca_hpu.bench.quality.WIDE_LR_GRIDS` instead. Keys are methods (lora, paca, full) or quality variant
+    :data:`~benchmarks.quality.WIDE_LR_GRIDS` instead. Keys are methods (lora, paca, full) or quality variant
     specs (``paca-req=...``), which then override their method's grid.
 
     Raises:
@@ -165,7 +167,7 @@ def check_args(args) -> Optional[str]:
     except ValueError as err:
         return str(err)
     if args.model_name_or_path:
-        from ..hub import check_model_source
+        from paca_hpu.hub import check_model_source
 
         problem = check_model_source(args.model_name_or_path)
         if problem:
@@ -224,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=int, default=2, help="discarded warm-up steps per variant")
     t.add_argument("--timing_legacy", default=None,
                    help="reproduce parts of the timing protocol before the fix, to show what each changed: "
-                        "comma separated subset of inprocess,full,rotate,gc, or all (see paca_hpu.bench.timing)")
+                        "comma separated subset of inprocess,full,rotate,gc, or all (see benchmarks.timing)")
     mem = p.add_argument_group("memory / longest sequence")
     mem.add_argument("--memory_warmup", type=int, default=1)
     mem.add_argument("--memory_steps", type=int, default=2)
@@ -384,7 +386,7 @@ def default_budget_bytes(info) -> float:
     if info.type == "cuda":
         return float(torch.cuda.get_device_properties(0).total_memory)
     if info.type == "hpu":
-        from .. import device as _device
+        from paca_hpu import device as _device
 
         return float(_device.habana_module("habana_frameworks.torch.hpu").memory_stats()["Limit"])
     import psutil
@@ -393,7 +395,7 @@ def default_budget_bytes(info) -> float:
 
 
 def _run_children(cfg: dict, variants: List[str], inputs: dict, log) -> Dict[str, dict]:
-    """One fresh process per variant running :func:`paca_hpu.bench.child.run_child` (:mod:`paca_hpu.bench.proc`)."""
+    """One fresh process per variant running :func:`benchmarks.child.run_child` (:mod:`benchmarks.proc`)."""
     import torch
 
     from .child import run_child
@@ -494,7 +496,7 @@ def _memory_sections(args, spec, info, sections, variants, splits, results, log)
     """Peak memory and the longest sequence: fresh processes only, before this process touches the device."""
     from transformers import AutoConfig
 
-    from .. import device as _device
+    from paca_hpu import device as _device
     from .inputs import fixed_batches, token_stream
     from .maxseq import DEFAULT_CPU_BUDGET_GB, search_cpu
 
@@ -562,7 +564,7 @@ def _log_timing(timing: dict, log) -> None:
 
 def _in_process_sections(args, spec, info, sections, variants, train_batches, results, legacy, log, out_dir):
     """``saved`` (and ``timing`` with ``--timing_legacy inprocess``), ``profile`` and ``quality`` in this process."""
-    from .. import device as _d
+    from paca_hpu import device as _d
     from .variants import DTYPES, build_variant, load_base_model
 
     _d.manual_seed_all(args.seed)
@@ -603,7 +605,7 @@ def run(args) -> dict:
     root = _repo_root()
     if args.device != "auto":
         os.environ["PACA_DEVICE"] = args.device
-    from .. import device as _device
+    from paca_hpu import device as _device
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -828,7 +830,7 @@ def main(argv=None) -> int:
                                                    encoding="utf-8")
         print(write_docs_page(docs, results_root))
         return 0
-    from ..hub import ModelSourceError
+    from paca_hpu.hub import ModelSourceError
 
     try:
         run(args)

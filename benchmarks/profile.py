@@ -23,11 +23,11 @@ import time
 from typing import Callable, Dict, List
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
-from .. import device as _device
-from ..layer import _PaCAFunction
-from ..model import paca_layers, sync_paca
+from paca_hpu import PaCALinear, paca_layers, sync_paca
+from paca_hpu import device as _device
+
 from .measure import _to, summarize, time_rounds, train_step
 from .variants import build_variant, make_optimizer
 
@@ -64,6 +64,22 @@ def _capture_shapes(variant, batch) -> Dict[str, tuple]:
     return shapes
 
 
+def _tiny_layer_pairs(layers: List[tuple], dev, gen) -> List[tuple]:
+    """``[(x, PaCALinear, frozen nn.Linear)]``, one per layer, 16 x 16 with the layer's ``r`` (at most 16) and
+    scaling, and a 1-token input that requires grad: the Python / autograd dispatch of a PaCA layer call against an
+    ``nn.Linear`` call, with next to no arithmetic."""
+    pairs = []
+    for _, layer in layers:
+        tw = torch.randn(16, 16, generator=gen)
+        ti = torch.arange(min(layer.r, 16), dtype=layer.indices.dtype)
+        tiny_paca = PaCALinear(tw.clone(), None, ti, layer.scaling).to(dev)
+        tiny_floor = nn.Linear(16, 16, bias=False).requires_grad_(False)
+        with torch.no_grad():
+            tiny_floor.weight.copy_(tw)
+        pairs.append((torch.randn(1, 1, 16, device=dev).requires_grad_(True), tiny_paca, tiny_floor.to(dev)))
+    return pairs
+
+
 def _components(paca, optimizer, shapes: Dict[str, tuple], reps: int) -> Dict[str, Dict[str, float]]:
     layers: List[tuple] = [(n, l) for n, l in paca_layers(paca.model) if n in shapes]
     dev = _device.get_device()
@@ -98,30 +114,21 @@ def _components(paca, optimizer, shapes: Dict[str, tuple], reps: int) -> Dict[st
             gs[name].reshape(-1, layer.out_features).to(torch.float32)
             sels[name].reshape(-1, layer.r).to(torch.float32)
 
-    # Python / autograd dispatch alone: the same calls on 1-token, 8-channel tensors
-    tiny = []
-    for name, layer in layers:
-        tx = torch.randn(1, 1, 16, device=dev).requires_grad_(True)
-        tw = torch.randn(16, 16, device=dev)
-        td = torch.zeros(16, min(layer.r, 16), device=dev, requires_grad=True)
-        ti = torch.arange(min(layer.r, 16), device=dev, dtype=layer.indices.dtype)
-        tiny.append((tx, tw, td, ti, layer.scaling))
+    tiny: List[tuple] = []  # built after the write-back is timed: the step hook looks at every live PaCA layer
 
     def dispatch_paca():
-        for tx, tw, td, ti, s in tiny:
-            _PaCAFunction.apply(tx, tw, None, td, ti, s).backward(torch.ones(1, 1, 16, device=dev))
+        for tx, tp, _ in tiny:
+            tp(tx).backward(torch.ones(1, 1, 16, device=dev))
 
     def dispatch_floor():
-        for tx, tw, td, ti, s in tiny:
-            F.linear(tx, tw).backward(torch.ones(1, 1, 16, device=dev))
+        for tx, _, tf in tiny:
+            tf(tx).backward(torch.ones(1, 1, 16, device=dev))
 
     def opt_step():  # AdamW + the write-back post-hook, as in training
         optimizer.step()
 
-    from .. import model as _paca_model
-
-    def write_back():  # exactly what runs after every optimizer step: the global post-hook
-        _paca_model._optimizer_step_post_hook(optimizer, (), {})
+    def write_back():  # what runs after every optimizer step (the global post-hook) and nothing else: AdamW skips
+        optimizer.step()  # parameters without .grad, so a step with every gradient None is the hook alone
 
     def zero_grad():
         optimizer.zero_grad(set_to_none=True)
@@ -136,7 +143,10 @@ def _components(paca, optimizer, shapes: Dict[str, tuple], reps: int) -> Dict[st
     # AdamW skips parameters without .grad: give every delta a gradient right before timing the step
     grads_alloc()
     res["optimizer_step_incl_write_back"] = _timeit(opt_step, reps)
+    for p in paca.params:
+        p.grad = None
     res["write_back_all_layers"] = _timeit(write_back, reps)
+    tiny.extend(_tiny_layer_pairs(layers, dev, gen))
     res.update({
         "gather": _timeit(gather, reps),
         "delta_gemm_casts_only": _timeit(delta_casts, reps),
@@ -194,7 +204,8 @@ def profile_paca_vs_floor(base, batches, rounds: int = 3, reps: int = 5, r: int 
         "gather (forward index_select)": w("gather"),
         "delta-gradient GEMM incl. casts and scaling": w("delta_gemm_batched (used)"),
         "  of which float32 casts": w("delta_gemm_casts_only"),
-        "autograd.Function dispatch (Python) fwd+bwd": max(0.0, w("dispatch_paca_tiny") - w("dispatch_floor_tiny")),
+        "PaCA layer call over nn.Linear's (Python, autograd.Function) fwd+bwd":
+            max(0.0, w("dispatch_paca_tiny") - w("dispatch_floor_tiny")),
         "AdamW over delta (excl. write-back)": w("optimizer_step_incl_write_back") - w("write_back_all_layers"),
         "write-back of merged columns (all layers)": w("write_back_all_layers"),
         "zero_grad / grad allocation": w("grad_realloc_only"),

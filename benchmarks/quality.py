@@ -8,7 +8,7 @@ by block index: the learning rate is chosen on the *selection* half (even blocks
 loss on the *report* half (odd blocks), so the choice of learning rate does not flatter the reported number.
 Held-out loss is the token-level mean cross entropy over all trained (response) tokens of a half.
 
-Variants are quality settings (:func:`paca_hpu.bench.variants.parse_quality_variant`: ``lora``, ``paca``,
+Variants are quality settings (:func:`benchmarks.variants.parse_quality_variant`: ``lora``, ``paca``,
 ``paca-req``, ``paca-activation_norm``, ``full``, ...). A variant's grid is ``lr_grids[spec]`` or else
 ``lr_grids[method]``. With ``lr_extend`` > 0, a best learning rate at an edge of the grid makes the grid grow one
 point beyond that edge (same log spacing as the two edge points), up to ``lr_extend`` times; a best still at an edge
@@ -27,8 +27,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from .. import device as _device
-from ..selection import DATA_AWARE_INIT_INDICES
+from paca_hpu import device as _device
+from paca_hpu.selection import DATA_AWARE_INIT_INDICES
 from .measure import _to, train_step
 from .variants import QualityVariant, build_variant, make_optimizer, paca_r_matching_lora, parse_quality_variant
 

@@ -55,7 +55,7 @@ def byte_level_tokenizer():
 
 
 def load_tokenizer(spec):
-    """The tokenizer for :class:`~paca_hpu.bench.variants.ModelSpec` ``spec`` (a Hub id: local cache first).
+    """The tokenizer for :class:`~benchmarks.variants.ModelSpec` ``spec`` (a Hub id: local cache first).
 
     Raises:
         paca_hpu.hub.ModelSourceError: a Hub id neither cached nor reachable (one line)."""
@@ -63,7 +63,7 @@ def load_tokenizer(spec):
         return byte_level_tokenizer()
     from transformers import AutoTokenizer
 
-    from ..hub import from_pretrained_cache_first
+    from paca_hpu.hub import from_pretrained_cache_first
 
     tok = from_pretrained_cache_first(AutoTokenizer.from_pretrained, spec.resolved_path())
     if tok.pad_token is None:
@@ -75,7 +75,7 @@ def packed_splits(tokenizer, seq_len: int, max_train_samples: Optional[int] = No
                   max_eval_samples: Optional[int] = None):
     """``DatasetDict(train, validation)`` of blocks of exactly ``seq_len`` tokens (input_ids / attention_mask /
     labels), from the project's default data (embedded GSM8K, fixed held-out split)."""
-    from ..data import load_raw_datasets, tokenize_datasets
+    from paca_hpu.data import load_raw_datasets, tokenize_datasets
 
     raw = load_raw_datasets(max_train_samples=max_train_samples, max_eval_samples=max_eval_samples)
     packed = tokenize_datasets(raw, tokenizer, seq_len, dataset_concatenation=True)

@@ -5,7 +5,7 @@ Protocol (what a user's training loop experiences, checked by ``scripts/minimal_
 * The adapter variants (``floor``, ``lora``, ``paca``, ``peft_paca``) are timed together, interleaved round-robin,
   in ONE fresh process that holds nothing else: the model is loaded there, each variant built from it, and every
   variant steps once per round on the same batch, in the balanced order of
-  :func:`~paca_hpu.bench.measure.balanced_orders`. Their ratios are computed per round.
+  :func:`~benchmarks.measure.balanced_orders`. Their ratios are computed per round.
 * ``full`` (every parameter trainable: 538 MB of gradients allocated and freed and 1.1 GB of AdamW state updated per
   fp32 step on SmolLM2-135M) is timed in a SECOND fresh process, interleaved with ``floor`` only; it gives
   ``full/floor``. A user never trains both in one process, and sharing rounds with it changed what the adapters'
@@ -66,7 +66,7 @@ def time_group(cfg: dict, names: Sequence[str], batches: List[dict], log: Callab
                base=None) -> dict:
     """Build ``names`` and time them interleaved in THIS process (see the module docstring).
 
-    ``cfg``: ``model`` (a :class:`~paca_hpu.bench.variants.ModelSpec` dict), ``dtype``, ``r``, ``alpha``, ``seed``,
+    ``cfg``: ``model`` (a :class:`~benchmarks.variants.ModelSpec` dict), ``dtype``, ``r``, ``alpha``, ``seed``,
     ``rounds``, ``warmup``, ``legacy`` (list), optional ``threads``. ``base``: an already loaded base model to
     deep-copy (legacy ``inprocess``); otherwise the model is loaded here and the last variant takes it over.
 
@@ -75,7 +75,7 @@ def time_group(cfg: dict, names: Sequence[str], batches: List[dict], log: Callab
     """
     import torch
 
-    from .. import device as _device
+    from paca_hpu import device as _device
     from .measure import time_rounds
     from .variants import DTYPES, ModelSpec, build_variant, load_base_model, make_optimizer
 

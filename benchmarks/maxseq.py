@@ -4,7 +4,7 @@ A length ``L`` *fits* when one training step (forward + backward + optimizer ste
 peak memory stays within the budget. Lengths double from ``start`` until one does not fit (or ``limit``), then
 bisection narrows the boundary to ``granularity`` tokens (:func:`search_longest`).
 
-* CUDA/HPU: the probes run in the variant's measuring process (:mod:`paca_hpu.bench.child`); out-of-memory errors
+* CUDA/HPU: the probes run in the variant's measuring process (:mod:`benchmarks.child`); out-of-memory errors
   are recoverable there.
 * CPU (:func:`search_cpu`): every probe runs in a FRESH process (:func:`probe_child`): the model is loaded, the
   variant built, one warm-up step at a short length allocates the optimizer state and the thread pools, then the
@@ -70,7 +70,7 @@ def _probe(cfg: dict, variant_name: str, length: int, stream_path: str) -> dict:
 
     import torch
 
-    from .. import device as _device
+    from paca_hpu import device as _device
     from .measure import fix_malloc_mmap_threshold, is_oom_error, release_host_memory, train_step
     from .variants import DTYPES, ModelSpec, build_variant, load_base_model, make_optimizer
 

@@ -40,7 +40,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from ..model import trainable_parameters
+from paca_hpu import trainable_parameters
 
 __all__ = [
     "VARIANTS",
@@ -70,7 +70,7 @@ def tiny_llama_config(**overrides: Any):
     from transformers import LlamaConfig
 
     kwargs = dict(
-        vocab_size=260,  # paca_hpu.bench.inputs.BYTE_VOCAB_SIZE: 256 bytes + <|im_start|> + <|im_end|>
+        vocab_size=260,  # benchmarks.inputs.BYTE_VOCAB_SIZE: 256 bytes + <|im_start|> + <|im_end|>
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -122,7 +122,7 @@ class ModelSpec:
 
     def resolved_path(self) -> Optional[str]:
         if self.kind == "embedded":
-            from ..embedded import embedded_model_path
+            from paca_hpu.embedded import embedded_model_path
 
             return embedded_model_path()
         return self.path
@@ -232,7 +232,7 @@ def build_variant(
         model = get_peft_model(model, cfg)
         note = f"peft LoRA r={r} alpha={alpha:g} dropout=0 on {len(target_names)} layers"
     elif name == "paca":
-        from .. import PaCAConfig, apply_paca, calibrate_indices
+        from paca_hpu import PaCAConfig, apply_paca, calibrate_indices
 
         cfg = PaCAConfig(r=r, paca_alpha=alpha, target_modules=list(targets), random_seed=paca_seed,
                          init_indices=init_indices)
@@ -293,7 +293,7 @@ def parse_quality_variant(spec: str) -> QualityVariant:
     Raises:
         ValueError: a malformed spec; the message shows the grammar.
     """
-    from ..selection import INIT_INDICES
+    from paca_hpu.selection import INIT_INDICES
 
     grammar = (f"expected <method>[-<setting>...] with method one of {', '.join(QUALITY_METHODS)} and settings "
                f"r<N> (lora, paca), req (paca) or a column selection strategy (paca: {', '.join(INIT_INDICES)}), "

@@ -5,7 +5,7 @@ Measured (``--sections qpaca``) on the benchmark model quantized by bitsandbytes
 
 * ``qfloor`` / ``qlora`` / ``qpaca``: the dense benchmark's ``floor`` / ``lora`` (peft LoRA, which wraps bitsandbytes
   layers itself: QLoRA) / ``paca`` (:class:`paca_hpu.quantized.PaCALinear4bit`: QPaCA) variants built on the 4-bit
-  base (:func:`paca_hpu.bench.variants.build_variant`), same targets, r and alpha;
+  base (:func:`benchmarks.variants.build_variant`), same targets, r and alpha;
 * step time (interleaved rounds, as the ``timing`` section), bytes saved for backward (as ``saved``), peak memory
   (one subprocess per variant, as ``memory``), held-out loss after the same steps (as ``quality``, on the 4-bit base).
 
@@ -51,15 +51,15 @@ GB = 1e9
 
 def load_quantized_base(spec, dtype: torch.dtype, device: torch.device, quant_type: str = "nf4",
                         double_quant: bool = True) -> torch.nn.Module:
-    """The benchmark model (:class:`~paca_hpu.bench.variants.ModelSpec`) loaded by transformers with a bitsandbytes
+    """The benchmark model (:class:`~benchmarks.variants.ModelSpec`) loaded by transformers with a bitsandbytes
     4-bit ``BitsAndBytesConfig`` (compute dtype = ``dtype``, the rest of the model in ``dtype``) onto ``device``;
     train mode, every parameter frozen, kept out of bitsandbytes' CPU inference repack for every variant copied from
     it (:func:`paca_hpu.quantized.prevent_cpu_repack`: a QLoRA base repacked by an evaluation would pass no gradient).
-    In-process models (``--tiny`` / ``--model_config``) are built as :func:`~paca_hpu.bench.variants.load_base_model`
+    In-process models (``--tiny`` / ``--model_config``) are built as :func:`~benchmarks.variants.load_base_model`
     builds them, saved to a temporary directory and loaded from it."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from ..quantized import prevent_cpu_repack
+    from paca_hpu.quantized import prevent_cpu_repack
     from .variants import load_base_model
 
     cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=dtype,
@@ -276,7 +276,7 @@ def run_qpaca_section(args, spec, dtype: torch.dtype, splits, info, log: Callabl
     subprocess runner (memory). ``previous``: parts (``timing`` / ``saved`` / ``memory`` / ``quality``) of an
     earlier run of the same model and shape (``--merge``), kept as they are; the memory-model check is recomputed
     from the kept and the new parts."""
-    from .. import device as _device
+    from paca_hpu import device as _device
     from .inputs import all_batches, fixed_batches
     from .measure import saved_tensor_bytes, summarize, time_rounds
     from .variants import build_variant, make_optimizer
@@ -411,7 +411,7 @@ def qpaca_markdown(res: dict, h: str = "###") -> List[str]:
     check = res.get("model_check") or {}
     if check:
         lines += [f"{h}## The memory model against this run", "",
-                  "`paca_hpu.bench.qpaca.memory_model` evaluated for this model and shape, next to the measurement "
+                  "`benchmarks.qpaca.memory_model` evaluated for this model and shape, next to the measurement "
                   "(ratio = model / measured). 'step' = what one step adds to memory in use before it (saved "
                   "activations + transient buffers + gradients) against the measured peak - before.", "",
                   "| variant | saved model MB | saved measured MB | ratio | step model MB | step measured MB | ratio |",

@@ -2,7 +2,7 @@
 on the learning-rate grid, checkpoints so that an interrupted run continues where it stopped.
 
 A *run* is one (quality variant, learning rate, seed). Every run follows the same protocol as
-:mod:`paca_hpu.bench.quality` (fresh copy of the base model, the same batches in the same order, AdamW, 10 %
+:mod:`benchmarks.quality` (fresh copy of the base model, the same batches in the same order, AdamW, 10 %
 warm-up then linear decay over the full ``steps``, held-out loss on the *selection* half of the validation blocks
 every ``eval_every`` steps, the *report* half at the end).
 
@@ -160,7 +160,7 @@ class _Runner:
 
     def _build(self, variant, seed: int):
         from .variants import build_variant, make_optimizer, paca_r_matching_lora
-        from ..selection import DATA_AWARE_INIT_INDICES
+        from paca_hpu.selection import DATA_AWARE_INIT_INDICES
         from transformers import get_linear_schedule_with_warmup
 
         r = paca_r_matching_lora(self.base, self.cfg.r) if variant.r == "eq" else (variant.r or self.cfg.r)
@@ -196,7 +196,7 @@ class _Runner:
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         if built.name == "paca":
-            from .. import sync_paca
+            from paca_hpu import sync_paca
 
             sync_paca(built.model)  # the merged columns follow the restored deltas
 
@@ -211,7 +211,7 @@ class _Runner:
     def _train(self, spec: str, lr: float, seed: int, target: int, rec: Optional[dict]) -> dict:
         from .measure import _to, train_step
         from .variants import parse_quality_variant
-        from .. import device as _device
+        from paca_hpu import device as _device
 
         cfg, rid = self.cfg, run_id(spec, lr, seed)
         variant = parse_quality_variant(spec)
@@ -386,7 +386,7 @@ def run_study(cfg: StudyConfig, study_dir: Path, ckpt_dir: Path, root: Path, log
     """
     from .inputs import all_batches, fixed_batches, load_tokenizer, packed_splits
     from .variants import DTYPES, ModelSpec, load_base_model, parse_quality_variant
-    from .. import device as _device
+    from paca_hpu import device as _device
 
     study_dir = Path(study_dir)
     study_dir.mkdir(parents=True, exist_ok=True)

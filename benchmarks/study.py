@@ -1,7 +1,7 @@
-"""The parity study and column-selection ablation on the docs page: the command, and tables built from the run
-files of every study folder (``docs/benchmarks/study-*/runs/*.json``, written by ``scripts/study.py``; see
-:mod:`paca_hpu.bench.study_runs`). A cell without its run says "pending: not yet run"; a partial table lists the runs
-still missing.
+"""The parity study and column-selection ablation on the docs page: the text (``templates/study.md``) with the
+command, and tables built from the run files of every study folder (``docs/benchmarks/study-*/runs/*.json``,
+written by ``scripts/study.py``; see :mod:`benchmarks.study_runs`). A cell without its run says "pending: not yet
+run"; a partial table lists the runs still missing.
 """
 
 from __future__ import annotations
@@ -10,46 +10,12 @@ import glob
 import os
 from typing import Dict, List, Optional
 
+from .prose import render
+
 __all__ = ["PENDING", "study_markdown", "plot_study"]
 
 PENDING = "pending: not yet run"
 COMMAND = "nice -n 19 python scripts/study.py      # again to continue; --summary prints the state"
-
-_TEXT = """## Parity study and column selection
-
-Does PaCA reach LoRA's held-out loss (within 1 %) on this task, at equal steps, at r 8 and at the r that trains as
-many parameters as LoRA r 8, and does a column choice other than random close the gap? LoRA r adds
-`r * (in + out)` parameters per layer, PaCA r `out * r`, so for the 7 projections of a SmolLM2-135M decoder layer
-(`sum(in + out)` = 10,176, `sum(out)` = 5,184) PaCA's matching r is `round(8 * 10176 / 5184)` = 16 (`paca-req`):
-2,488,320 trainable parameters against LoRA r 8's 2,442,240 (PaCA r 8: 1,244,160).
-
-Protocol (`paca_hpu/bench/study_runs.py`): SmolLM2-135M-Instruct on the embedded GSM8K, batch 4 x 256 (packed
-blocks), 120 optimizer steps (AdamW, 10 % warm-up then linear decay), the same batches in the same order for every
-variant of a seed; the learning rate is chosen on one half of the held-out blocks (*select*) and the loss reported
-on the other half (*report*). How the grid was pruned (successive halving, per variant, seed 0): every grid point
-trains the first 40 of the 120 steps (the full schedule's first third); while the best select loss at step 40 is at
-an edge of the grid, one more point past that edge is added (same log spacing, at most 3); the best 2 continue from
-their step-40 checkpoint to step 120 and the lowest select loss at step 120 wins; a winner at an edge of everything
-tried gets one more point past it, trained the whole way. LoRA r 8, PaCA r 8 and PaCA r 16 are trained again at their
-best learning rate with seed 1 (another data order, LoRA initialisation and random PaCA columns). `activation_norm`
-chooses, per layer, the input channels of largest L2 norm over 8 training batches (`paca_hpu.calibrate_indices`);
-`weight_norm` the columns of largest `||W0[:, j]||`; their grids start 10 x lower for `activation_norm` (its
-columns meet the largest inputs). Full fine-tuning is the upper reference (seed 0); in a bf16 study it trains
-float32 master weights under bf16 autocast (transformers' `--bf16` recipe): a bf16 weight would lose AdamW updates of
-about `lr` (1e-5) against its spacing (about 1.2e-4 at |w| = 0.03). LoRA's and PaCA's trainable parameters are
-float32 in every study; their frozen base weights are in the study's precision.
-
-Each finished run is one file `docs/benchmarks/<study>/runs/<variant>__lr<lr>__seed<seed>.json` (losses per step,
-held-out loss every 20 steps, wall and CPU seconds, commit, CPU model); the tables below are rebuilt from those files
-by every benchmark run and by `python scripts/benchmark.py --docs_only --docs docs/benchmarks.md`. The study is one
-resumable command (stop it at any time; the same command skips finished runs and continues an interrupted one from
-its last checkpoint); it picks bf16 where the CPU has bf16 GEMMs
-(`torch.ops.mkldnn._is_mkldnn_bf16_supported()`), float32 otherwise, and names the precision in the study folder:
-
-```
-{command}
-```
-"""
 
 _VARIANTS = [("lora", "LoRA r 8"), ("paca", "PaCA r 8"), ("paca-req", "PaCA r 16 (= LoRA r 8's parameters)"),
              ("full", "full fine-tuning")]
@@ -138,7 +104,7 @@ def _verdict(summary: dict) -> List[str]:
 
 def study_markdown(results_root: str) -> str:
     """The study section of the docs page, from every ``study-*`` folder under ``results_root``."""
-    lines = [_TEXT.format(command=COMMAND)]
+    lines = [render("study.md", command=COMMAND)]
     studies = _studies(results_root)
     if not studies:
         lines += [f"**Parity**: {PENDING}.", "", f"**Ablation**: {PENDING}.", "", f"**Measured gap**: {PENDING}.", ""]

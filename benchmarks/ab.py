@@ -5,10 +5,10 @@ path once each, in alternating order (old/new, then new/old), on the same batch;
 summarised by its median and quartiles. A correctness check runs first (old and new give the same result on this
 model; ``bf16_delta_grad``: within bf16 rounding).
 
-    python -m paca_hpu.bench.ab --candidate fused_writeback --dtype bf16 --batch 4 --seq_len 256 --rounds 30
-    python -m paca_hpu.bench.ab --candidate fused_writeback --scope component --reps 20   # the write-back alone
-    python -m paca_hpu.bench.ab --candidate compile --compile_backend inductor --rounds 20
-    python -m paca_hpu.bench.ab --candidate lean_forward --tiny --rounds 3 --seq_len 32  # smoke test, seconds
+    python -m benchmarks.ab --candidate fused_writeback --dtype bf16 --batch 4 --seq_len 256 --rounds 30
+    python -m benchmarks.ab --candidate fused_writeback --scope component --reps 20   # the write-back alone
+    python -m benchmarks.ab --candidate compile --compile_backend inductor --rounds 20
+    python -m benchmarks.ab --candidate lean_forward --tiny --rounds 3 --seq_len 32  # smoke test, seconds
 
 Candidates: ``fused_writeback``, ``lean_forward``, ``bf16_delta_grad`` (switches of :mod:`paca_hpu.experimental`)
 and ``compile`` (every decoder block ``torch.compile``-d with PaCA inside vs eager; ``--with_floor`` adds the frozen
@@ -31,8 +31,8 @@ CANDIDATE_NAMES = ("fused_writeback", "lean_forward", "bf16_delta_grad", "compil
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Arguments of ``python -m paca_hpu.bench.ab`` (see ``--help``)."""
-    p = argparse.ArgumentParser(prog="python -m paca_hpu.bench.ab", description=__doc__.split("\n")[0])
+    """Arguments of ``python -m benchmarks.ab`` (see ``--help``)."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.ab", description=__doc__.split("\n")[0])
     p.add_argument("--candidate", required=True, choices=CANDIDATE_NAMES)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--tiny", action="store_true", help="tiny random 2-layer LLaMA (smoke test)")
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup(args):
-    from .. import device as _device
+    from paca_hpu import device as _device
     from .inputs import fixed_batches, load_tokenizer, packed_splits
     from .measure import _to
     from .variants import DTYPES, ModelSpec, build_variant, load_base_model, make_optimizer
@@ -82,7 +82,7 @@ def _setup(args):
 
 def _toggles(args, paca, floor) -> Dict[str, Callable[[], None]]:
     """``{arm name: function that puts the process in that arm's state}``; each arm's step uses ``arm_model``."""
-    from .. import experimental
+    from paca_hpu import experimental
 
     if args.candidate != "compile":
         name = args.candidate
@@ -99,7 +99,7 @@ def _check(args, paca, opt, batch) -> str:
     """Old and new give the same loss, delta gradients and (after one step) merged weights on this model."""
     import copy
 
-    from .. import experimental
+    from paca_hpu import experimental
 
     if args.candidate == "compile":
         return "compile: see tests/test_experimental.py (compiled vs eager)"
@@ -130,14 +130,24 @@ def _check(args, paca, opt, batch) -> str:
 
 
 def _component_fn(args, paca, opt, batch) -> Callable[[], None]:
-    from .. import layer as _layer
-    from .. import model as _model
-    from ..model import paca_layers
+    """The changed piece alone, as the arm switched on by ``_toggles`` runs it: ``fused_writeback``: the write-back
+    of every layer (per layer :meth:`~paca_hpu.PaCALinear.sync`, the default, or
+    :func:`~paca_hpu.experimental.fused_write_back`); ``bf16_delta_grad``: every layer's delta gradient
+    (:func:`~paca_hpu.layer.delta_gradient` or :func:`~paca_hpu.experimental.lowp_delta_gradient`)."""
+    from paca_hpu import experimental, paca_layers
+    from paca_hpu.layer import delta_gradient
+
     from .profile import _capture_shapes
 
     layers = [lay for _, lay in paca_layers(paca.model)]
     if args.candidate == "fused_writeback":
-        return lambda: _model._write_back(layers)
+        def write_back():
+            if experimental.enabled("fused_writeback"):
+                experimental.fused_write_back(layers)
+            else:
+                for lay in layers:
+                    lay.sync()
+        return write_back
     if args.candidate == "bf16_delta_grad":
         shapes = _capture_shapes(paca, batch)
         gen = torch.Generator().manual_seed(0)
@@ -147,12 +157,16 @@ def _component_fn(args, paca, opt, batch) -> Callable[[], None]:
             x = torch.randn(shapes[name], generator=gen).to(lay.weight.device, dt)
             g = torch.randn(shapes[name][:-1] + (lay.out_features,), generator=gen).to(lay.weight.device, dt)
             work.append((x.index_select(-1, lay.indices), g, lay.scaling))
-        return lambda: [_layer._delta_grad(g, xs, s) for xs, g, s in work]
+
+        def delta_gradients():
+            fn = experimental.lowp_delta_gradient if experimental.enabled("bf16_delta_grad") else delta_gradient
+            return [fn(g, xs, s) for xs, g, s in work]
+        return delta_gradients
     raise SystemExit(f"--scope component is not defined for {args.candidate}; use --scope step")
 
 
 def _time_arm(args, arm, toggles, paca, opt, floor, batch, component) -> float:
-    from .. import device as _device
+    from paca_hpu import device as _device
     from .measure import train_step
 
     toggles[arm]()
@@ -206,7 +220,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    """Entry point of ``python -m paca_hpu.bench.ab``; returns the exit code."""
+    """Entry point of ``python -m benchmarks.ab``; returns the exit code."""
     args = build_parser().parse_args(argv)
     for flag in ("rounds", "reps", "batch", "seq_len", "r"):
         if getattr(args, flag) < 1:

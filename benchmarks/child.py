@@ -1,20 +1,20 @@
 """Per-variant subprocess: peak memory at the benchmark shape, then (optionally) the longest-sequence data.
 
-:mod:`paca_hpu.bench.cli` starts :func:`run_child` in a fresh process per variant (``multiprocessing``
+:mod:`benchmarks.cli` starts :func:`run_child` in a fresh process per variant (``multiprocessing``
 "forkserver" context, with torch / transformers / peft preloaded in the server so that a child starts in well
 under a second; nothing in the server has touched the accelerator or run a kernel), so that each variant's peak
-memory is its own. By hand: ``python -m paca_hpu.bench.child CONFIG.json VARIANT INPUTS.pt OUT.json``.
+memory is its own. By hand: ``python -m benchmarks.child CONFIG.json VARIANT INPUTS.pt OUT.json``.
 
 * CPU: glibc's mmap threshold is fixed at 128 KiB first (``--cpu_malloc tuned``, the default; see
-  :func:`paca_hpu.bench.measure.fix_malloc_mmap_threshold`), so peak RSS follows live tensor memory.
+  :func:`benchmarks.measure.fix_malloc_mmap_threshold`), so peak RSS follows live tensor memory.
 * Peak: ``memory_warmup`` steps at ``(batch, seq_len)``, reset of the peak counter (device allocator on
   CUDA/HPU; ``VmHWM`` via ``/proc/self/clear_refs`` on CPU, after ``malloc_trim``), ``memory_steps`` steps.
 * Longest sequence at batch 1 (``maxseq`` section):
-  - CUDA/HPU: the real search of :func:`paca_hpu.bench.maxseq.search_longest` in this process. A length "fits"
+  - CUDA/HPU: the real search of :func:`benchmarks.maxseq.search_longest` in this process. A length "fits"
     when one training step at ``(1, L)`` neither raises an out-of-memory error nor peaks above the budget.
   - CPU: the cross-check MODEL only: peak RSS measured at each of ``maxseq_lengths`` (ascending, counter reset
     before each), a straight line ``peak = a + b * L`` fitted through the points, solved for ``peak = budget``.
-    The real CPU search runs one fresh process per probe (:func:`paca_hpu.bench.maxseq.search_cpu`).
+    The real CPU search runs one fresh process per probe (:func:`benchmarks.maxseq.search_cpu`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import time
 def _run(cfg: dict, variant_name: str, inputs_path: str) -> dict:
     import torch
 
-    from .. import device as _device
+    from paca_hpu import device as _device
     from .maxseq import search_longest
     from .measure import (_to, fix_malloc_mmap_threshold, is_oom_error, linear_memory_model,
                           peak_memory_of_steps, release_host_memory, train_step)
@@ -82,7 +82,7 @@ def _run(cfg: dict, variant_name: str, inputs_path: str) -> dict:
 
         ms: dict = {"budget_bytes": budget}
         if info.type == "cpu":
-            # the cross-check: the real CPU search runs one fresh process per probe (paca_hpu.bench.maxseq)
+            # the cross-check: the real CPU search runs one fresh process per probe (benchmarks.maxseq)
             points = [[length, step_peak(length)] for length in sorted(cfg["maxseq_lengths"])]
             ms.update({"method": "model", "points": points, **linear_memory_model(points, budget)})
         else:

@@ -1,7 +1,7 @@
 """Measurements: step time (interleaved rounds), bytes saved for backward, peak memory, longest sequence.
 
-All helpers take ready-built :class:`~paca_hpu.bench.variants.Variant` objects; process isolation for the memory
-figures is arranged by :mod:`paca_hpu.bench.cli` (one subprocess per variant).
+All helpers take ready-built :class:`~benchmarks.variants.Variant` objects; process isolation for the memory
+figures is arranged by :mod:`benchmarks.cli` (one subprocess per variant).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .. import device as _device
+from paca_hpu import device as _device
 
 __all__ = [
     "summarize",
