@@ -32,8 +32,8 @@ from torch import nn
 from . import distributed as _dist
 from .config import PaCAConfig
 from .layer import _is_dtensor
-from .model import (PACA_LAYER_TYPES, _is_supported, _matches, _weight_shape, apply_paca, find_target_modules,
-                    paca_layers)
+from .model import (ORIGINAL_PREFIX, PACA_LAYER_TYPES, _is_supported, _matches, _weight_shape, apply_paca,
+                    find_target_modules, keep_originals, paca_layers)
 
 logger = logging.getLogger(__name__)
 
@@ -95,14 +95,14 @@ def _whole_copy(own: torch.Tensor, key: str, shape: Optional[Tuple[int, ...]],
 
 
 def _modules_to_save_parameters(model: nn.Module):
-    """``[(name, parameter)]`` of the parameters of ``paca_config.modules_to_save`` (names without wrapper
-    segments)."""
+    """``[(name, parameter)]`` of the (trained copies of the) parameters of ``paca_config.modules_to_save`` (names
+    without wrapper segments; the frozen originals kept beside the copies are not part of the adapter)."""
     config = getattr(model, "paca_config", None)
     if config is None or not config.modules_to_save:
         return []
     return [(_dist.clean_name(f"{mname}.{pname}"), p) for mname, module in model.named_modules()
             if mname and _matches(_dist.clean_name(mname), config.modules_to_save)
-            for pname, p in module.named_parameters()]
+            for pname, p in module.named_parameters() if not pname.rpartition(".")[2].startswith(ORIGINAL_PREFIX)]
 
 
 def adapter_state_dict(model: nn.Module,
@@ -309,6 +309,8 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
     indices (no seed needed), the deltas are loaded and the merged weights refreshed, so the logits equal the
     trained model's. If ``model`` already carries PaCA layers with the same names (e.g. a Trainer resuming), they
     are updated in place (their ``delta`` Parameter objects are kept, so an optimizer holding them stays valid).
+    Saved ``modules_to_save`` parameters go into trainable copies, the base values kept beside them
+    (:func:`paca_hpu.model.keep_originals`), so :func:`paca_hpu.disable_paca` still gives the base model.
 
     Args:
         model: base model (or a PaCA model with the same layers).
@@ -321,8 +323,9 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
     Raises:
         FileNotFoundError / ValueError: see :func:`read_adapter` (a truncated or garbled file is named).
         ValueError: a saved module is missing from ``model``, is not a linear layer, or has other shapes; a layer
-            that the adapter's ``target_modules`` selects in the un-adapted ``model`` has no saved delta; the
-            message names the first such module.
+            that the adapter's ``target_modules`` selects in the un-adapted ``model`` has no saved delta; a saved
+            ``modules_to_save`` parameter is missing, has another shape or lies in a PaCA layer; the message names
+            the first such module.
     """
     config, meta, tensors = read_adapter(path)
     names = [k[: -len(".delta")] for k in tensors if k.endswith(".delta") and not k.startswith(_MTS_PREFIX)]
@@ -330,6 +333,8 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
         raise ValueError(f"adapter file '{Path(path) / ADAPTER_WEIGHTS_NAME}' holds no '<layer>.delta' tensor; it "
                          "is not a PaCA adapter or it is incomplete")
     _check_layers_fit(model, config, tensors, names)  # everything is validated before the model is touched
+    mts = {k[len(_MTS_PREFIX):]: v for k, v in tensors.items() if k.startswith(_MTS_PREFIX)}
+    _check_modules_to_save(model, mts, names)
     existing = dict(paca_layers(model))
     if not existing:
         _check_complete(model, config, names, path)
@@ -351,15 +356,31 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
             layer.scaling = config.scaling
             layer.delta.copy_(tensors[f"{name}.delta"].to(layer.delta.dtype))
             layer.sync()
-        mts = {k[len(_MTS_PREFIX):]: v for k, v in tensors.items() if k.startswith(_MTS_PREFIX)}
-        if mts:
+        if mts:  # trained copies beside the frozen originals (keep_originals), as apply_paca makes them
+            modules = dict(model.named_modules())
+            keep_originals(model, [modules[key.rpartition(".")[0]] for key in mts])
             params = dict(model.named_parameters(remove_duplicate=False))
             for key, value in mts.items():
-                if key not in params:
-                    raise ValueError(f"adapter modules_to_save parameter '{key}' does not exist in this model")
-                if params[key].shape != value.shape:
-                    raise ValueError(f"adapter modules_to_save parameter '{key}' has shape {tuple(value.shape)}, "
-                                     f"model has {tuple(params[key].shape)}")
                 params[key].copy_(value.to(params[key].dtype))
                 params[key].requires_grad_(True)
     return model
+
+
+def _check_modules_to_save(model: nn.Module, mts: Dict[str, torch.Tensor], names) -> None:
+    """Every saved ``modules_to_save`` parameter exists in ``model`` with that shape, outside the PaCA layers.
+
+    Raises:
+        ValueError: naming the first parameter that does not fit.
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    adapted = set(names)
+    for key, value in mts.items():
+        module, _, pname = key.rpartition(".")
+        if key not in params or not module or pname.startswith(ORIGINAL_PREFIX):
+            raise ValueError(f"adapter modules_to_save parameter '{key}' does not exist in this model")
+        if module in adapted:
+            raise ValueError(f"adapter modules_to_save parameter '{key}' belongs to the PaCA layer '{module}'; the "
+                             "adapter file is corrupt")
+        if params[key].shape != value.shape:
+            raise ValueError(f"adapter modules_to_save parameter '{key}' has shape {tuple(value.shape)}, "
+                             f"model has {tuple(params[key].shape)}")

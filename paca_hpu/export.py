@@ -11,7 +11,10 @@ order of the float32 additions differs from PaCA's single GEMM. The file is peft
 written by ``peft.LoraConfig``, ``adapter_model.safetensors`` with ``base_model.model.<name>.lora_A.weight`` /
 ``.lora_B.weight``), which ``peft.PeftModel.from_pretrained`` and vLLM's ``--lora-modules`` load. Cost: a dense
 ``lora_A`` of ``r x in_features`` per layer next to ``delta``'s ``out_features x r``, about twice the PaCA adapter
-for LLaMA-style models.
+for LLaMA-style models. ``modules_to_save`` are written as peft loads them into the same function: spelled so that
+peft's suffix matching wraps exactly the modules the PaCA model trained, a tied head / embedding with
+``ensure_weight_tying`` and one tensor per tied module (checked with peft itself on a meta-device copy of the base:
+:func:`_peft_modules_to_save`), or refused.
 
 **Merged** (:func:`export_merged`): the base model with the adapter merged (:func:`paca_hpu.merge_paca`), saved by
 transformers' ``save_pretrained`` in the requested dtype, plus the tokenizer of the adapter directory or the base
@@ -38,7 +41,7 @@ from torch import nn
 from .adapter import (ADAPTER_WEIGHTS_NAME, _MTS_PREFIX, _check_complete, _check_layers_fit, load_adapter,
                       read_adapter)
 from .config import PaCAConfig
-from .model import _is_supported, merge_paca
+from .model import _is_supported, _matches, merge_paca
 
 __all__ = ["ExportError", "DTYPES", "export_lora", "export_merged", "lora_state_dict"]
 
@@ -114,9 +117,10 @@ def _load_config(base: str):
 
 
 def _layer_shapes(base: str, names: List[str], config: PaCAConfig, tensors: Dict[str, torch.Tensor],
-                  adapter_dir: PathLike) -> Tuple[Dict[str, Tuple[str, int, int]], List[str]]:
-    """``({name: (kind, out_features, in_features)}, names of all linear layers)`` of the base architecture, built on
-    the meta device from its config (no weights read). The adapter is checked against it as
+                  adapter_dir: PathLike) -> Tuple[Dict[str, Tuple[str, int, int]], List[str], nn.Module]:
+    """``({name: (kind, out_features, in_features)}, names of all linear layers, the model)`` of the base
+    architecture, built on the meta device from its config (no weights read; tied weights are tied). The adapter is
+    checked against it as
     :func:`paca_hpu.load_adapter` checks it (every saved layer fits, its indices distinct and in range; every layer
     that ``target_modules`` selects has a saved delta): ExportError naming the first layer that fails."""
     from transformers import AutoModelForCausalLM
@@ -139,7 +143,7 @@ def _layer_shapes(base: str, names: List[str], config: PaCAConfig, tensors: Dict
         _check_complete(model, config, names, adapter_dir)
     except ValueError as err:
         raise ExportError(_one_line(err)) from err
-    return shapes, [n for n, m in model.named_modules() if n and _is_supported(m)]
+    return shapes, [n for n, m in model.named_modules() if n and _is_supported(m)], model
 
 
 def _target_modules(names: List[str], linear_names: List[str]) -> List[str]:
@@ -150,9 +154,114 @@ def _target_modules(names: List[str], linear_names: List[str]) -> List[str]:
     return suffixes if covered == set(names) else sorted(names)
 
 
+def _holders(model: nn.Module) -> Dict[int, List[str]]:
+    """``{id(parameter): ["<module>.<name>", ...]}``: every module that holds each parameter (tied weights: several)."""
+    out: Dict[int, List[str]] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for pname, p in module._parameters.items():
+            if p is not None:
+                out.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
+    return out
+
+
+def _peft_wrapped(model: nn.Module, lora_kwargs: Dict, spelling: List[str], tie: bool) -> Dict[str, nn.Module]:
+    """``{module name: ModulesToSaveWrapper}`` that peft's ``get_peft_model`` makes of a copy of ``model`` (the
+    meta-device base) for ``LoraConfig(**lora_kwargs, modules_to_save=spelling[, ensure_weight_tying=True])``: peft's
+    own matching and tying, asked of peft itself."""
+    import copy
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import ModulesToSaveWrapper
+
+    kwargs = dict(lora_kwargs, modules_to_save=list(spelling), **({"ensure_weight_tying": True} if tie else {}))
+    with warnings.catch_warnings():  # peft's warnings about the ties it is asked to keep or not
+        warnings.simplefilter("ignore")
+        inner = get_peft_model(copy.deepcopy(model), LoraConfig(**kwargs)).base_model.model
+    return {n: m for n, m in inner.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+
+
+def _trained_by_id(model: nn.Module, tensors: Dict[str, torch.Tensor]) -> Dict[int, torch.Tensor]:
+    """``{id(base parameter): saved value}`` of the adapter's ``modules_to_save.<param>`` tensors.
+
+    Raises:
+        ExportError: a saved parameter is not in the base model.
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    trained: Dict[int, torch.Tensor] = {}
+    for key, value in tensors.items():
+        if key.startswith(_MTS_PREFIX):
+            p = params.get(key[len(_MTS_PREFIX):])
+            if p is None:
+                raise ExportError(f"adapter modules_to_save parameter '{key[len(_MTS_PREFIX):]}' is not in the base "
+                                  "model; the adapter was trained on another model (pass the right --base_model)")
+            trained[id(p)] = value
+    return trained
+
+
+def _peft_modules_to_save(model: nn.Module, config: PaCAConfig, tensors: Dict[str, torch.Tensor], lora_kwargs: Dict
+                          ) -> Tuple[List[str], bool, Dict[str, torch.Tensor]]:
+    """``(modules_to_save, ensure_weight_tying, {peft key: tensor})`` with which peft's LoRA computes the
+    ``modules_to_save`` as the PaCA model does.
+
+    The PaCA model computes every module that holds a saved parameter with the trained copy, tied holders outside
+    ``modules_to_save`` included (``lm_head`` and a tied input embedding share one copy). peft matches
+    ``modules_to_save`` as plain name suffixes (``"norm"`` also selects every ``input_layernorm``) and keeps a tie only
+    with ``ensure_weight_tying=True``. Both are asked of peft itself on a meta-device copy of ``model``
+    (:func:`_peft_wrapped`) for these spellings, in order: the adapter's names, the full names of the modules they
+    select, each without and then with ``ensure_weight_tying``, then every module holding a trained parameter (with,
+    then without). The first whose wrapped modules hold exactly the trained parameters is taken, with the keys
+    ``PeftModel.from_pretrained`` loads (``base_model.model.<module>.<name>``, each tied module its own).
+
+    Raises:
+        ExportError: no spelling gives the PaCA model (names the parameter peft would leave at its base value, or the
+            module it would replace in addition); a saved parameter is not in the base model.
+    """
+    from peft import LoraConfig
+
+    holders, trained = _holders(model), _trained_by_id(model, tensors)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    need = {h for pid in trained for h in holders[pid]}
+    found = sorted(n for n, _ in model.named_modules() if n and _matches(n, config.modules_to_save))
+    every = sorted({h.rpartition(".")[0] for h in need})
+    tie = "ensure_weight_tying" in getattr(LoraConfig, "__dataclass_fields__", {})
+    candidates = [(list(config.modules_to_save), False), (found, False)] + (
+        [(list(config.modules_to_save), True), (found, True), (every, True)] if tie else []) + [(every, False)]
+    why = None
+    for i, (spelling, tied) in enumerate(candidates):
+        if (spelling, tied) in candidates[:i]:
+            continue
+        try:
+            wrapped = _peft_wrapped(model, lora_kwargs, spelling, tied)
+        except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as err:
+            why = why or f"peft refuses modules_to_save={spelling!r} ({_one_line(err)})"
+            continue
+        covered = {h for hs in holders.values() for h in hs if any(h.startswith(w + ".") for w in wrapped)}
+        keys = {f"{w}.{q}" for w, wrapper in wrapped.items()
+                for q in wrapper.modules_to_save[next(iter(wrapper.modules_to_save))].state_dict()}
+        if covered == need and all(k in params and id(params[k]) in trained for k in keys):
+            return spelling, tied, {f"base_model.model.{k}": trained[id(params[k])] for k in sorted(keys)}
+        why = why or _why_not(need, covered, holders, keys - set(params))
+    raise ExportError(f"modules_to_save={config.modules_to_save!r} cannot be exported as a peft LoRA adapter: {why}; "
+                      "export --to merged instead (exact)")
+
+
+def _why_not(need: set, covered: set, holders: Dict[int, List[str]], unheld: set) -> str:
+    """Why peft's wrapping (``covered``: the parameters its ``modules_to_save`` copies replace) is not the PaCA model's
+    (``need``), in words."""
+    missing, extra = sorted(need - covered), sorted(covered - need)
+    if missing:
+        partner = next((h for hs in holders.values() if missing[0] in hs for h in hs if h != missing[0]), None)
+        return f"peft leaves '{missing[0]}' at its base value" + (
+            f" (it is tied to '{partner}', which the PaCA model trains as one shared copy)" if partner else "")
+    if extra:
+        return f"peft would also replace '{extra[0]}' (its modules_to_save match name suffixes), which was not trained"
+    return f"peft would load '{sorted(unheld)[0]}', which the adapter does not hold"
+
+
 def lora_state_dict(config: PaCAConfig, tensors: Dict[str, torch.Tensor],
-                    shapes: Dict[str, Tuple[str, int, int]], dtype: torch.dtype = torch.float32
-                    ) -> Dict[str, torch.Tensor]:
+                    shapes: Dict[str, Tuple[str, int, int]], dtype: torch.dtype = torch.float32,
+                    modules_to_save: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
     """peft LoRA tensors equal to a PaCA adapter.
 
     Args:
@@ -161,11 +270,14 @@ def lora_state_dict(config: PaCAConfig, tensors: Dict[str, torch.Tensor],
             ``modules_to_save.<param>``).
         shapes: ``{name: (kind, out_features, in_features)}`` of the base layers.
         dtype: dtype of the LoRA matrices (``lora_A`` is 0/1, exact in any dtype).
+        modules_to_save: ``{peft key: tensor}`` of the ``modules_to_save`` (what :func:`export_lora` checked peft
+            loads, tied modules included); default: ``base_model.model.<param>`` for each ``modules_to_save.<param>``
+            of ``tensors``.
 
     Returns:
         ``base_model.model.<name>.lora_A.weight`` ``(r, in_features)`` (one-hot rows at ``indices``),
-        ``base_model.model.<name>.lora_B.weight`` ``(out_features, r)`` (= ``delta``) and
-        ``base_model.model.<param>`` for ``modules_to_save``; with ``lora_alpha = paca_alpha``.
+        ``base_model.model.<name>.lora_B.weight`` ``(out_features, r)`` (= ``delta``) and the
+        ``modules_to_save`` tensors, in ``dtype``; with ``lora_alpha = paca_alpha``.
 
     Raises:
         ExportError: a delta or its indices do not fit the base layer.
@@ -181,9 +293,11 @@ def lora_state_dict(config: PaCAConfig, tensors: Dict[str, torch.Tensor],
         lora_a[torch.arange(config.r), idx] = 1
         out[f"base_model.model.{name}.lora_A.weight"] = lora_a
         out[f"base_model.model.{name}.lora_B.weight"] = delta.to(dtype).contiguous()
-    for key, value in tensors.items():
-        if key.startswith(_MTS_PREFIX):
-            out[f"base_model.model.{key[len(_MTS_PREFIX):]}"] = value.to(dtype).contiguous()
+    if modules_to_save is None:
+        modules_to_save = {f"base_model.model.{key[len(_MTS_PREFIX):]}": value for key, value in tensors.items()
+                           if key.startswith(_MTS_PREFIX)}
+    for key, value in modules_to_save.items():  # a copy each: tied modules are written as separate tensors
+        out[key] = value.to(dtype=dtype, copy=True).contiguous()
     return out
 
 
@@ -201,7 +315,8 @@ def export_lora(adapter_dir: PathLike, output_dir: PathLike, *, base_model: Opti
         ``output_dir`` as a string.
 
     Raises:
-        ExportError: see :class:`ExportError`.
+        ExportError: see :class:`ExportError`; also ``modules_to_save`` that peft cannot load as the PaCA model
+            computes them (:func:`_peft_modules_to_save`; names the reason, ``--to merged`` is exact).
         ImportError: peft is not installed (its ``LoraConfig`` writes the config).
     """
     torch_dtype = _dtype(dtype) or torch.float32
@@ -212,16 +327,20 @@ def export_lora(adapter_dir: PathLike, output_dir: PathLike, *, base_model: Opti
         raise ImportError("export --to lora needs peft (it writes peft's adapter_config.json): pip install peft"
                           ) from err
     names = [k[: -len(".delta")] for k in tensors if k.endswith(".delta") and not k.startswith(_MTS_PREFIX)]
-    shapes, linear_names = _layer_shapes(base, names, config, tensors, adapter_dir)
+    shapes, linear_names, meta_model = _layer_shapes(base, names, config, tensors, adapter_dir)
     kinds = {kind for kind, _, _ in shapes.values()}
     if len(kinds) > 1:
         raise ExportError("the adapter mixes nn.Linear and Conv1D layers; peft's fan_in_fan_out is one flag for all: "
                           "export --to merged instead")
-    state = lora_state_dict(config, tensors, shapes, torch_dtype)
-    lora_config = LoraConfig(r=config.r, lora_alpha=config.paca_alpha, lora_dropout=0.0, bias="none",
-                             target_modules=_target_modules(names, linear_names), fan_in_fan_out=kinds == {"conv1d"},
-                             modules_to_save=config.modules_to_save, task_type="CAUSAL_LM",
-                             base_model_name_or_path=base, inference_mode=True)
+    lora_kwargs = dict(r=config.r, lora_alpha=config.paca_alpha, lora_dropout=0.0, bias="none",
+                       target_modules=_target_modules(names, linear_names), fan_in_fan_out=kinds == {"conv1d"},
+                       task_type="CAUSAL_LM", base_model_name_or_path=base, inference_mode=True)
+    to_save = None
+    if config.modules_to_save:
+        spelling, tie, to_save = _peft_modules_to_save(meta_model, config, tensors, lora_kwargs)
+        lora_kwargs.update(modules_to_save=spelling, **({"ensure_weight_tying": True} if tie else {}))
+    state = lora_state_dict(config, tensors, shapes, torch_dtype, to_save)
+    lora_config = LoraConfig(**lora_kwargs)
     from safetensors.torch import save_file
 
     with _atomic_output(output_dir) as tmp:

@@ -17,6 +17,8 @@ sets two things on that model instance, nothing on its class and nothing in any 
   ``strict=True`` works and the Trainer logs no list of "missing keys"); a partial adapter still is. Each
   ``PaCALinear`` re-captures its base columns under the loaded indices and rewrites its merged columns
   (``PaCALinear._load_from_state_dict``). ``delta`` is copied in place, so an optimizer holding it stays valid.
+  Any other state dict (e.g. pretrained weights loaded after ``apply_paca``) is the base model's: where it holds a
+  ``modules_to_save`` parameter but not its frozen original (``paca_original_<name>``), the value goes into both.
 
 A directory such an instance writes never holds ``config.json``; one that already does is refused (transformers 5
 would load the ``model.safetensors`` there as a complete model).
@@ -34,7 +36,7 @@ from torch import nn
 
 from . import model as _model
 from .adapter import ADAPTER_WEIGHTS_NAME, _MTS_PREFIX, load_adapter, read_adapter, save_adapter
-from .model import _matches, paca_layers, paca_parameters
+from .model import ORIGINAL_PREFIX, _matches, _originals, paca_layers, paca_parameters
 
 __all__ = ["attach", "from_pretrained", "STATE_DICT_ALIAS"]
 
@@ -110,8 +112,19 @@ def _adapter_keys(module: nn.Module, prefix: str) -> set:
     if config is not None and config.modules_to_save:
         for mname, sub in module.named_modules():
             if mname and _matches(mname, config.modules_to_save):
-                keys.update(f"{prefix}{mname}.{pname}" for pname, _ in sub.named_parameters())
+                keys.update(f"{prefix}{mname}.{pname}" for pname, _ in sub.named_parameters()
+                            if not pname.rpartition(".")[2].startswith(ORIGINAL_PREFIX))
     return keys
+
+
+def _fill_originals(module: nn.Module, state_dict, prefix: str) -> None:
+    """A full state dict without the ``modules_to_save`` originals (pretrained weights loaded after ``apply_paca``)
+    is the base model: its value of such a parameter goes into the frozen original too, not only into the copy."""
+    names = {id(m): n for n, m in module.named_modules()}
+    for holder, pname in _originals(module):
+        path = f"{prefix}{names[id(holder)]}." if names[id(holder)] else prefix
+        if path + pname in state_dict and path + ORIGINAL_PREFIX + pname not in state_dict:
+            state_dict[path + ORIGINAL_PREFIX + pname] = state_dict[path + pname]
 
 
 def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
@@ -123,6 +136,7 @@ def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_k
         state_dict[prefix + key[len(mts_prefix):]] = state_dict.pop(key)
     if not any(f"{prefix}{n}.delta" in state_dict for n in layers) or any(
             f"{prefix}{n}.weight" in state_dict for n in layers):
+        _fill_originals(module, state_dict, prefix)
         return  # not an adapter state dict (e.g. a full one): plain torch semantics
     # each PaCALinear re-captures its base columns under the loaded indices and rewrites its merged columns itself
     setattr(module, _LOADING, (prefix, _adapter_keys(module, prefix)))

@@ -13,6 +13,14 @@
 * At its first write-back, the hook checks that no other module holds a PaCA layer's base weight tensor (a
   reference model sharing layers with the policy would drift with every step): that is refused with an error.
 * :func:`sync_paca`, :func:`disable_paca`, :func:`functional_paca`, :func:`merge_paca`, :func:`unload_paca`.
+* ``modules_to_save`` train a copy (peft's ``ModulesToSaveWrapper``): each of their parameters is replaced, in every
+  module that holds it (tied weights stay tied), by a trainable copy, and the frozen original stays registered
+  beside it as ``paca_original_<name>``; :func:`disable_paca` switches the originals in, :func:`unload_paca` puts
+  them back, :func:`merge_paca` keeps the copies.
+* ``modules_to_save`` train a copy (peft's ``ModulesToSaveWrapper``): each of their parameters is replaced, in every
+  module that holds it (tied weights stay tied), by a trainable copy, and the frozen original stays registered
+  beside it as ``paca_original_<name>``; :func:`disable_paca` switches the originals in, :func:`unload_paca` puts
+  them back, :func:`merge_paca` keeps the copies.
 """
 
 from __future__ import annotations
@@ -398,6 +406,115 @@ def _plan(model: nn.Module, config: PaCAConfig, names: List[str], indices: Optio
     return planned
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# modules_to_save: a trainable copy beside the frozen original (peft's ModulesToSaveWrapper)
+# ---------------------------------------------------------------------------------------------------------------
+
+#: Name prefix under which a module keeps the frozen original of a ``modules_to_save`` parameter: ``lm_head.weight`` is
+#: the trainable copy, ``lm_head.paca_original_weight`` the base weight (in ``state_dict``, moved and cast with the
+#: model, never in an adapter file).
+ORIGINAL_PREFIX = "paca_original_"
+
+
+def _modules_to_save(model: nn.Module, config: PaCAConfig, targets: Sequence[str]) -> List[nn.Module]:
+    """The modules ``config.modules_to_save`` selects (names as ``target_modules`` lists match).
+
+    Raises:
+        ValueError: nothing matches, or a selected module is, holds or sits inside a PaCA layer (one of ``targets``
+            or a layer already converted): it cannot be both adapted and trained whole.
+    """
+    if not config.modules_to_save:
+        return []
+    found = [(n, m) for n, m in model.named_modules() if n and _matches(n, config.modules_to_save)]
+    if not found:
+        raise ValueError(f"modules_to_save={config.modules_to_save!r} matched no module of {type(model).__name__}")
+    adapted = set(targets) | {name for name, _ in paca_layers(model)}
+    for name, _ in found:
+        for target in sorted(adapted):
+            if target == name or target.startswith(name + ".") or name.startswith(target + "."):
+                raise ValueError(
+                    f"modules_to_save={config.modules_to_save!r} selects '{name}', which "
+                    f"{'is' if target == name else 'overlaps'} the PaCA layer '{target}': a module is either adapted "
+                    "by PaCA or trained whole. Remove it from modules_to_save, or leave it out of the PaCA targets "
+                    "(exclude_modules)")
+    return [m for _, m in found]
+
+
+def keep_originals(model: nn.Module, modules: Sequence[nn.Module]) -> None:
+    """Give every parameter of ``modules`` (and of their submodules) a trainable copy, as peft's
+    ``ModulesToSaveWrapper`` does, so that the base weights stay available: in every module of ``model`` that holds
+    such a parameter (tied weights: the input embedding and ``lm_head`` hold one), the parameter is replaced by one
+    shared copy (``requires_grad=True``, same dtype and device) and the original, frozen, is registered beside it as
+    ``ORIGINAL_PREFIX + name``. Parameters that already have a copy are left alone (idempotent). A DeepSpeed ZeRO-3
+    placeholder is gathered whole to be copied.
+
+    Raises:
+        ValueError: a PaCA layer holds one of these parameters (it would be adapted and trained whole at once).
+    """
+    wanted = {id(p) for module in modules for p in module.parameters()}
+    copies: Dict[int, nn.Parameter] = {}
+    for holder in list(model.modules()):
+        for pname, p in list(holder._parameters.items()):
+            if p is None or id(p) not in wanted or pname.startswith(ORIGINAL_PREFIX) \
+                    or ORIGINAL_PREFIX + pname in holder._parameters:
+                continue
+            if isinstance(holder, PACA_LAYER_TYPES):
+                raise ValueError(f"modules_to_save: parameter '{pname}' of PaCA layer "
+                                 f"'{getattr(holder, 'paca_name', '?')}' cannot be trained whole as well")
+            if id(p) not in copies:
+                with _gathered([p]):
+                    copies[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=True)
+            p.requires_grad_(False)
+            holder.register_parameter(ORIGINAL_PREFIX + pname, p)
+            holder._parameters[pname] = copies[id(p)]
+
+
+def _originals(model: nn.Module) -> List[Tuple[nn.Module, str]]:
+    """``(module, name)`` of every parameter of ``model`` that is a ``modules_to_save`` copy."""
+    return [(m, key[len(ORIGINAL_PREFIX):]) for m in model.modules() for key in m._parameters
+            if key.startswith(ORIGINAL_PREFIX)]
+
+
+@contextlib.contextmanager
+def _originals_in_place(model: nn.Module) -> Iterator[None]:
+    """For the block, every ``modules_to_save`` parameter of ``model`` is its frozen original again (the module's
+    ``_parameters`` entry is switched; nothing is copied or written, so autograd graphs built before are untouched);
+    each entry's previous value comes back on exit (nests).
+
+    Raises:
+        RuntimeError: the parameters are managed by an engine that shards them (FSDP, FSDP2, DeepSpeed ZeRO-3),
+            which re-installs a module's parameters itself at each forward.
+    """
+    slots = _originals(model)
+    if not slots:
+        yield
+        return
+    engine = wrapping_engine(model)
+    if engine in ("FullyShardedDataParallel", "fully_shard") or any(
+            hasattr(m._parameters[n], "ds_id") or _is_dtensor(m._parameters[n]) for m, n in slots):
+        raise RuntimeError(
+            f"disable_paca with modules_to_save under {engine or 'DeepSpeed ZeRO-3'}: the engine shards and "
+            "re-installs those parameters itself, so their base values cannot be switched in. Use a separate frozen "
+            "reference model, or leave modules_to_save empty")
+    prior = [(m, n, m._parameters[n]) for m, n in slots]
+    try:
+        for m, n, _ in prior:
+            m._parameters[n] = m._parameters[ORIGINAL_PREFIX + n]
+        yield
+    finally:
+        for m, n, p in prior:
+            m._parameters[n] = p
+
+
+def _settle_originals(model: nn.Module, keep_copies: bool) -> None:
+    """Drop the ``modules_to_save`` originals (``keep_copies``: the trained copies stay, as peft's
+    ``merge_and_unload``) or put them back in place of the copies (the base model)."""
+    for m, n in _originals(model):
+        original = m._parameters.pop(ORIGINAL_PREFIX + n)
+        if not keep_copies:
+            m._parameters[n] = original
+
+
 def apply_paca(
     model: nn.Module,
     config: PaCAConfig,
@@ -408,7 +525,10 @@ def apply_paca(
     """Convert ``model`` to PaCA in place and return it.
 
     Every targeted ``nn.Linear`` / ``Conv1D`` becomes a :class:`PaCALinear` (weights reused, no copy for
-    ``nn.Linear``); every other parameter is frozen except those of ``config.modules_to_save``.
+    ``nn.Linear``); every other parameter is frozen. The parameters of ``config.modules_to_save`` are replaced by
+    trainable copies, their originals kept frozen beside them (:func:`keep_originals`; tied weights share one copy, so
+    ``["lm_head"]`` of a model with tied embeddings trains the embedding too, as peft with
+    ``ensure_weight_tying=True``), so :func:`disable_paca` and :func:`unload_paca` give the base model.
 
     On a model built under DeepSpeed's ``zero.Init`` (ZeRO-3: ``from_pretrained`` with a ZeRO-3 config, weights are
     ``(0,)`` placeholders with ``ds_shape``), each targeted weight is gathered once, on every rank, to capture its
@@ -434,7 +554,8 @@ def apply_paca(
             weight is sharded by FSDP, the model is already wrapped by a data-parallel engine
             (:func:`paca_hpu.distributed.wrapping_engine`), a name in ``indices`` is missing from the model, or
             ``config.init_indices`` needs calibration data and no ``indices`` are given (the message names
-            :func:`calibrate_indices`), a bitsandbytes 4-bit layer was already repacked for CPU inference
+            :func:`calibrate_indices`), ``modules_to_save`` matches nothing or overlaps a PaCA target, or a
+            bitsandbytes 4-bit layer was already repacked for CPU inference
             (:func:`paca_hpu.quantized.prevent_cpu_repack`, which runs here on every ``Linear4bit`` of the model).
     """
     if not isinstance(model, nn.Module):
@@ -450,12 +571,8 @@ def apply_paca(
                          "fully_shard, deepspeed.initialize, a Trainer)")
     planned = _plan(model, config, _target_names(model, config, indices), indices)
 
-    to_save = []
-    if config.modules_to_save:
-        to_save = [m for n, m in model.named_modules() if n and _matches(n, config.modules_to_save)]
-        if not to_save:  # checked before anything changes: a failed apply_paca leaves the model untouched
-            raise ValueError(f"modules_to_save={config.modules_to_save!r} matched no module of "
-                             f"{type(model).__name__}")
+    # checked before anything changes: a failed apply_paca leaves the model untouched
+    to_save = _modules_to_save(model, config, [name for name, _, _ in planned])
     prevent_cpu_repack(model)  # 4-bit layers: refused if repacked, never repacked from here on
 
     for p in model.parameters():
@@ -465,9 +582,7 @@ def apply_paca(
             layer = _to_paca(name, module, idx, config.scaling, index_dtype)
         layer.paca_name = name  # for error messages only
         _set_submodule(model, name, layer)
-    for module in to_save:
-        for p in module.parameters():
-            p.requires_grad_(True)
+    keep_originals(model, to_save)
     model.paca_config = config
     _ensure_hook()
     for callback in APPLY_CALLBACKS:
@@ -549,8 +664,16 @@ def disable_paca(model: nn.Module):
     Nothing is written: the base weight is formed out of place per call (``weight.index_copy(1, idx,
     original_columns)``), so it is safe between a policy forward and its backward (TRL ``DPOTrainer`` with
     ``ref_model=None``); ``delta`` receives no gradient from outputs computed inside. Nests; restores each layer's
-    previous state on exit."""
-    with _layers_set(model, "_paca_enabled", False):
+    previous state on exit.
+
+    ``modules_to_save`` are the base model's too: each such module computes with the frozen original of its
+    parameters (switched in for the block, as peft's ``ModulesToSaveWrapper`` under ``disable_adapter()``), not with
+    the trained copy.
+
+    Raises:
+        RuntimeError: the model has ``modules_to_save`` and FSDP, FSDP2 or DeepSpeed ZeRO-3 shards its parameters
+            (they re-install a module's parameters at each forward, so the originals cannot be switched in)."""
+    with _layers_set(model, "_paca_enabled", False), _originals_in_place(model):
         yield model
 
 
@@ -618,6 +741,7 @@ def _replace_all(model: nn.Module, merged: bool) -> nn.Module:
                 layer.restore_original()
                 w = layer.weight.detach()
         _set_submodule(model, name, _to_base(layer, w))
+    _settle_originals(model, keep_copies=merged)
     if merged:
         clear_quantization_markers(model)
     if hasattr(model, "paca_config"):
@@ -628,7 +752,8 @@ def _replace_all(model: nn.Module, merged: bool) -> nn.Module:
 def merge_paca(model: nn.Module) -> nn.Module:
     """Replace every :class:`PaCALinear` by its original layer type (``nn.Linear`` or ``Conv1D``) carrying the
     merged weight ``W0`` with ``W0[:, idx] + scaling * delta``. Nothing PaCA-specific remains; outputs are
-    identical to the PaCA model's. In place; returns ``model``. (peft: ``merge_and_unload``.)
+    identical to the PaCA model's. In place; returns ``model``. (peft: ``merge_and_unload``.) ``modules_to_save``
+    keep their trained copies (tied weights stay tied); their originals are dropped.
 
     A 4-bit :class:`PaCALinear4bit` becomes a plain float ``nn.Linear`` holding ``dequantize(Wq)`` with the merged
     columns, computed in float32 and rounded once to the dtype the weights had before quantization (see
@@ -647,7 +772,8 @@ def merge_paca(model: nn.Module) -> nn.Module:
 def unload_paca(model: nn.Module) -> nn.Module:
     """Replace every :class:`PaCALinear` by its original layer type with the ORIGINAL weights (bit-for-bit the
     base model; a 4-bit layer gets its very ``Linear4bit`` object back, never modified); the adaptation is
-    discarded. In place; returns ``model``. (peft: ``unload``.)
+    discarded, ``modules_to_save`` included (their original parameter objects come back; peft's ``unload`` keeps
+    the trained copies instead). In place; returns ``model``. (peft: ``unload``.)
 
     Raises:
         ValueError: ``model`` has no PaCA layer (nothing to unload; see :func:`merge_paca`)."""
@@ -660,7 +786,9 @@ def unload_paca(model: nn.Module) -> nn.Module:
 def trainable_parameters(model: nn.Module) -> Tuple[int, int]:
     """``(trainable, total)`` parameter counts (elements) of ``model``; tied / shared parameters are counted once
     (``nn.Module.parameters()`` yields each Parameter once); a bitsandbytes 4-bit weight counts its
-    ``out x in`` weights, not its packed bytes (peft's ``print_trainable_parameters`` does the same)."""
+    ``out x in`` weights, not its packed bytes (peft's ``print_trainable_parameters`` does the same). The frozen
+    originals that ``modules_to_save`` keep beside their trained copies count in ``total``, as peft counts its
+    ``ModulesToSaveWrapper``'s ``original_module``."""
     trainable = total = 0
     for p in model.parameters():
         qs = getattr(p, "quant_state", None)  # bitsandbytes Params4bit: count the weights, not the packed bytes

@@ -9,8 +9,9 @@ run. :class:`PaCAReferenceModel` is what to pass as ``ref_model`` instead::
     dpo = DPOTrainer(model=model, ref_model=PaCAReferenceModel(model), args=..., train_dataset=pairs)
 
 Every call runs the PaCA model inside :func:`paca_hpu.disable_paca` and ``torch.no_grad()``: the output is the base
-model's, bit for bit (``x @ W0.T + b`` in every PaCA layer), nothing is written (so the call is safe between the
-policy's forward and its backward), and ``delta`` gets no gradient. The wrapper holds no parameter and no buffer of
+model's, bit for bit (``x @ W0.T + b`` in every PaCA layer; ``modules_to_save`` compute with their frozen originals,
+not the trained copies), nothing is written (so the call is safe between the policy's forward and its backward),
+and ``delta`` gets no gradient. The wrapper holds no parameter and no buffer of
 its own (the model is not registered as a submodule), so trainers and accelerate can "prepare", move or cast it
 without copying anything.
 """
@@ -45,7 +46,8 @@ class PaCAReferenceModel(nn.Module):
 
     Raises:
         ValueError: ``model`` has no PaCA layer (nothing would be disabled: the "reference" would be the policy).
-        RuntimeError: at a call, ``model`` has no PaCA layer any more (``merge_paca`` / ``unload_paca`` ran on it).
+        RuntimeError: at a call, ``model`` has no PaCA layer any more (``merge_paca`` / ``unload_paca`` ran on it), or
+            it has ``modules_to_save`` sharded by FSDP / FSDP2 / DeepSpeed ZeRO-3 (see :func:`paca_hpu.disable_paca`).
     """
 
     def __init__(self, model: nn.Module):

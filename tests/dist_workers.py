@@ -414,14 +414,16 @@ CI_TRAINERS = {"gaudi": ("gaudi", ""), "hf_zero2": ("hf", os.path.join(REPO, "sc
 
 def refusals_worker(rank: int, world: int) -> Dict[str, str]:
     """``apply_paca`` on a tiny LLaMA already wrapped by DDP or by FSDP2's ``fully_shard``: ``{engine: "<error
-    type>: <message>"}`` (``"applied"`` if nothing was raised)."""
+    type>: <message>"}`` (``"applied"`` if nothing was raised); ``disable_paca`` of a PaCA model with
+    ``modules_to_save`` that ``fully_shard`` wraps: key ``"fsdp2_disable_modules_to_save"`` (``"disabled"`` if
+    nothing was raised)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from helpers import tiny_llama
 
-    from paca_hpu import PaCAConfig, apply_paca
+    from paca_hpu import PaCAConfig, apply_paca, disable_paca
 
     fsdp2 = tiny_llama(seed=0)
     mesh = init_device_mesh("cpu", (world,))
@@ -435,6 +437,12 @@ def refusals_worker(rank: int, world: int) -> Dict[str, str]:
             out[name] = "applied"
         except Exception as err:  # noqa: BLE001  (the parent checks type and message)
             out[name] = f"{type(err).__name__}: {err}"
+    policy = apply_paca(tiny_llama(seed=0), PaCAConfig(r=R, paca_alpha=ALPHA, modules_to_save=["lm_head"]))
+    try:
+        with disable_paca(fully_shard(policy, mesh=mesh)):
+            out["fsdp2_disable_modules_to_save"] = "disabled"
+    except Exception as err:  # noqa: BLE001
+        out["fsdp2_disable_modules_to_save"] = f"{type(err).__name__}: {err}"
     return out
 
 

@@ -131,6 +131,17 @@ def test_apply_paca_on_a_wrapped_model_is_refused(ci_runs, engine, name):
         assert "Apply PaCA (apply_paca / load_adapter) to the plain model, then wrap it" in rank[engine]
 
 
+def test_disable_paca_with_modules_to_save_under_fully_shard_is_refused(ci_runs):
+    """Issue 23 item 1: ``disable_paca`` switches the frozen originals of ``modules_to_save`` into their modules; an
+    engine that shards and re-installs those parameters itself (FSDP2 here; FSDP, ZeRO-3 alike) is refused with the
+    way out, instead of leaving it to the engine which tensor the reference forward uses."""
+    ranks, _ = ci_runs["refusals"]
+    for rank in ranks:
+        got = rank["fsdp2_disable_modules_to_save"]
+        assert got.startswith("RuntimeError: disable_paca with modules_to_save under fully_shard"), got
+        assert "Use a separate frozen reference model" in got
+
+
 def test_ddp_bytes_reduced_match_the_scale_out_model(ci_runs, tiny_shape):
     """A DDP communication hook counts the bytes all-reduced per step: every delta gradient once, float32."""
     from benchmarks.scale_out import step_communication

@@ -28,8 +28,9 @@ def _trained_adapter(base_dir, out, seed=0, scale=0.05, **cfg):
     with torch.no_grad():
         for _, layer in paca_layers(model):
             layer.delta.copy_(torch.randn(layer.delta.shape, generator=gen) * scale)
-        if model.paca_config.modules_to_save:
-            model.lm_head.weight.add_(torch.randn(model.lm_head.weight.shape, generator=gen) * scale)
+        for name, p in model.named_parameters():  # the modules_to_save (one shared copy for tied weights)
+            if p.requires_grad and not name.endswith(".delta"):
+                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
     sync_paca(model)
     model.save_pretrained(out)
     return model.eval()
@@ -92,6 +93,43 @@ def test_lora_export_partial_targets_and_modules_to_save(tmp_path):
                                              "model.layers.1.self_attn.q_proj"]
     assert cfg["modules_to_save"] == ["lm_head"]
     _check_lora(base, tmp_path / "lora", model, random_ids(2, 12, seed=5, vocab=model.config.vocab_size))
+
+
+_TIED_KEYS = ["base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"]
+
+
+@pytest.mark.parametrize("kind,mts,written,tying,keys", [
+    ("llama_tied", ["lm_head"], ["lm_head"], True, _TIED_KEYS),
+    ("llama_tied", ["embed_tokens"], ["embed_tokens"], True, _TIED_KEYS),
+    ("llama", ["norm"], ["model.norm"], False, ["base_model.model.model.norm.weight"]),
+    ("gpt2", ["wte"], ["lm_head", "transformer.wte"], True,
+     ["base_model.model.lm_head.weight", "base_model.model.transformer.wte.weight"]),
+], ids=["tied_lm_head", "tied_embed_tokens", "norm", "gpt2_wte"])
+def test_lora_export_of_modules_to_save_is_the_paca_model(tmp_path, kind, mts, written, tying, keys):
+    """Issue 23 items 2 and 8: the LoRA export of ``modules_to_save`` loads in peft as the PaCA model. A tied head or
+    embedding (the PaCA model trains the one matrix both use) is written with ``ensure_weight_tying`` and both keys
+    (before: the other module stayed at the base value, logits off by 1.4 / 13); ``["norm"]``, which peft would match
+    as a suffix of every layer norm (before: KeyError in PeftModel.from_pretrained), is written as ``model.norm``;
+    GPT-2's ``wte``, whose tie peft keeps only when a name ends in ``lm_head`` or ``embed_tokens``, is written with
+    both modules named. The merged export stays bit for bit."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    (tiny_gpt2(seed=0) if kind == "gpt2" else tiny_llama(seed=0, tie=kind == "llama_tied")).save_pretrained(
+        tmp_path / "base")
+    base = str(tmp_path / "base")
+    model = _trained_adapter(base, tmp_path / "adapter", r=4, paca_alpha=6, random_seed=2, modules_to_save=mts)
+    assert _export(tmp_path / "adapter", "--to", "lora", "--output", tmp_path / "lora") == 0
+    ids = random_ids(2, 12, seed=13, vocab=model.config.vocab_size)
+    _check_lora(base, tmp_path / "lora", model, ids)
+    cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert (cfg["modules_to_save"], cfg["ensure_weight_tying"]) == (written, tying)
+    saved = sorted(k for k in load_file(str(tmp_path / "lora" / "adapter_model.safetensors")) if "lora_" not in k)
+    assert saved == keys
+
+    assert _export(tmp_path / "adapter", "--to", "merged", "--output", tmp_path / "merged") == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert torch.equal(logits(merged, ids), logits(model, ids))
 
 
 def test_lora_export_conv1d(tmp_path):
