@@ -9,8 +9,9 @@ in a counter that sees every graph dynamo hands to the backend.  The tests prove
 * a whole tiny LLaMA with PaCA has exactly as many graph breaks as the same model without PaCA (transformers 4.55's
   LLaMA breaks twice under torch 2.13, in its KV-cache set-up), and none at all with ``use_cache=False``;
 * it trains for 6 optimizer steps with one compilation and no recompilation after the first step, with losses,
-  deltas and merged weights equal to eager mode (so the write-back after each optimizer step reaches the compiled
-  graph: parameters are graph inputs, not constants);
+  deltas and merged weights equal to eager mode (parameters are graph inputs, not constants);
+* a ``delta`` changed outside ``Optimizer.step()`` (schedule-free ``eval()``/``train()``, a ``no_grad`` edit) is seen
+  by the compiled graph (``aot_eager`` and ``inductor``), against a float64 dense reference;
 * the counters can fail: a layer with ``nonzero`` breaks ``fullgraph``, a layer whose gather length changes per step
   recompiles.
 """
@@ -193,8 +194,8 @@ def test_compiled_training_one_graph_no_recompile_matches_eager(device):
     for (n, a), (_, b) in zip(paca_layers(ref), paca_layers(model)):
         torch.testing.assert_close(b.delta, a.delta, rtol=1e-4, atol=1e-6, msg=n)
         torch.testing.assert_close(b.weight, a.weight, rtol=1e-5, atol=1e-6, msg=n)
-        assert not torch.equal(b.weight, weights0[n])  # the write-back happened ...
-    # ... and it was seen: the losses after step 0 could only match eager if the compiled graph read the new weights
+        assert not torch.equal(b.weight, weights0[n])  # the write-back happened (the compiled graph also corrects
+        # stale columns itself from delta: test_compiled_model_sees_delta_changed_outside_step)
 
 
 # ---- delta changed outside Optimizer.step() --------------------------------------------------------------------
