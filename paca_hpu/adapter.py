@@ -194,8 +194,9 @@ def read_adapter(path: Union[str, os.PathLike]):
 
     Raises:
         FileNotFoundError: the directory or one of its two files is missing (names it).
-        ValueError: a file is truncated or garbled (not JSON / not a safetensors file; names it), the files are not
-            a paca_hpu adapter, or come from a newer format version.
+        ValueError: a file is truncated or garbled (not JSON / not a safetensors file; names it), a tensor holds NaN
+            or infinity (names it and its layer), the files are not a paca_hpu adapter, or come from a newer format
+            version.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -228,7 +229,25 @@ def read_adapter(path: Union[str, os.PathLike]):
         tensors = load_file(str(w_file))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise _garbled(w_file, err) from err
+    _check_finite(tensors, w_file)
     return config, meta, tensors
+
+
+def _check_finite(tensors: Dict[str, torch.Tensor], w_file: Path) -> None:
+    """Every floating-point tensor of the file (deltas, ``modules_to_save`` parameters) is finite.
+
+    Raises:
+        ValueError: naming the first tensor (and for a delta its layer) that holds NaN or infinity: a data section
+            garbled with the header intact reads as such values, and so does the save of a diverged run.
+    """
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            what = (f"layer '{key[: -len('.delta')]}' ('{key}')" if key.endswith(".delta")
+                    and not key.startswith(_MTS_PREFIX) else f"'{key}'")
+            raise ValueError(f"adapter file '{w_file}': {bad} of {value.numel()} values of {what} are not finite "
+                             "(NaN or inf); the file is garbled, or it was saved from a run whose training diverged: "
+                             "restore the file, or save the adapter again from a model with finite values")
 
 
 def _check_complete(model: nn.Module, config: PaCAConfig, names, path) -> None:
@@ -321,7 +340,8 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
     ``model.config._name_or_path``) is loaded onto with a warning naming both.
 
     Raises:
-        FileNotFoundError / ValueError: see :func:`read_adapter` (a truncated or garbled file is named).
+        FileNotFoundError / ValueError: see :func:`read_adapter` (a truncated or garbled file is named; a delta with
+            NaN or infinity names its layer).
         ValueError: a saved module is missing from ``model``, is not a linear layer, or has other shapes; a layer
             that the adapter's ``target_modules`` selects in the un-adapted ``model`` has no saved delta; a saved
             ``modules_to_save`` parameter is missing, has another shape or lies in a PaCA layer; the message names

@@ -11,8 +11,8 @@ path interleaved in one process on the same model. The correctness tests are in 
 * ``lean_forward``: a :class:`~paca_hpu.layer.PaCALinear` forward and autograd Function specialised to the common
   case (enabled layer, own ``delta``, no autocast, input dtype == weight dtype): no autocast queries or
   ``torch.autocast`` contexts and no dtype checks or casts inside the Function's forward and backward (210 layers x
-  forward + backward per step on SmolLM2-135M). Any other case takes the default path. Bit-identical outputs and
-  gradients.
+  forward + backward per step on SmolLM2-135M). Any other case, and a forward that ``torch.compile`` traces, takes
+  the default path. Bit-identical outputs and gradients.
 * ``bf16_delta_grad``: for bf16/fp16 inputs, the delta gradient as a bf16 batched GEMM (one per sequence, float32
   accumulation inside the GEMM, each sequence's (r x out) partial rounded to bf16) summed in float32, instead of
   casting ``grad_y`` and ``x_sel`` to float32 first (a float32 copy of every layer's ``grad_y``). NOT bit-identical:
@@ -107,10 +107,10 @@ def _lean_forward(self: PaCALinear, x: torch.Tensor) -> torch.Tensor:
     params = self._parameters
     delta, weight = params["delta"], params["weight"]
     if (not self._paca_enabled or self._functional or type(delta) is not PaCADelta or x.dtype != weight.dtype
-            or torch.is_autocast_enabled(x.device.type) or weight is not self._dense_weight()):
-        return _DEFAULT_FORWARD(self, x)  # includes a weight partitioned by a sharding engine (not owned)
-    if not torch.compiler.is_compiling() and ((id(delta), delta._version) != self._synced
-                                              or delta.__dict__.get("_paca_touched", False)):
+            or torch.is_autocast_enabled(x.device.type) or weight is not self._dense_weight()
+            or torch.compiler.is_compiling()):
+        return _DEFAULT_FORWARD(self, x)  # a weight partitioned by a sharding engine; compiled: no host-side check
+    if (id(delta), delta._version) != self._synced or delta.__dict__.get("_paca_touched", False):
         self.sync()
         if weight is not self._dense_weight():  # the write-back found an engine took the weight over
             return _DEFAULT_FORWARD(self, x)

@@ -24,7 +24,14 @@ Write-back by construction (when ``weight`` holds ``W0[:, idx] + scaling * delta
   ``load_state_dict``, ``torch.no_grad()`` edits), it was written through ``delta.data`` (LOMO/AdaLomo update in
   backward that way, DeepSpeed copies master weights that way; ``delta`` is a :class:`PaCADelta` that notes such
   accesses), or it is another tensor object than at the last write-back. The check reads host-side integers only
-  (no device sync) and is skipped while ``torch.compile`` traces (compiled models rely on the step hook).
+  (no device sync).
+
+A ``torch.compile``d graph cannot run that check: dynamo cannot guard on a version counter, so a graph traced with the
+dense path would keep reading stale columns after ``delta`` changed outside ``Optimizer.step()`` (schedule-free
+``optimizer.eval()``, a ``torch.no_grad()`` edit). While dynamo traces, the layer therefore takes the rank-``r``
+correction below, which is exact whatever ``weight``'s selected columns hold, and is zero (bit for bit the dense
+result) when they are fresh; it costs one ``(tokens x r) @ (r x out_features)`` GEMM more per layer in forward and
+one in backward. Eager mode, lazy mode and the step hook's write-back are unchanged.
 
 ``weight`` is never written while a layer is disabled (:func:`paca_hpu.disable_paca`): a disabled layer computes
 the base output ``x @ W0.T + b`` from an out-of-place copy ``weight.index_copy(1, idx, original_columns)``, so a
@@ -44,7 +51,7 @@ columns only into a weight it owns (its registered ``nn.Parameter``, whole ``(ou
 takes the dense path above only for that very tensor object. Any other weight (the gathered tensor of an engine, or
 one substituted by ``torch.func.functional_call``) goes through a rank-``r`` correction that never writes::
 
-    D      = original_columns + scaling * delta - weight[:, idx]            (out_features, r)
+    D      = (original_columns + scaling * delta, in the weight dtype) - weight[:, idx]    (out_features, r)
     y      = x @ weight.T + b + x[..., idx] @ D.T                           (== x @ W_merged.T + b)
     grad_x = grad_y @ weight ;  grad_x[..., idx] += grad_y @ D
     grad_delta as above
@@ -78,7 +85,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["PaCALinear", "PaCADelta", "default_index_dtype", "live_paca_layers", "delta_gradient",
-           "input_gradient"]
+           "input_gradient", "merge_columns", "keep_delta_values"]
 
 #: Every PaCALinear alive in this process (built, deep-copied or unpickled); the optimizer step hook in
 #: :mod:`paca_hpu.model` looks here for the layers whose ``delta`` an optimizer just updated.
@@ -129,6 +136,37 @@ _NULL_CONTEXT = contextlib.nullcontext()  # reusable and reentrant
 _TENSOR_DATA = torch._C.TensorBase.data  # the C-level ``.data`` descriptor that nn.Parameter inherits
 
 
+def keep_delta_values(layer: nn.Module, master=None, dtype: Optional[torch.dtype] = None):
+    """Keep a PaCA layer's ``delta`` (and its gradient) exact through ``nn.Module._apply``.
+
+    A whole-model cast (``model.to(torch.bfloat16)``, ``model.half()``, what a Trainer's ``bf16_full_eval`` does)
+    makes ``nn.Module`` cast ``delta`` too; casting it back afterwards would keep the dtype but round the values, in
+    every layer, and the next save would write the rounded deltas. Call it twice around the conversion::
+
+        master = keep_delta_values(layer)          # before: the current tensors (no copy)
+        ...nn.Module._apply...
+        keep_delta_values(layer, master, dtype)    # after: where delta is not ``dtype``, the values of before
+
+    Args:
+        layer: a module with a ``delta`` parameter.
+        master: what the first call returned.
+        dtype: the dtype ``delta`` must have (float32; float64 for a float64 weight). Only the device follows the
+            conversion; a conversion that leaves ``delta``'s dtype alone (a device move) is kept as it is.
+
+    Returns:
+        ``(delta tensor, grad tensor or None)`` from the first call; None from the second.
+    """
+    delta = layer._parameters["delta"]
+    if master is None:  # aliases: nn.Module._apply replaces the data of delta and of delta.grad, not their storage
+        return _TENSOR_DATA.__get__(delta), None if delta.grad is None else delta.grad.detach()
+    if delta.dtype != dtype:
+        delta.data = master[0].to(device=delta.device, dtype=dtype)
+    grad = delta.grad
+    if grad is not None and grad.dtype != dtype:
+        delta.grad = (grad if master[1] is None else master[1]).to(device=grad.device, dtype=dtype)
+    return None
+
+
 class PaCADelta(nn.Parameter):
     """``nn.Parameter`` for a PaCA layer's ``delta`` that notes writes through ``.data``.
 
@@ -170,6 +208,26 @@ def input_gradient(grad_y: torch.Tensor, weight: torch.Tensor, compute_dtype: to
     w = weight if weight.dtype == compute_dtype else weight.to(compute_dtype)
     grad_x = torch.matmul(g, w)
     return grad_x if grad_x.dtype == x_dtype else grad_x.to(x_dtype)
+
+
+def merge_columns(original_columns: torch.Tensor, delta: torch.Tensor, scaling: float,
+                  weight_dtype: torch.dtype) -> torch.Tensor:
+    """``original_columns + scaling * delta`` in ``weight_dtype``: what the merged weight holds in the selected columns.
+
+    Args:
+        original_columns: ``(out_features, r)`` ``W0[:, indices]``, weight dtype.
+        delta: ``(out_features, r)``; differentiable through this function.
+        scaling: ``paca_alpha / r``.
+        weight_dtype: the base weight's dtype; the sum is formed in float32 (float64 for a float64 weight).
+
+    Returns:
+        ``(out_features, r)`` of ``weight_dtype``. Two separately rounded operations (``delta * scaling``, then ``+``),
+        never a fused multiply-add (``torch.add(..., alpha=)`` is an FMA on CPU and may be one elsewhere): the merged
+        weight is then the same on every backend and path, and equals peft's LoRA merge ``W0 + (B @ A) * scaling`` of
+        the exported adapter bit for bit (:mod:`paca_hpu.export`).
+    """
+    acc = _delta_dtype(weight_dtype)
+    return (original_columns.to(acc) + delta.to(acc) * scaling).to(weight_dtype)
 
 
 def delta_gradient(grad_y: torch.Tensor, x_sel: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -278,7 +336,7 @@ class _PaCAPartitionedFunction(torch.autograd.Function):
             bc = None if bias is None else (bias if bias.dtype == compute_dtype else bias.to(compute_dtype))
             y = F.linear(xc, wc, bc)
             acc = _delta_dtype(weight.dtype)
-            d = torch.add(original_columns.to(acc), delta.detach().to(acc), alpha=scaling)
+            d = merge_columns(original_columns, delta.detach(), scaling, weight.dtype).to(acc)
             d = d.sub_(weight.detach().index_select(1, indices).to(acc)).to(compute_dtype)
             x_sel = xc.index_select(-1, indices)
             y.view(-1, y.shape[-1]).addmm_(x_sel.reshape(-1, x_sel.shape[-1]), d.t())
@@ -331,8 +389,8 @@ class PaCALinear(nn.Module):
         bias: frozen ``nn.Parameter`` ``(out_features,)`` or ``None``.
         indices: buffer ``(r,)``, unique, sorted, int64 (int32 on HPU by default, also after ``.to("hpu")``).
         delta: trainable :class:`PaCADelta` ``(out_features, r)``, float32 (float64 if the weight is float64),
-            zeros at start; stays float32 when the model is cast (``model.to(torch.bfloat16)``, a Trainer's
-            ``bf16_full_eval``).
+            zeros at start; stays float32, values untouched, when the model is cast (``model.to(torch.bfloat16)``,
+            a Trainer's ``bf16_full_eval``: :func:`keep_delta_values`).
         original_columns: buffer ``(out_features, r)``: ``W0[:, indices]`` in the weight's dtype, kept so that
             disabling, unmerging and unloading restore the base weights bit for bit. Persistent (in the state
             dict), and recaptured whenever a state dict loads new base weights or other indices.
@@ -435,15 +493,13 @@ class PaCALinear(nn.Module):
         _LIVE_LAYERS.add(self)
 
     def _apply(self, fn, recurse=True):
-        """``nn.Module._apply`` (behind ``.to()``, ``.cuda()``, ...), then: ``delta`` back to float32 (float64 for
-        a float64 weight) if a cast changed it, and the default index dtype re-picked for the new device when none
-        was given (a model converted on the CPU and moved to an HPU gathers with int32 indices)."""
+        """``nn.Module._apply`` (behind ``.to()``, ``.cuda()``, ...), then: ``delta`` float32 again (float64 for a
+        float64 weight) with its values from before a cast (:func:`keep_delta_values`), and the default index dtype
+        re-picked for the new device when none was given (a model converted on the CPU and moved to an HPU gathers
+        with int32 indices)."""
+        master = keep_delta_values(self)
         super()._apply(fn, recurse)
-        want = _delta_dtype(self.weight.dtype)
-        if self.delta.dtype != want:
-            self.delta.data = self.delta.data.to(want)
-            if self.delta.grad is not None:
-                self.delta.grad = self.delta.grad.to(want)
+        keep_delta_values(self, master, _delta_dtype(self.weight.dtype))
         if getattr(self, "_index_dtype_auto", False):
             wanted = default_index_dtype(self.indices.device)
             if self.indices.dtype != wanted:
@@ -487,8 +543,9 @@ class PaCALinear(nn.Module):
         if self._functional or (owned and not isinstance(delta, PaCADelta)):
             return F.linear(x, weight.index_copy(1, indices.long(), self._merged_columns_of(delta)), bias)
         if owned:
-            if not torch.compiler.is_compiling() and (
-                    (id(delta), delta._version) != self._synced or delta.__dict__.get("_paca_touched", False)):
+            if torch.compiler.is_compiling():
+                owned = False  # a compiled graph runs no host-side check: correct stale columns in-graph (module doc)
+            elif (id(delta), delta._version) != self._synced or delta.__dict__.get("_paca_touched", False):
                 self.sync()  # may find that an engine took the weight over (ZeRO-3 partitioning touches delta)
                 owned = weight is self._dense_weight()
             if owned:
@@ -503,14 +560,9 @@ class PaCALinear(nn.Module):
         return (id(delta), delta._version) != self._synced or delta.__dict__.get("_paca_touched", False)
 
     def _merged_columns_of(self, delta: torch.Tensor) -> torch.Tensor:
-        """``original_columns + scaling * delta`` in the weight's dtype, differentiable in ``delta``.
-
-        Two separately rounded operations (``delta * scaling``, then ``+``), never a fused multiply-add
-        (``torch.add(..., alpha=)`` is an FMA on CPU and may be one elsewhere): the merged weight is then the same on
-        every backend and equals peft's LoRA merge ``W0 + (B @ A) * scaling`` of the exported adapter bit for bit
-        (:mod:`paca_hpu.export`)."""
-        acc = _delta_dtype(self.weight.dtype)
-        return (self.original_columns.to(acc) + delta.to(acc) * self.scaling).to(self.weight.dtype)
+        """``original_columns + scaling * delta`` in the weight's dtype, differentiable in ``delta``
+        (:func:`merge_columns`)."""
+        return merge_columns(self.original_columns, delta, self.scaling, self.weight.dtype)
 
     # ---- weight bookkeeping (outside forward/backward; fixed-shape index_copy_) ----------------------------
 

@@ -82,7 +82,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .layer import _autocast_dtype, _autocast_off, default_index_dtype, delta_gradient, input_gradient
+from .layer import (_autocast_dtype, _autocast_off, default_index_dtype, delta_gradient, input_gradient,
+                    keep_delta_values)
 
 __all__ = ["PaCALinear4bit", "is_linear4bit", "unsupported_reason", "linear_features", "merged_linear",
            "clear_quantization_markers", "prevent_cpu_repack"]
@@ -357,10 +358,12 @@ class PaCALinear4bit(nn.Module):
         return self.base_layer.bias
 
     def _apply(self, fn, recurse=True):
-        """``nn.Module._apply`` (``.to()``, ...), keeping ``delta`` float32 and re-picking the default index dtype."""
+        """``nn.Module._apply`` (``.to()``, ...), keeping ``delta`` float32 with its values from before a cast
+        (:func:`paca_hpu.layer.keep_delta_values`) and re-picking the default index dtype."""
+        master = keep_delta_values(self)
         super()._apply(fn, recurse)
         self._columns_of = None  # original_columns are re-captured (float32, from the moved weight) when next used
-        self.delta.data = self.delta.data.float()  # no-op (same tensor) when it is float32 already
+        keep_delta_values(self, master, torch.float32)
         if self._index_dtype_auto:
             self.indices = self.indices.to(default_index_dtype(self.indices.device))
         return self

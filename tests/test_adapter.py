@@ -255,3 +255,43 @@ def test_damaged_adapter_file_is_named(tmp_path, damage):
         load_adapter(tiny_llama(seed=0), str(tmp_path))
     msg = str(exc.value)
     assert f"'{target}'" in msg and "truncated or garbled" in msg and "\n" not in msg, msg
+
+
+def _overwrite_data(path, key, value: float, count: int = 2):
+    """Overwrite the first ``count`` float32 values of ``key`` in a safetensors file in place, header intact."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    start = 8 + n + json.loads(data[8:8 + n])[key]["data_offsets"][0]
+    data[start:start + 4 * count] = struct.pack("<f", value) * count
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("how", ["load_adapter", "from_pretrained"])
+def test_non_finite_delta_in_the_data_section_is_refused_naming_the_layer(tmp_path, how, value):
+    """Issue 23 item 9: garbage in the data section with the header intact (0xff bytes read as NaN) loaded without a
+    word and the model's logits became NaN. Such a file is now refused before the model is touched, naming the layer;
+    the same file with finite values loads."""
+    import paca_hpu
+
+    trained = _trained("llama", r=4, paca_alpha=8)
+    save_adapter(trained, str(tmp_path))
+    layer = sorted(paca_layers(trained))[3]
+    target = tmp_path / "adapter_model.safetensors"
+    intact = target.read_bytes()
+    _overwrite_data(target, f"{layer}.delta", value)
+    base = tiny_llama(seed=0)
+    weights = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError) as exc:
+        if how == "load_adapter":
+            load_adapter(base, str(tmp_path))
+        else:
+            paca_hpu.from_pretrained(str(tmp_path), base_model=base)
+    msg = str(exc.value)
+    assert f"layer '{layer}'" in msg and "not finite" in msg and f"'{target}'" in msg and "\n" not in msg, msg
+    assert not paca_layers(base) and all(torch.equal(v, weights[k]) for k, v in base.state_dict().items())
+    target.write_bytes(intact)
+    ids = random_ids(2, 8, seed=6)
+    torch.testing.assert_close(logits(load_adapter(base, str(tmp_path)), ids), logits(trained, ids))

@@ -9,8 +9,9 @@ in a counter that sees every graph dynamo hands to the backend.  The tests prove
 * a whole tiny LLaMA with PaCA has exactly as many graph breaks as the same model without PaCA (transformers 4.55's
   LLaMA breaks twice under torch 2.13, in its KV-cache set-up), and none at all with ``use_cache=False``;
 * it trains for 6 optimizer steps with one compilation and no recompilation after the first step, with losses,
-  deltas and merged weights equal to eager mode (so the write-back after each optimizer step reaches the compiled
-  graph: parameters are graph inputs, not constants);
+  deltas and merged weights equal to eager mode (parameters are graph inputs, not constants);
+* a ``delta`` changed outside ``Optimizer.step()`` (schedule-free ``eval()``/``train()``, a ``no_grad`` edit) is seen
+  by the compiled graph (``aot_eager`` and ``inductor``), against a float64 dense reference;
 * the counters can fail: a layer with ``nonzero`` breaks ``fullgraph``, a layer whose gather length changes per step
   recompiles.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 
 import pytest
 import torch
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from helpers import random_ids, tiny_llama
+from helpers import dense_weight_grad, random_ids, scatter_deltas_into_dense, tiny_llama
 
 from paca_hpu import PaCAConfig, apply_paca, paca_layers
 
@@ -144,7 +146,8 @@ def test_decoder_block_compiles_fullgraph_and_matches_eager(device):
         torch.testing.assert_close(gx_c, gx_e, rtol=1e-5, atol=1e-6)
     assert cb.count == 1  # one forward graph, no recompilation for the second call
     assert graph_problems(cb.graphs[0]) == []
-    assert sum(_target_name(n) == "index_select" for n in all_nodes(cb.graphs[0])) == 7  # one gather per layer
+    # two static gathers per layer: x[..., idx], and weight[:, idx] for the in-graph correction of stale columns
+    assert sum(_target_name(n) == "index_select" for n in all_nodes(cb.graphs[0])) == 14
     for (n, a), (_, b) in zip(paca_layers(block), paca_layers(eager_block)):
         torch.testing.assert_close(a.delta.grad, b.delta.grad, rtol=1e-5, atol=1e-7, msg=n)
     assert len(list(paca_layers(block))) == 7
@@ -191,8 +194,99 @@ def test_compiled_training_one_graph_no_recompile_matches_eager(device):
     for (n, a), (_, b) in zip(paca_layers(ref), paca_layers(model)):
         torch.testing.assert_close(b.delta, a.delta, rtol=1e-4, atol=1e-6, msg=n)
         torch.testing.assert_close(b.weight, a.weight, rtol=1e-5, atol=1e-6, msg=n)
-        assert not torch.equal(b.weight, weights0[n])  # the write-back happened ...
-    # ... and it was seen: the losses after step 0 could only match eager if the compiled graph read the new weights
+        assert not torch.equal(b.weight, weights0[n])  # the write-back happened (the compiled graph also corrects
+        # stale columns itself from delta: test_compiled_model_sees_delta_changed_outside_step)
+
+
+# ---- delta changed outside Optimizer.step() --------------------------------------------------------------------
+
+
+class _MLP(nn.Module):
+    """Two linear layers: small enough for inductor to compile in seconds on a CPU."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 8)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+    def forward(self, x):
+        return self.down(torch.tanh(self.up(x)))
+
+
+def _scenario(kind):
+    """``(base, paca_model, loss_fn)``: tiny LLaMA (its LM loss) or the MLP (mean square output)."""
+    if kind == "llama":
+        base = tiny_llama(seed=2, layers=1).train()
+        ids = random_ids(2, 8, seed=4)
+        return base, PaCAConfig(r=4, paca_alpha=8), lambda m: m(input_ids=ids, labels=ids, use_cache=False).loss
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(5))
+    return _MLP(), PaCAConfig(r=4, paca_alpha=8, target_modules=["up", "down"]), lambda m: m(x.to(m.up.weight.dtype)).square().mean()
+
+
+@pytest.mark.parametrize("backend_name,kind,lean", [("aot_eager", "llama", False), ("inductor", "mlp", False),
+                                                     ("aot_eager", "mlp", True)])
+def test_compiled_model_sees_delta_changed_outside_step(backend_name, kind, lean):
+    """Issue 23 item 3: dynamo cannot guard on ``delta``'s version counter, and the staleness check was skipped while
+    it traced, so a compiled model kept its old merged weight after schedule-free ``optimizer.eval()`` / ``.train()``
+    or a ``torch.no_grad()`` edit of ``delta``. The compiled loss and ``delta.grad`` now match a float64 dense model
+    with the deltas merged by hand (and eager mode) after each such change, with one graph for the whole run; also
+    with the experimental ``lean_forward`` candidate on."""
+    pytest.importorskip("schedulefree")
+    if backend_name == "inductor" and not (shutil.which("g++") or shutil.which("clang++")):
+        pytest.skip("inductor on a CPU needs a C++ compiler")
+    from paca_hpu import experimental
+
+    with experimental.candidate("lean_forward", on=lean):
+        _delta_edits_under_compile(backend_name, kind)
+
+
+def _delta_edits_under_compile(backend_name, kind):
+    import schedulefree
+
+    base, config, loss_fn = _scenario(kind)
+    model = apply_paca(copy.deepcopy(base), config)
+    cb = CountingBackend(backend_name)
+    compiled = torch.compile(model, backend=cb, fullgraph=True, dynamic=False)
+    opt = schedulefree.AdamWScheduleFree([p for p in model.parameters() if p.requires_grad], lr=5e-2,
+                                         warmup_steps=0)
+    opt.train()
+
+    def train_step():
+        loss_fn(compiled).backward()
+        opt.step()
+        opt.zero_grad()
+
+    def check(when):
+        # compiled first: an eager forward would write the fresh columns back and hide a stale compiled graph
+        got = loss_fn(compiled)
+        got.backward()
+        grads = {n: layer.delta.grad.clone() for n, layer in paca_layers(model)}
+        opt.zero_grad()
+        dense = scatter_deltas_into_dense(copy.deepcopy(base).double(), model)
+        want = loss_fn(dense)
+        want.backward()
+        torch.testing.assert_close(got.double(), want.detach().double(), rtol=1e-5, atol=1e-6, msg=lambda m: f"{when}: {m}")
+        for n, layer in paca_layers(model):
+            ref = dense_weight_grad(dense.get_submodule(n))[:, layer.indices.long()] * layer.scaling
+            torch.testing.assert_close(grads[n].double(), ref, rtol=1e-4, atol=1e-6, msg=lambda m: f"{when}, {n}: {m}")
+        torch.testing.assert_close(loss_fn(model).detach(), got.detach(), rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"{when}, eager: {m}")
+
+    for _ in range(3):
+        train_step()
+    opt.eval()  # moves delta to the averaged point in place (lerp_), outside step()
+    check("after optimizer.eval()")
+    with torch.no_grad():
+        for _, layer in paca_layers(model):
+            layer.delta.mul_(-2.0).add_(0.05)
+    check("after a torch.no_grad() edit")
+    opt.train()
+    train_step()
+    check("after optimizer.train() and a step")
+    assert cb.count == 1  # correct without a recompilation
 
 
 # ---- the counters can fail ---------------------------------------------------------------------------------

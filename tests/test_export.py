@@ -202,13 +202,18 @@ def test_bad_inputs_exit_2_with_one_line(llama, tmp_path, capsys):
 
 
 def _damage(adapter, out, damage):
-    """A copy of ``adapter`` with one defect: a layer's delta removed, one index -1, one index repeated."""
+    """A copy of ``adapter`` with one defect: a layer's delta removed, one index -1, one index repeated, or 0xff
+    bytes (NaN) in a delta's data with the file's header intact."""
     from safetensors.torch import load_file, save_file
+    from test_adapter import _overwrite_data
 
     shutil.copytree(adapter, out)
     path = out / "adapter_model.safetensors"
     tensors = load_file(str(path))
     first = sorted(k[: -len(".indices")] for k in tensors if k.endswith(".indices"))[0]
+    if damage == "garbled_delta":
+        _overwrite_data(path, f"{first}.delta", float("nan"))
+        return first
     idx = tensors[f"{first}.indices"].clone()
     if damage == "missing_layer":
         del tensors[f"{first}.delta"], tensors[f"{first}.indices"]
@@ -222,12 +227,13 @@ def _damage(adapter, out, damage):
     return first
 
 
-@pytest.mark.parametrize("damage", ["missing_layer", "negative_index", "repeated_index"])
+@pytest.mark.parametrize("damage", ["missing_layer", "negative_index", "repeated_index", "garbled_delta"])
 @pytest.mark.parametrize("to", ["lora", "merged"])
 def test_incomplete_or_corrupt_adapter_is_refused_by_both_exports(llama, tmp_path, capsys, damage, to):
     """Newcomer finding: ``--to lora`` wrote a LoRA without the missing layer, with index -1 wrapped to the last
     column, or with two equal one-hot rows (exit 0), where ``load_adapter`` and ``--to merged`` refuse. Both exports
-    now refuse, one line naming the layer, exit 2, nothing written."""
+    now refuse, one line naming the layer, exit 2, nothing written. Issue 23 item 9: NaN deltas from garbage in the
+    data section were exported by both (exit 0); refused alike."""
     _, adapter, _ = llama
     layer = _damage(adapter, tmp_path / "bad", damage)
     code, err = _run_cli(capsys, tmp_path / "bad", "--to", to, "--output", tmp_path / "out")

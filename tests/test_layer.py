@@ -348,3 +348,75 @@ def test_write_back_survives_copying_the_adapted_model(how):
     assert torch.equal(layer.weight[:, idx], w0[:, idx] + 2.0 * layer.delta.detach())
     # and the original model is untouched by the copy's step
     assert torch.equal(model.proj.weight, w0)
+
+
+def test_whole_model_cast_keeps_delta_values_and_training_continues(tmp_path):
+    """Issue 23 item 4: ``model.to(torch.bfloat16)`` (a Trainer's ``bf16_full_eval``) let nn.Module cast ``delta`` to
+    bf16, and the layer cast it back: float32 again, but rounded in every layer, and saved rounded. The deltas and
+    their gradients now keep their exact values (same Parameter objects), the adapter saved after the cast holds
+    them, and the next optimizer step equals that of a model cast to bf16 before PaCA was applied and given the
+    deltas of before the cast."""
+    from helpers import lm_loss, random_ids, tiny_llama
+    from safetensors.torch import load_file
+
+    from paca_hpu import paca_layers, save_adapter
+
+    config = PaCAConfig(r=4, paca_alpha=8)
+    base = tiny_llama(seed=0).train()
+    model = apply_paca(copy.deepcopy(base), config)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    ids = random_ids(2, 8, seed=3)
+    for _ in range(2):
+        lm_loss(model, ids).backward()
+        opt.step()
+        opt.zero_grad()
+    lm_loss(model, ids).backward()  # a gradient is cast too
+    before = {n: (layer.delta, layer.delta.detach().clone(), layer.delta.grad.clone()) for n, layer in
+              paca_layers(model)}
+    assert all(not torch.equal(d, d.bfloat16().float()) for _, d, _ in before.values())  # bf16 would round them
+
+    model.to(torch.bfloat16)
+    for n, layer in paca_layers(model):
+        param, delta, grad = before[n]
+        assert layer.weight.dtype == torch.bfloat16 and layer.delta is param, n
+        assert layer.delta.dtype == layer.delta.grad.dtype == torch.float32, n
+        assert torch.equal(layer.delta.detach(), delta) and torch.equal(layer.delta.grad, grad), n
+    save_adapter(model, tmp_path)
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    for n, (_, delta, _) in before.items():
+        assert torch.equal(saved[f"{n}.delta"], delta), n
+
+    ref = apply_paca(copy.deepcopy(base).to(torch.bfloat16), config)
+    with torch.no_grad():
+        for n, layer in paca_layers(ref):
+            layer.delta.copy_(before[n][1])
+    ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=2e-2)
+    ref_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # a copy: it would share the moment tensors
+    opt.zero_grad()
+    ids = random_ids(2, 8, seed=4)
+    for m, o in ((model, opt), (ref, ref_opt)):
+        o.zero_grad()
+        m.loss_ = lm_loss(m, ids)
+        m.loss_.backward()
+        o.step()
+    assert torch.equal(model.loss_, ref.loss_)
+    for (n, a), (_, b) in zip(paca_layers(model), paca_layers(ref)):
+        assert torch.equal(a.delta, b.delta) and torch.equal(a.weight, b.weight), n
+        assert not torch.equal(a.delta.detach(), before[n][1]), n  # it trained
+
+
+@pytest.mark.parametrize("cast", ["bfloat16", "half"])
+def test_4bit_layer_cast_keeps_delta_values(cast):
+    """Issue 23 item 4 for QPaCA: casting a ``PaCALinear4bit`` rounded its float32 ``delta`` (and gradient) the same
+    way; they now keep their values, bit for bit."""
+    pytest.importorskip("bitsandbytes")
+    from test_quantized import _layer
+
+    layer = _layer()
+    with torch.no_grad():
+        layer.delta.copy_(randn(*layer.delta.shape, seed=7, dtype=torch.float32) * 0.05)
+    layer.delta.grad = randn(*layer.delta.shape, seed=8, dtype=torch.float32)
+    delta, grad = layer.delta.detach().clone(), layer.delta.grad.clone()
+    layer.to(torch.bfloat16) if cast == "bfloat16" else layer.half()
+    assert layer.delta.dtype == layer.delta.grad.dtype == torch.float32
+    assert torch.equal(layer.delta.detach(), delta) and torch.equal(layer.delta.grad, grad)
