@@ -3,7 +3,8 @@
     python -m paca_hpu export ADAPTER_DIR --to {lora,merged} --output OUT_DIR [--base_model PATH_OR_NAME]
                               [--dtype {fp32,bf16,fp16}]
 
-Exit status: 0 done; 2 bad input (one-line ``error:`` message on stderr); 1 anything unexpected (traceback).
+Exit status: 0 done; 2 bad input, a base model path that does not exist, or a full / read-only output disk (one-line
+``error:`` message on stderr); 1 anything unexpected (traceback).
 """
 
 from __future__ import annotations

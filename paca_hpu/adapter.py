@@ -7,7 +7,7 @@
 
 and ``modules_to_save.<param_name>`` for the parameters of ``modules_to_save``.
 ``adapter_config.json`` holds the :class:`PaCAConfig` plus ``format``, ``format_version``, ``peft_type`` and
-``base_model_name_or_path`` (when the model knows it).
+``base_model_name_or_path`` (when the model knows it; a local folder as its absolute path).
 
 ``peft_type`` is :data:`PEFT_TYPE`, a sentence rather than a peft method name: transformers hands every directory
 with an ``adapter_config.json`` to peft (``AutoModelForCausalLM.from_pretrained(dir)``, ``PeftModel.from_pretrained``),
@@ -175,12 +175,20 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "peft_type": PEFT_TYPE,
-        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "base_model_name_or_path": _base_model_record(model),
         **config.to_dict(),
     }
     _atomic_write(path / ADAPTER_WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     _atomic_write(path / ADAPTER_CONFIG_NAME,
                   lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
+
+
+def _base_model_record(model: nn.Module) -> Optional[str]:
+    """``model.config._name_or_path`` as the adapter records it: a local folder as its absolute path (so that the
+    adapter reloads from any working directory; transformers keeps the path as given, e.g. ``./my-llama``), a Hub
+    id as it is; None when the model does not know where it came from."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    return os.path.abspath(name) if isinstance(name, str) and os.path.isdir(name) else name
 
 
 def _garbled(path: Path, err: BaseException) -> ValueError:

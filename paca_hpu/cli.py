@@ -411,7 +411,8 @@ def _check_batch_sizes(training_args) -> None:
 def _typed_flag(argv: Sequence[str], name: str) -> str:
     """How the user spelled the flag of field ``name`` (``--paca_r``, ``--paca-r`` or an alias like ``--lora_rank``);
     ``--name`` when it was not on the command line (a JSON argument file, a default)."""
-    spec = next((f for f in dataclasses.fields(AdapterArguments) if f.name == name), None)
+    spec = next((f for dt in (AdapterArguments, DataArguments) for f in dataclasses.fields(dt) if f.name == name),
+                None)
     aliases = spec.metadata.get("aliases", []) if spec is not None else []
     spellings = {f"--{name}", f"--{name.replace('_', '-')}", *aliases}
     typed = [a.split("=", 1)[0] for a in argv if a.split("=", 1)[0] in spellings]
@@ -436,18 +437,24 @@ def _check_adapter_numbers(adapter_args, argv: Sequence[str]) -> None:
                          "must be a finite number > 0 (e.g. 16; the update is scaled by alpha / r)")
 
 
-def _linear_module_kinds(model) -> List[str]:
-    """Distinct last name parts of ``model``'s linear layers (``nn.Linear`` and subclasses such as bitsandbytes'
-    ``Linear4bit``, transformers ``Conv1D``), in module order: ``q_proj, k_proj, ..., lm_head``."""
+def _linear_module_kinds(model, without_tied: bool = False) -> Tuple[List[str], List[str]]:
+    """``(kinds, tied)``: distinct last name parts of ``model``'s linear layers (``nn.Linear`` and subclasses such as
+    bitsandbytes' ``Linear4bit``, transformers ``Conv1D``), in module order (``q_proj, k_proj, ..., lm_head``).  With
+    ``without_tied``, a name whose every layer shares its weight with another module (``lm_head`` tied to the
+    input embedding: PaCA refuses it) goes to ``tied`` instead."""
+    import collections
+
     import torch
     from transformers.pytorch_utils import Conv1D
 
-    kinds: List[str] = []
+    holders = collections.Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    layers: Dict[str, List[bool]] = {}  # last name part -> whether each such layer's weight is shared
     for name, module in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if name and isinstance(module, (torch.nn.Linear, Conv1D)) and leaf not in kinds:
-            kinds.append(leaf)
-    return kinds
+        if name and isinstance(module, (torch.nn.Linear, Conv1D)):
+            shared = holders[id(module.weight)] > 1
+            layers.setdefault(name.rsplit(".", 1)[-1], []).append(shared)
+    tied = [k for k, shared in layers.items() if without_tied and all(shared)]
+    return [k for k in layers if k not in tied], tied
 
 
 def _check_targets(model, adapter_args, argv: Sequence[str]) -> None:
@@ -478,8 +485,10 @@ def _check_targets(model, adapter_args, argv: Sequence[str]) -> None:
     if unknown:
         shown = ", ".join("'" + u + "'" for u in unknown)
         verb = "matches" if len(unknown) == 1 else "match"
+        kinds, tied = _linear_module_kinds(model, without_tied=a.peft_type == "paca")
+        left_out = f"; {', '.join(tied)}: tied to another module's weight, which PaCA cannot adapt" if tied else ""
         raise UsageError(f"{flag}: {shown} {verb} no module of {type(model).__name__}; its linear modules are "
-                         f"{', '.join(_linear_module_kinds(model)) or 'none'} (or pass all-linear)")
+                         f"{', '.join(kinds) or 'none'} (or pass all-linear){left_out}")
     if a.peft_type != "paca":
         return
     from . import find_target_modules
@@ -496,6 +505,41 @@ def _check_targets(model, adapter_args, argv: Sequence[str]) -> None:
             raise UsageError(f"{_typed_flag(argv, 'paca_r')} {a.paca_r} exceeds in_features={in_features} of layer "
                              f"'{name}' (PaCA trains r of its input columns); lower it, or leave that layer out "
                              "with --exclude_modules")
+
+
+#: Config fields that hold a model's number of positions (LLaMA / Mistral / Qwen and most others; GPT-2; others).
+_POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def _model_positions(model) -> Optional[Tuple[str, int]]:
+    """``(config field, value)`` of the number of positions ``model`` was built for; None when its config names
+    none (a model without position limit)."""
+    config = getattr(model, "config", None)
+    for name in _POSITION_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return name, value
+    return None
+
+
+def _fit_seq_len(model, data_args, argv: Sequence[str]) -> None:
+    """``--max_seq_len`` must be >= 1, and above the model's positions it is lowered to them with a warning, as
+    transformers' ``run_clm.py`` does with ``--block_size`` (so the default 512 still runs on a model of fewer
+    positions): longer examples would run past the positions the model was trained on, and
+    ``--pad_to_max_length`` would pad every batch to the length asked for.  Sets ``data_args.max_seq_len``.
+
+    Raises:
+        UsageError: ``--max_seq_len`` below 1.
+    """
+    flag = _typed_flag(argv, "max_seq_len")
+    if data_args.max_seq_len < 1:
+        raise UsageError(f"{flag} {data_args.max_seq_len} is not allowed: pass a number of tokens >= 1")
+    positions = _model_positions(model)
+    if positions is not None and data_args.max_seq_len > positions[1]:
+        logger.warning("%s %d is larger than the %d positions of %s (config.%s=%d): using %s %d (longer examples "
+                       "are truncated)", flag, data_args.max_seq_len, positions[1], type(model).__name__,
+                       positions[0], positions[1], flag, positions[1])
+        data_args.max_seq_len = positions[1]
 
 
 def _check_writable(out: str) -> None:
@@ -1015,13 +1059,14 @@ def default_eval_steps(total_steps: int, n_eval: int, examples_per_step: int) ->
 
 def plot_title(metrics: Dict[str, Any]) -> str:
     """``"<model> · <method> (r=<r>) · <steps> steps"`` for the loss plot (model: the directory's or hub name's last
-    part; method paca / lora / full fine-tuning)."""
+    part; method paca / lora / full fine-tuning; steps: the last optimizer step, ``global_step``, which after a
+    resume counts the checkpoint's steps too, else ``train_steps``)."""
     model = str(metrics.get("model", "")).rstrip("/\\")
     model = model.split(":", 1)[1] if model.startswith("embedded:") else os.path.basename(model) or model
     method = {"paca": "PaCA", "lora": "LoRA", "none": "full fine-tuning"}.get(metrics.get("peft_type"), "?")
     if metrics.get("r") is not None:
         method += f" (r={metrics['r']})"
-    steps = metrics.get("train_steps")
+    steps = metrics.get("global_step", metrics.get("train_steps"))  # the plot shows a resumed run's earlier steps too
     return f"{model} · {method}" + (f" · {steps} steps" if steps is not None else "")
 
 
@@ -1144,12 +1189,13 @@ class _Run:
                 model_path = embedded_model_path()
             except (ModuleNotFoundError, FileNotFoundError) as err:
                 raise UsageError(str(err)) from err
-        else:
-            from .hub import check_model_source
+        else:  # a local folder as its absolute path: the adapter records it, and must reload from anywhere
+            from .hub import ModelSourceError, base_model_source
 
-            problem = check_model_source(model_path)
-            if problem:
-                raise UsageError(problem)
+            try:
+                model_path = base_model_source(model_path, label="--model_name_or_path")
+            except ModelSourceError as err:
+                raise UsageError(str(err)) from err
         self.model_path = model_path
         try:
             self.tokenizer = _load_tokenizer(self.model_args, model_path)
@@ -1158,6 +1204,7 @@ class _Run:
                              f"{one_line(err)}") from err
         self.check_selection = bool(self.resume) and _check_resume(self.resume, self.adapter_args)
         self._load_base_model()
+        _fit_seq_len(self.base_model, self.data_args, self.argv)
         ta = self.training_args
         try:
             datasets, self.collator = _load_data(self.data_args, self.tokenizer, ta, self.info)
@@ -1229,7 +1276,7 @@ class _Run:
             "peft_type": a.peft_type, "model": self.model_args.model_name_or_path or "embedded:SmolLM2-135M-Instruct",
             "trainable_params": self.trainable, "total_params": self.total,
             "trainable_percent": 100.0 * self.trainable / max(self.total, 1),
-            "train_on_inputs": bool(self.data_args.train_on_inputs),
+            "train_on_inputs": bool(self.data_args.train_on_inputs), "max_seq_len": self.data_args.max_seq_len,
         }
         if a.peft_type != "none":
             self.metrics.update(r=a.paca_r, alpha=a.paca_alpha, target_modules=a.target_modules)
@@ -1279,15 +1326,18 @@ class _Run:
         mem_kind = self.run_device.type if self.run_device.type in ("hpu", "cuda", "cpu") else None
         _device.reset_peak_memory(mem_kind)
         side_before = _tr.side_seconds(trainer)
+        start = (_checkpoint_step(self.resume) or 0) if self.resume else 0
         result = trainer.train(resume_from_checkpoint=self.resume)
         _device.synchronize()
         side = {k: after - side_before[k] for k, after in _tr.side_seconds(trainer).items()}
         tm = result.metrics
         tp = self.throughput
+        steps = trainer.state.global_step - start  # the optimizer steps this process ran (after a resume: not all)
         self.metrics.update(
             peak_memory_bytes=_device.peak_memory_bytes(mem_kind), peak_memory_kind=_device.peak_memory_kind(mem_kind),
-            train_loss=tm.get("train_loss"), train_runtime=tm.get("train_runtime"),
-            train_steps=trainer.state.global_step,
+            train_loss=_train_loss_of_run(trainer, tm.get("train_loss"), steps),
+            train_runtime=tm.get("train_runtime"), train_steps=steps, global_step=trainer.state.global_step,
+            resumed_from_step=start,
             train_samples_per_second=tm.get("train_samples_per_second"), train_tokens=tp.tokens,
             train_tokens_per_second=tp.tokens_per_second, throughput_warmup_steps=tp.warmup_steps,
             throughput_measured_steps=tp.steps,
@@ -1387,6 +1437,17 @@ def _reloaded_eval_loss(model_args, model_path, training_args, adapter_dir, eval
     return float(checker.evaluate(metric_key_prefix="eval")["eval_loss"])
 
 
+def _train_loss_of_run(trainer, reported: Optional[float], steps: int) -> Optional[float]:
+    """Mean training loss over the ``steps`` optimizer steps this ``train()`` call ran.  The trainers add each
+    step's loss to ``_total_loss_scalar`` for the steps they run; transformers >= 5 divides that by the steps run,
+    transformers 4.55 and optimum-habana's GaudiTrainer by ``global_step``, which after a resume also counts the
+    checkpoint's steps (a loss too small by their share).  ``reported`` when the sum is not there."""
+    total = getattr(trainer, "_total_loss_scalar", None)
+    if reported is None or not isinstance(total, float) or steps < 1:
+        return reported
+    return total / steps
+
+
 def _write_json_atomic(path: str, data: Dict[str, Any]) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as fh:
@@ -1418,10 +1479,11 @@ def _print_summary(m: Dict[str, Any], out: str) -> None:
     if "eval_loss_reloaded" in m:
         lines.append(f"saved adapter reloaded: held-out loss {f(m['eval_loss_reloaded'])} on a fresh base model")
     if "train_runtime" in m:
-        steps = m.get("train_steps") or 0
+        steps, start = m.get("train_steps") or 0, m.get("resumed_from_step") or 0
         per_step = f", {m['train_seconds'] / steps:.2f} s/step" if steps else ""
+        resumed = f" ({start + 1} to {start + steps}, resumed at step {start})" if start and steps else ""
         lines += [
-            f"training              : {steps} steps in {f(m.get('train_seconds'), '.1f')} s{per_step} "
+            f"training              : {steps} steps{resumed} in {f(m.get('train_seconds'), '.1f')} s{per_step} "
             "(optimizer steps only)",
             f"train tokens/s        : {f(m.get('train_tokens_per_second'), ',.1f')} (input tokens incl. padding; "
             f"{m.get('throughput_measured_steps')} steps after {m.get('throughput_warmup_steps')} warm-up, "

@@ -134,11 +134,44 @@ def _load_local_file(path: str | os.PathLike) -> datasets.Dataset:
         ds = datasets.load_dataset(builder, data_files={"train": path}, split="train")
     except (StopIteration, datasets.exceptions.DatasetGenerationError, ValueError, TypeError) as err:
         cause = err.__cause__ or err
+        # pyarrow names a 0-based row of the block it was reading ("in row 2" for line 3): find the line itself
+        where = json_error(path) if builder == "json" else None
+        if where is not None:
+            raise ValueError(f"Data file {path!r} is not valid JSON: {where}; fix it ({ext}: one JSON object per "
+                             "line, or one JSON list of objects)") from err
         raise ValueError(f"Data file {path!r} could not be read as {builder} ({type(cause).__name__}: {cause}); "
                          f"check that it is valid {ext} (.jsonl: one JSON object per line)") from err
     if len(ds) == 0:
         raise ValueError(f"Data file {path!r} has no rows to train on")
     return ds
+
+
+def json_error(path: str | os.PathLike) -> str | None:
+    """Where the UTF-8 file at ``path`` stops being what ``datasets``' json builder reads, or None when it is: a JSON
+    list (``"line 4, column 2: Expecting value"``, 1-based, from :mod:`json`), else one JSON object per non-blank
+    line (``"line 3, column 18: Expecting ',' delimiter"``; ``"line 5: a JSON list, not an object"``)."""
+    import json
+
+    with open(path, encoding="utf-8") as fh:
+        if fh.read(64).lstrip().startswith("["):
+            fh.seek(0)
+            try:
+                json.load(fh)
+            except json.JSONDecodeError as err:
+                return f"line {err.lineno}, column {err.colno}: {err.msg}"
+            return None
+        fh.seek(0)
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as err:
+                return f"line {number}, column {err.colno}: {err.msg}"
+            if not isinstance(value, dict):
+                kind = {list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+                return f"line {number}: a JSON {kind}, not an object"
+    return None
 
 
 def utf8_error(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str | None:

@@ -22,12 +22,13 @@ model. The merge runs in float32 unless the base is stored in the requested dtyp
 once to that dtype.
 
 Both write into a temporary sibling directory and rename it to ``output_dir`` when complete; ``output_dir`` must not
-exist or be empty.
+exist or be empty. A full or read-only disk is an :class:`ExportError` (one line), and nothing is left behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -40,7 +41,9 @@ from torch import nn
 
 from .adapter import (ADAPTER_WEIGHTS_NAME, _MTS_PREFIX, _check_complete, _check_layers_fit, load_adapter,
                       read_adapter)
+from .checkpoints import is_disk_full
 from .config import PaCAConfig
+from .hub import ModelSourceError, base_model_source, from_pretrained_cache_first
 from .model import _is_supported, _matches, merge_paca
 
 __all__ = ["ExportError", "DTYPES", "export_lora", "export_merged", "lora_state_dict"]
@@ -55,7 +58,8 @@ PathLike = Union[str, os.PathLike]
 
 class ExportError(ValueError):
     """A bad input to an export (missing, foreign, incomplete or corrupt adapter directory, unusable base model,
-    occupied output directory, unknown dtype); the message is one line and names the fix. The CLI exits with status 2."""
+    occupied output directory, unknown dtype) or an output disk that is full or read-only; the message is one line
+    and names the fix. The CLI exits with status 2."""
 
 
 def _one_line(err: BaseException) -> str:
@@ -74,7 +78,12 @@ def _read(adapter_dir: PathLike, base_model: Optional[PathLike]) -> Tuple[PaCACo
     base = base_model if base_model is not None else meta.get("base_model_name_or_path")
     if not base:
         raise ExportError(f"the adapter in '{adapter_dir}' records no base model; pass --base_model PATH_OR_NAME")
-    return config, meta, tensors, str(base)
+    try:  # a local path is made absolute (the LoRA export records it) and never looked up on the Hub
+        base = base_model_source(str(base), None if base_model is not None else str(adapter_dir),
+                                 "pass --base_model PATH_OR_NAME")
+    except ModelSourceError as err:
+        raise ExportError(str(err)) from err
+    return config, meta, tensors, base
 
 
 def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
@@ -85,15 +94,29 @@ def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
     return DTYPES[name]
 
 
+def _write_error(out: Path, err: BaseException) -> Optional[ExportError]:
+    """The one-line error for a write into ``out`` that failed for lack of space (``ENOSPC`` / ``EDQUOT``,
+    safetensors' "No space left on device") or of permission (read-only file system, no access); None for any
+    other failure."""
+    if isinstance(err, OSError) and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return ExportError(f"cannot write '{out}': {err.strerror}; pass a writable --output")
+    if is_disk_full(err, str(out.parent)):
+        return ExportError(f"no space left on the disk of '{out}' ({_one_line(err)}); free some space or pass "
+                           "another --output")
+    return None
+
+
 @contextlib.contextmanager
 def _atomic_output(output_dir: PathLike) -> Iterator[Path]:
-    """A temporary directory beside ``output_dir``, renamed to it when the block completes, removed on error."""
+    """A temporary directory beside ``output_dir``, renamed to it when the block completes, removed on error; a full
+    or read-only disk is an :class:`ExportError` (:func:`_write_error`)."""
     out = Path(output_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"output directory '{out}' exists and is not empty; pass a new --output or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=str(out.parent)))
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=str(out.parent)))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; use what mkdir would
@@ -101,16 +124,20 @@ def _atomic_output(output_dir: PathLike) -> Iterator[Path]:
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except BaseException as err:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        failed = _write_error(out, err)
+        if failed is None:
+            raise
+        raise failed from err
 
 
 def _load_config(base: str):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(base)
+        return from_pretrained_cache_first(AutoConfig.from_pretrained, base)
     except (OSError, ValueError) as err:
         raise ExportError(f"cannot load the base model config from '{base}': {_one_line(err)}; pass --base_model "
                           "PATH_OR_NAME") from err
@@ -362,7 +389,7 @@ def _load_base(base: str, load_dtype: torch.dtype) -> nn.Module:
     from .integration import _dtype_kwargs
 
     try:
-        return AutoModelForCausalLM.from_pretrained(base, **_dtype_kwargs(load_dtype))
+        return from_pretrained_cache_first(AutoModelForCausalLM.from_pretrained, base, **_dtype_kwargs(load_dtype))
     except (OSError, ValueError) as err:
         raise ExportError(f"cannot load the base model '{base}': {_one_line(err)}; pass --base_model PATH_OR_NAME"
                           ) from err

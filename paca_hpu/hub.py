@@ -18,8 +18,8 @@ from typing import Any, Callable, Optional
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ModelSourceError", "HUB_ID", "check_model_source", "cached_snapshot", "from_pretrained_cache_first",
-           "one_line"]
+__all__ = ["ModelSourceError", "HUB_ID", "check_model_source", "base_model_source", "cached_snapshot",
+           "from_pretrained_cache_first", "one_line"]
 
 #: A Hugging Face Hub model id: ``name`` or ``org/name`` (a name that is no local path is looked up there).
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -56,6 +56,31 @@ def check_model_source(name: str) -> Optional[str]:
     if not HUB_ID.match(name):
         return f"model path '{name}' not found"
     return None
+
+
+def base_model_source(name: str, recorded_in: Optional[str] = None, fix: str = "", label: str = "base model") -> str:
+    """``name`` (a base model path or Hub id, given or recorded in an adapter) ready to load from any working
+    directory: a local folder as its absolute path, a Hub id as it is.
+
+    Args:
+        name: what was given, or what the adapter records as ``base_model_name_or_path``.
+        recorded_in: the adapter directory when ``name`` is its record (named in the error).
+        fix: what to pass instead, appended to the error (``"pass --base_model PATH_OR_NAME"``).
+        label: what the error calls a given ``name`` (``"--model_name_or_path"``).
+
+    Raises:
+        ModelSourceError: ``name`` looks like a local path (it is no Hub id) and no such folder exists, or it is a
+            folder that holds no transformers model (:func:`check_model_source`); such a name is never looked up on
+            the Hub. One line naming the path, the working directory it was resolved against, and ``fix``.
+    """
+    problem = check_model_source(name)
+    if problem is None:
+        return os.path.abspath(name) if os.path.isdir(name) else name
+    problem = f"the base model recorded in '{recorded_in}': {problem}" if recorded_in is not None else \
+        f"{label}: {problem}"
+    if not os.path.isabs(os.path.expanduser(name)):
+        problem += f" (relative to the working directory {os.getcwd()})"
+    raise ModelSourceError(problem + (f"; {fix}" if fix else ""))
 
 
 def _hub_error(name: str, err: BaseException, cache_dir: Optional[str]) -> str:

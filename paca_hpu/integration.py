@@ -199,21 +199,31 @@ def from_pretrained(adapter_dir: Union[str, os.PathLike], base_model: Union[str,
         The base model with the adapter's PaCA layers, merged weights refreshed: its logits equal the trained
         model's.
 
+    A base model path (given or recorded) that is no Hub id is loaded from that folder only, never looked up on the
+    Hub; a Hub id is loaded from the local Hugging Face cache when it is there (no network), else from the Hub
+    (:func:`paca_hpu.hub.from_pretrained_cache_first`).
+
     Raises:
         FileNotFoundError / ValueError: ``adapter_dir`` is no paca_hpu adapter (see :func:`paca_hpu.load_adapter`);
             no ``base_model`` given and none recorded; the adapter does not fit the base model.
+        paca_hpu.hub.ModelSourceError (a ValueError): the base model is a local path that does not exist (or holds
+            no model), or a Hub id that is neither cached nor reachable; one line naming it.
     """
     _, meta, _ = read_adapter(adapter_dir)
     base = base_model if base_model is not None else meta.get("base_model_name_or_path")
+    fix = "pass paca_hpu.from_pretrained(adapter_dir, base_model=PATH_OR_NAME)"
     if base is None:
-        raise ValueError(f"the adapter in '{adapter_dir}' records no base model; pass "
-                         "paca_hpu.from_pretrained(adapter_dir, base_model=PATH_OR_NAME)")
+        raise ValueError(f"the adapter in '{adapter_dir}' records no base model; {fix}")
     if isinstance(base, nn.Module):
         model = base
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(base), **_dtype_kwargs(torch_dtype), **model_kwargs)
+        from .hub import base_model_source, from_pretrained_cache_first
+
+        source = base_model_source(str(base), None if base_model is not None else str(adapter_dir), fix)
+        model = from_pretrained_cache_first(AutoModelForCausalLM.from_pretrained, source,
+                                            **_dtype_kwargs(torch_dtype), **model_kwargs)
     load_adapter(model, adapter_dir)
     if not is_trainable:
         for p in model.parameters():

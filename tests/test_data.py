@@ -236,6 +236,30 @@ def test_unsupported_extension_lists_supported(tmp_path):
         assert ext in str(exc.value)
 
 
+@pytest.mark.parametrize("name, lines, where", [
+    # pyarrow reported "in row 2" (0-based, blank lines not counted) for these; the user's editor shows line numbers
+    ("rows.jsonl", [json.dumps(ROWS[0]), "", json.dumps(ROWS[1]), '{"question": "e?" "answer": "f"}',
+                    json.dumps(ROWS[2])], "line 4, column 19: Expecting ',' delimiter"),
+    ("rows.jsonl", [json.dumps(ROWS[0]), json.dumps(ROWS[1]), "not json", json.dumps(ROWS[2])],
+     "line 3, column 1: Expecting value"),
+    ("rows.jsonl", [json.dumps(ROWS[0]), '{"question": "e?", "answer": ', json.dumps(ROWS[1])],
+     "line 2, column 30: Expecting value"),
+    ("rows.jsonl", [json.dumps(ROWS[0]), json.dumps([ROWS[1]]), json.dumps(ROWS[2])],
+     "line 2: a JSON list, not an object"),
+    ("rows.json", ["[", "  " + json.dumps(ROWS[0]) + ",", "  " + json.dumps(ROWS[1]), "  " + json.dumps(ROWS[2]), "]"],
+     "line 4, column 3: Expecting ',' delimiter"),
+])
+def test_malformed_json_names_the_line_as_an_editor_counts_it(tmp_path, name, lines, where):
+    """The 1-based line (blank lines counted) and column where the file stops being valid JSON; the broken line
+    is the one each case builds by hand."""
+    p = tmp_path / name
+    p.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError) as exc:
+        D.load_raw_datasets(train_file=p)
+    assert f"Data file {str(p)!r} is not valid JSON: {where};" in str(exc.value), str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
 def test_bad_argument_combinations(tmp_path):
     with pytest.raises(ValueError):
         D.load_raw_datasets(validation_file=tmp_path / "v.jsonl")

@@ -277,6 +277,61 @@ def test_base_model_and_dtype_options(tmp_path, capsys):
         assert torch.equal(a.float(), torch.eye(layer.in_features)[layer.indices])
 
 
+def _full_or_read_only(tmp_path, disk):
+    """A folder on a read-only file system or on a nearly full one (a tmpfs where it can be mounted; a read-only
+    folder is a chmod 555 one for a non-root user, whom it refuses alike)."""
+    from test_safe_outputs import _mount_tmpfs
+
+    folder = tmp_path / disk
+    if disk == "read_only" and os.geteuid() != 0:
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder, False
+    _mount_tmpfs(folder, "ro,size=64k" if disk == "read_only" else "size=1m")
+    if disk == "full":
+        with open(folder / "filler", "wb") as fh:
+            fh.write(b"\0" * (shutil.disk_usage(folder).free - 4096))
+    return folder, True
+
+
+@pytest.mark.parametrize("disk", ["read_only", "full"])
+@pytest.mark.parametrize("to", ["lora", "merged"])
+def test_full_or_read_only_disk_is_one_line(llama, tmp_path, capsys, to, disk):
+    """Both exports used to end in a traceback there (OSError Errno 30 from mkdtemp; safetensors' SafetensorError
+    "No space left on device"); exit 2, one line, nothing left behind."""
+    from test_safe_outputs import _umount
+
+    folder, mounted = _full_or_read_only(tmp_path, disk)
+    try:
+        before = sorted(os.listdir(folder))
+        code, err = _run_cli(capsys, llama[1], "--to", to, "--output", folder / "out")
+        errors = [line for line in err.splitlines() if "error:" in line]  # transformers 5 may show a loading bar
+        assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+        expected = ("cannot write" if disk == "read_only" else "no space left on the disk of") + f" '{folder / 'out'}'"
+        assert expected in errors[0], err
+        assert sorted(os.listdir(folder)) == before
+    finally:
+        if mounted:
+            _umount(folder)
+        elif disk == "read_only":
+            folder.chmod(0o755)
+
+
+def test_disk_full_while_writing_the_lora_file_is_one_line(llama, tmp_path, capsys, monkeypatch):
+    """The same where no tmpfs can be mounted: safetensors' own error for a full disk, raised by its writer."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    code, err = _run_cli(capsys, llama[1], "--to", "lora", "--output", tmp_path / "out")
+    assert code == 2 and err.startswith(f"python -m paca_hpu export: error: no space left on the disk of "
+                                        f"'{tmp_path / 'out'}' (Error while serializing"), err
+    assert os.listdir(tmp_path) == []
+
+
 def test_module_entry_point(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "paca_hpu", "export", str(tmp_path / "missing"), "--to", "lora",
                            "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=300,

@@ -52,3 +52,39 @@ def test_quick_start_timing_says_what_it_assumes():
     assert len(stated) == 1, quick
     for condition in ("idle", "CPU cores", "first run", "conversion", "download"):
         assert condition in stated[0], condition
+
+
+def _section(title):
+    text = README.read_text()
+    start = text.index(f"## {title}")
+    return text[start: text.index("\n## ", start + 1)]
+
+
+def test_trl_section_says_what_cpu_users_pass():
+    """The TRL section's ``bf16=True`` example raises in ``SFTConfig`` / ``DPOConfig`` on a machine without a GPU
+    (TRL turns bf16 on by default anyway); the ``run_args`` it gives for a CPU build both configs on both stacks."""
+    import torch
+    from trl import DPOConfig, SFTConfig
+
+    text = " ".join(_section("Use with TRL").split())
+    cpu = re.search(r"On a CPU pass `run_args = (dict\([^`]*\))`", text)
+    assert cpu, "the TRL section gives no run_args for a CPU"
+    run_args = eval(cpu.group(1), {})  # noqa: S307 (the README's own literal)
+    for config_class in (SFTConfig, DPOConfig):
+        assert config_class(output_dir="out", **run_args).bf16 is False
+    gpu = re.search(r"e\.g\. `(dict\([^`]*bf16=True[^`]*\))` on a GPU", text)
+    assert gpu, "the TRL section's bf16 example is no longer marked as a GPU one"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="bf16"):
+            SFTConfig(output_dir="out", **eval(gpu.group(1), {}))  # noqa: S307
+
+
+def test_trainer_checkpoint_file_list_names_every_file():
+    """The files a plain transformers.Trainer checkpoint of a PaCA model holds (test_integration checks them against
+    real checkpoints), model.safetensors included, are the ones the README lists."""
+    from test_integration import ADAPTER_FILES
+
+    section = _section("In your own trainer, loading, and serving")
+    listed = section[: section.index("```")]
+    missing = [name for name in sorted(ADAPTER_FILES) if f"`{name}`" not in listed]
+    assert not missing, missing

@@ -102,8 +102,19 @@ def test_resume_through_script_is_exact(tiny, tmp_path, capsys):
     assert _main(_argv(tiny, full, *common)) == 0
     assert _main(_argv(tiny, cut, *common), callbacks=[StopAt(3)]) == 0
     assert [s for s, _ in _losses(cut)] == [1, 2, 3]
+    capsys.readouterr()
     assert _main(_argv(tiny, cut, *common, "--resume_from_checkpoint", str(cut / "checkpoint-3"))) == 0
     assert _losses(cut) == _losses(full) and len(_losses(full)) == 6
+    # the figures of the resumed run are those of the 3 steps it trained: the step count and s/step, and the mean
+    # training loss of steps 4-6 (the Trainer logs each step's loss, rounded to 4 decimals)
+    m = json.load(open(cut / "metrics.json"))
+    assert (m["train_steps"], m["global_step"], m["resumed_from_step"]) == (3, 6, 3)
+    assert m["train_loss"] == pytest.approx(sum(loss for _, loss in _losses(full)[3:]) / 3, abs=1e-4)
+    assert f"training              : 3 steps (4 to 6, resumed at step 3) in {m['train_seconds']:.1f} s, " \
+           f"{m['train_seconds'] / 3:.2f} s/step" in capsys.readouterr().out
+    assert m["loss_plot_title"].endswith("· 6 steps")  # the plot shows all 6
+    assert json.load(open(full / "metrics.json"))["train_loss"] == pytest.approx(
+        sum(loss for _, loss in _losses(full)) / 6, abs=1e-4)
     a, b = _adapter(full), _adapter(cut)
     assert a.keys() == b.keys() and any(k.endswith(".indices") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
@@ -117,6 +128,32 @@ def test_resume_through_script_is_exact(tiny, tmp_path, capsys):
     assert _main(_argv(tiny, cut, *common, "--resume_from_checkpoint", "true")) == 0
     assert sorted(d for d in os.listdir(cut) if d.startswith("checkpoint-")) == ["checkpoint-3", "checkpoint-6"]
     assert json.load(open(cut / "metrics.json"))["eval_loss_after"] == ma["eval_loss_after"]
+
+
+def test_max_seq_len_above_the_model_positions_is_lowered_with_a_warning(tiny, tmp_path, capsys):
+    """As transformers' run_clm.py does with --block_size: --max_seq_length 512 on a model of 256 positions pads (and
+    truncates) to 256, with a warning; it used to pad every batch to 512, past the positions (with 100000 it
+    allocated past 8 GB). --max_seq_len 0 is refused."""
+    from transformers import TrainerCallback
+
+    class Batches(TrainerCallback):
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            self.shape = tuple(train_dataloader.collate_fn([train_dataloader.dataset[0]])["input_ids"].shape)
+
+    positions = json.load(open(os.path.join(tiny["model"], "config.json")))["max_position_embeddings"]
+    assert positions == 256
+    seen, out = Batches(), tmp_path / "out"
+    argv = _argv(tiny, out, "--max_steps", "1", "--do_eval", "False", "--pad_to_max_length", "true")
+    argv[argv.index("--max_seq_len")] = "--max_seq_length"  # run_lora_clm.py's spelling, named as typed
+    argv[argv.index("--max_seq_length") + 1] = "512"
+    assert _main(argv, callbacks=[seen]) == 0
+    assert seen.shape == (1, positions)
+    assert json.load(open(out / "metrics.json"))["max_seq_len"] == positions
+    assert ("--max_seq_length 512 is larger than the 256 positions of LlamaForCausalLM (config.max_position_embeddings"
+            "=256): using --max_seq_length 256") in capsys.readouterr().out
+    argv[argv.index("--max_seq_length") + 1] = "0"
+    assert _main(argv + ["--overwrite_output_dir"]) == 2
+    assert "error: --max_seq_length 0 is not allowed" in capsys.readouterr().err
 
 
 def test_init_indices_through_the_script(tiny, tmp_path, monkeypatch):
@@ -228,7 +265,7 @@ def test_lora_and_full_through_same_script(tiny, tmp_path, peft_type):
         ("bad_columns", "layout"),
         ("no_targets", "no_such_proj"),
         ("empty_file", "empty"),
-        ("malformed_json", "could not be read"),
+        ("malformed_json", "is not valid JSON: line 2, column 14: Expecting value"),
         ("output_dir_is_file", "is an existing file"),
         ("max_steps_0", "--max_steps 0 trains nothing"),
         ("negative_lr", "--learning_rate -0.001 is negative"),

@@ -363,6 +363,99 @@ def test_unknown_target_modules_are_refused_before_the_data(tiny, tmp_path, caps
                            "--do_eval", "False")) == 0
 
 
+def _tied_copy(tiny, tmp_path):
+    """The tiny checkpoint with ``lm_head`` tied to the input embedding (as SmolLM2, Gemma, Qwen2-0.5B)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    folder = tmp_path / "tied"
+    shutil.copytree(tiny["model"], folder)
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def test_unknown_target_list_on_a_tied_model_offers_only_what_the_method_adapts(tiny, tmp_path, capsys):
+    """The list of linear modules used to offer lm_head on a tied model, which PaCA then refuses; LoRA adapts it."""
+    tied = _tied_copy(tiny, tmp_path)
+    out = tmp_path / "out"
+    argv = _argv(dict(tiny, model=tied), out, "--max_steps", "1", "--do_eval", "False")
+    assert _main(argv + ["--target_modules", "q_proj", "no_such_proj"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.endswith("its linear modules are q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj (or "
+                         "pass all-linear); lm_head: tied to another module's weight, which PaCA cannot adapt"), line
+    assert _main(argv + ["--target_modules", "lm_head"]) == 2  # what the list leaves out is what PaCA refuses
+    assert "tied weights" in _one_error_line(capsys.readouterr().err)
+    assert _main(argv + ["--peft_type", "lora", "--target_modules", "q_proj", "no_such_proj"]) == 2
+    assert _one_error_line(capsys.readouterr().err).endswith("down_proj, lm_head (or pass all-linear)")
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------ base model paths
+
+
+def test_relative_model_path_is_recorded_so_the_adapter_reloads_from_any_folder(tiny, tmp_path, monkeypatch,
+                                                                               capsys):
+    """``--model_name_or_path ./my-llama`` (the README's example) was recorded as given: paca_hpu.from_pretrained and
+    the export from another folder then looked './my-llama' up on the Hub (48 s / 25 s of retries without network,
+    then a traceback). The adapter now records the folder's absolute path; reloaded from elsewhere it gives the
+    logits of the merged checkpoint the run wrote. A recorded path that is no Hub id and does not exist is one error
+    naming it, with no Hub lookup."""
+    import huggingface_hub.file_download as hub_download
+    from transformers import AutoModelForCausalLM
+
+    import paca_hpu
+    from paca_hpu.__main__ import main as export_main
+    from paca_hpu.hub import ModelSourceError
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    shutil.copytree(tiny["model"], work / "my-llama")
+    elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    argv = _argv(dict(tiny, model="./my-llama"), "out", "--max_steps", "2", "--do_eval", "False", "--save_merged")
+    assert _main(argv) == 0
+    out = work / "out"
+    recorded = json.load(open(out / "adapter_config.json"))["base_model_name_or_path"]
+    assert os.path.isabs(recorded) and os.path.samefile(recorded, work / "my-llama"), recorded
+    # the same from Python: a model loaded from a relative path, adapted and saved
+    paca_hpu.apply_paca(AutoModelForCausalLM.from_pretrained("./my-llama"), paca_hpu.PaCAConfig(r=2)).save_pretrained(
+        "py-adapter")
+    recorded = json.load(open(work / "py-adapter" / "adapter_config.json"))["base_model_name_or_path"]
+    assert os.path.isabs(recorded) and os.path.samefile(recorded, work / "my-llama"), recorded
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError(f"the Hub was asked for {args or kwargs}")
+
+    monkeypatch.setattr(hub_download, "get_hf_file_metadata", no_hub)
+    monkeypatch.chdir(elsewhere)
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    ids = torch.randint(3, merged.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = merged(input_ids=ids).logits
+        torch.testing.assert_close(paca_hpu.from_pretrained(out)(input_ids=ids).logits, expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(paca_hpu.from_pretrained(work / "py-adapter")(input_ids=ids).logits,
+                                   AutoModelForCausalLM.from_pretrained(work / "my-llama")(input_ids=ids).logits,
+                                   rtol=0, atol=0)  # zero deltas: the base model
+        assert export_main(["export", str(out), "--to", "merged", "--output", "exported"]) == 0
+        exported = AutoModelForCausalLM.from_pretrained(elsewhere / "exported").eval()
+        torch.testing.assert_close(exported(input_ids=ids).logits, expected, rtol=0, atol=1e-6)
+
+    # an adapter that records a local path which does not exist here (an older adapter recorded './my-llama')
+    for gone in ("./my-llama", str(tmp_path / "moved" / "my-llama")):
+        cfg = json.load(open(out / "adapter_config.json"))
+        (out / "adapter_config.json").write_text(json.dumps(dict(cfg, base_model_name_or_path=gone)))
+        with pytest.raises(ModelSourceError) as err:
+            paca_hpu.from_pretrained(out)
+        assert f"model path '{gone}' not found" in str(err.value) and "base_model=PATH_OR_NAME" in str(err.value)
+        capsys.readouterr()
+        assert export_main(["export", str(out), "--to", "lora", "--output", "lora"]) == 2
+        line = capsys.readouterr().err.strip()
+        assert "\n" not in line and f"model path '{gone}' not found" in line and "--base_model" in line, line
+        assert not (elsewhere / "lora").exists()
+
+
 # ---------------------------------------------------------------------------------------------------- Hub ids
 
 
