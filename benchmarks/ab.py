@@ -99,7 +99,7 @@ def _check(args, paca, opt, batch) -> str:
     """Old and new give the same loss, delta gradients and (after one step) merged weights on this model."""
     import copy
 
-    from paca_hpu import experimental
+    from paca_hpu import experimental, paca_layers
 
     if args.candidate == "compile":
         return "compile: see tests/test_experimental.py (compiled vs eager)"
@@ -114,7 +114,7 @@ def _check(args, paca, opt, batch) -> str:
             grads = [p.grad.clone() for p in params]
             o.step()
             o.zero_grad()
-            weights = [m.weight.detach().clone() for m in model.modules() if hasattr(m, "delta")]
+            weights = [m.weight.detach().clone() for _, m in paca_layers(model)]
         results[arm] = (float(loss.detach()), grads, weights)
         del model, o
     (l0, g0, w0), (l1, g1, w1) = results["old"], results["new"]

@@ -8,8 +8,7 @@ effect is registering the global optimizer step post-hook that refreshes PaCA's 
 from .adapter import load_adapter, save_adapter
 from .config import PaCAConfig
 from .integration import from_pretrained
-from .layer import PaCADelta, PaCALinear
-from .quantized import PaCALinear4bit
+from .layer import PaCADelta, PaCALayerBase, PaCALinear, PaCALinear4bit
 from .reference import PaCAReferenceModel
 from .model import (
     _ensure_hook,
@@ -31,6 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PaCAConfig",
+    "PaCALayerBase",
     "PaCALinear",
     "PaCALinear4bit",
     "PaCADelta",

@@ -31,8 +31,8 @@ from torch import nn
 
 from . import distributed as _dist
 from .config import PaCAConfig
-from .layer import _is_dtensor
-from .model import (ORIGINAL_PREFIX, PACA_LAYER_TYPES, _is_supported, _matches, _weight_shape, apply_paca,
+from .layer import PaCALayerBase, is_dtensor
+from .model import (ORIGINAL_PREFIX, _is_supported, _matches, _weight_shape, apply_paca,
                     find_target_modules, keep_originals, paca_layers)
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def _whole_copy(own: torch.Tensor, key: str, shape: Optional[Tuple[int, ...]],
     given (the Trainer passes the one DeepSpeed / FSDP gathered; without it ``own`` is whole inside
     :func:`paca_hpu.distributed.whole_parameters`, or a ``DTensor`` gathered here)."""
     partitioned = _dist.is_partitioned(own, shape) if shape is not None else (own.numel() == 0 and own.dim() <= 1)
-    if partitioned and (state_dict is not None or not _is_dtensor(own)):
+    if partitioned and (state_dict is not None or not is_dtensor(own)):
         value = None if state_dict is None else state_dict.get(key)
         if value is None or (shape is not None and tuple(value.shape) != tuple(shape)):
             raise ValueError(
@@ -308,7 +308,7 @@ def _check_layers_fit(model: nn.Module, config: PaCAConfig, tensors: Dict[str, t
         if module is None:
             raise ValueError(f"adapter module '{name}' does not exist in {type(model).__name__}; the adapter was "
                              "trained on a different model")
-        if isinstance(module, PACA_LAYER_TYPES):
+        if isinstance(module, PaCALayerBase):
             out_f, in_f = module.out_features, module.in_features
             if module.r != config.r:
                 raise ValueError(f"PaCA layer '{name}' has r={module.r}, the adapter r={config.r}; load onto the "

@@ -27,7 +27,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from .layer import _is_dtensor
+from .layer import is_dtensor
 
 __all__ = ["unwrap", "clean_name", "is_partitioned", "whole_parameters", "whole_tensor", "is_main_process",
            "wrapping_engine"]
@@ -62,7 +62,7 @@ def clean_name(name: str) -> str:
 def is_partitioned(t: torch.Tensor, shape: Sequence[int]) -> bool:
     """``t`` is not the whole tensor of shape ``shape`` on this rank right now: a DTensor (FSDP2), or of another
     shape (a ZeRO-3 placeholder outside ``GatheredParameters``, an FSDP1 flat shard)."""
-    return _is_dtensor(t) or tuple(t.shape) != tuple(shape)
+    return is_dtensor(t) or tuple(t.shape) != tuple(shape)
 
 
 def _fsdp1_modules(model: nn.Module):
@@ -93,7 +93,7 @@ def whole_parameters(model: nn.Module, params: Sequence[torch.Tensor]) -> Iterat
 
 def whole_tensor(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself, or the whole tensor of an FSDP2 ``DTensor`` (``full_tensor()``, a collective)."""
-    return t.full_tensor() if _is_dtensor(t) else t
+    return t.full_tensor() if is_dtensor(t) else t
 
 
 def is_main_process() -> bool:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import layer as _layer
+from .layer import base as _layer
 from . import model as _model
 from .layer import PaCADelta, PaCALinear
 
@@ -82,7 +82,7 @@ def fused_write_back(layers: Sequence[PaCALinear]) -> None:
 
 
 class _LeanPaCAFunction(torch.autograd.Function):
-    """:class:`paca_hpu.layer._PaCAFunction` for inputs in the weight's dtype with autocast off (no casts)."""
+    """:class:`paca_hpu.layer.dense._PaCAFunction` for inputs in the weight's dtype with autocast off (no casts)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, delta, indices, scaling):
@@ -121,7 +121,7 @@ def _lean_forward(self: PaCALinear, x: torch.Tensor) -> torch.Tensor:
 
 
 def lowp_delta_gradient(grad_y: torch.Tensor, x_sel: torch.Tensor, scaling: float) -> torch.Tensor:
-    """:func:`paca_hpu.layer.delta_gradient` for bf16/fp16 inputs as per-sequence GEMMs in the input dtype,
+    """:func:`paca_hpu.layer.base.delta_gradient` for bf16/fp16 inputs as per-sequence GEMMs in the input dtype,
     partials summed in float32 (see the module doc); other dtypes take the default. What the fused backward
     computes while ``bf16_delta_grad`` is on.
 

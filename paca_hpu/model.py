@@ -1,13 +1,14 @@
 """Converting a model to PaCA and back (peft-style ``tuners/<method>/model.py``).
 
 * :func:`apply_paca` swaps targeted ``nn.Linear`` / transformers ``Conv1D`` layers for :class:`PaCALinear`, and
-  bitsandbytes 4-bit ``Linear4bit`` layers for :class:`paca_hpu.quantized.PaCALinear4bit` (QPaCA; 8-bit layers are
-  refused).
+  bitsandbytes 4-bit ``Linear4bit`` layers for :class:`paca_hpu.layer.PaCALinear4bit` (QPaCA; 8-bit layers are
+  refused). Everything after conversion finds the layers as :class:`paca_hpu.layer.PaCALayerBase` and uses only its
+  interface.
 * A global optimizer step post-hook (``torch.optim.optimizer.register_optimizer_step_post_hook``) writes the
   adapted columns into the merged weights after EVERY ``Optimizer.step()`` of an optimizer that holds a
   ``delta`` (SGD, AdamW, fused/foreach variants, optimizers wrapped by accelerate or a Trainer). Anything else that
   changes ``delta`` (schedule-free ``eval()/train()``, LOMO's update in backward, ``load_state_dict``, a manual
-  edit) is caught by the layer itself before its next forward (see :mod:`paca_hpu.layer`). The write-back is
+  edit) is caught by the layer itself before its next forward (see :mod:`paca_hpu.layer.dense`). The write-back is
   tied to changes of ``delta``, not to forward calls: it is right under gradient accumulation, evaluation,
   gradient checkpointing recompute and repeated forwards.
 * At its first write-back, the hook checks that no other module holds a PaCA layer's base weight tensor (a
@@ -37,9 +38,9 @@ from torch import nn
 
 from .config import PaCAConfig
 from .distributed import wrapping_engine
-from .layer import PaCALinear, _is_dtensor, live_paca_layers
-from .quantized import (PaCALinear4bit, clear_quantization_markers, is_linear4bit, linear_features, merged_linear,
-                        prevent_cpu_repack, unsupported_reason)
+from .layer import PaCALayerBase, PaCALinear, PaCALinear4bit, is_dtensor, live_paca_layers
+from .layer.quantized4bit import (clear_quantization_markers, is_linear4bit, linear_features, prevent_cpu_repack,
+                                  unsupported_reason)
 from .selection import (DATA_AWARE_INIT_INDICES, activation_norms, agree_across_ranks, initial_indices,
                         select_indices, top_r)
 
@@ -62,9 +63,6 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------------------
 
 _HOOK_HANDLE = None
-
-#: The PaCA layer classes: dense (nn.Linear / Conv1D base) and 4-bit (bitsandbytes Linear4bit base).
-PACA_LAYER_TYPES = (PaCALinear, PaCALinear4bit)
 
 
 def _optimizer_step_post_hook(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
@@ -140,7 +138,7 @@ def check_unshared_weights(layers: Sequence[PaCALinear]) -> None:
     if not by_storage:
         return
     for obj in _live_modules():
-        if isinstance(obj, PaCALinear):
+        if isinstance(obj, PaCALayerBase):
             continue
         for p in obj._parameters.values():
             layer = by_storage.get(_storage_ptr(p))
@@ -230,7 +228,7 @@ def find_target_modules(model: nn.Module, config: PaCAConfig) -> List[str]:
             not an ``nn.Linear`` / ``Conv1D`` (names it), or a match is already a PaCA layer.
     """
     for name, module in model.named_modules():
-        if isinstance(module, PACA_LAYER_TYPES):
+        if isinstance(module, PaCALayerBase):
             raise ValueError(f"module '{name}' is already a PaCALinear: the model already has PaCA applied; "
                              "call unload_paca(model) or merge_paca(model) first")
     heads = _output_head_names(model) if config.target_modules == "all-linear" else set()
@@ -247,7 +245,7 @@ def find_target_modules(model: nn.Module, config: PaCAConfig) -> List[str]:
             matched = _matches(name, config.target_modules)
         if not matched or (config.exclude_modules is not None and _matches(name, config.exclude_modules)):
             continue
-        if isinstance(module, PACA_LAYER_TYPES):
+        if isinstance(module, PaCALayerBase):
             raise ValueError(f"module '{name}' is already a PaCALinear: the model already has PaCA applied; "
                              "call unload_paca(model) or merge_paca(model) first")
         reason = unsupported_reason(name, module)
@@ -294,7 +292,7 @@ def _weight_shape(name: str, module: nn.Module) -> Tuple[int, int]:
     w = module.weight
     shape = tuple(getattr(w, "ds_shape", None) or w.shape)
     expected = (module.out_features, module.in_features) if isinstance(module, nn.Linear) else None
-    if _is_dtensor(w) or len(shape) != 2 or (expected is not None and shape != expected):
+    if is_dtensor(w) or len(shape) != 2 or (expected is not None and shape != expected):
         raise ValueError(f"the weight of layer '{name}' is sharded ({type(w).__name__} of shape {tuple(w.shape)}): "
                          "apply_paca / load_adapter must run on the whole model, before wrapping it with FSDP or "
                          "fully_shard")
@@ -458,7 +456,7 @@ def keep_originals(model: nn.Module, modules: Sequence[nn.Module]) -> None:
             if p is None or id(p) not in wanted or pname.startswith(ORIGINAL_PREFIX) \
                     or ORIGINAL_PREFIX + pname in holder._parameters:
                 continue
-            if isinstance(holder, PACA_LAYER_TYPES):
+            if isinstance(holder, PaCALayerBase):
                 raise ValueError(f"modules_to_save: parameter '{pname}' of PaCA layer "
                                  f"'{getattr(holder, 'paca_name', '?')}' cannot be trained whole as well")
             if id(p) not in copies:
@@ -491,7 +489,7 @@ def _originals_in_place(model: nn.Module) -> Iterator[None]:
         return
     engine = wrapping_engine(model)
     if engine in ("FullyShardedDataParallel", "fully_shard") or any(
-            hasattr(m._parameters[n], "ds_id") or _is_dtensor(m._parameters[n]) for m, n in slots):
+            hasattr(m._parameters[n], "ds_id") or is_dtensor(m._parameters[n]) for m, n in slots):
         raise RuntimeError(
             f"disable_paca with modules_to_save under {engine or 'DeepSpeed ZeRO-3'}: the engine shards and "
             "re-installs those parameters itself, so their base values cannot be switched in. Use a separate frozen "
@@ -634,9 +632,10 @@ def calibrate_indices(model: nn.Module, config: PaCAConfig, batches=None) -> Dic
 
 
 def paca_layers(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
-    """``(qualified_name, layer)`` for every PaCA layer (:class:`PaCALinear`, :class:`PaCALinear4bit`) in ``model``."""
+    """``(qualified_name, layer)`` for every PaCA layer in ``model``: every :class:`paca_hpu.layer.PaCALayerBase`
+    (dense :class:`PaCALinear`, 4-bit :class:`PaCALinear4bit`), in ``named_modules`` order."""
     for name, module in model.named_modules():
-        if isinstance(module, PACA_LAYER_TYPES):
+        if isinstance(module, PaCALayerBase):
             yield name, module
 
 
@@ -704,43 +703,9 @@ def _layers_set(model: nn.Module, attr: str, value) -> Iterator[None]:
             setattr(layer, attr, was)
 
 
-def _to_base(layer: PaCALinear, weight: torch.Tensor) -> nn.Module:
-    """A plain ``nn.Linear`` / ``Conv1D`` with ``weight`` (nn.Linear layout) and the layer's bias."""
-    requires_grad = layer._base_weight_requires_grad
-    if layer.base_layer_type == "linear":
-        new = nn.Linear.__new__(nn.Linear)
-        nn.Module.__init__(new)
-        new.in_features, new.out_features = layer.in_features, layer.out_features
-        new.weight = nn.Parameter(weight, requires_grad=requires_grad)
-    else:
-        from transformers.pytorch_utils import Conv1D
-
-        new = Conv1D.__new__(Conv1D)
-        nn.Module.__init__(new)
-        new.nf, new.nx = layer.out_features, layer.in_features
-        new.weight = nn.Parameter(weight.t().contiguous(), requires_grad=requires_grad)
-    if layer.bias is not None:
-        layer.bias.requires_grad_(layer._base_bias_requires_grad)
-        new.bias = layer.bias
-    else:
-        new.register_parameter("bias", None)
-    new.train(layer.training)
-    return new
-
-
 def _replace_all(model: nn.Module, merged: bool) -> nn.Module:
     for name, layer in list(paca_layers(model)):
-        if isinstance(layer, PaCALinear4bit):
-            _set_submodule(model, name, merged_linear(layer) if merged else layer.unloaded())
-            continue
-        with torch.no_grad():
-            if merged:
-                w = layer.weight.detach()
-                w.index_copy_(1, layer.indices.long(), layer.merged_columns())
-            else:
-                layer.restore_original()
-                w = layer.weight.detach()
-        _set_submodule(model, name, _to_base(layer, w))
+        _set_submodule(model, name, layer.merged_layer() if merged else layer.unloaded())
     _settle_originals(model, keep_copies=merged)
     if merged:
         clear_quantization_markers(model)

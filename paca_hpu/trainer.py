@@ -146,7 +146,7 @@ def prepare_model(
     (``enable_input_require_grads``) so that reentrant checkpointing still back-propagates into the adapters.
 
     A bitsandbytes 4-bit base (QPaCA, QLoRA) is kept out of bitsandbytes' CPU inference repack
-    (:func:`paca_hpu.quantized.prevent_cpu_repack`).
+    (:func:`paca_hpu.layer.quantized4bit.prevent_cpu_repack`).
 
     Raises:
         ValueError: unknown ``peft_type``; no module matches ``target_modules`` (message from apply_paca / peft);
@@ -179,7 +179,7 @@ def prepare_model(
             bias="none",
             task_type="CAUSAL_LM",
         )
-        from .quantized import prevent_cpu_repack
+        from .layer.quantized4bit import prevent_cpu_repack
 
         prevent_cpu_repack(model)  # a repacked bitsandbytes layer passes no gradient to its input (QLoRA's base)
         model = get_peft_model(model, lora_config)

@@ -172,7 +172,7 @@ def test_the_wheel_holds_paca_hpu_only(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"paca_hpu", "paca_hpu-0.1.0.dist-info"}, names
     modules = [n for n in names if n.endswith(".py")]
-    assert "paca_hpu/__init__.py" in modules and "paca_hpu/layer.py" in modules
+    assert "paca_hpu/__init__.py" in modules and "paca_hpu/layer/dense.py" in modules  # subpackages too
     assert not [n for n in modules if "bench" in n], modules
 
 

@@ -519,7 +519,7 @@ def test_default_index_dtype_follows_the_device_when_the_model_moves(monkeypatch
     """The usual Gaudi flow converts the model on the CPU, then the trainer moves it to the HPU: the default index
     dtype must follow that move (int32 on HPU).  ``meta`` stands in for ``hpu`` here (a CPU build cannot allocate
     HPU tensors)."""
-    import paca_hpu.layer as layer_mod
+    import paca_hpu.layer.base as layer_mod  # where the layers look the default up
 
     real = layer_mod.default_index_dtype
     monkeypatch.setattr(layer_mod, "default_index_dtype",

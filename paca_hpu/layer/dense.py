@@ -29,9 +29,9 @@ Write-back by construction (when ``weight`` holds ``W0[:, idx] + scaling * delta
 A ``torch.compile``d graph cannot run that check: dynamo cannot guard on a version counter, so a graph traced with the
 dense path would keep reading stale columns after ``delta`` changed outside ``Optimizer.step()`` (schedule-free
 ``optimizer.eval()``, a ``torch.no_grad()`` edit). While dynamo traces, the layer therefore takes the rank-``r``
-correction below, which is exact whatever ``weight``'s selected columns hold, and is zero (bit for bit the dense
-result) when they are fresh; it costs one ``(tokens x r) @ (r x out_features)`` GEMM more per layer in forward and
-one in backward. Eager mode, lazy mode and the step hook's write-back are unchanged.
+correction of :mod:`paca_hpu.layer.partitioned`, which is exact whatever ``weight``'s selected columns hold, and is
+zero (bit for bit the dense result) when they are fresh; it costs one ``(tokens x r) @ (r x out_features)`` GEMM
+more per layer in forward and one in backward. Eager mode, lazy mode and the step hook's write-back are unchanged.
 
 ``weight`` is never written while a layer is disabled (:func:`paca_hpu.disable_paca`): a disabled layer computes
 the base output ``x @ W0.T + b`` from an out-of-place copy ``weight.index_copy(1, idx, original_columns)``, so a
@@ -41,33 +41,10 @@ layer's own (``torch.func.functional_call``) or inside :func:`paca_hpu.functiona
 autograd ops on an out-of-place merged weight instead (exact gradients, double backward; a weight-sized copy per
 call).
 
-Partitioned weights (DeepSpeed ZeRO-3, FSDP, FSDP2). A sharding engine owns ``weight``: it keeps only a shard on
-each rank and gathers the whole weight into a temporary tensor for each forward and backward (FSDP1: a view of its
-flat parameter; FSDP2: an unsharded ``nn.Parameter`` beside the ``DTensor`` shard; ZeRO-3: ``param.data`` swapped
-between a partition and a gathered buffer). A column written into that gathered tensor is dropped at the next
-gather, and writing into the shard would need each rank to own whole columns. So the layer writes its merged
-columns only into a weight it owns (its registered ``nn.Parameter``, whole ``(out_features, in_features)``, not a
-``DTensor``, not a ZeRO-3 parameter; checked outside forward, when the layer is built, loaded, cast or synced) and
-takes the dense path above only for that very tensor object. Any other weight (the gathered tensor of an engine, or
-one substituted by ``torch.func.functional_call``) goes through a rank-``r`` correction that never writes::
-
-    D      = (original_columns + scaling * delta, in the weight dtype) - weight[:, idx]    (out_features, r)
-    y      = x @ weight.T + b + x[..., idx] @ D.T                           (== x @ W_merged.T + b)
-    grad_x = grad_y @ weight ;  grad_x[..., idx] += grad_y @ D
-    grad_delta as above
-
-``D`` is exact whatever the gathered columns hold (base columns, or merged ones written before the model was
-sharded). Saved for backward: ``x[..., idx]``, ``D`` and the engine's reference to ``weight`` (re-gathered by the
-engine for backward, as for any ``nn.Linear``). Chosen over forming the merged weight out of place
-(``weight.index_copy(1, idx, merged)``) by measured memory: one fp32 layer, forward + backward, peak heap bytes
-beyond the output and ``grad_x`` that every linear layer allocates, r = 8 (glibc ``mallinfo2`` after every op):
-in=2048, out=8192 (a 64 MiB weight), 128 tokens: correction +0.8 MiB, out-of-place merged weight +74 MiB (a
-weight-sized copy in forward and again in backward), plain autograd on that copy (``functional_paca``) +128 MiB
-(it also keeps the copy and the whole input); 1,024 tokens: +0.8, +75 and +128 MiB. The cost is one
-``(tokens x r) @ (r x out_features)`` GEMM in forward and one ``(tokens x out_features) @ (out_features x r)`` in
-backward (``r / in_features`` of the layer's GEMM work). The dense single-device path is unchanged. ``apply_paca``
-on a ZeRO-3 model built under ``deepspeed.zero.Init`` gathers each targeted weight once, at conversion, to
-capture ``original_columns`` (see :mod:`paca_hpu.model`).
+A weight the layer does not own (partitioned by DeepSpeed ZeRO-3, FSDP or FSDP2, or substituted by
+``torch.func.functional_call``) is never written: the layer then computes through the rank-``r`` correction of
+:mod:`paca_hpu.layer.partitioned` (its :class:`~paca_hpu.layer.partitioned.PartitionableLayer` decides which weight
+the layer owns).
 
 Autocast: the autograd function follows ``torch.amp.custom_fwd`` / ``custom_bwd`` semantics for whatever device
 the input lives on (``hpu``, ``cuda``, ``cpu``): under autocast the GEMMs run in the autocast dtype, and
@@ -76,16 +53,20 @@ the input lives on (``hpu``, ``cuda``, ``cpu``): under autocast the GEMMs run in
 
 from __future__ import annotations
 
-import contextlib
 import weakref
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PaCALinear", "PaCADelta", "default_index_dtype", "live_paca_layers", "delta_gradient",
-           "input_gradient", "merge_columns", "keep_delta_values"]
+from . import base as _base
+from .base import (_TENSOR_DATA, _autocast_dtype, _autocast_off, _delta_dtype, input_gradient, merge_columns,
+                   refuse_double_backward)
+from .partitioned import PartitionableLayer, _PaCAPartitionedFunction
+
+__all__ = ["PaCALinear", "PaCADelta", "live_paca_layers"]
+
 
 #: Every PaCALinear alive in this process (built, deep-copied or unpickled); the optimizer step hook in
 #: :mod:`paca_hpu.model` looks here for the layers whose ``delta`` an optimizer just updated.
@@ -95,76 +76,6 @@ _LIVE_LAYERS: "weakref.WeakSet[PaCALinear]" = weakref.WeakSet()
 def live_paca_layers():
     """A snapshot list of every :class:`PaCALinear` alive in this process."""
     return list(_LIVE_LAYERS)
-
-
-def default_index_dtype(device: torch.device) -> torch.dtype:
-    """Index dtype for the gather: int32 on HPU (Gaudi's TPC gather kernels prefer 32-bit indices), int64 elsewhere
-    (CPU/CUDA kernels use int64 natively; an int32 index would be converted on every call)."""
-    return torch.int32 if torch.device(device).type == "hpu" else torch.int64
-
-
-def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
-    """The autocast dtype active for ``x``'s device type, or None (``torch.amp.custom_fwd`` semantics)."""
-    device_type = x.device.type
-    if device_type not in ("cpu", "cuda", "hpu", "xpu", "mps"):
-        return None
-    if not torch.is_autocast_enabled(device_type):
-        return None
-    # autocast only touches floating point tensors of lower-or-equal precision; float64 stays float64.
-    if x.dtype == torch.float64:
-        return None
-    return torch.get_autocast_dtype(device_type)
-
-
-_is_autocast_available = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.4
-
-
-def _autocast_off(device_type: str):
-    """Autocast disabled for ``device_type``: ``torch.autocast(enabled=False)`` only while autocast is on for that
-    device type (entering the context costs a few microseconds per call, 210 layers x 2 calls per step), a no-op
-    context otherwise and for device types without autocast (e.g. ``meta``, where
-    ``torch.autocast(device_type="meta", enabled=False)`` raises)."""
-    if (_is_autocast_available is None or _is_autocast_available(device_type)) and torch.is_autocast_enabled(
-            device_type):
-        return torch.autocast(device_type=device_type, enabled=False)
-    return _NULL_CONTEXT
-
-
-_NULL_CONTEXT = contextlib.nullcontext()  # reusable and reentrant
-
-
-_TENSOR_DATA = torch._C.TensorBase.data  # the C-level ``.data`` descriptor that nn.Parameter inherits
-
-
-def keep_delta_values(layer: nn.Module, master=None, dtype: Optional[torch.dtype] = None):
-    """Keep a PaCA layer's ``delta`` (and its gradient) exact through ``nn.Module._apply``.
-
-    A whole-model cast (``model.to(torch.bfloat16)``, ``model.half()``, what a Trainer's ``bf16_full_eval`` does)
-    makes ``nn.Module`` cast ``delta`` too; casting it back afterwards would keep the dtype but round the values, in
-    every layer, and the next save would write the rounded deltas. Call it twice around the conversion::
-
-        master = keep_delta_values(layer)          # before: the current tensors (no copy)
-        ...nn.Module._apply...
-        keep_delta_values(layer, master, dtype)    # after: where delta is not ``dtype``, the values of before
-
-    Args:
-        layer: a module with a ``delta`` parameter.
-        master: what the first call returned.
-        dtype: the dtype ``delta`` must have (float32; float64 for a float64 weight). Only the device follows the
-            conversion; a conversion that leaves ``delta``'s dtype alone (a device move) is kept as it is.
-
-    Returns:
-        ``(delta tensor, grad tensor or None)`` from the first call; None from the second.
-    """
-    delta = layer._parameters["delta"]
-    if master is None:  # aliases: nn.Module._apply replaces the data of delta and of delta.grad, not their storage
-        return _TENSOR_DATA.__get__(delta), None if delta.grad is None else delta.grad.detach()
-    if delta.dtype != dtype:
-        delta.data = master[0].to(device=delta.device, dtype=dtype)
-    grad = delta.grad
-    if grad is not None and grad.dtype != dtype:
-        delta.grad = (grad if master[1] is None else master[1]).to(device=grad.device, dtype=dtype)
-    return None
 
 
 class PaCADelta(nn.Parameter):
@@ -187,86 +98,6 @@ class PaCADelta(nn.Parameter):
         if value is not self:  # ``module.to()`` sets ``p.data = p`` when nothing changes: not a write
             self._paca_touched = True
         _TENSOR_DATA.__set__(self, value)
-
-
-def _delta_dtype(weight_dtype: torch.dtype) -> torch.dtype:
-    """``delta`` is float32, float64 for a float64 weight, whatever the model's dtype."""
-    return torch.float64 if weight_dtype == torch.float64 else torch.float32
-
-
-def input_gradient(grad_y: torch.Tensor, weight: torch.Tensor, compute_dtype: torch.dtype,
-                   x_dtype: torch.dtype) -> torch.Tensor:
-    """``grad_x = grad_y @ weight`` computed in ``compute_dtype`` and returned in ``x_dtype``.
-
-    Args:
-        grad_y: ``(..., out_features)``; weight: ``(out_features, in_features)`` (the effective weight).
-
-    Returns:
-        ``(..., in_features)`` of ``x_dtype``. Call with autocast off.
-    """
-    g = grad_y if grad_y.dtype == compute_dtype else grad_y.to(compute_dtype)
-    w = weight if weight.dtype == compute_dtype else weight.to(compute_dtype)
-    grad_x = torch.matmul(g, w)
-    return grad_x if grad_x.dtype == x_dtype else grad_x.to(x_dtype)
-
-
-def merge_columns(original_columns: torch.Tensor, delta: torch.Tensor, scaling: float,
-                  weight_dtype: torch.dtype) -> torch.Tensor:
-    """``original_columns + scaling * delta`` in ``weight_dtype``: what the merged weight holds in the selected columns.
-
-    Args:
-        original_columns: ``(out_features, r)`` ``W0[:, indices]``, weight dtype.
-        delta: ``(out_features, r)``; differentiable through this function.
-        scaling: ``paca_alpha / r``.
-        weight_dtype: the base weight's dtype; the sum is formed in float32 (float64 for a float64 weight).
-
-    Returns:
-        ``(out_features, r)`` of ``weight_dtype``. Two separately rounded operations (``delta * scaling``, then ``+``),
-        never a fused multiply-add (``torch.add(..., alpha=)`` is an FMA on CPU and may be one elsewhere): the merged
-        weight is then the same on every backend and path, and equals peft's LoRA merge ``W0 + (B @ A) * scaling`` of
-        the exported adapter bit for bit (:mod:`paca_hpu.export`).
-    """
-    acc = _delta_dtype(weight_dtype)
-    return (original_columns.to(acc) + delta.to(acc) * scaling).to(weight_dtype)
-
-
-def delta_gradient(grad_y: torch.Tensor, x_sel: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``scaling * grad_y_2d.T @ x_sel_2d``: the gradient of PaCA's ``delta`` (section 3 of the paper).
-
-    Args:
-        grad_y: ``(..., out_features)`` gradient of the layer output, any float dtype.
-        x_sel: ``(..., r)`` the saved ``x[..., indices]`` (same leading dims as ``grad_y``).
-        scaling: ``paca_alpha / r``.
-
-    Returns:
-        ``(out_features, r)``, accumulated and returned in float32 (float64 when ``x_sel`` is float64), whatever
-        the dtype of the inputs. Call with autocast off.
-    """
-    acc = torch.float64 if x_sel.dtype == torch.float64 else torch.float32
-    out_features, r = grad_y.shape[-1], x_sel.shape[-1]
-    if x_sel.dim() == 3:
-        # (batch, seq, .) inputs: one (r x seq) @ (seq x out) GEMM per sequence, summed. A single
-        # (r x N) @ (N x out) GEMM with r = 8 rows keeps few threads busy; the batched form took 0.64x
-        # the time on 2 CPU threads at SmolLM2's shapes (bf16, 4 x 256; docs/benchmarks.md).
-        grad_delta = torch.bmm(x_sel.to(acc).transpose(1, 2), grad_y.to(acc)).sum(0)
-    else:
-        g2 = grad_y.reshape(-1, out_features).to(acc)
-        xs2 = x_sel.reshape(-1, r).to(acc)
-        grad_delta = torch.mm(xs2.t(), g2)
-    # (x_sel^T g)^T: same value as g^T x_sel; this operand order was 2-4x faster on CPU (DESIGN.md).
-    return grad_delta.t().mul_(scaling)
-
-
-def refuse_double_backward() -> None:
-    """Raise when a fused PaCA backward runs with grad mode on (``create_graph=True``): it is not differentiable.
-
-    Raises:
-        RuntimeError: naming :func:`paca_hpu.functional_paca`, the exact alternative."""
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "PaCA's fused backward is not differentiable (double backward, create_graph=True, e.g. a gradient "
-            "penalty): run that computation inside `with paca_hpu.functional_paca(model):`, which uses plain "
-            "autograd ops with exact higher-order gradients")
 
 
 class _PaCAFunction(torch.autograd.Function):
@@ -301,7 +132,7 @@ class _PaCAFunction(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_x = input_gradient(grad_y, weight, ctx.compute_dtype, ctx.x_dtype)
             if ctx.needs_input_grad[3]:
-                grad_delta = _delta_grad(grad_y, x_sel, ctx.scaling)
+                grad_delta = _base._delta_grad(grad_y, x_sel, ctx.scaling)
         return grad_x, None, None, grad_delta, None, None
 
 
@@ -312,72 +143,10 @@ def _write_back_before_state_dict(module, prefix, keep_vars) -> None:
         module.sync()
 
 
-#: The delta-gradient computation of the backward (:func:`delta_gradient`); :mod:`paca_hpu.experimental` swaps in
-#: candidates.
-_delta_grad = delta_gradient
-
-
-class _PaCAPartitionedFunction(torch.autograd.Function):
-    """PaCA on a weight the layer does not own (an engine's gathered weight): the rank-``r`` correction of the
-    module docstring, ``y = F.linear(x, weight, bias) + x[..., idx] @ D.T`` with
-    ``D = original_columns + scaling * delta - weight[:, idx]``; nothing is written into ``weight``.
-
-    Inputs: x (..., in), weight (out, in), bias (out,) or None, delta (out, r), indices (r,) int32/int64,
-    original_columns (out, r), scaling float. Saves ``x[..., idx]`` (only when ``delta`` needs a gradient), ``D``
-    (out, r, compute dtype) and ``weight``.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, delta, indices, original_columns, scaling):
-        compute_dtype = _autocast_dtype(x) or x.dtype
-        with _autocast_off(x.device.type):
-            xc = x if x.dtype == compute_dtype else x.to(compute_dtype)
-            wc = weight if weight.dtype == compute_dtype else weight.to(compute_dtype)
-            bc = None if bias is None else (bias if bias.dtype == compute_dtype else bias.to(compute_dtype))
-            y = F.linear(xc, wc, bc)
-            acc = _delta_dtype(weight.dtype)
-            d = merge_columns(original_columns, delta.detach(), scaling, weight.dtype).to(acc)
-            d = d.sub_(weight.detach().index_select(1, indices).to(acc)).to(compute_dtype)
-            x_sel = xc.index_select(-1, indices)
-            y.view(-1, y.shape[-1]).addmm_(x_sel.reshape(-1, x_sel.shape[-1]), d.t())
-        ctx.save_for_backward(x_sel if ctx.needs_input_grad[3] else None, weight, d)
-        ctx.indices = indices
-        ctx.compute_dtype = compute_dtype
-        ctx.x_dtype = x.dtype
-        ctx.scaling = scaling
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        refuse_double_backward()
-        x_sel, weight, d = ctx.saved_tensors
-        grad_x = grad_delta = None
-        with _autocast_off(grad_y.device.type):
-            if ctx.needs_input_grad[0]:
-                cd = ctx.compute_dtype
-                grad_x = input_gradient(grad_y, weight, cd, cd)
-                grad_x.index_add_(-1, ctx.indices, torch.matmul(grad_y if grad_y.dtype == cd else grad_y.to(cd), d))
-                if grad_x.dtype != ctx.x_dtype:
-                    grad_x = grad_x.to(ctx.x_dtype)
-            if ctx.needs_input_grad[3]:
-                grad_delta = _delta_grad(grad_y, x_sel, ctx.scaling)
-        return grad_x, None, None, grad_delta, None, None, None
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
-def _no_weight():
-    return None
-
-
-class PaCALinear(nn.Module):
-    """A linear layer of which ``r`` fixed input columns are trained (PaCA).
+class PaCALinear(PartitionableLayer):
+    """A linear layer of which ``r`` fixed input columns are trained (PaCA): the dense implementation of
+    :class:`~paca_hpu.layer.base.PaCALayerBase`, whose sharded-weight path is
+    :class:`~paca_hpu.layer.partitioned.PartitionableLayer`.
 
     Replaces an ``nn.Linear`` (weight ``(out, in)``) or a transformers ``Conv1D`` (weight ``(in, out)``); the
     replacement always stores the weight in ``nn.Linear`` layout.
@@ -390,7 +159,7 @@ class PaCALinear(nn.Module):
         indices: buffer ``(r,)``, unique, sorted, int64 (int32 on HPU by default, also after ``.to("hpu")``).
         delta: trainable :class:`PaCADelta` ``(out_features, r)``, float32 (float64 if the weight is float64),
             zeros at start; stays float32, values untouched, when the model is cast (``model.to(torch.bfloat16)``,
-            a Trainer's ``bf16_full_eval``: :func:`keep_delta_values`).
+            a Trainer's ``bf16_full_eval``: :func:`~paca_hpu.layer.base.keep_delta_values`).
         original_columns: buffer ``(out_features, r)``: ``W0[:, indices]`` in the weight's dtype, kept so that
             disabling, unmerging and unloading restore the base weights bit for bit. Persistent (in the state
             dict), and recaptured whenever a state dict loads new base weights or other indices.
@@ -408,7 +177,8 @@ class PaCALinear(nn.Module):
         indices: ``(r,)`` integer column indices, unique, within ``[0, in_features)``.
         scaling: ``paca_alpha / r``.
         base_layer_type: ``"linear"`` or ``"conv1d"``.
-        index_dtype: ``torch.int32`` or ``torch.int64``; ``None`` picks :func:`default_index_dtype`.
+        index_dtype: ``torch.int32`` or ``torch.int64``; ``None`` picks
+            :func:`~paca_hpu.layer.base.default_index_dtype`.
 
     Raises:
         ValueError: bad shapes, duplicate or out-of-range indices, unsupported index dtype.
@@ -438,12 +208,7 @@ class PaCALinear(nn.Module):
             raise ValueError("PaCALinear indices must be unique")
         if base_layer_type not in ("linear", "conv1d"):
             raise ValueError(f"base_layer_type must be 'linear' or 'conv1d', got {base_layer_type!r}")
-        # None: follow the device, also when the layer is moved later (built on CPU, then .to("hpu"): int32)
-        self._index_dtype_auto = index_dtype is None
-        if index_dtype is None:
-            index_dtype = default_index_dtype(weight.device)
-        if index_dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"index_dtype must be torch.int32 or torch.int64, got {index_dtype}")
+        index_dtype = self._init_index_dtype(index_dtype, weight.device)
         self.in_features = in_features
         self.out_features = out_features
         self.r = int(idx_cpu.numel())
@@ -475,13 +240,6 @@ class PaCALinear(nn.Module):
         self._claim_weight()
         _LIVE_LAYERS.add(self)
 
-    def __getstate__(self):
-        """Pickling and ``copy.deepcopy``: without the weak reference to the owned weight (not picklable, and a copy
-        owns its own weight: :meth:`__setstate__` claims it)."""
-        state = self.__dict__.copy()
-        state.pop("_dense_weight", None)
-        return state
-
     def __setstate__(self, state):
         """Unpickling and ``copy.deepcopy`` build layers without ``__init__``: register those too (pickle turns
         ``delta`` into a plain ``nn.Parameter``: wrap it again)."""
@@ -492,41 +250,9 @@ class PaCALinear(nn.Module):
         self._claim_weight()
         _LIVE_LAYERS.add(self)
 
-    def _apply(self, fn, recurse=True):
-        """``nn.Module._apply`` (behind ``.to()``, ``.cuda()``, ...), then: ``delta`` float32 again (float64 for a
-        float64 weight) with its values from before a cast (:func:`keep_delta_values`), and the default index dtype
-        re-picked for the new device when none was given (a model converted on the CPU and moved to an HPU gathers
-        with int32 indices)."""
-        master = keep_delta_values(self)
-        super()._apply(fn, recurse)
-        keep_delta_values(self, master, _delta_dtype(self.weight.dtype))
-        if getattr(self, "_index_dtype_auto", False):
-            wanted = default_index_dtype(self.indices.device)
-            if self.indices.dtype != wanted:
-                self.indices = self.indices.to(wanted)
-        self._claim_weight()  # a conversion may have replaced the weight Parameter by a new object
-        return self
-
-    def _owns(self, weight) -> bool:
-        """``weight`` is a whole tensor this layer may write its merged columns into (checked outside forward): its
-        registered ``nn.Parameter``, of shape ``(out_features, in_features)``, neither a DTensor (FSDP2 shard) nor a
-        DeepSpeed ZeRO-3 parameter (``ds_id``: the engine swaps its data between a partition and gathered
-        copies). FSDP1 keeps the registered Parameter but gives it a flat shard of another shape."""
-        return (isinstance(weight, nn.Parameter) and weight is self._parameters.get("weight")
-                and tuple(weight.shape) == (self.out_features, self.in_features)
-                and not hasattr(weight, "ds_id") and not _is_dtensor(weight))
-
-    def _claim_weight(self) -> None:
-        """Note the weight tensor object the dense path may use (a weak reference), or none if the layer does not
-        own its current weight (:meth:`_owns`)."""
-        weight = self._parameters.get("weight")
-        self.__dict__["_dense_weight"] = weakref.ref(weight) if self._owns(weight) else _no_weight
-
-    def owns_weight(self) -> bool:
-        """Whether the merged columns live in ``weight`` (False once a sharding engine partitioned it, see the
-        module docstring); host-side check."""
-        self._claim_weight()
-        return self._dense_weight() is not None
+    def _required_delta_dtype(self) -> torch.dtype:
+        """float32; float64 for a float64 weight (:meth:`PaCALayerBase._apply` keeps ``delta`` so)."""
+        return _delta_dtype(self.weight.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
@@ -590,14 +316,6 @@ class PaCALinear(nn.Module):
         to do for a weight the layer does not own (it never wrote into it)."""
         if self.owns_weight():
             self.weight.index_copy_(1, self.indices.long(), self.original_columns)
-
-    def _require_whole_weight(self, what: str) -> None:
-        if not self.owns_weight():
-            raise RuntimeError(
-                f"{what} needs the whole weight of PaCA layer '{getattr(self, 'paca_name', '?')}', but it is "
-                f"partitioned by a sharding engine (shape {tuple(self.weight.shape)}, "
-                f"{type(self.weight).__name__}): do it before wrapping the model (FSDP, DeepSpeed ZeRO-3), or on the "
-                "whole model (save_adapter, then load_adapter into an unwrapped base model)")
 
     @torch.no_grad()
     def set_indices(self, indices: torch.Tensor) -> None:
@@ -672,3 +390,46 @@ class PaCALinear(nn.Module):
                 self._parameters["delta"] = PaCADelta(_TENSOR_DATA.__get__(d).to(_delta_dtype(self.weight.dtype)),
                                                       d.requires_grad)
             self.sync()
+
+    # ---- back to the base layer (merge_paca / unload_paca) -----------------------------------------------------
+
+    def merged_layer(self) -> nn.Module:
+        """An ``nn.Linear`` / ``Conv1D`` (as :attr:`base_layer_type`) carrying ``weight`` with the merged columns
+        written in (``W0`` with ``W0[:, indices] + scaling * delta``; the same tensor, no copy for ``nn.Linear``) and
+        the layer's bias."""
+        with torch.no_grad():
+            w = self.weight.detach()
+            w.index_copy_(1, self.indices.long(), self.merged_columns())
+        return self._plain_layer(w)
+
+    def unloaded(self) -> nn.Module:
+        """An ``nn.Linear`` / ``Conv1D`` carrying the base weight ``W0`` (bit for bit: the original columns are written
+        back into ``weight``) and the layer's bias, with ``requires_grad`` as they had before conversion."""
+        with torch.no_grad():
+            self.restore_original()
+            w = self.weight.detach()
+        return self._plain_layer(w)
+
+    def _plain_layer(self, weight: torch.Tensor) -> nn.Module:
+        """A plain ``nn.Linear`` / ``Conv1D`` with ``weight`` (nn.Linear layout ``(out_features, in_features)``) and
+        the layer's bias."""
+        requires_grad = self._base_weight_requires_grad
+        if self.base_layer_type == "linear":
+            new = nn.Linear.__new__(nn.Linear)
+            nn.Module.__init__(new)
+            new.in_features, new.out_features = self.in_features, self.out_features
+            new.weight = nn.Parameter(weight, requires_grad=requires_grad)
+        else:
+            from transformers.pytorch_utils import Conv1D
+
+            new = Conv1D.__new__(Conv1D)
+            nn.Module.__init__(new)
+            new.nf, new.nx = self.out_features, self.in_features
+            new.weight = nn.Parameter(weight.t().contiguous(), requires_grad=requires_grad)
+        if self.bias is not None:
+            self.bias.requires_grad_(self._base_bias_requires_grad)
+            new.bias = self.bias
+        else:
+            new.register_parameter("bias", None)
+        new.train(self.training)
+        return new
