@@ -117,9 +117,9 @@ def _run(cfg: dict, variant_name: str, inputs_path: str) -> dict:
 
 def run_child(cfg: dict, variant_name: str, inputs_path: str, out_path: str) -> None:
     """Entry point of the per-variant process: measure and write the result JSON to ``out_path``."""
-    from .proc import write_json_atomic
+    from paca_hpu.atomic import write_json_atomic
 
-    write_json_atomic(_run(cfg, variant_name, inputs_path), out_path)
+    write_json_atomic(out_path, _run(cfg, variant_name, inputs_path))
 
 
 def main(argv=None) -> int:

@@ -705,25 +705,19 @@ def _write_outputs(args, results: dict, sections: List[str], out_dir: Path, root
     results["meta"]["section_busy"] = {sec: results["meta"].get("busy_warning") for sec in sections}
     if args.merge and (out_dir / "results.json").is_file():
         _merge_previous(results, out_dir / "results.json", sections, log)
+    from paca_hpu.atomic import write_json_atomic
+
     from .report import evaluate_targets, run_markdown, write_charts, write_docs_page
 
     results["targets"] = evaluate_targets(results)
     results["charts"] = write_charts(results, str(out_dir))
-    write_json_atomic_indented(results, str(out_dir / "results.json"))
+    write_json_atomic(out_dir / "results.json", results, indent=1)
     (out_dir / "results.md").write_text(run_markdown(results, image_prefix="", heading="##") + "\n", encoding="utf-8")
     log(f"wrote {out_dir / 'results.json'}, results.md, {', '.join(results['charts'])}")
     docs = _docs_path(args, out_dir, root)
     if docs:
         write_docs_page(docs, str(out_dir.parent))
         log(f"wrote {docs}")
-
-
-def write_json_atomic_indented(obj, path: str) -> None:
-    """``results.json``: indented JSON written through a temporary file and ``os.replace``."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 _MERGE_KEYS = {"timing": ["timing"], "saved": ["saved"], "memory": ["memory", "memory_plain_rss"],

@@ -71,6 +71,7 @@ def _probe(cfg: dict, variant_name: str, length: int, stream_path: str) -> dict:
     import torch
 
     from paca_hpu import device as _device
+    from paca_hpu.hub import one_line
     from .measure import fix_malloc_mmap_threshold, is_oom_error, release_host_memory, train_step
     from .variants import DTYPES, ModelSpec, build_variant, load_base_model, make_optimizer
 
@@ -107,7 +108,7 @@ def _probe(cfg: dict, variant_name: str, length: int, stream_path: str) -> dict:
     except Exception as err:  # noqa: BLE001 - the allocator's failure surfaces as RuntimeError or MemoryError
         if not is_oom_error(err):
             raise
-        res["error"] = str(err).splitlines()[0][:200]
+        res["error"] = one_line(err, limit=200)
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
     res["cap_bytes"] = cap
@@ -116,9 +117,9 @@ def _probe(cfg: dict, variant_name: str, length: int, stream_path: str) -> dict:
 
 def probe_child(cfg: dict, variant_name: str, length: int, stream_path: str, out_path: str) -> None:
     """Entry point of one fresh probe process (see the module docstring): result JSON to ``out_path``."""
-    from .proc import write_json_atomic
+    from paca_hpu.atomic import write_json_atomic
 
-    write_json_atomic(_probe(cfg, variant_name, length, stream_path), out_path)
+    write_json_atomic(out_path, _probe(cfg, variant_name, length, stream_path))
 
 
 def search_cpu(cfg: dict, variant_name: str, stream_path: str, tmp_dir: str,

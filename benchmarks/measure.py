@@ -190,8 +190,8 @@ def saved_tensor_bytes(model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -
 
     Counted with ``torch.autograd.graph.saved_tensors_hooks``: every packed tensor's storage is counted once
     (unique ``untyped_storage().data_ptr()``), storages of the model's parameters and buffers are excluded (they
-    exist anyway). The pack hook returns ``t.detach()`` (DESIGN.md section 5: returning ``t`` itself keeps the
-    graph alive across probes). No backward is run; the graph is dropped.
+    exist anyway). The pack hook returns ``t.detach()``: returning ``t`` itself keeps the autograd graph alive
+    across probed forwards, so memory grows with every call. No backward is run; the graph is dropped.
 
     Returns:
         ``{"bytes", "tensors", "by_dtype": {dtype: bytes}}``.

@@ -5,7 +5,8 @@ harness did before (loading and copying models, other variants' steps, a tuned `
 its allocator, caches or Python heap. Processes come from a ``multiprocessing`` "forkserver" context with torch /
 transformers / peft imported once in the server (a child starts in well under a second; nothing in the server has
 touched an accelerator or run a kernel), or "spawn" where there is no forkserver. Each child writes one JSON result
-file atomically; :func:`run_fresh` waits for it and returns the parsed result.
+file atomically (:func:`paca_hpu.atomic.write_json_atomic`); :func:`run_fresh` waits for it and returns the parsed
+result.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import multiprocessing
 import os
 from typing import Callable, Optional, Sequence
 
-__all__ = ["PRELOAD", "write_json_atomic", "run_fresh"]
+__all__ = ["PRELOAD", "run_fresh"]
 
 #: Modules the forkserver imports once, so that every child starts fast. Not ``paca_hpu`` itself: the server
 #: resolves imports with its own start-up path, so a preloaded ``paca_hpu`` could be another checkout's (an
@@ -34,14 +35,6 @@ def _context():
         if _CTX.get_start_method() == "forkserver":
             _CTX.set_forkserver_preload(PRELOAD)
     return _CTX
-
-
-def write_json_atomic(obj, path: str) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary file and ``os.replace`` (never half-written)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
 
 
 def run_fresh(target: Callable, args: Sequence, out_path: str, name: str,

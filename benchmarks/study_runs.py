@@ -31,7 +31,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
 import platform
 import subprocess
 import time
@@ -40,6 +39,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+
+from paca_hpu.atomic import write_atomic, write_json_atomic
 
 __all__ = ["StudyConfig", "run_id", "load_runs", "study_summary", "run_study"]
 
@@ -82,15 +83,6 @@ class StudyConfig:
 def run_id(spec: str, lr: float, seed: int) -> str:
     """File stem of one run: ``<spec>__lr<lr:g>__seed<seed>``."""
     return f"{spec}__lr{lr:g}__seed{seed}"
-
-
-def _write_json(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_runs(study_dir: Path) -> Dict[str, dict]:
@@ -264,10 +256,9 @@ class _Runner:
 
     def _checkpoint(self, built, opt, sched, state: dict, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save({"params": self._trainable_state(built.model), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "state": state}, tmp)
-        os.replace(tmp, path)
+        blob = {"params": self._trainable_state(built.model), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "state": state}
+        write_atomic(path, lambda tmp: torch.save(blob, tmp))
 
     def _write(self, spec: str, lr: float, seed: int, r: int, built, state: dict, final: bool) -> dict:
         cfg = self.cfg
@@ -282,7 +273,7 @@ class _Runner:
             c0 = time.process_time()
             rec["final_report"] = self.evaluate(built.model, self.report)
             rec["cpu_seconds"] = round(rec["cpu_seconds"] + time.process_time() - c0, 1)
-        _write_json(rec, self.dir / "runs" / f"{run_id(spec, lr, seed)}.json")
+        write_json_atomic(self.dir / "runs" / f"{run_id(spec, lr, seed)}.json", rec, indent=1)
         self.log(f"{run_id(spec, lr, seed)}: step {state['step']}/{cfg.steps} select {rec['final_select']:.4f}"
                  + (f" report {rec['final_report']:.4f}" if final else "")
                  + f" ({rec['seconds']:.0f} s wall, {rec['cpu_seconds']:.0f} s CPU so far)")
@@ -399,7 +390,7 @@ def run_study(cfg: StudyConfig, study_dir: Path, ckpt_dir: Path, root: Path, log
         if any(old.get(k, defaults[k]) != v for k, v in new.items()) or set(old) - set(new):
             raise ValueError(f"{cfg_path} holds another configuration ({old}); keep it or use a new study name")
     else:
-        _write_json(asdict(cfg), cfg_path)
+        write_json_atomic(cfg_path, asdict(cfg), indent=1)
     for spec in cfg.variants:
         v = parse_quality_variant(spec)
         if not cfg.grid(spec, v.method):

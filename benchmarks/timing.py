@@ -104,7 +104,7 @@ def timing_child(cfg: dict, names: List[str], batches_path: str, out_path: str, 
     are printed and appended to ``log_path``."""
     import torch
 
-    from .proc import write_json_atomic
+    from paca_hpu.atomic import write_json_atomic
 
     t0 = time.perf_counter()
     logf = open(log_path, "a", encoding="utf-8") if log_path else None
@@ -120,7 +120,7 @@ def timing_child(cfg: dict, names: List[str], batches_path: str, out_path: str, 
         batches = torch.load(batches_path)
         result = time_group(cfg, names, batches, log)
         result["pid"] = os.getpid()
-        write_json_atomic(result, out_path)
+        write_json_atomic(out_path, result)
     finally:
         if logf:
             logf.close()

@@ -22,18 +22,20 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from . import atomic as _atomic
 from . import distributed as _dist
 from .config import PaCAConfig
+from .hub import one_line
 from .layer import PaCALayerBase, is_dtensor
-from .model import (ORIGINAL_PREFIX, _is_supported, _matches, _weight_shape, apply_paca,
-                    find_target_modules, keep_originals, paca_layers)
+from .model import (ORIGINAL_PREFIX, _is_supported, _weight_shape, apply_paca, find_target_modules, keep_originals,
+                    name_matches, paca_layers)
+from .selection import check_indices
 
 logger = logging.getLogger(__name__)
 
@@ -55,25 +57,6 @@ def is_paca_adapter_config(meta: Dict) -> bool:
     """Whether ``meta`` (a parsed ``adapter_config.json``) describes a paca_hpu adapter (any format version)."""
     return isinstance(meta, dict) and meta.get("format") == FORMAT_NAME and (
         meta.get("peft_type") in (PEFT_TYPE, *_OLD_PEFT_TYPES))
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same directory, fsync, then ``os.replace``: readers see either the
-    old file or the complete new one, never a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp (and safetensors) create 0600; use the permissions open() would
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _whole_copy(own: torch.Tensor, key: str, shape: Optional[Tuple[int, ...]],
@@ -101,7 +84,7 @@ def _modules_to_save_parameters(model: nn.Module):
     if config is None or not config.modules_to_save:
         return []
     return [(_dist.clean_name(f"{mname}.{pname}"), p) for mname, module in model.named_modules()
-            if mname and _matches(_dist.clean_name(mname), config.modules_to_save)
+            if mname and name_matches(_dist.clean_name(mname), config.modules_to_save)
             for pname, p in module.named_parameters() if not pname.rpartition(".")[2].startswith(ORIGINAL_PREFIX)]
 
 
@@ -178,9 +161,8 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
         "base_model_name_or_path": _base_model_record(model),
         **config.to_dict(),
     }
-    _atomic_write(path / ADAPTER_WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    _atomic_write(path / ADAPTER_CONFIG_NAME,
-                  lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
+    _atomic.write_atomic(path / ADAPTER_WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    _atomic.write_json_atomic(path / ADAPTER_CONFIG_NAME, meta, indent=2, sort_keys=True)
 
 
 def _base_model_record(model: nn.Module) -> Optional[str]:
@@ -192,9 +174,8 @@ def _base_model_record(model: nn.Module) -> Optional[str]:
 
 
 def _garbled(path: Path, err: BaseException) -> ValueError:
-    detail = (str(err).splitlines() or [type(err).__name__])[0]
-    return ValueError(f"adapter file '{path}' is truncated or garbled ({detail}); save the adapter again or restore "
-                      "the file")
+    return ValueError(f"adapter file '{path}' is truncated or garbled ({one_line(err)}); save the adapter again or "
+                      "restore the file")
 
 
 def read_adapter(path: Union[str, os.PathLike]):
@@ -317,15 +298,16 @@ def _check_layers_fit(model: nn.Module, config: PaCAConfig, tensors: Dict[str, t
             out_f, in_f = _weight_shape(name, module)  # ZeRO-3 placeholders: ds_shape
         else:
             raise ValueError(f"adapter module '{name}' is a {type(module).__name__} in this model, not a linear layer")
-        if delta.dim() != 2 or delta.shape[0] != out_f or delta.shape[1] != config.r or idx.shape != (config.r,) \
-                or int(idx.max()) >= in_f or int(idx.min()) < 0:
+        if delta.dim() != 2 or delta.shape[0] != out_f or delta.shape[1] != config.r:
             raise ValueError(
-                f"adapter module '{name}' does not fit this model: adapter delta {tuple(delta.shape)} with indices up "
-                f"to {int(idx.max())}, model layer has out_features={out_f}, in_features={in_f}; the adapter was "
-                "trained on a different model")
-        if idx.unique().numel() != config.r:
-            raise ValueError(f"adapter module '{name}' has repeated indices {idx.tolist()}: PaCA's r indices are "
-                             "distinct input columns; the adapter file is corrupt")
+                f"adapter module '{name}' does not fit this model: adapter delta {tuple(delta.shape)} (r={config.r}), "
+                f"model layer has out_features={out_f}, in_features={in_f}; the adapter was trained on a different "
+                "model")
+        try:
+            check_indices(idx, in_f, config.r, what=f"the indices of adapter module '{name}'")
+        except ValueError as err:
+            raise ValueError(f"{err}; the model layer has in_features={in_f}: the adapter was trained on a different "
+                             "model, or its file is corrupt") from None
 
 
 def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,

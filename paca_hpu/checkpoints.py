@@ -30,6 +30,8 @@ import shutil
 import uuid
 from typing import Iterable, List, Optional, Tuple, Union
 
+from .atomic import replace_directory, write_json_atomic
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -83,19 +85,8 @@ def read_run_id(folder: Union[str, os.PathLike]) -> Optional[str]:
 
 
 def write_run_id(folder: Union[str, os.PathLike], run_id: str) -> None:
-    """Record ``run_id`` in ``folder/paca_run.json`` (written through a temporary file and ``os.replace``)."""
-    path = os.path.join(folder, RUN_FILE)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump({"run_id": run_id}, fh)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Record ``run_id`` in ``folder/paca_run.json`` (written atomically, :func:`paca_hpu.atomic.write_json_atomic`)."""
+    write_json_atomic(os.path.join(folder, RUN_FILE), {"run_id": run_id})
 
 
 def is_complete(folder: Union[str, os.PathLike]) -> bool:
@@ -245,30 +236,6 @@ def staging_dir(final: Union[str, os.PathLike]) -> str:
     return os.path.join(os.path.dirname(final), "tmp-" + os.path.basename(final))
 
 
-def _fsync_tree(folder: str) -> None:
-    for dirpath, _dirs, files in os.walk(folder):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
 def publish(staging: str, final: str) -> None:
     """Make the finished checkpoint ``staging/<name of final>`` visible as ``final``: flush every file, rename it,
     then remove the (now empty) ``staging`` folder.
@@ -278,12 +245,7 @@ def publish(staging: str, final: str) -> None:
     missing (resume then takes the checkpoint before it) and ``staging`` behind, which the next save of that step
     clears.
     """
-    inner = os.path.join(staging, os.path.basename(final))
-    _fsync_tree(inner)
-    if os.path.lexists(final):
-        os.replace(final, os.path.join(staging, "replaced"))
-    os.replace(inner, final)
-    _fsync_dir(os.path.dirname(final) or ".")
+    replace_directory(os.path.join(staging, os.path.basename(final)), final, trash=staging)
     shutil.rmtree(staging, ignore_errors=True)
 
 

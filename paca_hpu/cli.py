@@ -47,9 +47,10 @@ from . import device as _device
 from . import trainer as _tr
 from ._transformers_compat import dtype_kwarg
 from .adapter import is_paca_adapter_config
+from .atomic import write_json_atomic
 from .hub import one_line
-from .model import trainable_parameters
-from .selection import DATA_AWARE_INIT_INDICES, INIT_INDICES
+from .model import name_matches, trainable_parameters
+from .selection import DATA_AWARE_INIT_INDICES, INIT_INDICES, check_r
 
 logger = logging.getLogger("paca_hpu.run_paca_clm")
 
@@ -429,9 +430,12 @@ def _check_adapter_numbers(adapter_args, argv: Sequence[str]) -> None:
     a = adapter_args
     if a.peft_type == "none":
         return  # warned about as not applicable (NOT_APPLICABLE)
-    if a.paca_r < 1:
+    try:
+        check_r(a.paca_r)
+    except ValueError:
         what = "the number of trained columns per layer" if a.peft_type == "paca" else "the LoRA rank"
-        raise UsageError(f"{_typed_flag(argv, 'paca_r')} {a.paca_r} is not allowed: {what} must be >= 1 (e.g. 8)")
+        raise UsageError(f"{_typed_flag(argv, 'paca_r')} {a.paca_r} is not allowed: {what} must be >= 1 (e.g. 8)"
+                         ) from None
     if a.peft_type == "paca" and not (math.isfinite(a.paca_alpha) and a.paca_alpha > 0):
         raise UsageError(f"{_typed_flag(argv, 'paca_alpha')} {a.paca_alpha:g} is not allowed: the scaling numerator "
                          "must be a finite number > 0 (e.g. 16; the update is scaled by alpha / r)")
@@ -467,8 +471,6 @@ def _check_targets(model, adapter_args, argv: Sequence[str]) -> None:
         UsageError: naming the unknown modules and the model's linear module names, or the layer whose
             ``in_features`` is smaller than ``--paca_r``.
     """
-    import re
-
     a = adapter_args
     if a.peft_type == "none":
         return
@@ -479,9 +481,9 @@ def _check_targets(model, adapter_args, argv: Sequence[str]) -> None:
         raise UsageError(f"{flag}: {err}") from err
     names = [n for n, _ in model.named_modules() if n]
     if isinstance(target, str):
-        unknown = [] if target == "all-linear" or any(re.fullmatch(target, n) for n in names) else [target]
+        unknown = [] if target == "all-linear" or any(name_matches(n, target) for n in names) else [target]
     else:
-        unknown = [t for t in target if not any(n == t or n.endswith("." + t) for n in names)]
+        unknown = [t for t in target if not any(name_matches(n, [t]) for n in names)]
     if unknown:
         shown = ", ".join("'" + u + "'" for u in unknown)
         verb = "matches" if len(unknown) == 1 else "match"
@@ -501,10 +503,12 @@ def _check_targets(model, adapter_args, argv: Sequence[str]) -> None:
     modules = dict(model.named_modules())
     for name in layers:
         in_features = getattr(modules[name], "in_features", None) or getattr(modules[name], "nx", None)
-        if in_features is not None and a.paca_r > in_features:
+        try:
+            check_r(a.paca_r, in_features, name)
+        except ValueError:
             raise UsageError(f"{_typed_flag(argv, 'paca_r')} {a.paca_r} exceeds in_features={in_features} of layer "
                              f"'{name}' (PaCA trains r of its input columns); lower it, or leave that layer out "
-                             "with --exclude_modules")
+                             "with --exclude_modules") from None
 
 
 #: Config fields that hold a model's number of positions (LLaMA / Mistral / Qwen and most others; GPT-2; others).
@@ -1400,7 +1404,7 @@ class _Run:
         m.update(eval_seconds=side["evaluation"] + self.eval_seconds, evaluations=side["evaluations"] + self.evals,
                  checkpoint_seconds=side["checkpoint"], total_seconds=time.perf_counter() - self.t_start)
         m["log_history"] = trainer.state.log_history
-        _write_json_atomic(os.path.join(out, "metrics.json"), m)
+        write_json_atomic(os.path.join(out, "metrics.json"), m, indent=2, default=str)
         _print_summary(m, out)
 
 
@@ -1446,15 +1450,6 @@ def _train_loss_of_run(trainer, reported: Optional[float], steps: int) -> Option
     if reported is None or not isinstance(total, float) or steps < 1:
         return reported
     return total / steps
-
-
-def _write_json_atomic(path: str, data: Dict[str, Any]) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _print_summary(m: Dict[str, Any], out: str) -> None:

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Union
 
-from .selection import check_init_indices
+from .selection import check_init_indices, check_r
 
 __all__ = ["PaCAConfig"]
 
@@ -58,8 +58,7 @@ class PaCAConfig:
     init_indices: str = "random"
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"PaCAConfig.r must be an integer >= 1 (number of trained columns), got {self.r!r}")
+        check_r(self.r)
         if isinstance(self.paca_alpha, bool) or not isinstance(self.paca_alpha, (int, float)) or not (
             self.paca_alpha > 0
         ) or self.paca_alpha == float("inf"):

@@ -41,6 +41,8 @@ from typing import Any, Iterable, Sequence
 import datasets
 import torch
 
+from .hub import one_line
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -227,7 +229,7 @@ def _load_hub_dataset(name: str, config_name: str | None):
                              f"reached ({why}); load it where there is network, or pass a local copy with "
                              "--train_file") from err
         raise ValueError(f"dataset {name!r} was not found on the Hugging Face Hub nor as a local folder "
-                         f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from err
+                         f"({one_line(err)})") from err
 
 
 def load_raw_datasets(

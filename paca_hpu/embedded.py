@@ -35,10 +35,10 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 
 from ._transformers_compat import dtype_kwarg, transformers_version
+from .atomic import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -285,16 +285,14 @@ def _convert(gguf_path: str, out_dir: str) -> None:
 
 def _finalize(out_dir: str, fingerprint: dict) -> None:
     """Make a finished conversion readable like a normal directory and write the marker file (last)."""
-    os.chmod(out_dir, 0o755)  # mkdtemp creates 0700
+    os.chmod(out_dir, 0o755)  # the cache entry is readable by all, whatever the umask
     files = sorted(n for n in os.listdir(out_dir) if os.path.isfile(os.path.join(out_dir, n)))
     for name in files:
         os.chmod(os.path.join(out_dir, name), 0o644)
     meta = dict(fingerprint)
     meta.update({"model": EMBEDDED_MODEL_NAME, "dtype": "float32", "files": files})
-    with open(os.path.join(out_dir, MARKER_FILE), "w", encoding="utf-8") as f:
+    with open(os.path.join(out_dir, MARKER_FILE), "w", encoding="utf-8") as f:  # flushed with the folder
         json.dump(meta, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def embedded_model_path(cache_dir: str | os.PathLike | None = None) -> str:
@@ -339,17 +337,9 @@ def embedded_model_path(cache_dir: str | os.PathLike | None = None) -> str:
             target,
         )
         t0 = time.perf_counter()
-        tmp = tempfile.mkdtemp(prefix=prefix, dir=root)
-        try:
-            _convert(gguf_path, tmp)
-            _finalize(tmp, fingerprint)
-            if os.path.lexists(target):  # invalid / outdated entry: move it aside, then delete it
-                trash = tempfile.mkdtemp(prefix=prefix + "old-", dir=root)
-                os.replace(target, os.path.join(trash, "old"))
-                shutil.rmtree(trash, ignore_errors=True)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        # an invalid / outdated entry is moved aside into prefix + "old-..." and deleted after the swap
+        with atomic_directory(target, prefix=prefix) as tmp:
+            _convert(gguf_path, str(tmp))
+            _finalize(str(tmp), fingerprint)
         logger.warning("Converted %s in %.1f s", EMBEDDED_MODEL_NAME, time.perf_counter() - t0)
     return target

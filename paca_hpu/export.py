@@ -31,8 +31,6 @@ import contextlib
 import errno
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple, Union
 
@@ -41,10 +39,12 @@ from torch import nn
 
 from .adapter import (ADAPTER_WEIGHTS_NAME, _MTS_PREFIX, _check_complete, _check_layers_fit, load_adapter,
                       read_adapter)
+from .atomic import atomic_directory
 from .checkpoints import is_disk_full
 from .config import PaCAConfig
-from .hub import ModelSourceError, base_model_source, from_pretrained_cache_first
-from .model import _is_supported, _matches, merge_paca
+from .hub import ModelSourceError, base_model_source, from_pretrained_cache_first, one_line
+from .model import _is_supported, merge_paca, name_matches
+from .selection import check_indices
 
 __all__ = ["ExportError", "DTYPES", "export_lora", "export_merged", "lora_state_dict"]
 
@@ -62,11 +62,6 @@ class ExportError(ValueError):
     and names the fix. The CLI exits with status 2."""
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
-
-
 def _read(adapter_dir: PathLike, base_model: Optional[PathLike]) -> Tuple[PaCAConfig, Dict, Dict, str]:
     """``(config, metadata, tensors, base)``; ``base`` from ``base_model`` or the adapter's record."""
     if not Path(adapter_dir).is_dir():
@@ -74,7 +69,7 @@ def _read(adapter_dir: PathLike, base_model: Optional[PathLike]) -> Tuple[PaCACo
     try:
         config, meta, tensors = read_adapter(adapter_dir)
     except (OSError, ValueError) as err:
-        raise ExportError(_one_line(err)) from err
+        raise ExportError(one_line(err, limit=None)) from err
     base = base_model if base_model is not None else meta.get("base_model_name_or_path")
     if not base:
         raise ExportError(f"the adapter in '{adapter_dir}' records no base model; pass --base_model PATH_OR_NAME")
@@ -101,32 +96,27 @@ def _write_error(out: Path, err: BaseException) -> Optional[ExportError]:
     if isinstance(err, OSError) and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return ExportError(f"cannot write '{out}': {err.strerror}; pass a writable --output")
     if is_disk_full(err, str(out.parent)):
-        return ExportError(f"no space left on the disk of '{out}' ({_one_line(err)}); free some space or pass "
+        return ExportError(f"no space left on the disk of '{out}' ({one_line(err)}); free some space or pass "
                            "another --output")
     return None
 
 
 @contextlib.contextmanager
 def _atomic_output(output_dir: PathLike) -> Iterator[Path]:
-    """A temporary directory beside ``output_dir``, renamed to it when the block completes, removed on error; a full
-    or read-only disk is an :class:`ExportError` (:func:`_write_error`)."""
+    """A temporary directory beside ``output_dir`` for a ``with`` block, renamed to it when the block completes,
+    removed on error (:func:`paca_hpu.atomic.atomic_directory`).
+
+    Raises:
+        ExportError: ``output_dir`` exists and is not an empty directory; a full or read-only disk
+            (:func:`_write_error`).
+    """
     out = Path(output_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"output directory '{out}' exists and is not empty; pass a new --output or remove it")
-    tmp = None
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=str(out.parent)))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; use what mkdir would
-        yield tmp
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.rename(tmp, out)
+        with atomic_directory(out) as tmp:
+            yield tmp
     except BaseException as err:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
         failed = _write_error(out, err)
         if failed is None:
             raise
@@ -139,7 +129,7 @@ def _load_config(base: str):
     try:
         return from_pretrained_cache_first(AutoConfig.from_pretrained, base)
     except (OSError, ValueError) as err:
-        raise ExportError(f"cannot load the base model config from '{base}': {_one_line(err)}; pass --base_model "
+        raise ExportError(f"cannot load the base model config from '{base}': {one_line(err)}; pass --base_model "
                           "PATH_OR_NAME") from err
 
 
@@ -169,7 +159,7 @@ def _layer_shapes(base: str, names: List[str], config: PaCAConfig, tensors: Dict
         _check_layers_fit(model, config, tensors, names)
         _check_complete(model, config, names, adapter_dir)
     except ValueError as err:
-        raise ExportError(_one_line(err)) from err
+        raise ExportError(one_line(err, limit=None)) from err
     return shapes, [n for n, m in model.named_modules() if n and _is_supported(m)], model
 
 
@@ -249,7 +239,7 @@ def _peft_modules_to_save(model: nn.Module, config: PaCAConfig, tensors: Dict[st
     holders, trained = _holders(model), _trained_by_id(model, tensors)
     params = dict(model.named_parameters(remove_duplicate=False))
     need = {h for pid in trained for h in holders[pid]}
-    found = sorted(n for n, _ in model.named_modules() if n and _matches(n, config.modules_to_save))
+    found = sorted(n for n, _ in model.named_modules() if n and name_matches(n, config.modules_to_save))
     every = sorted({h.rpartition(".")[0] for h in need})
     tie = "ensure_weight_tying" in getattr(LoraConfig, "__dataclass_fields__", {})
     candidates = [(list(config.modules_to_save), False), (found, False)] + (
@@ -261,7 +251,7 @@ def _peft_modules_to_save(model: nn.Module, config: PaCAConfig, tensors: Dict[st
         try:
             wrapped = _peft_wrapped(model, lora_kwargs, spelling, tied)
         except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as err:
-            why = why or f"peft refuses modules_to_save={spelling!r} ({_one_line(err)})"
+            why = why or f"peft refuses modules_to_save={spelling!r} ({one_line(err)})"
             continue
         covered = {h for hs in holders.values() for h in hs if any(h.startswith(w + ".") for w in wrapped)}
         keys = {f"{w}.{q}" for w, wrapper in wrapped.items()
@@ -311,11 +301,16 @@ def lora_state_dict(config: PaCAConfig, tensors: Dict[str, torch.Tensor],
     """
     out: Dict[str, torch.Tensor] = {}
     for name, (_, out_features, in_features) in shapes.items():
-        delta, idx = tensors[f"{name}.delta"], tensors[f"{name}.indices"].to(torch.int64)
-        if delta.shape != (out_features, config.r) or idx.shape != (config.r,) or int(idx.max()) >= in_features:
-            raise ExportError(f"adapter layer '{name}' (delta {tuple(delta.shape)}, indices up to {int(idx.max())}) "
-                              f"does not fit the base layer ({out_features} x {in_features}); pass the right "
-                              "--base_model")
+        delta = tensors[f"{name}.delta"]
+        if delta.shape != (out_features, config.r):
+            raise ExportError(f"adapter layer '{name}' (delta {tuple(delta.shape)}) does not fit the base layer "
+                              f"({out_features} x {in_features}); pass the right --base_model")
+        try:
+            idx = check_indices(tensors[f"{name}.indices"], in_features, config.r,
+                                what=f"the indices of adapter layer '{name}'")
+        except ValueError as err:
+            raise ExportError(f"{err} (base layer {out_features} x {in_features}); pass the right --base_model"
+                              ) from None
         lora_a = torch.zeros(config.r, in_features, dtype=dtype)
         lora_a[torch.arange(config.r), idx] = 1
         out[f"base_model.model.{name}.lora_A.weight"] = lora_a
@@ -391,7 +386,7 @@ def _load_base(base: str, load_dtype: torch.dtype) -> nn.Module:
     try:
         return from_pretrained_cache_first(AutoModelForCausalLM.from_pretrained, base, **_dtype_kwargs(load_dtype))
     except (OSError, ValueError) as err:
-        raise ExportError(f"cannot load the base model '{base}': {_one_line(err)}; pass --base_model PATH_OR_NAME"
+        raise ExportError(f"cannot load the base model '{base}': {one_line(err)}; pass --base_model PATH_OR_NAME"
                           ) from err
 
 
@@ -406,7 +401,7 @@ def _save_tokenizer(sources: List[str], target: Path) -> Optional[str]:
             AutoTokenizer.from_pretrained(src).save_pretrained(str(target))
             return src
         except (OSError, ValueError) as err:
-            logger.info("no tokenizer from %s (%s)", src, _one_line(err))
+            logger.info("no tokenizer from %s (%s)", src, one_line(err))
     logger.warning("no tokenizer found in the adapter directory or the base model; the export has none")
     return None
 
@@ -439,7 +434,7 @@ def export_merged(adapter_dir: PathLike, output_dir: PathLike, *, base_model: Op
     try:
         load_adapter(model, adapter_dir)
     except ValueError as err:
-        raise ExportError(_one_line(err)) from err
+        raise ExportError(one_line(err, limit=None)) from err
     merged = merge_paca(model).to(target)
     with _atomic_output(output_dir) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)

@@ -29,10 +29,11 @@ class ModelSourceError(ValueError):
     """A model is neither a usable local folder nor loadable from the Hub cache / the Hub; ``str()`` is one line."""
 
 
-def one_line(err: BaseException, limit: int = 300) -> str:
-    """The first line of ``str(err)`` (its type name when empty), cut to ``limit`` characters."""
+def one_line(err: BaseException, limit: Optional[int] = 300) -> str:
+    """The first line of ``str(err)`` (its type name when empty), cut to ``limit`` characters (``None``: not cut;
+    for paca_hpu's own messages, whose fix comes last). The one helper that turns an exception into a message line."""
     text = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_model_source(name: str) -> Optional[str]:

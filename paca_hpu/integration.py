@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Dict, Union
 
@@ -36,7 +35,8 @@ from torch import nn
 
 from . import model as _model
 from .adapter import ADAPTER_WEIGHTS_NAME, _MTS_PREFIX, load_adapter, read_adapter, save_adapter
-from .model import ORIGINAL_PREFIX, _matches, _originals, paca_layers, paca_parameters
+from .atomic import write_atomic
+from .model import ORIGINAL_PREFIX, _originals, name_matches, paca_layers, paca_parameters
 
 __all__ = ["attach", "from_pretrained", "STATE_DICT_ALIAS"]
 
@@ -88,19 +88,14 @@ class _AdapterSavePretrained:
 
 def _write_alias(path: Path) -> None:
     """``model.safetensors`` = ``adapter_model.safetensors`` (hard link, else copy), replaced atomically."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{STATE_DICT_ALIAS}.", suffix=".tmp", dir=str(path))
-    os.close(fd)
-    os.unlink(tmp)
-    try:
+    def link_or_copy(tmp: str) -> None:
+        os.unlink(tmp)
         try:
             os.link(path / ADAPTER_WEIGHTS_NAME, tmp)
         except OSError:  # file systems without hard links
             shutil.copyfile(path / ADAPTER_WEIGHTS_NAME, tmp)
-        os.replace(tmp, path / STATE_DICT_ALIAS)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    write_atomic(path / STATE_DICT_ALIAS, link_or_copy)
 
 
 def _adapter_keys(module: nn.Module, prefix: str) -> set:
@@ -111,7 +106,7 @@ def _adapter_keys(module: nn.Module, prefix: str) -> set:
     config = getattr(module, "paca_config", None)
     if config is not None and config.modules_to_save:
         for mname, sub in module.named_modules():
-            if mname and _matches(mname, config.modules_to_save):
+            if mname and name_matches(mname, config.modules_to_save):
                 keys.update(f"{prefix}{mname}.{pname}" for pname, _ in sub.named_parameters()
                             if not pname.rpartition(".")[2].startswith(ORIGINAL_PREFIX))
     return keys

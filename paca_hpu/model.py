@@ -41,8 +41,8 @@ from .distributed import wrapping_engine
 from .layer import PaCALayerBase, PaCALinear, PaCALinear4bit, is_dtensor, live_paca_layers
 from .layer.quantized4bit import (clear_quantization_markers, is_linear4bit, linear_features, prevent_cpu_repack,
                                   unsupported_reason)
-from .selection import (DATA_AWARE_INIT_INDICES, activation_norms, agree_across_ranks, initial_indices,
-                        select_indices, top_r)
+from .selection import (DATA_AWARE_INIT_INDICES, activation_norms, agree_across_ranks, check_indices,
+                        initial_indices, select_indices, top_r)
 
 __all__ = [
     "apply_paca",
@@ -55,6 +55,7 @@ __all__ = [
     "paca_layers",
     "paca_parameters",
     "find_target_modules",
+    "name_matches",
     "trainable_parameters",
 ]
 
@@ -158,7 +159,7 @@ def check_unshared_weights(layers: Sequence[PaCALinear]) -> None:
 def _ensure_hook() -> None:
     global _HOOK_HANDLE
     if _HOOK_HANDLE is None:
-        # Not reachable as torch.optim.register_optimizer_step_post_hook in torch 2.13 (DESIGN.md section 5).
+        # Not reachable as torch.optim.register_optimizer_step_post_hook in torch 2.13; the submodule has it.
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         _HOOK_HANDLE = register_optimizer_step_post_hook(_optimizer_step_post_hook)
@@ -185,7 +186,11 @@ def _is_supported(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
 
 
-def _matches(name: str, patterns: Union[str, Sequence[str]]) -> bool:
+def name_matches(name: str, patterns: Union[str, Sequence[str]]) -> bool:
+    """Whether the qualified module name ``name`` is selected by ``patterns``, as ``PaCAConfig.target_modules`` /
+    ``exclude_modules`` / ``modules_to_save`` select (peft's rule): a string is a regular expression that must match
+    the whole name; a list selects names equal to an entry or ending with ``"." + entry``. (``"all-linear"`` is no
+    pattern: :func:`find_target_modules` resolves it.)"""
     if isinstance(patterns, str):
         return re.fullmatch(patterns, name) is not None
     return any(name == p or name.endswith("." + p) for p in patterns)
@@ -242,8 +247,8 @@ def find_target_modules(model: nn.Module, config: PaCAConfig) -> List[str]:
         if config.target_modules == "all-linear":
             matched = _is_supported(module) and name not in heads
         else:
-            matched = _matches(name, config.target_modules)
-        if not matched or (config.exclude_modules is not None and _matches(name, config.exclude_modules)):
+            matched = name_matches(name, config.target_modules)
+        if not matched or (config.exclude_modules is not None and name_matches(name, config.exclude_modules)):
             continue
         if isinstance(module, PaCALayerBase):
             raise ValueError(f"module '{name}' is already a PaCALinear: the model already has PaCA applied; "
@@ -394,12 +399,11 @@ def _plan(model: nn.Module, config: PaCAConfig, names: List[str], indices: Optio
         if indices is None:
             idx = _initial_indices(name, module, config)
         else:
-            idx = torch.as_tensor(indices[name]).to("cpu", torch.int64)
-            if idx.dim() != 1 or idx.numel() != config.r:
-                raise ValueError(f"adapter indices of '{name}' have shape {tuple(idx.shape)}, expected ({config.r},)")
-            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= in_features):
-                raise ValueError(f"adapter indices of '{name}' exceed in_features={in_features} of this model's "
-                                 f"layer (out_features={out_features}); the adapter belongs to another model")
+            try:
+                idx = check_indices(indices[name], in_features, config.r, what=f"adapter indices of '{name}'")
+            except ValueError as err:
+                raise ValueError(f"{err}; this model's layer has out_features={out_features}, in_features="
+                                 f"{in_features}: the indices belong to another model or are corrupt") from None
         planned.append((name, module, idx))
     return planned
 
@@ -423,7 +427,7 @@ def _modules_to_save(model: nn.Module, config: PaCAConfig, targets: Sequence[str
     """
     if not config.modules_to_save:
         return []
-    found = [(n, m) for n, m in model.named_modules() if n and _matches(n, config.modules_to_save)]
+    found = [(n, m) for n, m in model.named_modules() if n and name_matches(n, config.modules_to_save)]
     if not found:
         raise ValueError(f"modules_to_save={config.modules_to_save!r} matched no module of {type(model).__name__}")
     adapted = set(targets) | {name for name, _ in paca_layers(model)}
@@ -536,9 +540,10 @@ def apply_paca(
     Args:
         model: any ``nn.Module`` (typically a transformers ``PreTrainedModel``).
         config: :class:`PaCAConfig`.
-        indices: optional ``{qualified_name: (r,) tensor}``; when given, exactly these layers are converted with
-            these columns (from :func:`calibrate_indices`, or :func:`paca_hpu.load_adapter`) and neither
-            ``target_modules`` nor ``init_indices`` is consulted. Without it, the columns come from
+        indices: optional ``{qualified_name: (r,) int32 / int64 tensor}`` of distinct columns within the layer's
+            ``in_features`` (:func:`paca_hpu.selection.check_indices`); when given, exactly these layers are
+            converted with these columns (from :func:`calibrate_indices`, or :func:`paca_hpu.load_adapter`) and
+            neither ``target_modules`` nor ``init_indices`` is consulted. Without it, the columns come from
             ``config.init_indices`` (``"random"`` / ``"weight_norm"``; see :mod:`paca_hpu.selection`).
         index_dtype: ``torch.int32`` / ``torch.int64`` for the gather; default int32 on HPU, int64 elsewhere.
 
@@ -550,7 +555,8 @@ def apply_paca(
         ValueError: nothing matches (names the patterns), ``r`` exceeds a layer's ``in_features`` (names the
             layer), a target is not a supported type, a target's weight is tied to another module's, a target's
             weight is sharded by FSDP, the model is already wrapped by a data-parallel engine
-            (:func:`paca_hpu.distributed.wrapping_engine`), a name in ``indices`` is missing from the model, or
+            (:func:`paca_hpu.distributed.wrapping_engine`), a name in ``indices`` is missing from the model or its
+            indices break :func:`paca_hpu.selection.check_indices` (names the layer), or
             ``config.init_indices`` needs calibration data and no ``indices`` are given (the message names
             :func:`calibrate_indices`), ``modules_to_save`` matches nothing or overlaps a PaCA target, or a
             bitsandbytes 4-bit layer was already repacked for CPU inference

@@ -16,14 +16,17 @@ Selection happens once, before training; the chosen indices are stored in the ad
 neither the seed nor calibration data, and the training hot path keeps its static shapes. Under
 ``torch.distributed`` :func:`agree_across_ranks` makes every rank use rank 0's indices.
 
-This module imports only torch (and :mod:`paca_hpu.device`); the layer and the conversion code know nothing of it.
+It also holds the two rules every part of the package checks its columns against: :func:`check_r` (``r`` is an
+integer ``>= 1`` and at most a layer's ``in_features``) and :func:`check_indices` (``r`` distinct column indices
+within ``[0, in_features)``). It imports only torch and :mod:`paca_hpu.device`; :mod:`paca_hpu.config`,
+:mod:`paca_hpu.layer`, :mod:`paca_hpu.quantized` and :mod:`paca_hpu.model` (the conversion) import it.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from typing import Dict, Iterable, Sequence
+from typing import Dict, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -34,6 +37,8 @@ __all__ = [
     "INIT_INDICES",
     "DATA_AWARE_INIT_INDICES",
     "check_init_indices",
+    "check_r",
+    "check_indices",
     "select_indices",
     "top_r",
     "weight_norm_indices",
@@ -60,12 +65,48 @@ def check_init_indices(value) -> str:
     return value
 
 
-def _check_r(name: str, in_features: int, r: int) -> None:
-    if not 1 <= r <= in_features:
+def check_r(r, in_features: Optional[int] = None, name: str = "?") -> int:
+    """``r`` if it can be the number of trained columns: an ``int`` (not a ``bool``) ``>= 1`` and, when
+    ``in_features`` is given, ``<= in_features`` of layer ``name``. The one place this rule lives
+    (:class:`paca_hpu.PaCAConfig`, the strategies below and the training script's early check all call it).
+
+    Raises:
+        ValueError: naming ``PaCAConfig.r`` (not an integer >= 1), or the layer and its ``in_features``.
+    """
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"PaCAConfig.r must be an integer >= 1 (number of trained columns), got {r!r}")
+    if in_features is not None and r > in_features:
         raise ValueError(
             f"PaCA r={r} must be between 1 and in_features={in_features} of layer '{name}'; lower r or exclude the "
             f"layer (exclude_modules)"
         )
+    return r
+
+
+def check_indices(indices, in_features: int, r: Optional[int] = None, what: str = "indices") -> torch.Tensor:
+    """``indices`` as an int64 CPU tensor if they can be the trained columns of a layer with ``in_features`` inputs:
+    a 1-D int32 / int64 tensor of ``r`` entries (at least one when ``r`` is None), distinct, within
+    ``[0, in_features)``; the order is kept. The one place this rule lives (the PaCA layers, :func:`paca_hpu.apply_paca`
+    with given indices, :func:`paca_hpu.load_adapter` and the LoRA export call it).
+
+    Raises:
+        ValueError: starting with ``what`` (e.g. ``"PaCALinear indices"``), naming the rule broken and the values.
+    """
+    idx = torch.as_tensor(indices).detach()
+    size = "at least one entry" if r is None else f"{r} entries"
+    if idx.dim() != 1 or idx.dtype not in (torch.int32, torch.int64) or idx.numel() < 1 or (
+            r is not None and idx.numel() != r):
+        raise ValueError(f"{what} must be a 1-D int32/int64 tensor of {size}, got {idx.dtype} of shape "
+                         f"{tuple(idx.shape)}")
+    idx = idx.to("cpu", torch.int64)
+    low, high = int(idx.min()), int(idx.max())
+    if low < 0 or high >= in_features:
+        raise ValueError(f"{what} must lie in [0, {in_features}), got min {low} max {high}")
+    values, counts = torch.unique(idx, return_counts=True)
+    if bool((counts > 1).any()):
+        raise ValueError(f"{what} must be distinct columns, got column {int(values[counts > 1][0])} "
+                         f"{int(counts.max())} times")
+    return idx
 
 
 def select_indices(name: str, in_features: int, r: int, random_seed: int) -> torch.Tensor:
@@ -86,7 +127,7 @@ def select_indices(name: str, in_features: int, r: int, random_seed: int) -> tor
     Raises:
         ValueError: ``r`` is out of range (the message names the layer).
     """
-    _check_r(name, in_features, r)
+    check_r(r, in_features, name)
     digest = hashlib.sha256(f"paca:{int(random_seed)}:{name}".encode()).digest()
     gen = torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
     return torch.randperm(in_features, generator=gen)[:r].sort().values
@@ -105,7 +146,7 @@ def top_r(scores: torch.Tensor, r: int, name: str = "?") -> torch.Tensor:
     """
     if scores.dim() != 1:
         raise ValueError(f"column scores of layer '{name}' must be 1-D (in_features,), got {tuple(scores.shape)}")
-    _check_r(name, scores.numel(), r)
+    check_r(r, scores.numel(), name)
     scores = scores.detach().to("cpu", torch.float64)
     if not bool(torch.isfinite(scores).all()):
         raise ValueError(f"column scores of layer '{name}' hold NaN or inf (non-finite weights or activations); "

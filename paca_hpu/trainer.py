@@ -19,7 +19,12 @@ config) plus the usual trainer / optimizer / scheduler / RNG state, never the ba
 :func:`paca_hpu.load_adapter` (in place, the ``delta`` Parameters the optimizer holds are kept) and refreshes the
 merged weight columns (:func:`paca_hpu.sync_paca`), so training continues exactly where it stopped.
 
-This module uses only the public ``paca_hpu`` API; it knows nothing of PaCA's internals.
+Of PaCA itself this module uses the package's public API (``PaCAConfig``, ``apply_paca``, ``calibrate_indices``,
+``paca_parameters``, ``sync_paca``, ``save_adapter`` / ``load_adapter``, ``merge_paca``) plus
+:func:`paca_hpu.distributed.unwrap` and :func:`paca_hpu.quantized.prevent_cpu_repack`; besides, it imports
+:mod:`paca_hpu.checkpoints`, :mod:`paca_hpu.device` and :mod:`paca_hpu._optimum_habana`. One piece of PaCA's
+internals is repeated here: :func:`_optimizer_step_hook_covers` restates which optimizers the global write-back
+hook of :mod:`paca_hpu.model` covers, to sync after the steps it does not see.
 """
 
 from __future__ import annotations

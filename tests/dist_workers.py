@@ -162,6 +162,7 @@ def _finish(model, wrapped, losses, world, adapter_dir, **extra) -> Dict:
     rank (DDP, ZeRO-1/2: the merged columns live there; read after that forward, which refreshes them after an
     update the step hook did not see), the whole adapter (gathered on every rank, written by rank 0)."""
     from paca_hpu import adapter as adapter_mod
+    from paca_hpu import atomic as atomic_mod
 
     was_training = wrapped.training
     wrapped.eval()
@@ -170,17 +171,17 @@ def _finish(model, wrapped, losses, world, adapter_dir, **extra) -> Dict:
     wrapped.train(was_training)
     weights = _dense_weights(model)
     state = adapter_mod.adapter_state_dict(wrapped)
-    writes, atomic_write = [], adapter_mod._atomic_write
+    writes, atomic_write = [], atomic_mod.write_atomic
 
     def spy(path, write):  # records which files this rank writes, then writes them
         writes.append(os.path.basename(str(path)))
         return atomic_write(path, write)
 
-    adapter_mod._atomic_write = spy
+    atomic_mod.write_atomic = spy
     try:
         adapter_mod.save_adapter(wrapped, adapter_dir)
     finally:
-        adapter_mod._atomic_write = atomic_write
+        atomic_mod.write_atomic = atomic_write
     _barrier()
     return {"losses": losses, "logits": logits, "adapter": state, "writes": writes, "weights": weights, **extra}
 

@@ -215,7 +215,7 @@ def saved_bytes(fn: Callable[[], torch.Tensor], exclude: Iterable[torch.Tensor] 
     """Bytes of the unique storages saved for backward while running ``fn`` (which builds a graph).
 
     Storages of the tensors in ``exclude`` (parameters, buffers) are not counted.
-    The pack hook returns ``t.detach()`` (DESIGN.md pitfall: returning ``t`` keeps graphs alive).
+    The pack hook returns ``t.detach()``: returning ``t`` itself keeps the autograd graph alive across calls.
     """
     excluded = {t.untyped_storage().data_ptr() for t in exclude}
     seen: Dict[int, int] = {}

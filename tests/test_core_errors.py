@@ -182,3 +182,36 @@ def test_apply_paca_on_something_that_is_no_model_names_what_to_pass():
         apply_paca("HuggingFaceTB/SmolLM2-135M", PaCAConfig(r=4))
     with pytest.raises(TypeError, match="expects a PaCAConfig, got dict"):
         apply_paca(tiny_llama(seed=0), {"r": 4})
+
+
+# ------------------------------------------------------------------------------------------
+# column indices: one rule (paca_hpu.selection.check_indices), refused naming the layer
+# ------------------------------------------------------------------------------------------
+
+def test_given_indices_with_a_repeated_column_name_the_layer():
+    """``apply_paca(indices=...)`` with a column twice: refused naming the layer and the column (the layer's own check
+    used to say only 'PaCALinear indices must be unique')."""
+    config = PaCAConfig(r=4, target_modules=["q_proj"])
+    indices = {f"model.layers.{i}.self_attn.q_proj": torch.tensor([0, 5, 9, 12]) for i in range(2)}
+    indices["model.layers.1.self_attn.q_proj"] = torch.tensor([0, 5, 5, 12])
+    with pytest.raises(ValueError) as info:
+        apply_paca(tiny_llama(seed=0), config, indices=indices)
+    msg = str(info.value)
+    assert "'model.layers.1.self_attn.q_proj'" in msg and "column 5 2 times" in msg, msg
+
+
+def test_adapter_with_fractional_indices_is_refused_not_truncated(saved_llama):
+    """An adapter file whose indices are floats (a corrupt or hand-made file) was loaded with each index truncated
+    to an integer column; now refused, naming the module."""
+    from safetensors.torch import load_file, save_file
+
+    path, _ = saved_llama
+    weights = f"{path}/adapter_model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(k for k in tensors if k.endswith(".indices"))[0]
+    tensors[name] = tensors[name].double() + 0.5
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError) as info:
+        load_adapter(tiny_llama(seed=0), path)
+    msg = str(info.value)
+    assert name[: -len(".indices")] in msg and "int32/int64" in msg, msg

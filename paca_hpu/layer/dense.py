@@ -63,6 +63,7 @@ from torch import nn
 from . import base as _base
 from .base import (_TENSOR_DATA, _autocast_dtype, _autocast_off, _delta_dtype, input_gradient, merge_columns,
                    refuse_double_backward)
+from ..selection import check_indices
 from .partitioned import PartitionableLayer, _PaCAPartitionedFunction
 
 __all__ = ["PaCALinear", "PaCADelta", "live_paca_layers"]
@@ -197,15 +198,7 @@ class PaCALinear(PartitionableLayer):
         if weight.dim() != 2:
             raise ValueError(f"PaCALinear weight must be 2-D (out_features, in_features), got {tuple(weight.shape)}")
         out_features, in_features = weight.shape
-        indices = torch.as_tensor(indices)
-        if indices.dim() != 1 or indices.dtype not in (torch.int32, torch.int64) or indices.numel() < 1:
-            raise ValueError(f"PaCALinear indices must be a non-empty 1-D int32/int64 tensor, got {indices!r}")
-        idx_cpu = indices.detach().to("cpu", torch.int64)
-        if idx_cpu.min() < 0 or idx_cpu.max() >= in_features:
-            raise ValueError(f"PaCALinear indices must lie in [0, {in_features}), got min {int(idx_cpu.min())} "
-                             f"max {int(idx_cpu.max())}")
-        if torch.unique(idx_cpu).numel() != idx_cpu.numel():
-            raise ValueError("PaCALinear indices must be unique")
+        idx_cpu = check_indices(indices, in_features, what="PaCALinear indices")
         if base_layer_type not in ("linear", "conv1d"):
             raise ValueError(f"base_layer_type must be 'linear' or 'conv1d', got {base_layer_type!r}")
         index_dtype = self._init_index_dtype(index_dtype, weight.device)
@@ -324,13 +317,9 @@ class PaCALinear(PartitionableLayer):
         optimizers that hold it stay valid).
 
         Raises:
-            ValueError: wrong length, out of range or duplicate indices.
+            ValueError: indices that are no 1-D int32 / int64 tensor of r distinct columns in range (names the rule).
         """
-        new = torch.as_tensor(indices).detach().to("cpu", torch.int64)
-        if new.shape != (self.r,):
-            raise ValueError(f"expected {self.r} indices, got shape {tuple(new.shape)}")
-        if new.min() < 0 or new.max() >= self.in_features or torch.unique(new).numel() != self.r:
-            raise ValueError(f"indices must be unique and lie in [0, {self.in_features})")
+        new = check_indices(indices, self.in_features, self.r, what="PaCALinear indices")
         self._require_whole_weight("set_indices")
         self.restore_original()
         self.indices.copy_(new.sort().values.to(self.indices.device, self.indices.dtype))

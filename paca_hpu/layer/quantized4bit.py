@@ -82,6 +82,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..selection import check_indices
 from .base import PaCALayerBase, _autocast_dtype, _autocast_off, delta_gradient, input_gradient
 
 __all__ = ["PaCALinear4bit", "is_linear4bit", "unsupported_reason", "linear_features", "merged_linear",
@@ -335,14 +336,8 @@ class PaCALinear4bit(PaCALayerBase):
         self._functional = False
         self.train(base_layer.training)
 
-    def _checked_indices(self, indices) -> torch.Tensor:
-        idx = torch.as_tensor(indices).detach()
-        if idx.dim() != 1 or idx.dtype not in (torch.int32, torch.int64) or idx.numel() < 1:
-            raise ValueError(f"PaCALinear4bit indices must be a non-empty 1-D int32/int64 tensor, got {indices!r}")
-        idx = idx.to("cpu", torch.int64)
-        if int(idx.min()) < 0 or int(idx.max()) >= self.in_features or torch.unique(idx).numel() != idx.numel():
-            raise ValueError(f"PaCALinear4bit indices must be unique and lie in [0, {self.in_features})")
-        return idx.sort().values
+    def _checked_indices(self, indices, r: Optional[int] = None) -> torch.Tensor:
+        return check_indices(indices, self.in_features, r, what="PaCALinear4bit indices").sort().values
 
     @property
     def weight(self) -> torch.Tensor:
@@ -446,11 +441,9 @@ class PaCALinear4bit(PaCALayerBase):
         """Select other columns (e.g. from an adapter file); ``delta`` is reset to zeros in place (same Parameter).
 
         Raises:
-            ValueError: wrong length, out of range or duplicate indices.
+            ValueError: indices that are no 1-D int32 / int64 tensor of r distinct columns in range (names the rule).
         """
-        idx = self._checked_indices(indices)
-        if idx.numel() != self.r:
-            raise ValueError(f"expected {self.r} indices, got {idx.numel()}")
+        idx = self._checked_indices(indices, self.r)
         self.indices.copy_(idx.to(self.indices.device, self.indices.dtype))
         self._refresh_columns()
         self.delta.zero_()
