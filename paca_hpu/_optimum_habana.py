@@ -89,6 +89,21 @@ it works around.  Nothing here edits site-packages or leaves a patch in place af
     :func:`paca_hpu.trainer.adjust_for_device` sets each of them to the value that asks for nothing and warns
     about every one the user asked for (so does it, with :data:`GAUDI_TRAINER_FIELDS`, where
     ``transformers.TrainingArguments`` lacks a GaudiTrainer option).
+13. A Gaudi configuration with autocast op lists (``--gaudi_config_name`` whose ``gaudi_config.json`` holds
+    ``autocast_bf16_ops`` / ``autocast_fp32_ops``) must be declared before ``habana_frameworks.torch`` is imported:
+    ``GaudiConfig.declare_autocast_bf16_fp32_ops`` writes the lists to files named by
+    ``PT_HPU_AUTOCAST_LOWER_PRECISION_OPS_LIST`` / ``PT_HPU_AUTOCAST_FP32_OPS_LIST``, which the plugin reads when
+    ``habana_frameworks.torch.core`` starts, and raises ``RuntimeError`` once that module is imported.
+    ``GaudiTrainingArguments._setup_devices`` declares them (with ``--bf16`` or the config's ``use_torch_autocast``,
+    without DeepSpeed, with ``half_precision_backend="hpu_amp"``). But ``import optimum.habana`` alone already imports
+    the plugin where bitsandbytes is installed (``optimum.habana`` -> ``transformers.Trainer`` -> peft ->
+    ``bitsandbytes/__init__.py``, which imports ``habana_frameworks.torch`` when it finds it), and the device has to
+    be known before the arguments class is chosen. Upstream: ``optimum/habana/transformers/gaudi_configuration.py``,
+    ``training_args.py``. Workaround: :func:`declare_autocast_ops_first` declares the lists of
+    ``--gaudi_config_name`` exactly as upstream does (same files, same variables), reading the configuration without
+    importing optimum-habana, before anything imports the plugin; :func:`declared_autocast_ops_accepted` then lets
+    upstream's declaration return without raising, during the construction of the training arguments only, when the
+    lists it would declare are the very ones declared before the plugin started.
 """
 
 from __future__ import annotations
@@ -99,7 +114,9 @@ import importlib.abc
 import importlib.machinery
 import importlib.metadata
 import importlib.util
+import json
 import logging
+import os
 import sys
 from types import ModuleType
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -121,6 +138,9 @@ __all__ = [
     "gaudi_generation_fields",
     "hidden_generation_fields",
     "wrap_ddp_on_multi_cpu",
+    "gaudi_config_op_lists",
+    "declare_autocast_ops_first",
+    "declared_autocast_ops_accepted",
 ]
 
 _MISC_MODULE = "optimum.habana.utils.misc"
@@ -410,3 +430,100 @@ def hidden_cpu_device_map(model) -> Iterator[bool]:
         yield True
     finally:
         owner.hf_device_map = saved
+
+
+# ------------------------------------------------------------------------------------------ workaround 13
+
+#: What ``GaudiConfig.declare_autocast_bf16_fp32_ops`` writes (optimum-habana 1.21.2 gaudi_configuration.py): the
+#: variable the plugin reads -> the file upstream writes the list into.
+AUTOCAST_OP_FILES = {"PT_HPU_AUTOCAST_LOWER_PRECISION_OPS_LIST": "/tmp/lower_list.txt",
+                     "PT_HPU_AUTOCAST_FP32_OPS_LIST": "/tmp/fp32_list.txt"}
+_PLUGIN_CORE = "habana_frameworks.torch.core"
+#: the (bf16, fp32) lists :func:`declare_autocast_ops_first` declared before the plugin started, or None
+_DECLARED_FIRST: List[Optional[Tuple[Tuple[str, ...], Tuple[str, ...]]]] = [None]
+
+
+def _flag_value(argv, name: str) -> Optional[str]:
+    """The value of ``--name`` (also ``--name=V``, dashes for underscores) in ``argv``, or the key ``name`` of a
+    single ``.json`` argument file; None when absent."""
+    argv = list(argv)
+    if len(argv) == 1 and argv[0].endswith(".json") and os.path.isfile(argv[0]):
+        try:
+            with open(argv[0]) as fh:
+                data = json.load(fh)
+        except (OSError, ValueError):
+            return None
+        return data.get(name) if isinstance(data, dict) else None
+    spellings = {f"--{name}", f"--{name.replace('_', '-')}"}
+    found = None
+    for i, arg in enumerate(argv):
+        key, eq, value = arg.partition("=")
+        if key in spellings:
+            found = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    return found
+
+
+def gaudi_config_op_lists(name: str) -> Optional[Tuple[Tuple[str, ...], Tuple[str, ...]]]:
+    """``(autocast_bf16_ops, autocast_fp32_ops)`` of the Gaudi configuration ``name`` (a folder with
+    ``gaudi_config.json``, such a file, or a Hub repo id, as ``GaudiConfig.from_pretrained`` takes), read without
+    importing optimum-habana; None when it lacks one of the two lists (upstream then declares nothing)."""
+    from optimum.configuration_utils import BaseConfig
+
+    class _GaudiConfigFile(BaseConfig):
+        CONFIG_NAME = FULL_CONFIGURATION_FILE = "gaudi_config.json"
+
+    data, _ = _GaudiConfigFile.get_config_dict(name)
+    bf16, fp32 = data.get("autocast_bf16_ops"), data.get("autocast_fp32_ops")
+    if bf16 is None or fp32 is None:
+        return None
+    return tuple(bf16), tuple(fp32)
+
+
+def declare_autocast_ops_first(argv) -> bool:
+    """Workaround 13: declare the autocast op lists of ``--gaudi_config_name`` in ``argv`` (command-line flags or a
+    single ``.json`` argument file) as ``GaudiConfig.declare_autocast_bf16_fp32_ops`` does, if the Gaudi plugin is
+    installed and not imported yet. Returns whether it declared them. Call it before anything imports
+    ``habana_frameworks.torch`` or ``optimum.habana``.
+
+    Declared whatever ``--bf16`` says: the variables only matter to autocast, which upstream turns on exactly when it
+    would have declared them itself (and then finds them declared)."""
+    if _PLUGIN_CORE in sys.modules or importlib.util.find_spec("habana_frameworks") is None:
+        return False
+    name = _flag_value(argv, "gaudi_config_name")
+    lists = gaudi_config_op_lists(name) if name else None
+    if lists is None:
+        return False
+    for (variable, path), ops in zip(AUTOCAST_OP_FILES.items(), lists):
+        with open(path, "w") as fh:
+            fh.writelines(op + "\n" for op in ops)
+        os.environ[variable] = path
+    _DECLARED_FIRST[0] = lists
+    logger.debug("declared the autocast op lists of %s before habana_frameworks.torch was imported", name)
+    return True
+
+
+@contextlib.contextmanager
+def declared_autocast_ops_accepted() -> Iterator[None]:
+    """While inside (the construction of ``GaudiTrainingArguments``; workaround 13): upstream's
+    ``GaudiConfig.declare_autocast_bf16_fp32_ops`` returns without doing anything when the lists it would declare are
+    those :func:`declare_autocast_ops_first` declared before the plugin started and the variables still name them;
+    any other declaration is upstream's (which raises once the plugin is imported). A no-op context when nothing was
+    declared first."""
+    declared = _DECLARED_FIRST[0]
+    if declared is None:
+        yield
+        return
+    GaudiConfig = gaudi_classes()[2]
+    original = GaudiConfig.declare_autocast_bf16_fp32_ops
+
+    def declare(self):
+        lists = (tuple(self.autocast_bf16_ops or ()), tuple(self.autocast_fp32_ops or ()))
+        if lists == declared and all(os.environ.get(v) == p for v, p in AUTOCAST_OP_FILES.items()):
+            return None
+        return original(self)
+
+    GaudiConfig.declare_autocast_bf16_fp32_ops = declare
+    try:
+        yield
+    finally:
+        GaudiConfig.declare_autocast_bf16_fp32_ops = original

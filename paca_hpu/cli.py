@@ -42,6 +42,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+from . import _optimum_habana as _oh
 from . import checkpoints as _ckpt
 from . import device as _device
 from . import trainer as _tr
@@ -309,7 +310,6 @@ SCRIPT_DEFAULTS: Dict[str, Any] = {
     "logging_steps": 1,
     "report_to": "none",
     "save_total_limit": 2,
-    "include_num_input_tokens_seen": True,
 }
 #: Learning rates used when --learning_rate is not given (adapters learn with larger steps).
 DEFAULT_LR = {"paca": 2e-4, "lora": 2e-4, "none": 2e-5}
@@ -716,13 +716,16 @@ def parse_args(argv: Optional[Sequence[str]] = None, info: Optional[_device.Devi
     ``argv`` may also be a single ``.json`` file holding the same keys.  ``explicit`` is the set of field names
     given on the command line / in the file.  The training arguments are adjusted for the device before the
     dataclass is built (see :func:`paca_hpu.trainer.adjust_for_device`).  Flags that do nothing here (another
-    method's, Gaudi-only ones off HPU) are accepted with a warning.
+    method's, Gaudi-only ones off HPU) are accepted with a warning.  The autocast op lists of a
+    ``--gaudi_config_name`` are declared before the device is detected (workaround 13 in
+    :mod:`paca_hpu._optimum_habana`: the Gaudi plugin reads them when it starts).
 
     Raises:
         UsageError: unknown keys in a JSON argument file, or training arguments the dataclass rejects.
         SystemExit: (argparse, exit code 2) an unknown flag or a bad value on the command line.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    _oh.declare_autocast_ops_first(argv)  # before anything imports habana_frameworks.torch (workaround 13)
     info = info or _device.get_device_info()
     args_cls = _tr.arguments_class(info.type, deepspeed=_deepspeed_requested(argv))
     classes = argument_classes(args_cls)
@@ -745,7 +748,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, info: Optional[_device.Devi
                          "machine DS_BUILD_OPS=0 pip install deepspeed; on Gaudi, Habana's DeepSpeed fork)")
     try:
         targs = _tr.adjust_for_device(targs, info, args_cls, explicit)
-        training_args = args_cls(**targs)
+        with _oh.declared_autocast_ops_accepted():
+            training_args = args_cls(**targs)
     except ValueError as err:
         raise UsageError(str(err)) from err
     warmup = int(values.get("throughput_warmup_steps") or 0)
@@ -824,11 +828,19 @@ def _load_tokenizer(model_args, model_path: str):
 def _model_dtype(training_args, peft_type: str):
     import torch
 
-    # adapters: bf16 base weights (the trained deltas / LoRA factors stay float32); full fine-tuning keeps
-    # float32 master weights and relies on autocast for bf16 compute.
+    # adapters: bf16 base weights (PaCA's deltas stay float32; LoRA factors follow run_lora_clm.py, _lora_dtype);
+    # full fine-tuning keeps float32 master weights and relies on autocast for bf16 compute.
     if training_args.bf16 and peft_type != "none":
         return torch.bfloat16
     return None
+
+
+def _lora_dtype(training_args, model_args):
+    """``--peft_type lora --bf16``: the LoRA factors in bf16, as optimum-habana's run_lora_clm.py trains them (it
+    casts the peft model with ``.to(torch.bfloat16)``); QLoRA (``--load_in_4bit``) keeps peft's float32 factors."""
+    import torch
+
+    return torch.bfloat16 if training_args.bf16 and not getattr(model_args, "load_in_4bit", False) else None
 
 
 _BNB_FLAGS = ("bnb_4bit_quant_type", "bnb_4bit_compute_dtype", "bnb_4bit_use_double_quant")
@@ -1134,9 +1146,9 @@ class _Run:
         self.t_start = time.perf_counter()
         self.callbacks = callbacks
         _setup_logging()
-        self.info = _device.get_device_info()
         self.argv = list(sys.argv[1:] if argv is None else argv)  # to name flags as the user typed them
-        self.args = parse_args(argv, self.info)
+        self.args = parse_args(argv)  # detects the device after declaring a Gaudi config's op lists
+        self.info = _device.get_device_info()
         self.model_args, self.data_args = self.args.model, self.args.data
         self.adapter_args, self.training_args = self.args.adapter, self.args.training
         self.eval_seconds = 0.0  # evaluations outside the trainer (the saved-adapter check)
@@ -1247,6 +1259,7 @@ class _Run:
                 exclude_modules=a.exclude_modules, modules_to_save=a.modules_to_save, random_seed=a.random_seed,
                 lora_dropout=a.lora_dropout, gradient_checkpointing=self.training_args.gradient_checkpointing,
                 init_indices=a.paca_init_indices, calibration_data=self.calibration,
+                lora_dtype=_lora_dtype(self.training_args, self.model_args),
             )
         except ValueError as err:
             raise UsageError(str(err)) from err

@@ -55,6 +55,7 @@ __all__ = [
     "build_training_arguments",
     "make_trainer",
     "check_engine",
+    "check_hpu_graphs_args",
     "weight_partitioning_engine",
     "start_deepspeed_comm",
     "zero3_before_training",
@@ -136,6 +137,7 @@ def prepare_model(
     gradient_checkpointing: bool = False,
     init_indices: str = "random",
     calibration_data: Optional[Iterable] = None,
+    lora_dtype: Optional[torch.dtype] = None,
 ) -> nn.Module:
     """Make ``model`` trainable with ``peft_type`` and return the model to hand to the trainer.
 
@@ -144,7 +146,10 @@ def prepare_model(
       data-aware ``init_indices`` such as ``"activation_norm"``) the columns come from
       :func:`paca_hpu.calibrate_indices` over those batches, rank 0's choice broadcast under ``torch.distributed``.
     * ``"lora"``: peft ``get_peft_model`` with ``LoraConfig(r, lora_alpha=alpha, lora_dropout, target_modules,
-      exclude_modules, modules_to_save, bias="none", task_type="CAUSAL_LM")``; returns the ``PeftModel``.
+      exclude_modules, modules_to_save, bias="none", task_type="CAUSAL_LM")``; returns the ``PeftModel``. With
+      ``lora_dtype`` the whole ``PeftModel`` is then cast to it (``model.to(lora_dtype)``), as optimum-habana's
+      ``run_lora_clm.py`` does with ``--bf16`` (``lora_model.to(torch.bfloat16)``): the LoRA factors, which peft
+      creates in float32, and their optimizer state in bf16. PaCA's ``delta`` always stays float32.
     * ``"none"``: every parameter trainable (full fine-tuning).
 
     With ``gradient_checkpointing`` and a frozen base, the input embeddings are made to require grad
@@ -188,6 +193,8 @@ def prepare_model(
 
         prevent_cpu_repack(model)  # a repacked bitsandbytes layer passes no gradient to its input (QLoRA's base)
         model = get_peft_model(model, lora_config)
+        if lora_dtype is not None:
+            model = model.to(lora_dtype)
     else:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -316,12 +323,56 @@ def _ignore_gaudi_only(v: Dict[str, Any], explicit: Optional[set], info: _device
         v.pop(name, None)
 
 
+def check_hpu_graphs_args(args) -> None:
+    """Refuse HPU graphs for training (``use_hpu_graphs_for_training``) together with gradient checkpointing;
+    ``args``: training arguments or a dict of their values.
+
+    A checkpointed block recomputes its forward inside the backward, in Python, which a graph replay does not run;
+    optimum-habana's own examples switch HPU graphs off for gradient checkpointing after core dumps
+    (huggingface/optimum-habana#646).
+
+    Raises:
+        ValueError: both are on; the message says to drop one of the two flags.
+    """
+    get = args.get if isinstance(args, dict) else lambda name: getattr(args, name, None)
+    if get("use_hpu_graphs_for_training") and get("gradient_checkpointing"):
+        raise ValueError("--use_hpu_graphs_for_training cannot be combined with --gradient_checkpointing (a graph "
+                         "replay skips the recomputation the checkpointed blocks run in Python during backward; "
+                         "optimum-habana turns HPU graphs off for it too): drop one of the two flags")
+
+
+def _adjust_for_hpu(v: Dict[str, Any], info: _device.DeviceInfo, explicit: Optional[set]) -> Dict[str, Any]:
+    """:func:`adjust_for_device` on an HPU."""
+    v["use_habana"] = True
+    v["use_cpu"] = False
+    if v.get("use_lazy_mode", True) and not info.lazy_mode:
+        logger.info("PT_HPU_LAZY_MODE=0: running HPU in eager / torch.compile mode (use_lazy_mode=False).")
+        v["use_lazy_mode"] = False
+    if v.get("torch_compile") or v.get("torch_compile_backend"):
+        if v.get("use_lazy_mode", True):
+            # optimum-habana asserts that the two are mutually exclusive; say how to get torch.compile
+            raise ValueError("--torch_compile needs the HPU in eager mode, but lazy mode is on: start Python "
+                             "with PT_HPU_LAZY_MODE=0 (and --use_lazy_mode False), or drop --torch_compile")
+        v["torch_compile"] = True
+        v["torch_compile_backend"] = _oh.compile_backend_for("hpu", v.get("torch_compile_backend"))
+    check_hpu_graphs_args(v)
+    if "dataloader_drop_last" not in (v if explicit is None else explicit):
+        v["dataloader_drop_last"] = True  # a ragged last batch is a new shape: one more graph compilation
+    if v.get("include_num_input_tokens_seen") and (explicit is None or "include_num_input_tokens_seen" in explicit):
+        logger.warning("--include_num_input_tokens_seen makes GaudiTrainer gather a device tensor over all cards and "
+                       "read it on the host after every micro-batch (a host synchronisation each time); the "
+                       "throughput summary counts tokens on the host without it")
+    return v
+
+
 def adjust_for_device(values: Dict[str, Any], info: Optional[_device.DeviceInfo] = None, cls=None,
                       explicit: Optional[set] = None) -> Dict[str, Any]:
     """Rewrite training-argument ``values`` (field -> value) for the device before the dataclass is built.
 
     HPU: ``use_habana=True``, lazy mode only if ``PT_HPU_LAZY_MODE`` allows it, ``torch.compile`` backend
-    ``hpu_backend`` by default.  Elsewhere every HPU-only flag is set to the value that asks for nothing (or dropped
+    ``hpu_backend`` by default, ``dataloader_drop_last=True`` unless given (static batch shapes), and a warning
+    for an explicit ``include_num_input_tokens_seen`` (a host synchronisation per micro-batch).  Elsewhere every
+    HPU-only flag is set to the value that asks for nothing (or dropped
     where ``cls`` lacks it), with one warning for each one given (``explicit``: the names the user gave; default:
     every key of ``values``) that asked for something (workaround 12 in :mod:`paca_hpu._optimum_habana`).  CPU (the
     GaudiTrainer emulation path): ``use_cpu=True``, ``half_precision_backend="cpu_amp"`` and an ``aot_eager`` compile
@@ -329,26 +380,15 @@ def adjust_for_device(values: Dict[str, Any], info: Optional[_device.DeviceInfo]
     GaudiTrainer options it lacks are dropped, with a warning for each one given.
 
     Raises:
-        ValueError: ``--torch_compile`` with lazy mode on HPU.
+        ValueError: ``--torch_compile`` with lazy mode on HPU; HPU graphs for training with gradient checkpointing
+            (:func:`check_hpu_graphs_args`).
     """
     info = info or _device.get_device_info()
     cls = cls or arguments_class(info.type)
     v = dict(values)
     is_gaudi_args = any(f.name == "use_habana" for f in dataclasses.fields(cls))
     if info.type == "hpu":
-        v["use_habana"] = True
-        v["use_cpu"] = False
-        if v.get("use_lazy_mode", True) and not info.lazy_mode:
-            logger.info("PT_HPU_LAZY_MODE=0: running HPU in eager / torch.compile mode (use_lazy_mode=False).")
-            v["use_lazy_mode"] = False
-        if v.get("torch_compile") or v.get("torch_compile_backend"):
-            if v.get("use_lazy_mode", True):
-                # optimum-habana asserts that the two are mutually exclusive; say how to get torch.compile
-                raise ValueError("--torch_compile needs the HPU in eager mode, but lazy mode is on: start Python "
-                                 "with PT_HPU_LAZY_MODE=0 (and --use_lazy_mode False), or drop --torch_compile")
-            v["torch_compile"] = True
-            v["torch_compile_backend"] = _oh.compile_backend_for("hpu", v.get("torch_compile_backend"))
-        return v
+        return _adjust_for_hpu(v, info, explicit)
     _ignore_gaudi_only(v, explicit, info, cls)
     if info.type == "cpu" and is_gaudi_args:
         v["use_cpu"] = True
@@ -589,9 +629,10 @@ class PaCATrainerMixin:
         if callable(switch):
             switch()
 
-    def training_step(self, *args, **kwargs):
+    def training_step(self, model, inputs, *args, **kwargs):
         self._optimizer_mode("train")
-        return super().training_step(*args, **kwargs)
+        self._paca_tokens = getattr(self, "_paca_tokens", 0) + _host_token_count(self.model, inputs)
+        return super().training_step(model, inputs, *args, **kwargs)
 
     def evaluation_loop(self, *args, **kwargs):
         self._optimizer_mode("eval")
@@ -815,14 +856,34 @@ def side_seconds(trainer) -> Dict[str, float]:
             "checkpoint": float(getattr(trainer, "_paca_checkpoint_seconds", 0.0))}
 
 
+def _host_token_count(model, inputs) -> int:
+    """Tokens of one micro-batch, padding included, read from the shape of its main input (``input_ids``): host-side
+    metadata, no device synchronisation (0 when the batch has no such tensor)."""
+    name = getattr(_unwrap(model), "main_input_name", "input_ids") if model is not None else "input_ids"
+    value = inputs.get(name) if hasattr(inputs, "get") else None
+    return int(value.numel()) if isinstance(value, torch.Tensor) else 0
+
+
+def _sum_over_ranks(trainer, value: int) -> int:
+    """``value`` summed over the data-parallel ranks of ``trainer`` (one collective; the value itself when alone)."""
+    args = getattr(trainer, "args", None)
+    if args is None or getattr(args, "world_size", 1) <= 1:
+        return int(value)
+    total = trainer.accelerator.gather(torch.tensor([int(value)], dtype=torch.int64, device=args.device))
+    return int(total.sum().item())
+
+
 class ThroughputCallback(_callback_base()):
     """Training throughput without warm-up, evaluation and checkpoint time.
 
-    Counts input tokens with ``state.num_input_tokens_seen`` (``include_num_input_tokens_seen=True``; padding
-    included) from the end of the first ``warmup_steps`` optimizer steps of this ``train()`` call (graph
-    compilation on HPU) to its end; time spent in ``evaluate`` and ``_save_checkpoint`` meanwhile is subtracted
-    (tracked by :class:`PaCATrainerMixin`).  After training: ``tokens``, ``seconds``, ``steps``,
-    ``tokens_per_second`` (``None`` when nothing was measured).
+    Counts input tokens (padding included) on the host, from the shape of each micro-batch that
+    :class:`PaCATrainerMixin` trains on (summed over the data-parallel ranks once, at the end), from the end of the
+    first ``warmup_steps`` optimizer steps of this ``train()`` call (graph compilation on HPU) to its end; time spent
+    in ``evaluate`` and ``_save_checkpoint`` meanwhile is subtracted (tracked by :class:`PaCATrainerMixin`). Other
+    trainers: ``state.num_input_tokens_seen`` (``include_num_input_tokens_seen=True``, which ``GaudiTrainer``
+    counts with a device all-gather and a host read after every micro-batch). The device is synchronised at both
+    marks (queued device work belongs to the steps before the mark).  After training: ``tokens``, ``seconds``,
+    ``steps``, ``tokens_per_second`` (``None`` when nothing was measured).
     """
 
     def __init__(self, trainer=None, warmup_steps: int = 0):
@@ -831,10 +892,16 @@ class ThroughputCallback(_callback_base()):
         self.tokens = self.seconds = self.steps = self.tokens_per_second = None
         self._mark = None
 
+    def _tokens(self, state) -> int:
+        if isinstance(self.trainer, PaCATrainerMixin):
+            return int(getattr(self.trainer, "_paca_tokens", 0))
+        return int(state.num_input_tokens_seen)
+
     def _now(self, state):
+        _device.synchronize()
         side = side_seconds(self.trainer)
         off_steps = side["evaluation"] + side["checkpoint"]
-        return time.perf_counter(), off_steps, state.num_input_tokens_seen, state.global_step
+        return time.perf_counter(), off_steps, self._tokens(state), state.global_step
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._start_step = state.global_step
@@ -847,11 +914,11 @@ class ThroughputCallback(_callback_base()):
     def on_train_end(self, args, state, control, **kwargs):
         if self._mark is None:
             return
-        _device.synchronize()
         t1, side1, tok1, step1 = self._now(state)
         t0, side0, tok0, step0 = self._mark
         self.seconds = max(1e-9, (t1 - t0) - (side1 - side0))
-        self.tokens = int(tok1 - tok0)
+        local = int(tok1 - tok0)
+        self.tokens = _sum_over_ranks(self.trainer, local) if isinstance(self.trainer, PaCATrainerMixin) else local
         self.steps = int(step1 - step0)
         self.tokens_per_second = self.tokens / self.seconds if self.steps > 0 and self.tokens > 0 else None
 
@@ -873,6 +940,21 @@ def trainer_class(kind: str) -> type:
             def create_accelerator_and_postprocess(self):
                 super().create_accelerator_and_postprocess()
                 _oh.wrap_ddp_on_multi_cpu(self.accelerator)
+
+            def train(self, *args, **kwargs):
+                # before upstream's train() swaps in its lazy-mode checkpoint function process-wide
+                check_hpu_graphs_args(self.args)
+                return super().train(*args, **kwargs)
+
+            def _wrap_model(self, model, training=True, dataloader=None):
+                # HPU graphs for training: upstream wraps the model with ModuleCacher here; the guard
+                # (paca_hpu.hpu_graphs) then runs before every call, outside the replayed graph
+                wrapped = super()._wrap_model(model, training=training, dataloader=dataloader)
+                if training and getattr(self.args, "use_hpu_graphs_for_training", False):
+                    from .hpu_graphs import guard_hpu_graphs
+
+                    guard_hpu_graphs(model)
+                return wrapped
 
             def log(self, logs: Dict[str, float], start_time: Optional[float] = None, end_time: Optional[float] = None):
                 # Workaround 6: upstream GaudiTrainer.log() calls get_hpu_memory_stats(), which imports
@@ -908,6 +990,26 @@ def trainer_class(kind: str) -> type:
     return cls
 
 
+def _fp32_delta_gradients(model: Optional[nn.Module], args) -> None:
+    """Under DeepSpeed in bf16 or fp16 mode, have PaCA's float32 ``delta`` gradients reduced in float32.
+
+    DeepSpeed communicates gradients in its half-precision dtype unless the config names a
+    ``communication_data_type`` (DeepSpeed 0.19.8 ``DeepSpeedEngine.communication_data_type``), so the float32 delta
+    gradients were rounded to bf16 before the all-reduce (2 CPU ranks, ZeRO-2, 3 AdamW steps: deltas 5 % apart from
+    one process; with float32 communication they are equal). For a PaCA model under a DeepSpeed config that names
+    none, ``communication_data_type`` is set to ``"fp32"`` in the config the engine will be built from (the deltas
+    are small: ``r / in_features`` of the weights). A config that names one is left as it is."""
+    ds = getattr(args, "hf_deepspeed_config", None)
+    if not getattr(args, "deepspeed", None) or ds is None or not is_paca_model(model):
+        return
+    config = ds.config
+    half = any(isinstance(config.get(k), dict) and config[k].get("enabled") is True for k in ("bf16", "fp16"))
+    if half and "communication_data_type" not in config:
+        config["communication_data_type"] = "fp32"
+        logger.info("DeepSpeed config: communication_data_type fp32 (PaCA's float32 delta gradients are all-reduced "
+                    "in float32, not rounded to bf16 first)")
+
+
 def make_trainer(
     model: nn.Module,
     args,
@@ -924,10 +1026,14 @@ def make_trainer(
     ``GaudiConfig``: ``--gaudi_config_name`` on HPU if given, else fused AdamW + fused clip-norm on HPU and neither
     off HPU), otherwise ``PaCATrainer``.
 
+    Under DeepSpeed in bf16 / fp16 mode a PaCA model's delta gradients are all-reduced in float32
+    (:func:`_fp32_delta_gradients`).
+
     Raises:
         ValueError: an engine the trainer cannot honour on this device (see :func:`check_engine`).
     """
     check_engine(args, args.device.type)
+    _fp32_delta_gradients(model, args)
     is_gaudi = hasattr(args, "use_habana")
     common = dict(
         model=model,

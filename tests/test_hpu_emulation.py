@@ -11,9 +11,12 @@ No Gaudi is reachable from the machines this suite runs on, so these tests prove
   optimizer-step graph, never of the forward/backward graph); with ``pipelining_fwd_bwd`` one more ``mark_step``
   separates forward and backward;
 * HPU graphs for training (``--use_hpu_graphs_for_training``): ``GaudiTrainer`` wraps the model with the plugin's
-  ``ModuleCacher``; the fake records a capture per input shape and, at every replay, any parameter or buffer whose
-  storage moved (an HPU graph would keep reading the old address).  PaCA's write-back is in place: one capture,
-  no moved storage, and the merged weights carry the trained deltas at the end;
+  ``ModuleCacher``; the fake replays the recorded ops without running Python, as the plugin does, and records any
+  parameter or buffer whose storage moved.  PaCA's write-back is in place; gradients accumulate as without graphs;
+  what a frozen Python branch would get wrong is refused or refreshed before the replay (``paca_hpu.hpu_graphs``);
+* with Habana's FusedClipNorm / FusedAdamW the write-back is a lazy graph of its own (the sequence docs/hpu.md
+  prints); a Gaudi config's autocast op lists are declared before the plugin starts; the throughput counts tokens
+  on the host; the launchers' commands parse for a Gaudi2;
 * autocast on every device type: ``_PaCAFunction`` runs its GEMMs in the autocast dtype of the input's device
   (``hpu``, ``cuda``, ``cpu``) and returns float32 ``delta`` gradients, without warnings (fake tensors on fake
   ``hpu`` / ``cuda`` devices; the autocast state is the real per-device thread-local state).
@@ -169,6 +172,92 @@ def test_training_arguments_for_the_detected_hpu(fake_habana):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# a Gaudi config's autocast op lists: declared before the plugin starts (it reads them once, at import)
+# --------------------------------------------------------------------------------------------------------------
+
+OP_LISTS = {"bf16": ["add", "addmm", "bmm", "linear", "matmul", "mm"], "fp32": ["embedding", "log_softmax"]}
+#: the variables optimum-habana's GaudiConfig.declare_autocast_bf16_fp32_ops sets (gaudi_configuration.py)
+OP_LIST_VARIABLES = ("PT_HPU_AUTOCAST_LOWER_PRECISION_OPS_LIST", "PT_HPU_AUTOCAST_FP32_OPS_LIST")
+
+_PARSE_IN_FRESH_PROCESS = r"""
+import json, os, sys
+sys.path.insert(0, sys.argv[1])  # tests/fake_habana
+from paca_hpu import cli
+out = {}
+try:
+    cli.parse_args(json.loads(sys.argv[2]))
+    out["error"] = None
+except BaseException as err:
+    out["error"] = f"{type(err).__name__}: {err}"
+core = sys.modules.get("habana_frameworks.torch.core")
+out["lists"] = None if core is None else {k: list(v) if v else v for k, v in core.AUTOCAST_OP_LISTS.items()}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def _gaudi_config_with_op_lists(tmp_path):
+    import json
+
+    folder = tmp_path / "gaudi_config"
+    folder.mkdir()
+    (folder / "gaudi_config.json").write_text(json.dumps({
+        "use_torch_autocast": True, "use_fused_adam": True, "use_fused_clip_norm": True,
+        "autocast_bf16_ops": OP_LISTS["bf16"], "autocast_fp32_ops": OP_LISTS["fp32"]}))
+    return str(folder)
+
+
+@pytest.mark.optimum_habana
+def test_gaudi_config_op_lists_are_declared_before_the_plugin_starts(tmp_path):
+    """run_paca_clm.py --use_habana --bf16 --gaudi_config_name <config with autocast op lists> on a (fake) Gaudi.
+    The script used to import habana_frameworks.torch to detect the device before the training arguments existed,
+    so GaudiTrainingArguments refused to declare the lists (RuntimeError, optimum-habana's gaudi_configuration.py);
+    bitsandbytes (installed here) imports the plugin too, when optimum-habana is imported. Now the lists are in
+    effect when the plugin starts: the fake reads them at import, as the real plugin does, and they are the lists
+    optimum-habana's own GaudiConfig reads from the file. The fake has none of Habana's fused kernels, so building
+    the HPU training arguments then stops where optimum-habana imports its Gaudi model classes
+    (adapt_transformers_to_gaudi, after the declaration)."""
+    import json
+    import subprocess
+
+    if REAL_PLUGIN:
+        pytest.skip("the real habana_frameworks is installed")
+    from paca_hpu import _optimum_habana as oh
+
+    config = _gaudi_config_with_op_lists(tmp_path)
+    argv = ["--use_habana", "--use_lazy_mode", "--bf16", "--gaudi_config_name", config, "--model_name_or_path", "x",
+            "--output_dir", str(tmp_path / "out")]
+    env = dict(os.environ, PT_HPU_LAZY_MODE="1", DS_ACCELERATOR="cpu", PYTHONPATH=REPO)
+    for k in (dev.DEVICE_ENV, *OP_LIST_VARIABLES):
+        env.pop(k, None)
+    proc = subprocess.run([sys.executable, "-c", _PARSE_IN_FRESH_PROCESS, FAKE_ROOT, json.dumps(argv)], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert line, proc.stdout[-2000:] + proc.stderr[-3000:]
+    out = json.loads(line[-1][len("RESULT "):])
+    assert out["error"] is not None and "Setting bf16/fp32 ops" not in out["error"], out["error"]
+    assert out["error"].startswith("ModuleNotFoundError") and "habana_frameworks.torch.hpex.kernels" in out["error"]
+    _, _, GaudiConfig = oh.gaudi_classes()
+    upstream = GaudiConfig.from_pretrained(config)
+    assert out["lists"] == {"bf16": upstream.autocast_bf16_ops, "fp32": upstream.autocast_fp32_ops} == OP_LISTS
+
+
+@pytest.mark.optimum_habana
+def test_fake_plugin_enforces_the_op_list_import_order(fake_habana, tmp_path, monkeypatch):
+    """The rule the test above relies on, shown to bite: once habana_frameworks.torch.core is imported, optimum-
+    habana refuses to declare a Gaudi config's op lists, and the lists the (fake) plugin runs with stay unset."""
+    import habana_frameworks.torch.core as htcore
+
+    from paca_hpu import _optimum_habana as oh
+
+    for variable in OP_LIST_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    _, _, GaudiConfig = oh.gaudi_classes()
+    with pytest.raises(RuntimeError, match="has already been imported"):
+        GaudiConfig.from_pretrained(_gaudi_config_with_op_lists(tmp_path)).declare_autocast_bf16_fp32_ops()
+    assert htcore.AUTOCAST_OP_LISTS == {"bf16": None, "fp32": None}
+
+
+# --------------------------------------------------------------------------------------------------------------
 # GaudiTrainer: lazy mode mark_step placement and HPU graphs for training, with PaCA's write-back
 # --------------------------------------------------------------------------------------------------------------
 
@@ -192,14 +281,36 @@ def _dataset(n=8):
     return [{"input_ids": row, "labels": row} for row in ids]
 
 
-def _run_gaudi_trainer_lazy(fake, tmp_path, monkeypatch, *, pipelining: bool, max_steps: int = 2, ga: int = 2,
-                            forward_write_back: bool = False):
-    """GaudiTrainer's CPU path with its lazy-mode and HPU-graph branches switched on (``use_lazy_mode``,
-    ``use_hpu_graphs_for_training``, ``htcore`` = the fake plugin's core); events are recorded in ``fake.EVENTS``."""
+def _lazy_trainer(model, tmp_path, *, max_steps: int = 2, ga: int = 2, pipelining: bool = False,
+                  hpu_graphs: bool = True, fused: bool = False, **extra):
+    """optimum-habana's GaudiTrainer on its CPU path (tensors stay on the CPU) with its lazy-mode and HPU-graph
+    branches switched on (``use_lazy_mode``, ``use_hpu_graphs_for_training``, ``htcore`` = the fake plugin's core;
+    build_training_arguments turns these HPU-only fields off on a CPU). ``fused``: GaudiConfig's HPU defaults,
+    Habana's FusedAdamW and FusedClipNorm (from the fake plugin; GaudiTrainer takes them only with ``use_habana``,
+    and its log() then reads the fake plugin's memory numbers)."""
     import habana_frameworks.torch.core as htcore
 
+    from paca_hpu import _optimum_habana as oh
     from paca_hpu.trainer import build_training_arguments, make_trainer
 
+    args = build_training_arguments(
+        info=dev.DeviceInfo("cpu", torch.device("cpu")), output_dir=str(tmp_path), max_steps=max_steps,
+        per_device_train_batch_size=2, gradient_accumulation_steps=ga, learning_rate=5e-2, report_to="none",
+        save_strategy="no", eval_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
+        max_grad_norm=1.0, **extra)
+    args.use_lazy_mode = True
+    args.use_hpu_graphs_for_training = hpu_graphs
+    args.pipelining_fwd_bwd = pipelining
+    trainer = make_trainer(model, args, train_dataset=_dataset(), gaudi_config=oh.make_gaudi_config(use_habana=fused))
+    trainer.htcore = htcore
+    args.use_habana = fused
+    return trainer
+
+
+def _run_gaudi_trainer_lazy(fake, tmp_path, monkeypatch, *, pipelining: bool, max_steps: int = 2, ga: int = 2,
+                            forward_write_back: bool = False, fused: bool = False):
+    """:func:`_lazy_trainer` on a tiny PaCA LLaMA with HPU graphs; events (``backward`` per delta gradient,
+    ``write_back`` per layer sync) are recorded in ``fake.EVENTS``."""
     model = _tiny_paca_llama()
     layers = dict(paca_layers(model))
     base_columns = {n: layer.original_columns.clone() for n, layer in layers.items()}
@@ -221,17 +332,7 @@ def _run_gaudi_trainer_lazy(fake, tmp_path, monkeypatch, *, pipelining: bool, ma
 
         monkeypatch.setattr(PaCALinear, "forward", forward)
 
-    cpu = dev.DeviceInfo("cpu", torch.device("cpu"))  # tensors stay on the CPU: GaudiTrainer's CPU path ...
-    args = build_training_arguments(
-        info=cpu, output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=2,
-        gradient_accumulation_steps=ga, learning_rate=5e-2, report_to="none", save_strategy="no",
-        eval_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0, max_grad_norm=1.0,
-    )
-    args.use_lazy_mode = True  # ... with the lazy-mode and HPU-graph branches of its training loop switched on
-    args.use_hpu_graphs_for_training = True  # (build_training_arguments turns these HPU-only fields off on a CPU)
-    args.pipelining_fwd_bwd = pipelining
-    trainer = make_trainer(model, args, train_dataset=_dataset())
-    trainer.htcore = htcore
+    trainer = _lazy_trainer(model, tmp_path, max_steps=max_steps, ga=ga, pipelining=pipelining, fused=fused)
     fake.reset()
     trainer.train()
     return model, layers, base_columns
@@ -242,10 +343,10 @@ def _expected_lazy_sequence(steps, ga, pipelining):
     return (micro * ga + ["write_back", "mark_step"]) * steps
 
 
-def _lazy_kinds(fake):
+def _lazy_kinds(fake, extra=()):
     rename = {"hpu_graph_capture": "forward", "hpu_graph_replay": "forward"}
     events = [(rename.get(e[0], e[0]),) + e[1:] for e in fake.EVENTS if e[0] in rename or e[0] in
-              ("mark_step", "backward", "write_back", "hpu_graph_stale_address")]
+              ("mark_step", "backward", "write_back", "hpu_graph_stale_address", *extra)]
     return fake.kinds(events)
 
 
@@ -299,6 +400,232 @@ def test_hpu_graph_fake_catches_a_weight_that_is_replaced_not_updated(fake_haban
     model(input_ids=ids)
     stale = [e for e in fake_habana.EVENTS if e[0] == "hpu_graph_stale_address"]
     assert stale == [("hpu_graph_stale_address", "LlamaForCausalLM", "model.layers.0.self_attn.q_proj.weight")]
+
+
+#: docs/hpu.md's lazy-mode graph sequence of one optimizer step with gradient accumulation 2, GaudiTrainer's HPU
+#: defaults (FusedClipNorm, FusedAdamW): the names of the recorded events as the page writes them
+DOC_STEP_NAMES = {"forward": "forward", "backward": "backward", "mark_step": "mark_step",
+                  "fused_clip_norm": "FusedClipNorm", "fused_adamw": "FusedAdamW", "write_back": "PaCA write-back"}
+
+
+@pytest.mark.optimum_habana
+def test_lazy_mode_graphs_with_habana_fused_optimizer_match_the_docs(fake_habana, tmp_path, monkeypatch,
+                                                                     reset_accelerate):
+    """With GaudiTrainer's HPU defaults, Habana's FusedClipNorm and FusedAdamW each end a lazy graph before and after
+    their fused op (``step_closure._mark_step_if_lazy``), so PaCA's write-back (the optimizer step post-hook, after
+    FusedAdamW's closing mark_step) is a small graph of its own, not part of a "clip + step + write-back" graph.
+    docs/hpu.md prints this sequence; it must be the one GaudiTrainer produces."""
+    _run_gaudi_trainer_lazy(fake_habana, tmp_path, monkeypatch, pipelining=False, max_steps=1, ga=2, fused=True)
+    kinds = _lazy_kinds(fake_habana, extra=("fused_clip_norm", "fused_adamw"))
+    assert kinds == ["forward", "backward", "mark_step", "forward", "backward", "mark_step", "fused_clip_norm",
+                     "mark_step", "fused_adamw", "mark_step", "write_back", "mark_step"]
+    line = " | ".join(DOC_STEP_NAMES[k] for k in kinds).replace("forward | backward", "forward+backward")
+    with open(os.path.join(REPO, "docs", "hpu.md")) as fh:
+        assert line in fh.read(), line
+
+
+def test_fake_hpu_graph_replays_without_running_python(fake_habana):
+    """The fake ModuleCacher behaves as the real one: after the capture, a replay runs none of the module's Python
+    (a Python-side factor is frozen at its capture value), the captured ops read the parameters in place, and the
+    original forward runs in eval mode or without grad."""
+    import habana_frameworks.torch as ht
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+            self.factor = 1.0
+
+        def forward(self, x):
+            return self.lin(x) * self.factor
+
+    m = Scaled()
+    ht.hpu.ModuleCacher()(model=m, inplace=True)
+    x = torch.randn(2, 4)
+    first = m(x).detach().clone()
+    m.factor = 3.0
+    torch.testing.assert_close(m(x), first, rtol=0, atol=0)  # replayed: the new factor is never read
+    with torch.no_grad():
+        m.lin.weight.mul_(2)  # in place: the replay reads it
+        eager = m(x)  # no grad: the original forward, new factor
+    torch.testing.assert_close(eager, (x @ m.lin.weight.T + m.lin.bias) * 3.0)
+    torch.testing.assert_close(m(x).detach(), x @ m.lin.weight.T + m.lin.bias)
+    assert fake_habana.kinds() == ["hpu_graph_wrap", "hpu_graph_capture", "hpu_graph_replay", "hpu_graph_eager",
+                                   "hpu_graph_replay"]
+
+
+def _grad_recorder(model):
+    """A trainer callback keeping a copy of every trainable gradient at each optimizer step (after clipping, before
+    the update) in its ``grads`` list."""
+    from transformers import TrainerCallback
+
+    class GradRecorder(TrainerCallback):
+        grads = []
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            self.grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+
+    return GradRecorder()
+
+
+def _tiny_model(peft_type: str, r: int):
+    from helpers import tiny_llama
+
+    from paca_hpu.trainer import prepare_model
+
+    model = tiny_llama(seed=3, layers=1)
+    model.train()
+    with torch.random.fork_rng():  # peft initialises lora_A from the global generator
+        torch.manual_seed(3)
+        return prepare_model(model, peft_type, r=r, alpha=8)
+
+
+@pytest.mark.parametrize("peft_type,r", [("paca", 1), ("lora", 4)], ids=["paca_r1", "lora"])
+@pytest.mark.optimum_habana
+def test_hpu_graphs_accumulate_gradients_as_without(fake_habana, tmp_path, reset_accelerate, peft_type, r):
+    """Gradient accumulation 2 with and without HPU graphs: the same gradients at every optimizer step and the same
+    trained parameters. A graph hands out each gradient in one fixed buffer; where a parameter had no ``.grad`` yet,
+    autograd kept that buffer as ``.grad``, so the next replay overwrote it and the sum came out as ``2 * g_2``
+    (PaCA with r = 1, LoRA; PaCA's transposed ``delta`` gradient for r >= 2 is copied and escaped). The trainer's
+    HPU-graph guard gives every trainable parameter a gradient of its own before the first replay."""
+    runs = {}
+    for graphs in (False, True):
+        model = _tiny_model(peft_type, r)
+        trainer = _lazy_trainer(model, tmp_path / f"graphs{graphs}", max_steps=2, ga=2, hpu_graphs=graphs)
+        recorder = _grad_recorder(model)
+        recorder.grads = []
+        trainer.add_callback(recorder)
+        trainer.train()
+        runs[graphs] = recorder.grads, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert [e[0] for e in fake_habana.EVENTS].count("hpu_graph_replay") == 3  # 4 micro-batches: 1 capture, 3 replays
+    (grads, params), (want_grads, want_params) = runs[True], runs[False]
+    assert len(grads) == len(want_grads) == 2 and grads[0].keys() == want_grads[0].keys()
+    for step, want in zip(grads, want_grads):
+        for name, g in want.items():
+            torch.testing.assert_close(step[name], g, rtol=1e-6, atol=1e-9, msg=name)
+    for name, p in want_params.items():
+        torch.testing.assert_close(params[name], p, rtol=1e-6, atol=1e-9, msg=name)
+
+
+@pytest.mark.optimum_habana
+def test_paca_features_under_hpu_graphs_are_correct_or_refused(fake_habana, tmp_path, reset_accelerate):
+    """After GaudiTrainer captured its HPU graph, a training-mode forward with grad on is a replay that runs none of
+    PaCA's Python. disable_paca, functional_paca and a substituted delta (torch.func.functional_call) are refused
+    with the fix in the message (a replay would silently compute the enabled, fused, captured forward); without grad
+    the disabled model is the base model bit for bit (that forward runs eagerly); a delta changed outside an
+    optimizer step is written back before the replay, so the replayed logits equal the eager ones."""
+    from helpers import random_ids, tiny_llama
+
+    from paca_hpu import disable_paca, functional_paca
+
+    model = _tiny_paca_llama()
+    _lazy_trainer(model, tmp_path, max_steps=1, ga=1).train()
+    model.train()
+    ids = random_ids(2, SEQ, seed=5)  # the training batch shape: the captured graph
+    with disable_paca(model):
+        with pytest.raises(RuntimeError, match=r"disabled \(disable_paca\).*HPU graphs.*torch.no_grad"):
+            model(input_ids=ids, labels=ids)
+        with torch.no_grad():
+            disabled = model(input_ids=ids).logits
+    base = tiny_llama(seed=3, layers=1).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(disabled, base(input_ids=ids).logits, rtol=0, atol=0)
+    with functional_paca(model), pytest.raises(RuntimeError, match="functional_paca under HPU graphs"):
+        model(input_ids=ids, labels=ids)
+    q = model.model.layers[0].self_attn.q_proj
+    with pytest.raises(RuntimeError, match="substituted"):
+        torch.func.functional_call(model, {"model.layers.0.self_attn.q_proj.delta": q.delta.detach() * 2},
+                                   kwargs={"input_ids": ids, "labels": ids})
+    before = model(input_ids=ids, labels=ids).logits.detach().clone()
+    with torch.no_grad():
+        q.delta.add_(0.25)  # outside an optimizer step (as load_state_dict, schedule-free's train()/eval() do)
+    fake_habana.reset()
+    replayed = model(input_ids=ids, labels=ids).logits.detach().clone()
+    assert [e[0] for e in fake_habana.EVENTS] == ["hpu_graph_replay"]
+    model.eval()
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+    torch.testing.assert_close(replayed, eager, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(replayed, before)
+    merged = (q.original_columns.float() + q.scaling * q.delta.detach()).to(q.weight.dtype)
+    torch.testing.assert_close(q.weight.detach().index_select(1, q.indices.long()), merged, rtol=0, atol=0)
+
+
+@pytest.mark.optimum_habana
+def test_hpu_graphs_with_gradient_checkpointing_are_refused(fake_habana, tmp_path, reset_accelerate):
+    """optimum-habana switches HPU graphs off for gradient checkpointing after core dumps (its PR #646), and a
+    replay skips the recomputation that checkpointed blocks run in Python during backward: refused, by the argument
+    adjustment of the training script and by the trainer itself, naming both flags."""
+    from paca_hpu.trainer import adjust_for_device
+
+    both = {"use_habana": True, "use_lazy_mode": True, "use_hpu_graphs_for_training": True,
+            "gradient_checkpointing": True}
+    with pytest.raises(ValueError, match="--use_hpu_graphs_for_training cannot be combined with "
+                                         "--gradient_checkpointing"):
+        adjust_for_device(both, dev.get_device_info())
+    trainer = _lazy_trainer(_tiny_paca_llama(), tmp_path, max_steps=1, ga=1, gradient_checkpointing=True)
+    with pytest.raises(ValueError, match="--gradient_checkpointing"):
+        trainer.train()
+
+
+@pytest.mark.optimum_habana
+def test_static_batches_by_default_on_hpu(fake_habana):
+    """On an HPU the last, ragged batch is dropped unless asked otherwise (each new batch shape is one more graph
+    compilation); the launchers no longer have to pass --dataloader_drop_last."""
+    from paca_hpu.trainer import adjust_for_device
+
+    info = dev.get_device_info()
+    assert adjust_for_device({"use_habana": True, "dataloader_drop_last": False}, info, explicit=set()) \
+        ["dataloader_drop_last"] is True
+    assert adjust_for_device({"use_habana": True, "dataloader_drop_last": False}, info,
+                             explicit={"dataloader_drop_last"})["dataloader_drop_last"] is False
+    cpu = dev.DeviceInfo("cpu", torch.device("cpu"))
+    assert not adjust_for_device({"dataloader_drop_last": False}, cpu, explicit=set())["dataloader_drop_last"]
+
+
+@pytest.mark.optimum_habana
+def test_script_counts_tokens_on_the_host(tmp_path, reset_accelerate):
+    """With run_paca_clm.py's training arguments GaudiTrainer no longer counts tokens itself: with
+    include_num_input_tokens_seen (the script's default before) it built a device tensor, all-gathered it over the
+    cards and read it on the host after EVERY micro-batch. The throughput summary counts on the host from the batch
+    shapes instead: exactly micro-batches x batch x sequence length after the warm-up."""
+    from paca_hpu.cli import parse_args
+    from paca_hpu.trainer import ThroughputCallback, make_trainer
+
+    cpu = dev.DeviceInfo("cpu", torch.device("cpu"))
+    args = parse_args(["--model_name_or_path", "unused", "--output_dir", str(tmp_path), "--max_steps", "3",
+                       "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--do_eval",
+                       "False", "--save_strategy", "no", "--dataloader_num_workers", "0", "--disable_tqdm", "True"],
+                      info=cpu).training
+    trainer = make_trainer(_tiny_paca_llama(), args, train_dataset=_dataset())
+    gathers, gather = [], trainer.accelerator.gather
+    trainer.accelerator.gather = lambda t: gathers.append(t) or gather(t)
+    throughput = ThroughputCallback(trainer, warmup_steps=1)
+    trainer.add_callback(throughput)
+    trainer.train()
+    assert gathers == [] and trainer.state.num_input_tokens_seen == 0
+    assert (throughput.steps, throughput.tokens) == (2, 2 * 2 * 2 * SEQ)
+
+
+def test_throughput_marks_synchronize_the_device(fake_habana):
+    """Work queued on the device before a mark belongs to the steps before it: both marks of the throughput window
+    (after the warm-up steps, at the end) wait for the device (in lazy mode: mark_step, then synchronize)."""
+    from types import SimpleNamespace
+
+    from paca_hpu.trainer import ThroughputCallback
+
+    throughput = ThroughputCallback(None, warmup_steps=1)
+    state = SimpleNamespace(global_step=0, num_input_tokens_seen=0)
+    throughput.on_train_begin(None, state, None)
+    fake_habana.reset()
+    state.global_step, state.num_input_tokens_seen = 1, 64
+    throughput.on_step_end(None, state, None)
+    assert fake_habana.kinds() == ["mark_step", "synchronize"]
+    fake_habana.reset()
+    state.global_step, state.num_input_tokens_seen = 3, 192
+    throughput.on_train_end(None, state, None)
+    assert fake_habana.kinds() == ["mark_step", "synchronize"]
+    assert (throughput.steps, throughput.tokens) == (2, 128)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -432,7 +759,8 @@ SCRIPTS = os.path.join(REPO, "scripts")
 def _dry_run(script, **env):
     import subprocess
 
-    full_env = {k: v for k, v in os.environ.items() if k not in ("GAUDI_SPAWN", "DISTRIBUTED", "PT_HPU_LAZY_MODE")}
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("GAUDI_SPAWN", "DISTRIBUTED", "PT_HPU_LAZY_MODE", "MASTER_PORT", "HPU_GRAPHS")}
     full_env.update(DRY_RUN="1", HOME=str(env.pop("HOME", full_env.get("HOME", "/nonexistent"))), **env)
     proc = subprocess.run(["bash", os.path.join(SCRIPTS, script)], env=full_env, capture_output=True, text=True,
                           timeout=60)
@@ -465,7 +793,8 @@ def _hpu_training_values(argv):
     assert unknown == [], unknown
     values = vars(namespace)
     training_fields = {f.name for f in __import__("dataclasses").fields(classes[3]) if f.init}
-    training = adjust_for_device({k: v for k, v in values.items() if k in training_fields}, hpu, classes[3])
+    given = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
+    training = adjust_for_device({k: v for k, v in values.items() if k in training_fields}, hpu, classes[3], given)
     return values, training
 
 
@@ -487,12 +816,12 @@ def test_single_card_launcher_command():
     values, training = _hpu_training_values(argv)
     assert values["peft_type"] == "paca" and values["paca_r"] == 8 and values["target_modules"] == ["all-linear"]
     assert values["model_name_or_path"] is None  # the main job: the embedded default model and data
-    assert training["use_habana"] and training["use_lazy_mode"] and training["use_hpu_graphs_for_training"]
+    assert training["use_habana"] and training["use_lazy_mode"] and not training["use_hpu_graphs_for_training"]
     assert training["bf16"] and training["dataloader_drop_last"] and not training.get("deepspeed")
-    # extra flags win; lazy mode can be switched to plain (no HPU graphs)
-    proc = _dry_run("run_gaudi_single.sh", HPU_GRAPHS="0")
+    # HPU graphs only when asked for (HPU_GRAPHS=1): off until a Gaudi run shows the same gradients with them
+    proc = _dry_run("run_gaudi_single.sh", HPU_GRAPHS="1")
     _, argv = _split_command(proc.stdout.strip())
-    assert "--use_hpu_graphs_for_training" not in argv
+    assert _hpu_training_values(argv)[1]["use_hpu_graphs_for_training"]
     proc = _dry_run("run_gaudi_single.sh", PT_HPU_LAZY_MODE="0")
     assert proc.returncode == 2 and "PT_HPU_LAZY_MODE=0" in proc.stderr
 
@@ -523,11 +852,72 @@ def test_eight_card_launcher_command_deepspeed(tmp_path):
     spawn.write_text("# placeholder\n")
     proc = _dry_run("run_gaudi_8x.sh", HOME=str(tmp_path))
     launcher, argv = _split_command(proc.stdout.strip())
-    assert launcher[1:] == [str(spawn), "--world_size", "8", "--use_deepspeed"]
-    # DDP over MPI instead of DeepSpeed
-    proc = _dry_run("run_gaudi_8x.sh", HOME=str(tmp_path), DISTRIBUTED="mpi", WORLD_SIZE="4")
+    assert launcher[1:] == [str(spawn), "--world_size", "8", "--master_port", "29500", "--use_deepspeed"]
+    assert _hpu_training_values(argv)[1]["dataloader_drop_last"]  # the HPU default, not a launcher flag
+    # DDP over MPI instead of DeepSpeed; MASTER_PORT reaches gaudi_spawn.py (its --master_port)
+    proc = _dry_run("run_gaudi_8x.sh", HOME=str(tmp_path), DISTRIBUTED="mpi", WORLD_SIZE="4", MASTER_PORT="29611")
     launcher, argv = _split_command(proc.stdout.strip())
-    assert launcher[1:] == [str(spawn), "--world_size", "4", "--use_mpi"]
+    assert launcher[1:] == [str(spawn), "--world_size", "4", "--master_port", "29611", "--use_mpi"]
     _, training = _hpu_training_values(argv)
     assert not training.get("deepspeed")
     assert _dry_run("run_gaudi_8x.sh", DISTRIBUTED="bogus").returncode == 2
+
+
+@pytest.mark.optimum_habana
+def test_deepspeed_fork_tag_is_the_one_optimum_habana_names():
+    """Habana's DeepSpeed fork is installed at the tag optimum-habana 1.21.2's own README names (its "Install
+    Dependencies" section, shipped in the wheel's metadata), in docs/hpu.md and in the 8-card launcher."""
+    import importlib.metadata
+    import re
+
+    pattern = re.compile(r"HabanaAI/DeepSpeed\.git@([0-9][0-9.]*[0-9])")
+    named = set(pattern.findall(importlib.metadata.metadata("optimum-habana").get_payload()))
+    assert named == {"1.23.0"}, named
+    for path in (os.path.join(REPO, "docs", "hpu.md"), os.path.join(SCRIPTS, "run_gaudi_8x.sh")):
+        with open(path) as fh:
+            used = set(pattern.findall(fh.read()))
+        assert used == named, (path, used)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the LoRA baseline as Gaudi users run it (optimum-habana's run_lora_clm.py)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_lora_factors_in_bf16_as_run_lora_clm(tmp_path):
+    """``--peft_type lora --bf16`` trains the LoRA factors in bf16, as optimum-habana's run_lora_clm.py does (after
+    get_peft_model it casts the peft model with ``.to(torch.bfloat16)`` whenever --bf16 is given); they used to stay
+    float32 (peft's own default), so a PaCA-vs-LoRA comparison on Gaudi ran another LoRA than the anchor. The
+    reference is that procedure done with peft directly; PaCA's delta stays float32."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from test_trainer import make_tiny_checkpoint, qa_records, write_jsonl
+    from transformers import AutoModelForCausalLM
+
+    from paca_hpu._transformers_compat import dtype_kwarg
+    from paca_hpu.cli import main
+    from paca_hpu.trainer import prepare_model
+
+    ckpt = make_tiny_checkpoint(tmp_path / "model")
+    data = write_jsonl(tmp_path / "train.jsonl", qa_records(12))
+    out = tmp_path / "lora"
+    assert main(["--model_name_or_path", ckpt, "--train_file", data, "--validation_split_percentage", "25",
+                 "--max_seq_len", "32", "--per_device_train_batch_size", "4", "--max_steps", "1", "--do_eval",
+                 "False", "--peft_type", "lora", "--paca_r", "4", "--bf16", "--output_dir", str(out)]) == 0
+    saved = load_file(out / "adapter_model.safetensors")
+    assert saved and {t.dtype for t in saved.values()} == {torch.bfloat16}
+    targets = json.load(open(out / "adapter_config.json"))["target_modules"]
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(ckpt, **{dtype_kwarg(): torch.bfloat16})
+
+    anchor = get_peft_model(load(), LoraConfig(r=4, lora_alpha=16, target_modules=targets, bias="none",
+                                               task_type="CAUSAL_LM")).to(torch.bfloat16)
+    ours = prepare_model(load(), "lora", r=4, alpha=16, target_modules=targets, lora_dtype=torch.bfloat16)
+    want = {n: p.dtype for n, p in anchor.named_parameters() if p.requires_grad}
+    assert want and {n: p.dtype for n, p in ours.named_parameters() if p.requires_grad} == want
+    assert set(want.values()) == {torch.bfloat16}
+    paca = prepare_model(load(), "paca", r=4, alpha=16, lora_dtype=torch.bfloat16)  # no effect on PaCA
+    assert {p.dtype for p in paca.parameters() if p.requires_grad} == {torch.float32}

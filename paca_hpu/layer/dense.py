@@ -257,7 +257,8 @@ class PaCALinear(PartitionableLayer):
         params, buffers = self._parameters, self._buffers  # dict lookups: nn.Module.__getattr__ costs ~1-2 us each
         weight, bias, indices, delta = params["weight"], params.get("bias"), buffers["indices"], params["delta"]
         if not self._paca_enabled:
-            return F.linear(x, weight.index_copy(1, indices.long(), buffers["original_columns"]), bias)
+            # the base columns in the weight's dtype: DeepSpeed's bf16 casts the parameters only, not the buffers
+            return F.linear(x, weight.index_copy(1, indices.long(), buffers["original_columns"].to(weight.dtype)), bias)
         owned = weight is self._dense_weight()
         if self._functional or (owned and not isinstance(delta, PaCADelta)):
             return F.linear(x, weight.index_copy(1, indices.long(), self._merged_columns_of(delta)), bias)
@@ -308,7 +309,7 @@ class PaCALinear(PartitionableLayer):
         """Write the original (base) columns back into ``weight``; bit-for-bit the base weight afterwards. Nothing
         to do for a weight the layer does not own (it never wrote into it)."""
         if self.owns_weight():
-            self.weight.index_copy_(1, self.indices.long(), self.original_columns)
+            self.weight.index_copy_(1, self.indices.long(), self.original_columns.to(self.weight.dtype))
 
     @torch.no_grad()
     def set_indices(self, indices: torch.Tensor) -> None:
@@ -334,7 +335,7 @@ class PaCALinear(PartitionableLayer):
             RuntimeError: the weight is partitioned by a sharding engine.
         """
         self._require_whole_weight("base_weight")
-        return self.weight.detach().index_copy(1, self.indices.long(), self.original_columns)
+        return self.weight.detach().index_copy(1, self.indices.long(), self.original_columns.to(self.weight.dtype))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
