@@ -66,8 +66,6 @@ def _run(cfg: dict, variant_name: str, inputs_path: str) -> dict:
         if cfg.get("budget_bytes"):
             budget = float(cfg["budget_bytes"])
         else:
-            from .cli import default_budget_bytes
-
             budget = default_budget_bytes(info)
 
         def step_peak(length: int) -> int:
@@ -134,3 +132,19 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def default_budget_bytes(info) -> float:
+    """Memory budget of the longest-sequence figure when none is given: the device's memory (CUDA/HPU) or the
+    machine's RAM (CPU). Called in the measuring subprocess (the parent must not open the accelerator)."""
+    import torch
+
+    if info.type == "cuda":
+        return float(torch.cuda.get_device_properties(0).total_memory)
+    if info.type == "hpu":
+        from paca_hpu import device as _device
+
+        return float(_device.habana_module("habana_frameworks.torch.hpu").memory_stats()["Limit"])
+    import psutil
+
+    return float(psutil.virtual_memory().total)

@@ -378,22 +378,6 @@ def _default_run_name(args, device_type: str) -> str:
     return name.lower()
 
 
-def default_budget_bytes(info) -> float:
-    """Memory budget of the longest-sequence figure when none is given: the device's memory (CUDA/HPU) or the
-    machine's RAM (CPU). Called in the measuring subprocess (the parent must not open the accelerator)."""
-    import torch
-
-    if info.type == "cuda":
-        return float(torch.cuda.get_device_properties(0).total_memory)
-    if info.type == "hpu":
-        from paca_hpu import device as _device
-
-        return float(_device.habana_module("habana_frameworks.torch.hpu").memory_stats()["Limit"])
-    import psutil
-
-    return float(psutil.virtual_memory().total)
-
-
 def _run_children(cfg: dict, variants: List[str], inputs: dict, log) -> Dict[str, dict]:
     """One fresh process per variant running :func:`benchmarks.child.run_child` (:mod:`benchmarks.proc`)."""
     import torch
