@@ -199,6 +199,7 @@ def _finish(model, wrapped, losses, world, adapter_dir, base: bool = False, **ex
     forward, which refreshes them after an update the step hook did not see), the whole adapter (gathered on every
     rank, written by rank 0)."""
     from paca_hpu import adapter as adapter_mod
+    from paca_hpu import atomic as atomic_mod
     from paca_hpu import disable_paca
 
     was_training = wrapped.training

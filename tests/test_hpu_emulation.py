@@ -884,7 +884,7 @@ def test_deepspeed_fork_tag_is_the_one_optimum_habana_names():
 # --------------------------------------------------------------------------------------------------------------
 
 
-def test_lora_factors_in_bf16_as_run_lora_clm(tmp_path):
+def test_lora_factors_in_bf16_as_run_lora_clm(tmp_path, reset_accelerate):
     """``--peft_type lora --bf16`` trains the LoRA factors in bf16, as optimum-habana's run_lora_clm.py does (after
     get_peft_model it casts the peft model with ``.to(torch.bfloat16)`` whenever --bf16 is given); they used to stay
     float32 (peft's own default), so a PaCA-vs-LoRA comparison on Gaudi ran another LoRA than the anchor. The
