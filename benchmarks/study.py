@@ -48,7 +48,8 @@ def _row(summary: dict, spec: str, label: str, name: str) -> str:
     seeds = ", ".join(f"{float(v):.4f}" for v in b["seeds"].values())
     edge = " (edge of what was tried)" if b.get("at_grid_edge") else ""
     tried = ", ".join(f"{x:g}" for x in b["tried"])
-    return (f"| {label} | {b.get('r') or '-'} | {b.get('trainable', 0):,} | [{b['lr']:g}]({name}/runs/{b['run']}.json)"
+    link = f"benchmarks/{name}/runs/{b['run']}.json"  # relative to the page, docs/benchmarks.md
+    return (f"| {label} | {b.get('r') or '-'} | {b.get('trainable', 0):,} | [{b['lr']:g}]({link})"
             f"{edge} | {tried} | {seeds} | {_ratio_cell(summary, spec)} |")
 
 

@@ -168,10 +168,23 @@ def replace_directory(src: PathLike, final: PathLike, trash: Optional[PathLike] 
     fsync_dir(os.path.dirname(final) or ".")
 
 
+def _plain_file_modes(folder: Path) -> None:
+    """Give every file under ``folder`` that a writer created as ``0o600`` (``safetensors.torch.save_file`` does) the
+    mode ``open()`` gives a new file: ``0o666`` less the umask, read off ``folder`` itself (made by ``mkdir`` with
+    ``0o777`` less the umask), so that an export is readable by whoever may read the folder's other files."""
+    mode = os.stat(folder).st_mode & 0o666
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path) and os.stat(path).st_mode & 0o777 == 0o600 and mode != 0o600:
+                os.chmod(path, mode)
+
+
 @contextlib.contextmanager
 def atomic_directory(final: PathLike, *, prefix: Optional[str] = None) -> Iterator[Path]:
     """A new empty folder beside ``final`` (named ``<prefix><random>``; default prefix ``.<name>.tmp-``, created with
-    the permissions ``mkdir`` gives) for the block to fill. When the block completes, the folder replaces ``final``
+    the permissions ``mkdir`` gives) for the block to fill. When the block completes, files the block wrote with mode
+    ``0o600`` get ``open()``'s mode (safetensors writes 0o600) and the folder replaces ``final``
     (:func:`replace_directory`; an existing ``final`` is moved into a folder ``<prefix>old-<random>`` and removed);
     when it raises, the folder is removed and ``final`` is untouched.
 
@@ -190,6 +203,7 @@ def atomic_directory(final: PathLike, *, prefix: Optional[str] = None) -> Iterat
     trash = None
     try:
         yield tmp
+        _plain_file_modes(tmp)
         if os.path.lexists(final):
             trash = _unique(str(final.parent), prefix + "old-", "", new_dir)
         replace_directory(tmp, final, trash)

@@ -134,6 +134,19 @@ def test_a_writer_that_replaces_the_file_still_gets_open_permissions(tmp_path):
     assert torch.equal(load_file(str(target))["w"], torch.arange(4.0))
 
 
+def test_a_folder_written_by_safetensors_gets_open_permissions(tmp_path):
+    """An export folder (safetensors writes its file as 0o600) ends up with the files' mode ``open()`` gives, so that
+    another user who may read the folder (a serving process) can read the weights too; the folder's mode is mkdir's."""
+    from safetensors.torch import save_file
+
+    with atomic.atomic_directory(tmp_path / "export") as tmp:
+        save_file({"w": torch.arange(4.0)}, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text("{}")
+    for name in ("model.safetensors", "config.json"):
+        assert os.stat(tmp_path / "export" / name).st_mode & 0o777 == 0o666 & ~_umask()
+    assert os.stat(tmp_path / "export").st_mode & 0o777 == 0o777 & ~_umask()
+
+
 def test_directory_replaces_the_old_one_only_when_complete(tmp_path):
     final = tmp_path / "export"
     with atomic.atomic_directory(final) as tmp:

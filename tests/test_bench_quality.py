@@ -163,7 +163,7 @@ def test_study_halving_resume_and_tables_from_run_files(tmp_path):
     assert summary["missing"] == []
     page = study.study_markdown(str(tmp_path))
     assert f"{summary['ratios_to_lora']['paca']['mean']:.4f}" in page
-    assert f"runs/{summary['best']['lora']['run']}.json" in page
+    assert f"(benchmarks/study-test/runs/{summary['best']['lora']['run']}.json)" in page  # relative to docs/
     assert page.count(study.PENDING) == 7  # full FT and PaCA r 16 (not in this study), five ablation cells
 
     # resume: the same command trains nothing more (no new files, same records)
