@@ -1138,6 +1138,37 @@ def _fmt_bytes(n: Optional[int]) -> str:
 # --------------------------------------------------------------------------- main
 
 
+def _divergence_check():
+    """A ``TrainerCallback`` that stops the run at the first logged training loss or gradient norm that is NaN or
+    infinite: a diverged run must not save its non-finite adapter (nor replace an earlier one with
+    ``--overwrite_output_dir``) and exit 0. The loss is logged every step (``--logging_steps 1``, the script's default), before that step's
+    checkpoint is saved, so every checkpoint written holds finite values.
+
+    Raises (from ``on_log``):
+        UsageError: naming the step, the loss and the fix (a lower ``--learning_rate``).
+    """
+    from transformers import TrainerCallback
+
+    def number(value) -> Optional[float]:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return None
+
+    class DivergenceCheck(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            # the loss and the gradient norm: the Trainer's logging_nan_inf_filter (on by default) logs a NaN loss
+            # as the mean of the earlier ones, so a NaN gradient norm can be the only sign
+            for key in ("loss", "grad_norm"):
+                value = number((logs or {}).get(key))
+                if value is not None and not math.isfinite(value):
+                    raise UsageError(f"training diverged at step {state.global_step}: the {key} is {value}; nothing "
+                                     f"of this run after step {state.global_step - 1} was saved; lower "
+                                     f"--learning_rate (it is {args.learning_rate:g})")
+
+    return DivergenceCheck()
+
+
 class _Run:
     """One ``run_paca_clm`` run, step by step (:func:`run` calls the steps in order).  Holds what the steps
     share: the parsed arguments, tokenizer, data, model, trainer, the metrics dict and the time spent where."""
@@ -1287,6 +1318,7 @@ class _Run:
                                         callbacks=self.callbacks)
         self.throughput = _tr.ThroughputCallback(self.trainer, warmup_steps=self.args.throughput_warmup_steps)
         self.trainer.add_callback(self.throughput)
+        self.trainer.add_callback(_divergence_check())
         a = self.adapter_args
         self.metrics: Dict[str, Any] = {
             "device": self.info.type, "device_description": self.info.describe(), "trainer": self.trainer_kind,

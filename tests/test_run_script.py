@@ -258,6 +258,29 @@ def test_lora_and_full_through_same_script(tiny, tmp_path, peft_type):
         assert "use_flash_attention" not in gen
 
 
+def test_diverged_run_stops_with_one_line_and_keeps_the_earlier_adapter(tiny, tmp_path, capsys):
+    """A learning rate that makes the loss NaN: exit 2 with one line naming the step and the fix, no NaN adapter
+    written over the adapter an earlier run left in the folder (it was saved with exit 0 before)."""
+    import math
+
+    out = tmp_path / "run"
+    assert _main(_argv(tiny, out, "--max_steps", "1", "--do_eval", "False")) == 0
+    good = _adapter(out)
+    assert all(torch.isfinite(t).all() for t in good.values())
+    capsys.readouterr()
+    argv = _argv(tiny, out, "--max_steps", "3", "--do_eval", "False", "--overwrite_output_dir")
+    argv[argv.index("--learning_rate") + 1] = "1e30"
+    assert _main(argv) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error: " in ln]
+    assert len(err) == 1 and "training diverged at step" in err[0] and "--learning_rate" in err[0], err
+    after = _adapter(out)
+    assert after.keys() == good.keys() and all(torch.equal(after[k], good[k]) for k in good)
+    for ck in out.glob("checkpoint-*"):  # any checkpoint this run wrote holds finite deltas only
+        from safetensors.torch import load_file
+
+        assert all(math.isfinite(float(t.abs().max())) for t in load_file(ck / "adapter_model.safetensors").values())
+
+
 @pytest.mark.parametrize(
     "case, expected",
     [
