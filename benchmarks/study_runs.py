@@ -41,6 +41,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from paca_hpu.atomic import write_atomic, write_json_atomic
+from .quality import _beyond_edge, _spread
 
 __all__ = ["StudyConfig", "run_id", "load_runs", "study_summary", "run_study"]
 
@@ -92,11 +93,6 @@ def load_runs(study_dir: Path) -> Dict[str, dict]:
         with open(p, encoding="utf-8") as f:
             out[p.stem] = json.load(f)
     return out
-
-
-def _beyond(grid: List[float], low: bool) -> float:
-    ratio = (grid[1] / grid[0] if low else grid[-1] / grid[-2]) if len(grid) > 1 else 3.0
-    return float(f"{grid[0] / ratio if low else grid[-1] * ratio:.3g}")
 
 
 def _host() -> Dict[str, str]:
@@ -294,7 +290,7 @@ def _search(run: _Runner, spec: str, grid: List[float]) -> dict:
         best = min(grid, key=at1)
         if len(grid) < 2 or best not in (grid[0], grid[-1]) or not math.isfinite(at1(best)):
             break
-        lr = _beyond(grid, best == grid[0])
+        lr = _beyond_edge(grid, best == grid[0])
         run.log(f"{spec}: best lr {best:g} at step {cfg.stage1_steps} is at an edge of {grid}: adding {lr:g}")
         grid = sorted(grid + [lr])
         stage1[lr] = run.ensure(spec, lr, seed, cfg.stage1_steps)
@@ -304,7 +300,7 @@ def _search(run: _Runner, spec: str, grid: List[float]) -> dict:
         win = min(full, key=lambda lr: full[lr]["final_select"])
         if win not in (grid[0], grid[-1]):
             break
-        lr = _beyond(grid, win == grid[0])
+        lr = _beyond_edge(grid, win == grid[0])
         run.log(f"{spec}: winner {win:g} after {cfg.steps} steps is at an edge of {grid}: training {lr:g} fully")
         grid = sorted(grid + [lr])
         full[lr] = run.ensure(spec, lr, seed, cfg.steps)
@@ -354,7 +350,7 @@ def study_summary(study_dir: Path) -> dict:
         best[spec] = {"lr": win["lr"], "r": win["r"], "trainable": win["trainable"], "tried": tried,
                       "full_length": sorted(r["lr"] for r in done), "at_grid_edge": win["lr"] in (tried[0], tried[-1]),
                       "select_loss": win["final_select"], "heldout_loss": win["final_report"], "seeds": seeds,
-                      "heldout_spread": {"mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals)},
+                      "heldout_spread": _spread(vals),
                       "run": run_id(spec, win["lr"], seed0)}
     ratios = {}
     ref = best.get("lora", {}).get("seeds", {})
@@ -362,7 +358,7 @@ def study_summary(study_dir: Path) -> dict:
         per = {s: v / ref[s] for s, v in b["seeds"].items() if s in ref}
         if per:
             vals = list(per.values())
-            ratios[spec] = {"per_seed": per, "mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals)}
+            ratios[spec] = {"per_seed": per, **_spread(vals)}
     return {"config": asdict(cfg), "best": best, "ratios_to_lora": ratios, "missing": missing,
             "runs": len(runs), "cpu_hours": sum(r.get("cpu_seconds", 0) for r in runs.values()) / 3600}
 
