@@ -130,23 +130,20 @@ def _check(args, paca, opt, batch) -> str:
 
 
 def _component_fn(args, paca, opt, batch) -> Callable[[], None]:
-    """The changed piece alone, as the arm switched on by ``_toggles`` runs it: ``fused_writeback``: the write-back
-    of every layer (per layer :meth:`~paca_hpu.PaCALinear.sync`, the default, or
-    :func:`~paca_hpu.experimental.fused_write_back`); ``bf16_delta_grad``: every layer's delta gradient
-    (:func:`~paca_hpu.layer.delta_gradient` or :func:`~paca_hpu.experimental.lowp_delta_gradient`)."""
-    from paca_hpu import experimental, paca_layers
-    from paca_hpu.layer import delta_gradient
+    """The changed piece alone, as the arm switched on by ``_toggles`` runs it, through the extension points the
+    candidates switch: ``fused_writeback``: the write-back of every layer (:func:`paca_hpu.writeback.write_back`:
+    per layer :meth:`~paca_hpu.PaCALinear.sync`, the default, or :func:`~paca_hpu.experimental.fused_write_back`);
+    ``bf16_delta_grad``: every layer's delta gradient (:func:`paca_hpu.layer.delta_gradient_in_use`:
+    :func:`~paca_hpu.layer.delta_gradient` or :func:`~paca_hpu.experimental.lowp_delta_gradient`)."""
+    from paca_hpu import paca_layers, writeback
+    from paca_hpu.layer import delta_gradient_in_use
 
     from .profile import _capture_shapes
 
     layers = [lay for _, lay in paca_layers(paca.model)]
     if args.candidate == "fused_writeback":
         def write_back():
-            if experimental.enabled("fused_writeback"):
-                experimental.fused_write_back(layers)
-            else:
-                for lay in layers:
-                    lay.sync()
+            writeback.write_back(layers)
         return write_back
     if args.candidate == "bf16_delta_grad":
         shapes = _capture_shapes(paca, batch)
@@ -159,7 +156,7 @@ def _component_fn(args, paca, opt, batch) -> Callable[[], None]:
             work.append((x.index_select(-1, lay.indices), g, lay.scaling))
 
         def delta_gradients():
-            fn = experimental.lowp_delta_gradient if experimental.enabled("bf16_delta_grad") else delta_gradient
+            fn = delta_gradient_in_use()
             return [fn(g, xs, s) for xs, g, s in work]
         return delta_gradients
     raise SystemExit(f"--scope component is not defined for {args.candidate}; use --scope step")

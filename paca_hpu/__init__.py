@@ -1,8 +1,8 @@
 """paca_hpu: PaCA (Partial Connection Adaptation, ICLR 2025) fine-tuning, Intel Gaudi (HPU) first.
 
 Importing this package is light: it imports neither optimum-habana nor ``habana_frameworks``; its only side
-effect is registering the global optimizer step post-hook that refreshes PaCA's merged weights (done on first
-:func:`apply_paca`, and here).
+effect is registering the global optimizer step post-hook that refreshes PaCA's merged weights
+(:mod:`paca_hpu.writeback`; done on first :func:`apply_paca`, and here).
 """
 
 from .adapter import load_adapter, save_adapter
@@ -11,7 +11,6 @@ from .integration import from_pretrained
 from .layer import PaCADelta, PaCALayerBase, PaCALinear, PaCALinear4bit
 from .reference import PaCAReferenceModel
 from .model import (
-    _ensure_hook,
     apply_paca,
     calibrate_indices,
     disable_paca,
@@ -25,6 +24,7 @@ from .model import (
     unload_paca,
 )
 from .selection import INIT_INDICES, select_indices
+from .writeback import install_step_hook as _install_step_hook
 
 __version__ = "0.1.0"
 
@@ -53,5 +53,5 @@ __all__ = [
     "INIT_INDICES",
 ]
 
-_ensure_hook()
-del _ensure_hook
+_install_step_hook()
+del _install_step_hook

@@ -21,7 +21,9 @@ path interleaved in one process on the same model. The correctness tests are in 
 * torch.compile of the decoder blocks with PaCA inside: :func:`compile_decoder_layers` (not a switch: it returns
   the compiled wrappers and a function that swaps them in or out).
 
-Use :func:`enable` / :func:`disable` / :func:`enabled`, or ``with candidate("fused_writeback"):``.
+Use :func:`enable` / :func:`disable` / :func:`enabled`, or ``with candidate("fused_writeback"):``. The switches go
+through the public extension points: :func:`paca_hpu.writeback.set_write_back` (the write-back every trigger runs)
+and :func:`paca_hpu.layer.set_delta_gradient` (the backward's ``delta`` gradient).
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer import base as _layer
-from . import model as _model
-from .layer import PaCADelta, PaCALinear
+from . import writeback
+from .layer import PaCADelta, PaCALinear, delta_gradient, delta_gradient_in_use, refuse_double_backward, \
+    set_delta_gradient
 
 __all__ = ["CANDIDATES", "enable", "disable", "enabled", "candidate", "fused_write_back", "lowp_delta_gradient",
            "compile_decoder_layers"]
@@ -52,7 +54,9 @@ def _index_of(layer: PaCALinear) -> torch.Tensor:
 @torch.no_grad()
 def fused_write_back(layers: Sequence[PaCALinear]) -> None:
     """Write the merged columns of every layer in ``layers`` into its weight (what :meth:`PaCALinear.sync` does
-    per layer), with one ``torch._foreach_add`` per (weight dtype, device, scaling) group.
+    per layer), with one ``torch._foreach_add`` per (weight dtype, device, scaling) group: a
+    :data:`paca_hpu.writeback.WriteBack`, which ``fused_writeback`` installs with
+    :func:`~paca_hpu.writeback.set_write_back`.
 
     The sum is formed in the accumulation dtype (float32; float64 for float64 weights) exactly as
     ``original_columns.to(acc) + scaling * delta.to(acc)`` and rounded once to the weight dtype, so the merged
@@ -93,10 +97,10 @@ class _LeanPaCAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        _layer.refuse_double_backward()
+        refuse_double_backward()
         x_sel, weight = ctx.saved_tensors
         grad_x = torch.matmul(grad_y, weight) if ctx.needs_input_grad[0] else None
-        grad_delta = _layer._delta_grad(grad_y, x_sel, ctx.scaling) if ctx.needs_input_grad[3] else None
+        grad_delta = delta_gradient_in_use()(grad_y, x_sel, ctx.scaling) if ctx.needs_input_grad[3] else None
         return grad_x, None, None, grad_delta, None, None
 
 
@@ -111,7 +115,7 @@ def _lean_forward(self: PaCALinear, x: torch.Tensor) -> torch.Tensor:
             or torch.compiler.is_compiling()):
         return _DEFAULT_FORWARD(self, x)  # a weight partitioned by a sharding engine; compiled: no host-side check
     if (id(delta), delta._version) != self._synced or delta.__dict__.get("_paca_touched", False):
-        self.sync()
+        writeback.refresh(self)
         if weight is not self._dense_weight():  # the write-back found an engine took the weight over
             return _DEFAULT_FORWARD(self, x)
     return _LeanPaCAFunction.apply(x, weight, params.get("bias"), delta, self._buffers["indices"], self.scaling)
@@ -133,7 +137,7 @@ def lowp_delta_gradient(grad_y: torch.Tensor, x_sel: torch.Tensor, scaling: floa
     Returns:
         ``(out_features, r)`` float32 (float64 for float64 inputs, through the default)."""
     if x_sel.dtype not in (torch.bfloat16, torch.float16) or grad_y.dtype != x_sel.dtype:
-        return _layer.delta_gradient(grad_y, x_sel, scaling)
+        return delta_gradient(grad_y, x_sel, scaling)
     if x_sel.dim() == 3:
         grad_delta = torch.bmm(x_sel.transpose(1, 2), grad_y).sum(0, dtype=torch.float32)
     else:
@@ -146,7 +150,7 @@ def lowp_delta_gradient(grad_y: torch.Tensor, x_sel: torch.Tensor, scaling: floa
 
 
 def _set_fused(on: bool) -> None:
-    _model._write_back = fused_write_back if on else _model._write_back_per_layer
+    writeback.set_write_back(fused_write_back if on else None)
 
 
 def _set_lean(on: bool) -> None:
@@ -154,14 +158,14 @@ def _set_lean(on: bool) -> None:
 
 
 def _set_lowp(on: bool) -> None:
-    _layer._delta_grad = lowp_delta_gradient if on else _layer.delta_gradient
+    set_delta_gradient(lowp_delta_gradient if on else None)
 
 
 #: name -> (switch, is-on test)
 CANDIDATES: Dict[str, Tuple[Callable[[bool], None], Callable[[], bool]]] = {
-    "fused_writeback": (_set_fused, lambda: _model._write_back is fused_write_back),
+    "fused_writeback": (_set_fused, lambda: writeback.write_back_in_use() is fused_write_back),
     "lean_forward": (_set_lean, lambda: PaCALinear.forward is _lean_forward),
-    "bf16_delta_grad": (_set_lowp, lambda: _layer._delta_grad is lowp_delta_gradient),
+    "bf16_delta_grad": (_set_lowp, lambda: delta_gradient_in_use() is lowp_delta_gradient),
 }
 
 

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .layer import PaCADelta, PaCALinear
+from .writeback import refresh
 
 __all__ = ["guard_hpu_graphs", "check_replayable"]
 
@@ -43,9 +44,9 @@ _NO_HPU_GRAPHS = "train without HPU graphs (drop --use_hpu_graphs_for_training)"
 
 def check_replayable(model: nn.Module, layers: List[Tuple[str, nn.Module]]) -> None:
     """Prepare a training forward of ``model`` that an HPU graph may capture or replay: refresh the merged columns
-    of every stale PaCA layer of ``layers`` (``(name, layer)`` pairs) now, in Python, and give every trainable
-    parameter of ``model`` without a ``.grad`` a zero gradient of its own (so the graph's gradient buffer is added
-    into it, never taken as it).
+    of every stale PaCA layer of ``layers`` (``(name, layer)`` pairs) now, in Python
+    (:func:`paca_hpu.writeback.refresh`), and give every trainable parameter of ``model`` without a ``.grad`` a zero
+    gradient of its own (so the graph's gradient buffer is added into it, never taken as it).
 
     Raises:
         RuntimeError: a PaCA layer is disabled (``disable_paca``) or functional (``functional_paca``), its ``delta``
@@ -75,7 +76,7 @@ def check_replayable(model: nn.Module, layers: List[Tuple[str, nn.Module]]) -> N
                 f"an HPU graph replay runs neither; {_NO_HPU_GRAPHS}")
         is_stale = getattr(layer, "is_stale", None)
         if is_stale is not None and is_stale():
-            layer.sync()
+            refresh(layer)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad and p.grad is None:

@@ -4,20 +4,10 @@
   bitsandbytes 4-bit ``Linear4bit`` layers for :class:`paca_hpu.layer.PaCALinear4bit` (QPaCA; 8-bit layers are
   refused). Everything after conversion finds the layers as :class:`paca_hpu.layer.PaCALayerBase` and uses only its
   interface.
-* A global optimizer step post-hook (``torch.optim.optimizer.register_optimizer_step_post_hook``) writes the
-  adapted columns into the merged weights after EVERY ``Optimizer.step()`` of an optimizer that holds a
-  ``delta`` (SGD, AdamW, fused/foreach variants, optimizers wrapped by accelerate or a Trainer). Anything else that
-  changes ``delta`` (schedule-free ``eval()/train()``, LOMO's update in backward, ``load_state_dict``, a manual
-  edit) is caught by the layer itself before its next forward (see :mod:`paca_hpu.layer.dense`). The write-back is
-  tied to changes of ``delta``, not to forward calls: it is right under gradient accumulation, evaluation,
-  gradient checkpointing recompute and repeated forwards.
-* At its first write-back, the hook checks that no other module holds a PaCA layer's base weight tensor (a
-  reference model sharing layers with the policy would drift with every step): that is refused with an error.
+* When the merged weights are written (after every optimizer step, before a stale layer's forward, before
+  ``state_dict()``) is decided in one place, :mod:`paca_hpu.writeback`; :func:`apply_paca` makes sure its optimizer
+  step hook is registered, and :func:`sync_paca` writes back on request.
 * :func:`sync_paca`, :func:`disable_paca`, :func:`functional_paca`, :func:`merge_paca`, :func:`unload_paca`.
-* ``modules_to_save`` train a copy (peft's ``ModulesToSaveWrapper``): each of their parameters is replaced, in every
-  module that holds it (tied weights stay tied), by a trainable copy, and the frozen original stays registered
-  beside it as ``paca_original_<name>``; :func:`disable_paca` switches the originals in, :func:`unload_paca` puts
-  them back, :func:`merge_paca` keeps the copies.
 * ``modules_to_save`` train a copy (peft's ``ModulesToSaveWrapper``): each of their parameters is replaced, in every
   module that holds it (tied weights stay tied), by a trainable copy, and the frozen original stays registered
   beside it as ``paca_original_<name>``; :func:`disable_paca` switches the originals in, :func:`unload_paca` puts
@@ -27,10 +17,8 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import re
 import sys
-import warnings
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -38,11 +26,12 @@ from torch import nn
 
 from .config import PaCAConfig
 from .distributed import wrapping_engine
-from .layer import PaCALayerBase, PaCALinear, PaCALinear4bit, is_dtensor, live_paca_layers
+from .layer import PaCALayerBase, PaCALinear, PaCALinear4bit, is_dtensor
 from .layer.quantized4bit import (clear_quantization_markers, is_linear4bit, linear_features, prevent_cpu_repack,
                                   unsupported_reason)
 from .selection import (DATA_AWARE_INIT_INDICES, activation_norms, agree_across_ranks, check_indices,
                         initial_indices, select_indices, top_r)
+from .writeback import install_step_hook, write_back_model
 
 __all__ = [
     "apply_paca",
@@ -58,112 +47,6 @@ __all__ = [
     "name_matches",
     "trainable_parameters",
 ]
-
-# ---------------------------------------------------------------------------------------------------------------
-# write-back after every optimizer step
-# ---------------------------------------------------------------------------------------------------------------
-
-_HOOK_HANDLE = None
-
-
-def _optimizer_step_post_hook(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    """Refresh the merged columns of every live PaCA layer whose ``delta`` this optimizer holds (matched by
-    identity, so layers built by hand, deep-copied or unpickled are covered too)."""
-    layers = live_paca_layers()
-    if not layers:
-        return
-    by_delta = {id(layer.delta): layer for layer in layers}
-    # in the optimizer's parameter order: the same op sequence every step (one graph for lazy mode / HPU graphs)
-    stepped = []
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            layer = by_delta.get(id(p))
-            if layer is not None and layer.delta is p:
-                stepped.append(layer)
-    unchecked = [layer for layer in stepped if not layer.__dict__.get("_paca_shared_checked", False)]
-    if unchecked:
-        check_unshared_weights(unchecked)
-    _write_back(stepped)
-
-
-def _write_back_per_layer(layers: Sequence[PaCALinear]) -> None:
-    """The write-back after an optimizer step: :meth:`PaCALinear.sync` of each layer, in order."""
-    for layer in layers:
-        layer.sync()
-
-
-#: How the step hook writes back the stepped layers; :mod:`paca_hpu.experimental` swaps in candidates.
-_write_back = _write_back_per_layer
-
-
-def _storage_ptr(t) -> int:
-    """Address of ``t``'s storage; 0 for no tensor, a meta tensor, or a tensor subclass without plain storage."""
-    try:
-        return t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else 0
-    except (RuntimeError, NotImplementedError, TypeError):
-        return 0
-
-
-def _live_modules() -> List[nn.Module]:
-    """Every ``nn.Module`` the garbage collector tracks. ``isinstance`` on some objects of the heap warns (torch's
-    deprecated ``torch.distributed.reduce_op`` raises a FutureWarning on attribute access) or raises (a dead
-    ``weakref.proxy``, which torch.compile leaves behind): neither is a module, and neither reaches the user."""
-    found = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        for obj in gc.get_objects():
-            try:
-                if isinstance(obj, nn.Module):
-                    found.append(obj)
-            except ReferenceError:
-                continue
-    return found
-
-
-def check_unshared_weights(layers: Sequence[PaCALinear]) -> None:
-    """Raise if a module other than the PaCA layer itself holds a layer's base ``weight``: the same Parameter, or
-    another tensor over the same storage (e.g. ``load_state_dict(policy.state_dict(), assign=True)``).
-
-    PaCA writes its update into ``weight`` in place; a second model built from the same tensors (a reference model
-    that shares layers with the policy, a hand-made frozen copy) would change with every step. One pass over the
-    garbage collector's objects (run once per layer, at its first write-back).
-
-    Raises:
-        RuntimeError: names the layer and the type of the other module holding its weight.
-    """
-    by_storage = {}
-    for layer in layers:
-        ptr = _storage_ptr(layer.weight)
-        if ptr:
-            by_storage[ptr] = layer
-    if not by_storage:
-        return
-    for obj in _live_modules():
-        if isinstance(obj, PaCALayerBase):
-            continue
-        for p in obj._parameters.values():
-            layer = by_storage.get(_storage_ptr(p))
-            # the same shape too: sharding engines keep flat views over the weights (FSDP's FlatParameter)
-            if layer is not None and p.shape == layer.weight.shape:
-                raise RuntimeError(
-                    f"the base weight of PaCA layer '{getattr(layer, 'paca_name', '?')}' is also held (shared) by a "
-                    f"{type(obj).__name__} outside it: PaCA writes its update into that tensor, so the other model "
-                    "would change with every optimizer step. Give the other model its own copy of the weights (e.g. "
-                    "copy.deepcopy(base) before apply_paca; trl.create_reference_model copies every tensor), or use "
-                    "no reference model and compute reference outputs inside "
-                    "paca_hpu.disable_paca(model)")
-    for layer in layers:
-        layer.__dict__["_paca_shared_checked"] = True
-
-
-def _ensure_hook() -> None:
-    global _HOOK_HANDLE
-    if _HOOK_HANDLE is None:
-        # Not reachable as torch.optim.register_optimizer_step_post_hook in torch 2.13; the submodule has it.
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
-        _HOOK_HANDLE = register_optimizer_step_post_hook(_optimizer_step_post_hook)
-
 
 #: Called with the model at the end of every :func:`apply_paca`. :mod:`paca_hpu.integration` registers the
 #: instance hooks that make ``save_pretrained`` / ``load_state_dict`` of a PaCA model handle the adapter; this module
@@ -588,7 +471,7 @@ def apply_paca(
         _set_submodule(model, name, layer)
     keep_originals(model, to_save)
     model.paca_config = config
-    _ensure_hook()
+    install_step_hook()
     for callback in APPLY_CALLBACKS:
         callback(model)
     return model
@@ -656,9 +539,7 @@ def sync_paca(model: nn.Module) -> nn.Module:
 
     Never needed for correct outputs (the optimizer hook and each layer's forward keep the weights fresh); call it
     before reading ``layer.weight`` directly after changing ``delta`` outside an optimizer step. Returns ``model``."""
-    for _, layer in paca_layers(model):
-        layer.sync()
-    return model
+    return write_back_model(model)  # the 4-bit layers read delta in every forward: nothing to write
 
 
 @contextlib.contextmanager

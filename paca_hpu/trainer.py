@@ -22,9 +22,9 @@ merged weight columns (:func:`paca_hpu.sync_paca`), so training continues exactl
 Of PaCA itself this module uses the package's public API (``PaCAConfig``, ``apply_paca``, ``calibrate_indices``,
 ``paca_parameters``, ``sync_paca``, ``save_adapter`` / ``load_adapter``, ``merge_paca``) plus
 :func:`paca_hpu.distributed.unwrap` and :func:`paca_hpu.quantized.prevent_cpu_repack`; besides, it imports
-:mod:`paca_hpu.checkpoints`, :mod:`paca_hpu.device` and :mod:`paca_hpu._optimum_habana`. One piece of PaCA's
-internals is repeated here: :func:`_optimizer_step_hook_covers` restates which optimizers the global write-back
-hook of :mod:`paca_hpu.model` covers, to sync after the steps it does not see.
+:mod:`paca_hpu.checkpoints`, :mod:`paca_hpu.device` and :mod:`paca_hpu._optimum_habana`. After the optimizer steps
+that PaCA's global write-back hook does not see, :class:`_WriteBackGuard` asks :mod:`paca_hpu.writeback` to write
+back (:func:`~paca_hpu.writeback.hook_covers`, :func:`~paca_hpu.writeback.write_back_model`).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from torch import nn
 
 from . import checkpoints as _ckpt
 from . import device as _device
+from . import writeback as _wb
 from . import _optimum_habana as _oh
 
 logger = logging.getLogger(__name__)
@@ -449,26 +450,6 @@ def _callback_base():
     return TrainerCallback
 
 
-def _optimizer_step_hook_covers(optimizer, deltas) -> bool:
-    """Whether PaCA's global optimizer-step post-hook refreshes the merged columns after ``optimizer.step()``.
-
-    The hook fires after the ``step()`` of a ``torch.optim.Optimizer`` and refreshes the layers whose ``delta`` that
-    optimizer holds.  Wrappers are unwrapped through ``.optimizer`` (accelerate's ``AcceleratedOptimizer``).  Not
-    covered: optimizers that are no ``torch.optim.Optimizer`` and step a master copy of the parameters, copying it
-    back afterwards (DeepSpeed ZeRO), where the hook sees no ``delta`` (or an outdated one).
-    """
-    seen = set()
-    opt = optimizer
-    while opt is not None and id(opt) not in seen:
-        seen.add(id(opt))
-        inner = getattr(opt, "optimizer", None)
-        if isinstance(opt, torch.optim.Optimizer) and not (inner is not None and type(opt).__name__ == "AcceleratedOptimizer"):
-            held = {id(p) for group in opt.param_groups for p in group["params"]}
-            return all(id(d) in held for d in deltas)
-        opt = inner
-    return False
-
-
 def _drop_empty_param_groups(optimizer) -> None:
     """Remove parameter groups without parameters from a freshly built ``torch.optim.Optimizer`` (in place; before
     its first step nothing refers to a group by position). Other objects are left alone."""
@@ -534,8 +515,9 @@ def _without_deepspeed_before_training(trainer):
 
 
 class _WriteBackGuard(_callback_base()):
-    """Refreshes PaCA's merged columns (``sync_paca``) after each optimizer step that the global post-hook does not
-    cover (see :func:`_optimizer_step_hook_covers`); a no-op with ordinary torch optimizers, so no double write-back."""
+    """Writes back PaCA's merged columns (:func:`paca_hpu.writeback.write_back_model`) after each optimizer step that
+    the global post-hook does not cover (:func:`paca_hpu.writeback.hook_covers`); a no-op with ordinary torch
+    optimizers, so no double write-back."""
 
     def __init__(self, trainer):
         self.trainer = trainer
@@ -547,17 +529,12 @@ class _WriteBackGuard(_callback_base()):
     def on_optimizer_step(self, args, state, control, **kwargs):
         model = _unwrap(self.trainer.model)
         if self._needed is None:
-            from . import paca_parameters
-
-            deltas = paca_parameters(model)
-            self._needed = bool(deltas) and not _optimizer_step_hook_covers(self.trainer.optimizer, deltas)
+            self._needed = not _wb.hook_covers(self.trainer.optimizer, model)
             if self._needed:
                 logger.info("optimizer %s is not covered by PaCA's step hook: syncing PaCA weights after each step",
                             type(self.trainer.optimizer).__name__)
         if self._needed:
-            from . import sync_paca
-
-            sync_paca(model)
+            _wb.write_back_model(model)
 
 
 _MISSING = object()

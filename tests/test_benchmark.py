@@ -417,8 +417,9 @@ def test_profile_times_the_write_back_as_a_step_without_gradients(monkeypatch, o
 @pytest.mark.parametrize("candidate, dtype", [("fused_writeback", "fp32"), ("bf16_delta_grad", "bf16")])
 def test_ab_component_scope_runs_each_arms_own_path(candidate, dtype, monkeypatch, one_torch_thread):
     """``--scope component`` times the default path in the old arm and the candidate in the new one, for every layer
-    (through paca_hpu's public API: PaCALinear.sync / experimental.fused_write_back, layer.delta_gradient /
-    experimental.lowp_delta_gradient)."""
+    (through paca_hpu's public extension points: writeback.write_back runs PaCALinear.sync per layer or
+    experimental.fused_write_back, layer.delta_gradient_in_use is layer.delta_gradient or
+    experimental.lowp_delta_gradient; the default is patched where set_delta_gradient(None) reads it)."""
     monkeypatch.setenv("PACA_DEVICE", "cpu")
     import paca_hpu.layer
     from paca_hpu import PaCALinear, experimental, paca_layers
@@ -441,7 +442,7 @@ def test_ab_component_scope_runs_each_arms_own_path(candidate, dtype, monkeypatc
         monkeypatch.setattr(PaCALinear, "sync", record("default", PaCALinear.sync))
         monkeypatch.setattr(experimental, "fused_write_back", record("candidate", experimental.fused_write_back))
     else:
-        monkeypatch.setattr(paca_hpu.layer, "delta_gradient", record("default", paca_hpu.layer.delta_gradient))
+        monkeypatch.setattr(paca_hpu.layer.base, "delta_gradient", record("default", paca_hpu.layer.delta_gradient))
         monkeypatch.setattr(experimental, "lowp_delta_gradient", record("candidate", experimental.lowp_delta_gradient))
     toggles = ab._toggles(args, paca, floor)
     component = ab._component_fn(args, paca, opt, batches[0])
@@ -454,6 +455,7 @@ def test_ab_component_scope_runs_each_arms_own_path(candidate, dtype, monkeypatc
             component()
             assert calls == want, (arm, calls)
     finally:
+        monkeypatch.undo()  # first: disabling installs the (then restored) defaults
         experimental.disable(candidate)
 
 

@@ -30,20 +30,22 @@ and use only the interface of :class:`PaCALayerBase`.
 
 The module's functions are the pieces the implementations' autograd functions share: the autocast rules
 (``torch.amp.custom_fwd`` / ``custom_bwd`` semantics on every device type), ``grad_x`` and ``grad_delta``, the merged
-columns, and keeping ``delta`` float32 through casts of the model.
+columns, and keeping ``delta`` float32 through casts of the model. The backward's ``grad_delta`` is the one
+extension point of the layers: :func:`set_delta_gradient` installs another computation of it (when the merged
+``weight`` is written is :mod:`paca_hpu.writeback`'s).
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 __all__ = ["PaCALayerBase", "default_index_dtype", "keep_delta_values", "input_gradient", "merge_columns",
-           "delta_gradient", "refuse_double_backward"]
+           "delta_gradient", "set_delta_gradient", "delta_gradient_in_use", "refuse_double_backward"]
 
 
 def default_index_dtype(device: torch.device) -> torch.dtype:
@@ -197,10 +199,33 @@ def refuse_double_backward() -> None:
             "autograd ops with exact higher-order gradients")
 
 
+#: The delta gradient every fused backward computes (dense and partitioned paths); set by :func:`set_delta_gradient`.
+_delta_gradient = delta_gradient
 
-#: The delta-gradient computation of the backward (:func:`delta_gradient`); :mod:`paca_hpu.experimental` swaps in
-#: candidates.
-_delta_grad = delta_gradient
+
+def set_delta_gradient(fn: Optional[Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]]) -> Callable:
+    """Install ``fn`` as the ``delta`` gradient of every fused PaCA backward in this process (the extension point of
+    the backward; :mod:`paca_hpu.experimental` installs its candidates here); ``None`` installs the default
+    :func:`delta_gradient`. ``fn`` takes and returns what :func:`delta_gradient` does (``grad_y`` ``(..., out)``,
+    ``x_sel`` ``(..., r)``, ``scaling``; ``(out, r)`` float32) and runs with autocast off.
+
+    Returns:
+        The function installed before (to restore it).
+
+    Raises:
+        TypeError: ``fn`` is neither callable nor None."""
+    global _delta_gradient
+    if fn is not None and not callable(fn):
+        raise TypeError(f"set_delta_gradient expects a callable (grad_y, x_sel, scaling) -> (out_features, r) "
+                        f"tensor, or None for the default; got {type(fn).__name__}")
+    before, _delta_gradient = _delta_gradient, (delta_gradient if fn is None else fn)
+    return before
+
+
+def delta_gradient_in_use() -> Callable:
+    """The ``delta`` gradient the fused backward computes now (:func:`delta_gradient` unless
+    :func:`set_delta_gradient` installed another)."""
+    return _delta_gradient
 
 
 class PaCALayerBase(nn.Module, abc.ABC):

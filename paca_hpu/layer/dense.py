@@ -15,10 +15,12 @@ Only ``x[..., idx]`` (``r`` of ``in_features`` channels) is saved for backward; 
 (``index_select``): no boolean masks, no host synchronisation, no data-dependent shapes, which is what lets Gaudi's
 graph compiler (lazy mode, HPU graphs, ``torch.compile`` with ``hpu_backend``) build one graph and reuse it.
 
-Write-back by construction (when ``weight`` holds ``W0[:, idx] + scaling * delta``):
+Write-back by construction (when ``weight`` holds ``W0[:, idx] + scaling * delta``; every trigger and the write-back
+they run are in :mod:`paca_hpu.writeback`):
 
-* after every ``Optimizer.step()`` that updates ``delta`` (a global step post-hook in :mod:`paca_hpu.model`), so
-  ``weight`` is fresh right after the step and the next forward graph is the plain one;
+* after every ``Optimizer.step()`` that updates ``delta`` (a global step post-hook), so ``weight`` is fresh right
+  after the step and the next forward graph is the plain one;
+* before ``state_dict()`` (a state-dict pre-hook), so a saved ``weight`` is current;
 * and in ``forward``, before the GEMM, whenever ``delta`` changed since the last write-back by any other route:
   its autograd version counter moved (in-place writes: schedule-free ``optimizer.eval()/train()``,
   ``load_state_dict``, ``torch.no_grad()`` edits), it was written through ``delta.data`` (LOMO/AdaLomo update in
@@ -53,13 +55,13 @@ the input lives on (``hpu``, ``cuda``, ``cpu``): under autocast the GEMMs run in
 
 from __future__ import annotations
 
-import weakref
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import writeback as _wb
 from . import base as _base
 from .base import (_TENSOR_DATA, _autocast_dtype, _autocast_off, _delta_dtype, input_gradient, merge_columns,
                    refuse_double_backward)
@@ -69,14 +71,10 @@ from .partitioned import PartitionableLayer, _PaCAPartitionedFunction
 __all__ = ["PaCALinear", "PaCADelta", "live_paca_layers"]
 
 
-#: Every PaCALinear alive in this process (built, deep-copied or unpickled); the optimizer step hook in
-#: :mod:`paca_hpu.model` looks here for the layers whose ``delta`` an optimizer just updated.
-_LIVE_LAYERS: "weakref.WeakSet[PaCALinear]" = weakref.WeakSet()
-
-
 def live_paca_layers():
-    """A snapshot list of every :class:`PaCALinear` alive in this process."""
-    return list(_LIVE_LAYERS)
+    """A snapshot list of every :class:`PaCALinear` alive in this process (built, deep-copied or unpickled; they
+    register with :func:`paca_hpu.writeback.track`, where the optimizer step hook looks for them)."""
+    return _wb.live_layers()
 
 
 class PaCADelta(nn.Parameter):
@@ -133,15 +131,13 @@ class _PaCAFunction(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_x = input_gradient(grad_y, weight, ctx.compute_dtype, ctx.x_dtype)
             if ctx.needs_input_grad[3]:
-                grad_delta = _base._delta_grad(grad_y, x_sel, ctx.scaling)
+                grad_delta = _base._delta_gradient(grad_y, x_sel, ctx.scaling)
         return grad_x, None, None, grad_delta, None, None
 
 
-def _write_back_before_state_dict(module, prefix, keep_vars) -> None:
-    """``state_dict()`` pre-hook: a stale layer writes back first, so a saved ``weight`` always equals
-    ``W0`` with ``original_columns + scaling * delta`` in the selected columns (what loading checks)."""
-    if module.is_stale():
-        module.sync()
+#: The name under which models pickled by earlier versions reference the state-dict pre-hook (now
+#: :func:`paca_hpu.writeback.before_state_dict`).
+_write_back_before_state_dict = _wb.before_state_dict
 
 
 class PaCALinear(PartitionableLayer):
@@ -228,10 +224,10 @@ class PaCALinear(PartitionableLayer):
                                            device=weight.device))
         self._paca_enabled = True
         self._functional = False
-        self.register_state_dict_pre_hook(_write_back_before_state_dict)
+        self.register_state_dict_pre_hook(_wb.before_state_dict)
         self._synced = (id(self.delta), self.delta._version)  # weight == W0 + scaling * 0 already
         self._claim_weight()
-        _LIVE_LAYERS.add(self)
+        _wb.track(self)
 
     def __setstate__(self, state):
         """Unpickling and ``copy.deepcopy`` build layers without ``__init__``: register those too (pickle turns
@@ -241,7 +237,7 @@ class PaCALinear(PartitionableLayer):
         if isinstance(delta, nn.Parameter) and not isinstance(delta, PaCADelta):
             self._parameters["delta"] = PaCADelta(_TENSOR_DATA.__get__(delta), delta.requires_grad)
         self._claim_weight()
-        _LIVE_LAYERS.add(self)
+        _wb.track(self)
 
     def _required_delta_dtype(self) -> torch.dtype:
         """float32; float64 for a float64 weight (:meth:`PaCALayerBase._apply` keeps ``delta`` so)."""
@@ -266,7 +262,7 @@ class PaCALinear(PartitionableLayer):
             if torch.compiler.is_compiling():
                 owned = False  # a compiled graph runs no host-side check: correct stale columns in-graph (module doc)
             elif (id(delta), delta._version) != self._synced or delta.__dict__.get("_paca_touched", False):
-                self.sync()  # may find that an engine took the weight over (ZeRO-3 partitioning touches delta)
+                _wb.refresh(self)  # may find that an engine took the weight over (ZeRO-3 partitioning touches delta)
                 owned = weight is self._dense_weight()
             if owned:
                 return _PaCAFunction.apply(x, weight, bias, delta, indices, self.scaling)
@@ -296,8 +292,9 @@ class PaCALinear(PartitionableLayer):
         note the ``delta`` version it reflects. Writes nothing into a weight the layer does not own (partitioned
         by ZeRO-3 / FSDP: the forward then adds the update itself, see the module docstring).
 
-        Called after every optimizer step by the hook in :mod:`paca_hpu.model`, and by ``forward`` when
-        :meth:`is_stale`. Disabled layers are written too (their forward does not read the merged columns)."""
+        What the default write-back of :mod:`paca_hpu.writeback` runs for each layer (after every optimizer step,
+        before a forward or ``state_dict()`` when :meth:`is_stale`). Disabled layers are written too (their forward
+        does not read the merged columns)."""
         delta = self.delta
         if self.owns_weight():
             self.weight.index_copy_(1, self.indices.long(), self.merged_columns())

@@ -94,7 +94,7 @@ class _PaCAPartitionedFunction(torch.autograd.Function):
                 if grad_x.dtype != ctx.x_dtype:
                     grad_x = grad_x.to(ctx.x_dtype)
             if ctx.needs_input_grad[3]:
-                grad_delta = _base._delta_grad(grad_y, x_sel, ctx.scaling)
+                grad_delta = _base._delta_gradient(grad_y, x_sel, ctx.scaling)
         return grad_x, None, None, grad_delta, None, None, None
 
 

@@ -70,13 +70,13 @@ without gradients) is kept off every 4-bit layer of a PaCA model, and a model it
 (:func:`prevent_cpu_repack` says why).
 
 8-bit ``Linear8bitLt`` layers are refused (:func:`unsupported_reason`); 4-bit is the supported quantized mode.
-bitsandbytes is imported only when a model already holds its layers; importing this module does not import it.
+bitsandbytes is imported only when a model already holds its layers; importing this module does not import it. The
+bitsandbytes helpers (recognising its layers, the quantization state and its dequantization, the CPU repack, the
+quantization markers of a merged model) are in :mod:`paca_hpu.layer.bnb_helpers` and importable from here as before.
 """
 
 from __future__ import annotations
 
-import copy
-import sys
 from typing import Optional
 
 import torch
@@ -84,126 +84,13 @@ from torch import nn
 
 from ..selection import check_indices
 from .base import PaCALayerBase, _autocast_dtype, _autocast_off, delta_gradient, input_gradient
+from .bnb_helpers import (checked_quant_state, clear_quantization_markers, dequantized, is_linear4bit,
+                          linear_features, prevent_cpu_repack, unsupported_reason)
 
 __all__ = ["PaCALinear4bit", "is_linear4bit", "unsupported_reason", "linear_features", "merged_linear",
            "clear_quantization_markers", "prevent_cpu_repack"]
 
 _COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _bnb_nn():
-    """``bitsandbytes.nn`` if bitsandbytes is already imported (never imports it: a model cannot hold its layers
-    otherwise)."""
-    return sys.modules.get("bitsandbytes.nn")
-
-
-def is_linear4bit(module: nn.Module) -> bool:
-    """``module`` is a ``bitsandbytes.nn.Linear4bit`` (NF4 / FP4, also ``LinearNF4`` / ``LinearFP4``)."""
-    bnn = _bnb_nn()
-    return bnn is not None and isinstance(module, bnn.Linear4bit)
-
-
-def unsupported_reason(name: str, module: nn.Module) -> Optional[str]:
-    """Why PaCA cannot adapt ``module`` although it is an ``nn.Linear`` subclass, or None.
-
-    bitsandbytes' 8-bit ``Linear8bitLt`` (and any other ``nn.Linear`` subclass whose weight is not a float
-    ``(out_features, in_features)`` tensor) is refused: 4-bit (``Linear4bit``) is the supported quantized mode."""
-    if is_linear4bit(module) or not isinstance(module, nn.Linear):
-        return None
-    w = module.weight
-    shape = tuple(getattr(w, "ds_shape", None) or w.shape)  # a DeepSpeed ZeRO-3 placeholder has shape (0,)
-    bnn = _bnb_nn()
-    if bnn is not None and isinstance(module, getattr(bnn, "Linear8bitLt", ())):
-        kind = "a bitsandbytes 8-bit Linear8bitLt"
-    elif w.is_floating_point() and w.dim() == 1 and shape != (module.out_features, module.in_features):
-        return (f"the weight of layer '{name}' is a flat shard of shape {tuple(w.shape)} (FSDP): apply_paca / "
-                "load_adapter must run on the whole model, before wrapping it with FSDP or fully_shard")
-    elif not (w.is_floating_point() and shape == (module.out_features, module.in_features)):
-        kind = f"a {type(module).__name__} with a {w.dtype} weight of shape {tuple(w.shape)}"
-    else:
-        return None
-    return (f"layer '{name}' is {kind}; PaCA adapts plain float nn.Linear / Conv1D layers and bitsandbytes 4-bit "
-            "Linear4bit layers. Load the model with BitsAndBytesConfig(load_in_4bit=True) (NF4 or FP4) instead of "
-            "8-bit, or exclude the layer (exclude_modules)")
-
-
-def linear_features(module: nn.Module):
-    """``(in_features, out_features)`` of an ``nn.Linear``, a bitsandbytes ``Linear4bit`` (whose packed weight has
-    shape ``(out*in/2, 1)``) or a transformers ``Conv1D`` (weight ``(in, out)``)."""
-    if is_linear4bit(module):
-        return int(module.in_features), int(module.out_features)
-    w = module.weight
-    if isinstance(module, nn.Linear):
-        return int(w.shape[1]), int(w.shape[0])
-    return int(w.shape[0]), int(w.shape[1])
-
-
-def _repacked_message(name: str) -> str:
-    return (f"bitsandbytes layer '{name}' has been repacked for bitsandbytes' CPU inference kernel (what its "
-            "eval-mode forward without gradients does on a CPU with AVX-512 BF16, e.g. an evaluation or a generation "
-            "before PaCA was applied); the repack rounds the block scales (absmax) to bfloat16, which a fresh load of "
-            "the checkpoint does not give, and bitsandbytes computes no input gradient through a repacked layer. "
-            "Reload the model and apply PaCA (apply_paca / load_adapter) before evaluating or generating with it; "
-            "evaluate the base model afterwards inside paca_hpu.disable_paca(model)")
-
-
-def _quant_state(base: nn.Module, name: str = ""):
-    """The layer's bitsandbytes ``QuantState`` in bitsandbytes' standard packing.
-
-    Raises:
-        ValueError: the layer is not quantized yet (bitsandbytes quantizes on ``.to(device)``), or bitsandbytes
-            repacked it for its CPU inference kernel (see :func:`prevent_cpu_repack`).
-    """
-    w = base.weight
-    qs = getattr(w, "quant_state", None)
-    if qs is None or not getattr(w, "bnb_quantized", True):
-        raise ValueError(f"Linear4bit '{name}' is not quantized yet (bitsandbytes quantizes when the layer is moved to "
-                         "its device: .to('cpu') / .to('cuda') / .to('hpu')); move the model first")
-    if getattr(qs, "packing_format_for_cpu", False):
-        raise ValueError(_repacked_message(name))
-    return qs
-
-
-def _linear4bit_layers(model: nn.Module):
-    """``(name, module)`` of every bitsandbytes ``Linear4bit`` in ``model`` (those inside PaCA layers included)."""
-    return [(n, m) for n, m in model.named_modules() if is_linear4bit(m)]
-
-
-def prevent_cpu_repack(model: nn.Module) -> None:
-    """Keep every bitsandbytes ``Linear4bit`` of ``model`` in bitsandbytes' standard 4-bit layout for good.
-
-    bitsandbytes (>= 0.50, CPU) repacks a ``Linear4bit`` weight for its AVX-512 BF16 inference kernel at the
-    layer's first eval-mode forward without gradients (``support_avx512bf16_for_cpu``, hosts with AVX-512 BF16 only):
-    the block scales are rounded to bfloat16 and transposed, double quantization is dropped, later forwards run a
-    kernel without autograd (no gradient reaches the layer's input, silently, also in training mode), and
-    bitsandbytes' private inverse leaves ``absmax`` transposed when there was no double quantization. Called on the
-    whole model, targeted layers or not, by :func:`paca_hpu.apply_paca` (so ``load_adapter``),
-    :func:`paca_hpu.calibrate_indices`, :func:`paca_hpu.trainer.prepare_model` before peft LoRA (QLoRA) and the
-    benchmark's 4-bit base: the layers then always compute on bitsandbytes' standard 4-bit path (as on AVX2 hosts,
-    in training and on other devices). Not undone by ``unload_paca`` / ``merge_paca``. A no-op for a model without
-    bitsandbytes layers.
-
-    Raises:
-        ValueError: a layer was already repacked (names it, the cause and the fix: reload the model and convert it
-            before evaluating or generating); nothing is changed then.
-    """
-    layers = _linear4bit_layers(model)
-    for name, module in layers:
-        if getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False):
-            raise ValueError(_repacked_message(name))
-    for _, module in layers:
-        module.support_avx512bf16_for_cpu = False
-
-
-def _dequantize(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
-    """``dequantize_4bit(weight)`` as a fresh ``(out, in)`` tensor of ``dtype`` (float32 / bf16 / fp16); the values
-    are the float32 products code * absmax rounded once to ``dtype``, as bitsandbytes' GEMM uses them."""
-    import bitsandbytes.functional as bnbF
-
-    if quant_state.dtype != dtype:
-        quant_state = copy.copy(quant_state)  # shallow: shares absmax / code, only the output dtype differs
-        quant_state.dtype = dtype
-    return bnbF.dequantize_4bit(weight, quant_state)
 
 
 def _merged_operand(original_columns: torch.Tensor, delta: torch.Tensor, scaling: float, cd: torch.dtype):
@@ -265,7 +152,7 @@ class _QPaCAFunction(torch.autograd.Function):
         with _autocast_off(grad_y.device.type):
             if ctx.needs_input_grad[0]:
                 cd = ctx.compute_dtype
-                w = _dequantize(ctx.weight, ctx.quant_state, cd)  # (out, in), a temporary, as bitsandbytes' backward
+                w = dequantized(ctx.weight, ctx.quant_state, cd)  # (out, in), a temporary, as bitsandbytes' backward
                 if delta is not None:
                     w.index_copy_(1, indices.long(), torch.add(original_columns, delta, alpha=ctx.scaling).to(cd))
                 grad_x = input_gradient(grad_y, w, cd, ctx.x_dtype)
@@ -311,7 +198,7 @@ class PaCALinear4bit(PaCALayerBase):
         super().__init__()
         if not is_linear4bit(base_layer):
             raise TypeError(f"PaCALinear4bit wraps a bitsandbytes Linear4bit, got {type(base_layer).__name__}")
-        qs = _quant_state(base_layer, name)
+        qs = checked_quant_state(base_layer, name)
         self.in_features, self.out_features = linear_features(base_layer)
         if tuple(qs.shape) != (self.out_features, self.in_features):
             raise ValueError(f"Linear4bit '{name}' quant_state.shape {tuple(qs.shape)} does not match "
@@ -372,7 +259,7 @@ class PaCALinear4bit(PaCALayerBase):
         """``x``: ``(..., in_features)`` -> ``(..., out_features)`` (module docstring)."""
         cd = self.compute_dtype(x)
         out_dtype = _autocast_dtype(x) or x.dtype
-        qs = _quant_state(self.base_layer, getattr(self, "paca_name", ""))
+        qs = checked_quant_state(self.base_layer, getattr(self, "paca_name", ""))
         delta = None
         if self._paca_enabled:
             self._refresh_columns()
@@ -386,7 +273,7 @@ class PaCALinear4bit(PaCALayerBase):
         """``F.linear(x, W)`` by plain autograd ops, ``W`` = the dequantized weight with the merged columns copied in
         out of place: exact higher-order gradients (:func:`paca_hpu.functional_paca`); keeps a dequantized weight
         copy per call and the full input for backward."""
-        w = _dequantize(self.base_layer.weight, quant_state, cd)
+        w = dequantized(self.base_layer.weight, quant_state, cd)
         w = w.index_copy(1, self.indices.long(), torch.add(self.original_columns, delta, alpha=self.scaling).to(cd))
         bias = self.base_layer.bias
         with _autocast_off(x.device.type):
@@ -399,7 +286,7 @@ class PaCALinear4bit(PaCALayerBase):
     def base_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``D = dequantize_4bit(Wq)`` as a new ``(out_features, in_features)`` tensor of ``dtype`` (float32 by
         default: the exact products code * absmax)."""
-        return _dequantize(self.base_layer.weight, _quant_state(self.base_layer), dtype)
+        return dequantized(self.base_layer.weight, checked_quant_state(self.base_layer), dtype)
 
     def _refresh_columns(self) -> None:
         """(Re)capture ``original_columns = D[:, indices]`` (float32) when the base weight is another tensor than
@@ -425,7 +312,7 @@ class PaCALinear4bit(PaCALayerBase):
         """The effective weight ``W`` (``D`` with ``D[:, idx] + scaling * delta``) as ``(out, in)`` of ``dtype``:
         computed in float32, then rounded ONCE to ``dtype`` (round to nearest even). Default dtype: the dtype the
         weights had before quantization (``quant_state.dtype``, the model's ``torch_dtype`` at load)."""
-        dtype = dtype or _quant_state(self.base_layer).dtype
+        dtype = dtype or checked_quant_state(self.base_layer).dtype
         w = self.base_weight()
         w.index_add_(1, self.indices, self.delta.detach().float(), alpha=self.scaling)
         return w.to(dtype)
@@ -470,45 +357,3 @@ def merged_linear(layer: PaCALinear4bit, dtype: Optional[torch.dtype] = None) ->
                                                                                                              False))
     new.train(layer.training)
     return new
-
-
-def clear_quantization_markers(model: nn.Module) -> bool:
-    """After merging: make ``save_pretrained`` write a checkpoint that ``from_pretrained`` loads as this model.
-
-    If ``model`` was quantized by transformers' bitsandbytes integration and no bitsandbytes layer is left, its
-    quantization markers are dropped (``hf_quantizer``, ``config.quantization_config``, ``is_quantized``..., through
-    transformers' ``HfQuantizer.remove_quantization_config``): a plain checkpoint. If some are left (only some layers
-    were adapted, e.g. ``q_proj`` / ``v_proj``), the markers stay and every float ``nn.Linear`` / ``Conv1D`` of the
-    model (the merged layers, and those never quantized such as ``lm_head``) is listed by its qualified name in
-    ``quantization_config.llm_int8_skip_modules`` (transformers' list of layers not to quantize, 4-bit included): the
-    reload keeps the merged layers float with their saved weights and the other layers 4-bit with their saved
-    quantization states, instead of looking for quantization states of the merged layers. (peft instead re-quantizes
-    merged layers to 4 bits, which changes them.) Returns whether the markers were dropped."""
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is None or not hasattr(quantizer, "remove_quantization_config"):
-        return False
-    bnn = _bnb_nn()
-    if bnn is not None:
-        kinds = tuple(k for k in (getattr(bnn, "Linear4bit", None), getattr(bnn, "Linear8bitLt", None)) if k)
-        if any(isinstance(m, kinds) for m in model.modules()):
-            _skip_float_layers(model, quantizer, kinds)
-            return False
-    quantizer.remove_quantization_config(model)
-    return True
-
-
-def _skip_float_layers(model: nn.Module, quantizer, quantized_kinds: tuple) -> None:
-    """List every float ``nn.Linear`` / ``Conv1D`` of ``model`` in ``llm_int8_skip_modules`` of its quantization
-    config(s) (see :func:`clear_quantization_markers`)."""
-    from transformers.pytorch_utils import Conv1D
-
-    names = sorted(n for n, m in model.named_modules()
-                   if n and isinstance(m, (nn.Linear, Conv1D)) and not isinstance(m, quantized_kinds))
-    configs = [getattr(model.config, "quantization_config", None), getattr(quantizer, "quantization_config", None)]
-    for qc in {id(c): c for c in configs if c is not None}.values():
-        if isinstance(qc, dict):
-            qc["llm_int8_skip_modules"] = names
-        else:
-            qc.llm_int8_skip_modules = names
-    if isinstance(getattr(quantizer, "modules_to_not_convert", None), list):
-        quantizer.modules_to_not_convert = sorted(set(quantizer.modules_to_not_convert) | set(names))
