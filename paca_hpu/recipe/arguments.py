@@ -4,11 +4,12 @@ version-dependent training flags, the script's defaults, and the ``HfArgumentPar
 import dataclasses
 import os
 import re
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from .. import trainer as _tr
-from ..selection import INIT_INDICES
+from ..config import PaCAConfig
 
 @dataclass
 class ModelArguments:
@@ -119,38 +120,12 @@ class DataArguments:
 
 @dataclass
 class AdapterArguments:
-    """Method flags of ``run_paca_clm.py``: ``--peft_type {paca,lora,none}`` and its r / alpha / targets."""
+    """Method flags of ``run_paca_clm.py`` that the adapter configuration does not hold: ``--peft_type
+    {paca,lora,none}`` and what the run does around the adapter.  The adapter's own flags (r, alpha, targets, ...)
+    are :class:`~paca_hpu.PaCAConfig`'s fields (:data:`PaCAConfigArguments`)."""
     peft_type: str = field(
         default="paca",
         metadata={"help": "paca (this package), lora (peft LoRA) or none (full fine-tuning).", "choices": list(_tr.PEFT_TYPES)},
-    )
-    paca_r: int = field(
-        default=8, metadata={"help": "PaCA: trained columns per layer; LoRA: rank.", "aliases": ["--lora_rank"]}
-    )
-    paca_alpha: float = field(
-        default=16, metadata={"help": "Scaling numerator (update scaled by alpha / r).", "aliases": ["--lora_alpha"]}
-    )
-    target_modules: List[str] = field(
-        default_factory=lambda: ["all-linear"],
-        metadata={
-            "help": "'all-linear', module names / suffixes (q_proj v_proj ...), or one regular expression.",
-            "aliases": ["--lora_target_modules"],
-        },
-    )
-    exclude_modules: Optional[List[str]] = field(default=None, metadata={"help": "Modules to leave alone."})
-    modules_to_save: Optional[List[str]] = field(
-        default=None, metadata={"help": "Modules trained fully and saved with the adapter (e.g. lm_head)."}
-    )
-    random_seed: int = field(default=0, metadata={"help": "PaCA: seed of the column selection (init_indices random)."})
-    paca_init_indices: str = field(
-        default="random",
-        metadata={"help": "PaCA: how each layer's r columns are chosen: random (default; seed and layer name), "
-                          "weight_norm (largest L2 norm of the pretrained weight's columns) or activation_norm "
-                          "(largest input-activation L2 norm per input channel over --paca_calibration_batches "
-                          "training batches, computed before training; its columns meet the largest inputs, so "
-                          "tune its learning rate, likely lower). The indices are saved with the adapter. "
-                          "Which one to use: docs/benchmarks.md, 'Parity study and column selection'.",
-                  "choices": list(INIT_INDICES)},
     )
     paca_calibration_batches: int = field(
         default=8,
@@ -168,6 +143,57 @@ class AdapterArguments:
                           "evaluate the held-out loss again (needs memory for a second model). Default: on when the model "
                           "is the embedded SmolLM2 (no --model_name_or_path, whatever the data), off otherwise."},
     )
+
+
+#: How the command line names :class:`~paca_hpu.PaCAConfig`'s fields: field -> (flag, aliases, a sentence added to
+#: the field's help).  The flag names are the script's own (optimum-habana's ``run_lora_clm.py`` spellings as
+#: aliases); type, default and help come from ``PaCAConfig``, so the adapter configuration is declared once.  A field
+#: not listed here is a flag of its own name.
+PACA_CONFIG_FLAGS: Dict[str, Tuple[str, List[str], str]] = {
+    "r": ("paca_r", ["--lora_rank"], " LoRA (--peft_type lora): the rank."),
+    "paca_alpha": ("paca_alpha", ["--lora_alpha"], " LoRA: lora_alpha."),
+    "target_modules": ("target_modules", ["--lora_target_modules"], ""),
+    "init_indices": ("paca_init_indices", [], " activation_norm computes them before training, over "
+                                              "--paca_calibration_batches training batches. Which one to use: "
+                                              "docs/benchmarks.md, 'Parity study and column selection'."),
+}
+
+
+def paca_config_flag(name: str) -> str:
+    """The flag name (``PaCAConfigArguments`` field, without ``--``) of :class:`~paca_hpu.PaCAConfig`'s field
+    ``name``: ``paca_r`` for ``r``, ``paca_init_indices`` for ``init_indices``, else ``name`` itself."""
+    return PACA_CONFIG_FLAGS.get(name, (name,))[0]
+
+
+def _command_line_type(hint):
+    """``hint`` as ``HfArgumentParser`` can take it: it takes no ``Union`` but ``Optional``, so a pattern field (a
+    string or a list of names) is a list of strings on the command line (``--target_modules q_proj v_proj``; a
+    one-element list is read back as the string by :func:`paca_hpu.trainer.paca_config`)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is Union and List[str] in args:
+        return Optional[List[str]] if type(None) in args else List[str]
+    return hint
+
+
+def _paca_config_arguments() -> type:
+    """The dataclass ``PaCAConfigArguments``: :class:`~paca_hpu.PaCAConfig`'s fields under their flag names
+    (:data:`PACA_CONFIG_FLAGS`), for ``HfArgumentParser``; :func:`~paca_hpu.recipe.parsing.parse_args` builds the
+    run's one ``PaCAConfig`` from what it parses."""
+    hints = typing.get_type_hints(PaCAConfig)
+    spec = []
+    for f in dataclasses.fields(PaCAConfig):
+        _, aliases, more = PACA_CONFIG_FLAGS.get(f.name, (f.name, [], ""))
+        metadata = dict(f.metadata, help=f.metadata.get("help", "") + more, **({"aliases": aliases} if aliases else {}))
+        kind = _command_line_type(hints[f.name])
+        if kind is List[str] and isinstance(f.default, str):
+            default = field(default_factory=lambda d=f.default: [d], metadata=metadata)
+        else:
+            default = field(default=f.default, metadata=metadata)
+        spec.append((paca_config_flag(f.name), kind, default))
+    return dataclasses.make_dataclass("PaCAConfigArguments", spec)
+
+
+PaCAConfigArguments = _paca_config_arguments()
 
 
 #: Adapter flags that mean nothing for a --peft_type; given anyway, they are warned about (never silently dropped).
@@ -220,7 +246,8 @@ class HabanaCompatArguments:
     )
 
 
-#: Defaults of this script that differ from the TrainingArguments ones (an explicit flag always wins).
+#: Defaults of this script that differ from those of the fields' own classes (TrainingArguments, PaCAConfig; by
+#: flag name); an explicit flag always wins.
 SCRIPT_DEFAULTS: Dict[str, Any] = {
     "output_dir": os.path.join("outputs", "run_paca_clm"),
     "do_train": True,
@@ -246,24 +273,26 @@ def has_field(cls, name: str) -> bool:
 
 def argument_classes(args_cls) -> tuple:
     """The dataclasses ``run_paca_clm.py`` parses for the training-arguments class ``args_cls``:
-    ``(ModelArguments, DataArguments, AdapterArguments, args_cls)`` plus :func:`version_compat_arguments` when
-    ``args_cls`` lacks one of its fields and :class:`HabanaCompatArguments` when it is no
-    ``GaudiTrainingArguments``."""
+    ``(ModelArguments, DataArguments, AdapterArguments, PaCAConfigArguments, args_cls)`` plus
+    :func:`version_compat_arguments` when ``args_cls`` lacks one of its fields and :class:`HabanaCompatArguments`
+    when it is no ``GaudiTrainingArguments``."""
     compat = version_compat_arguments(args_cls)
     extra = () if compat is None else (compat,)
     extra += () if has_field(args_cls, "use_habana") else (HabanaCompatArguments,)
-    return (ModelArguments, DataArguments, AdapterArguments, args_cls) + extra
+    return (ModelArguments, DataArguments, AdapterArguments, PaCAConfigArguments, args_cls) + extra
 
 
 def build_parser(args_cls):
-    """``HfArgumentParser`` over :func:`argument_classes` ``(args_cls)`` with this script's defaults; a help text that
+    """``HfArgumentParser`` over :func:`argument_classes` ``(args_cls)`` with this script's defaults
+    (:data:`SCRIPT_DEFAULTS`, which may override any field's default, ``PaCAConfig``'s too); a help text that
     names the library's own default of such a flag (transformers 4.55: "Defaults to 'trainer_output'") loses that
     sentence, so that ``--help`` shows the one default that applies."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(argument_classes(args_cls))
+    classes = argument_classes(args_cls)
+    parser = HfArgumentParser(classes)
     parser.prog = "run_paca_clm.py"
-    defaults = {k: v for k, v in SCRIPT_DEFAULTS.items() if has_field(args_cls, k)}
+    defaults = {k: v for k, v in SCRIPT_DEFAULTS.items() if any(has_field(c, k) for c in classes)}
     parser.set_defaults(**defaults)
     for action in parser._actions:
         if action.dest in defaults and action.help:

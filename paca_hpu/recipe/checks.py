@@ -2,15 +2,14 @@
 loaded, the output folder, the engine and quantization, the adapter against the loaded base model, and a checkpoint
 to resume from.  Every refusal is a :class:`~paca_hpu.recipe.errors.UsageError` naming the flag as typed."""
 
-import json
 import logging
-import math
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .. import checkpoints as _ckpt
 from .. import trainer as _tr
-from ..adapter import is_paca_adapter_config
+from ..adapter import ADAPTER_CONFIG_NAME, read_adapter
+from ..hub import one_line
 from ..model import name_matches
 from ..selection import check_r
 from .errors import UsageError
@@ -24,27 +23,6 @@ def check_batch_sizes(training_args) -> None:
         value = getattr(training_args, flag, 1)
         if value is not None and value < 1:
             raise UsageError(f"--{flag} {value} is not allowed; pass a value >= 1")
-
-
-def check_adapter_numbers(adapter_args, argv: Sequence[str]) -> None:
-    """``--paca_r`` (LoRA: the rank) must be >= 1 and PaCA's ``--paca_alpha`` a finite number > 0; checked before
-    anything loads, and named as the user typed them (not as the ``PaCAConfig`` fields they end up in).
-
-    Raises:
-        UsageError: naming the flag and its value.
-    """
-    a = adapter_args
-    if a.peft_type == "none":
-        return  # warned about as not applicable (NOT_APPLICABLE)
-    try:
-        check_r(a.paca_r)
-    except ValueError:
-        what = "the number of trained columns per layer" if a.peft_type == "paca" else "the LoRA rank"
-        raise UsageError(f"{typed_flag(argv, 'paca_r')} {a.paca_r} is not allowed: {what} must be >= 1 (e.g. 8)"
-                         ) from None
-    if a.peft_type == "paca" and not (math.isfinite(a.paca_alpha) and a.paca_alpha > 0):
-        raise UsageError(f"{typed_flag(argv, 'paca_alpha')} {a.paca_alpha:g} is not allowed: the scaling numerator "
-                         "must be a finite number > 0 (e.g. 16; the update is scaled by alpha / r)")
 
 
 def _linear_module_kinds(model, without_tied: bool = False) -> Tuple[List[str], List[str]]:
@@ -67,24 +45,20 @@ def _linear_module_kinds(model, without_tied: bool = False) -> Tuple[List[str], 
     return [k for k in layers if k not in tied], tied
 
 
-def check_targets(model, adapter_args, argv: Sequence[str]) -> None:
-    """Right after the base model is loaded, before any data is processed: every name given to ``--target_modules``
-    matches a module of ``model`` (as peft and :func:`paca_hpu.apply_paca` match names: the qualified name or its
-    last parts; one regular expression must match some module), and for PaCA ``--paca_r`` fits every targeted
-    layer's ``in_features``.  A name that matches nothing used to be dropped silently when another one matched.
+def check_targets(model, peft_type: str, config, argv: Sequence[str]) -> None:
+    """Right after the base model is loaded, before any data is processed: every name of the run's
+    ``config.target_modules`` (:class:`~paca_hpu.PaCAConfig`; for LoRA too) matches a module of ``model`` (as peft
+    and :func:`paca_hpu.apply_paca` match names: the qualified name or its last parts; one regular expression must
+    match some module), and for PaCA ``config.r`` fits every targeted layer's ``in_features``.  A name that matches
+    nothing used to be dropped silently when another one matched.
 
     Raises:
         UsageError: naming the unknown modules and the model's linear module names, or the layer whose
             ``in_features`` is smaller than ``--paca_r``.
     """
-    a = adapter_args
-    if a.peft_type == "none":
+    if config is None:  # --peft_type none
         return
-    flag = typed_flag(argv, "target_modules")
-    try:  # the value as the adapter sees it: "all-linear", one regular expression, or a list of names
-        target = _tr.paca_config(target_modules=a.target_modules, exclude_modules=a.exclude_modules).target_modules
-    except ValueError as err:
-        raise UsageError(f"{flag}: {err}") from err
+    target = config.target_modules  # "all-linear", one regular expression, or a list of names
     names = [n for n, _ in model.named_modules() if n]
     if isinstance(target, str):
         unknown = [] if target == "all-linear" or any(name_matches(n, target) for n in names) else [target]
@@ -93,28 +67,35 @@ def check_targets(model, adapter_args, argv: Sequence[str]) -> None:
     if unknown:
         shown = ", ".join("'" + u + "'" for u in unknown)
         verb = "matches" if len(unknown) == 1 else "match"
-        kinds, tied = _linear_module_kinds(model, without_tied=a.peft_type == "paca")
+        kinds, tied = _linear_module_kinds(model, without_tied=peft_type == "paca")
         left_out = f"; {', '.join(tied)}: tied to another module's weight, which PaCA cannot adapt" if tied else ""
-        raise UsageError(f"{flag}: {shown} {verb} no module of {type(model).__name__}; its linear modules are "
-                         f"{', '.join(kinds) or 'none'} (or pass all-linear){left_out}")
-    if a.peft_type != "paca":
+        raise UsageError(f"{typed_flag(argv, 'target_modules')}: {shown} {verb} no module of {type(model).__name__}; "
+                         f"its linear modules are {', '.join(kinds) or 'none'} (or pass all-linear){left_out}")
+    if peft_type != "paca":
         return
-    from .. import find_target_modules
-
-    config = _tr.paca_config(a.paca_r, a.paca_alpha, a.target_modules, a.exclude_modules, None, a.random_seed)
-    try:
-        layers = find_target_modules(model, config)
-    except ValueError as err:
-        raise UsageError(str(err)) from err
     modules = dict(model.named_modules())
-    for name in layers:
+    for name in _selected_layers(model, config):
         in_features = getattr(modules[name], "in_features", None) or getattr(modules[name], "nx", None)
         try:
-            check_r(a.paca_r, in_features, name)
+            check_r(config.r, in_features, name)
         except ValueError:
-            raise UsageError(f"{typed_flag(argv, 'paca_r')} {a.paca_r} exceeds in_features={in_features} of layer "
+            raise UsageError(f"{typed_flag(argv, 'paca_r')} {config.r} exceeds in_features={in_features} of layer "
                              f"'{name}' (PaCA trains r of its input columns); lower it, or leave that layer out "
                              "with --exclude_modules") from None
+
+
+def _selected_layers(model, config) -> List[str]:
+    """The layers of the un-adapted ``model`` that ``config`` adapts (:func:`paca_hpu.find_target_modules`).
+
+    Raises:
+        UsageError: the selection is refused (e.g. a tied output head named explicitly).
+    """
+    from .. import find_target_modules
+
+    try:
+        return find_target_modules(model, config)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
 
 
 #: Config fields that hold a model's number of positions (LLaMA / Mistral / Qwen and most others; GPT-2; others).
@@ -258,81 +239,77 @@ def _spec_key(value: Any) -> Any:
     return value
 
 
-def check_resume(checkpoint: str, adapter_args) -> bool:
-    """The checkpoint must hold what this run trains: the same ``--peft_type`` and, for PaCA, the same adapter
-    shape (else the optimizer state cannot fit). Reads the checkpoint's adapter_config.json once.
+def _checkpoint_adapter(checkpoint: str, peft_type: str):
+    """``(kind, PaCAConfig or None)`` of what ``checkpoint`` holds: ``"none"`` (no adapter_config.json: a full
+    model), ``"paca"`` (read with :func:`paca_hpu.adapter.read_adapter`, which checks both files) or ``"other"``
+    (an adapter that is no paca_hpu one, such as peft LoRA's).
+
+    Raises:
+        UsageError: this run is PaCA and the checkpoint's adapter files cannot be read as a PaCA adapter (names the
+            file and why: garbled, truncated, another method's adapter).
+    """
+    if not os.path.isfile(os.path.join(checkpoint, ADAPTER_CONFIG_NAME)):
+        return "none", None
+    try:
+        config, _, _ = read_adapter(checkpoint)
+    except (OSError, ValueError) as err:
+        if peft_type == "paca":
+            raise UsageError(f"cannot resume from '{checkpoint}' with --peft_type paca: {one_line(err)}") from err
+        return "other", None
+    return "paca", config
+
+
+def check_resume(checkpoint: str, peft_type: str, config) -> Optional[Any]:
+    """The checkpoint must hold what this run trains: the same ``--peft_type`` and, for PaCA, the same adapter shape
+    as the run's ``config`` (else the optimizer state cannot fit).
 
     Returns:
-        True when ``--target_modules`` / ``--exclude_modules`` are spelled differently from the checkpoint's (other
-        names, a regex): whether they select the same layers is then checked once the model is adapted
-        (:func:`check_resume_selection`). Lists that differ only in order count as equal here.
+        The checkpoint's :class:`~paca_hpu.PaCAConfig` when its ``target_modules`` / ``exclude_modules`` are
+        spelled differently from ``config``'s (other names, a regex): whether they select the same layers is then
+        checked once the base model is loaded (:func:`check_resume_selection`); else None. Lists that differ only
+        in order count as equal here.
 
     Raises:
         UsageError: naming the flag to pass to match the checkpoint.
     """
-    path = os.path.join(checkpoint, "adapter_config.json")
-    saved = None
-    if os.path.isfile(path):
-        try:
-            with open(path) as fh:
-                saved = json.load(fh)
-        except (OSError, ValueError) as err:
-            raise UsageError(f"cannot read '{path}': {err}") from err
-    saved_type = saved.get("peft_type") if saved is not None else None
-    if is_paca_adapter_config(saved):
-        saved_type = "PACA"  # the sentence paca_hpu writes as peft_type (paca_hpu.adapter.PEFT_TYPE), or older "PACA"
-    saved_kind = "none" if saved is None else {"PACA": "paca", "LORA": "lora"}.get(saved_type)
-    if saved_kind is not None and saved_kind != adapter_args.peft_type:
-        raise UsageError(f"cannot resume from '{checkpoint}': it holds a --peft_type {saved_kind} checkpoint, this run "
-                         f"has --peft_type {adapter_args.peft_type}; pass --peft_type {saved_kind} to resume it")
-    if adapter_args.peft_type != "paca":
-        return False
-    if saved_type not in (None, "PACA"):
-        raise UsageError(f"'{checkpoint}' holds a {saved_type} adapter, not a PaCA one")
-    want = _tr.paca_config(adapter_args.paca_r, adapter_args.paca_alpha, adapter_args.target_modules,
-                           adapter_args.exclude_modules, adapter_args.modules_to_save,
-                           adapter_args.random_seed, adapter_args.paca_init_indices).to_dict()
+    kind, saved = _checkpoint_adapter(checkpoint, peft_type)
+    if kind != peft_type and (kind != "other" or peft_type == "none"):
+        held = "an adapter that is no PaCA one" if kind == "other" else f"a --peft_type {kind} checkpoint"
+        fix = "" if kind == "other" else f"; pass --peft_type {kind} to resume it"
+        raise UsageError(f"cannot resume from '{checkpoint}': it holds {held}, this run has --peft_type {peft_type}"
+                         + fix)
+    if saved is None:
+        return None
+    have, want = saved.to_dict(), config.to_dict()
     for key in ("r", "paca_alpha", "modules_to_save"):
-        if key in saved and _spec_key(saved[key]) != _spec_key(want[key]):
+        if _spec_key(have[key]) != _spec_key(want[key]):
             flag = {"r": "paca_r"}.get(key, key)
-            raise UsageError(f"cannot resume from '{checkpoint}': it was trained with {key}={saved[key]!r}, this run "
+            raise UsageError(f"cannot resume from '{checkpoint}': it was trained with {key}={have[key]!r}, this run "
                              f"has {key}={want[key]!r}; pass --{flag} to match the checkpoint")
     for key in ("random_seed", "init_indices"):
-        if key in saved and saved[key] != want[key]:
-            logger.warning("resuming with the checkpoint's column indices (%s=%s), not --%s %s", key, saved[key],
+        if have[key] != want[key]:
+            logger.warning("resuming with the checkpoint's column indices (%s=%s), not --%s %s", key, have[key],
                            {"init_indices": "paca_init_indices"}.get(key, key), want[key])
-    return any(key in saved and _spec_key(saved[key]) != _spec_key(want[key])
-               for key in ("target_modules", "exclude_modules"))
+    differ = any(_spec_key(have[key]) != _spec_key(want[key]) for key in ("target_modules", "exclude_modules"))
+    return saved if differ else None
 
 
-def check_resume_selection(checkpoint: str, model, adapter_args) -> None:
-    """The PaCA layers of ``model`` (adapted with this run's flags) must be the layers the checkpoint's adapter
-    holds: what ``--target_modules`` / ``--exclude_modules`` select, whatever their spelling.
+def check_resume_selection(checkpoint: str, model, saved, config, argv: Sequence[str]) -> None:
+    """The layers this run's ``config`` selects in the un-adapted base ``model`` must be those that the checkpoint's
+    ``saved`` config selects there (which its adapter file holds, :func:`paca_hpu.load_adapter` checks): what
+    ``--target_modules`` / ``--exclude_modules`` select, whatever their spelling.
 
     Raises:
-        UsageError: the checkpoint's adapter file cannot be read, or the selections differ (names a layer in one
-            and not the other, and the checkpoint's flags).
+        UsageError: the selections differ (names a layer in one and not the other, and the checkpoint's flags).
     """
-    from safetensors import safe_open
-
-    from .. import paca_layers
-
-    path = os.path.join(checkpoint, "adapter_model.safetensors")
-    try:
-        with safe_open(path, framework="pt") as fh:
-            saved = {k[: -len(".delta")] for k in fh.keys() if k.endswith(".delta") and not k.startswith(
-                "modules_to_save.")}
-    except Exception as err:  # OSError, or safetensors' own SafetensorError for a damaged file
-        raise UsageError(f"cannot read '{path}': {err}") from err
-    here = {name for name, _ in paca_layers(model)}
-    if saved == here:
+    here, there = set(_selected_layers(model, config)), set(_selected_layers(model, saved))
+    if here == there:
         return
-    with open(os.path.join(checkpoint, "adapter_config.json")) as fh:
-        cfg = json.load(fh)
-    diff = [f"this run adds '{n}'" for n in sorted(here - saved)[:1]] + [
-        f"lacks '{n}'" for n in sorted(saved - here)[:1]]
+    diff = [f"this run adds '{n}'" for n in sorted(here - there)[:1]] + [
+        f"lacks '{n}'" for n in sorted(there - here)[:1]]
+    target = config.target_modules if isinstance(config.target_modules, str) else " ".join(config.target_modules)
     raise UsageError(
-        f"cannot resume from '{checkpoint}': --target_modules {' '.join(adapter_args.target_modules)} selects other "
-        f"layers than the checkpoint's adapter ({len(here)} vs {len(saved)}; {', '.join(diff)}); pass "
-        f"--target_modules / --exclude_modules as the checkpoint was trained with (target_modules="
-        f"{cfg.get('target_modules')!r}, exclude_modules={cfg.get('exclude_modules')!r})")
+        f"cannot resume from '{checkpoint}': {typed_flag(argv, 'target_modules')} {target} selects other layers than "
+        f"the checkpoint's adapter ({len(here)} vs {len(there)}; {', '.join(diff)}); pass --target_modules / "
+        f"--exclude_modules as the checkpoint was trained with (target_modules={saved.target_modules!r}, "
+        f"exclude_modules={saved.exclude_modules!r})")

@@ -7,19 +7,20 @@ from .._transformers_compat import dtype_kwarg
 from ..selection import DATA_AWARE_INIT_INDICES
 from .errors import UsageError
 
-def calibration_batches(adapter_args, train_ds, collator, training_args) -> Optional[List[Dict[str, Any]]]:
+
+def calibration_batches(adapter_args, config, train_ds, collator, training_args) -> Optional[List[Dict[str, Any]]]:
     """The training batches a data-aware ``--paca_init_indices`` chooses its columns from (None when the run needs
-    none): ``--paca_calibration_batches`` batches of ``--per_device_train_batch_size`` examples of the training set,
-    drawn in an order fixed by ``--seed`` through a private generator (the global RNG, hence the training order, is
-    left alone), collated like the training batches.
+    none; ``config`` is the run's :class:`~paca_hpu.PaCAConfig`): ``--paca_calibration_batches`` batches of
+    ``--per_device_train_batch_size`` examples of the training set, drawn in an order fixed by ``--seed`` through a
+    private generator (the global RNG, hence the training order, is left alone), collated like the training batches.
 
     Raises:
         UsageError: no training set to calibrate on.
     """
-    if adapter_args.peft_type != "paca" or adapter_args.paca_init_indices not in DATA_AWARE_INIT_INDICES:
+    if adapter_args.peft_type != "paca" or config.init_indices not in DATA_AWARE_INIT_INDICES:
         return None
     if train_ds is None:
-        raise UsageError(f"--paca_init_indices {adapter_args.paca_init_indices} chooses columns from training "
+        raise UsageError(f"--paca_init_indices {config.init_indices} chooses columns from training "
                          "batches: run with training data (--do_train), or use --paca_init_indices random")
     import itertools
 

@@ -6,22 +6,27 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import sys
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from .. import _optimum_habana as _oh
 from .. import device as _device
 from .. import trainer as _tr
+from ..config import PaCAConfig
 from .arguments import (DEFAULT_LR, EMBEDDED_CPU_DEFAULTS, HPU_ONLY_MODEL_FLAGS, NOT_APPLICABLE, AdapterArguments,
-                        DataArguments, HabanaCompatArguments, ModelArguments, argument_classes, build_parser,
-                        has_field)
+                        DataArguments, HabanaCompatArguments, ModelArguments, PaCAConfigArguments, argument_classes,
+                        build_parser, has_field, paca_config_flag)
 from .errors import UsageError
 
 logger = logging.getLogger("paca_hpu.run_paca_clm")
 
+
 class ParsedArgs(NamedTuple):
     """What :func:`parse_args` returns: the argument dataclasses, the explicitly given field names, the throughput
-    warm-up step count and the resolved ``use_cache`` (the training arguments' own field where they have one)."""
+    warm-up step count, the resolved ``use_cache`` (the training arguments' own field where they have one) and the
+    run's adapter configuration: the one :class:`~paca_hpu.PaCAConfig` a run builds (for ``--peft_type lora`` its
+    r / alpha / targets / modules_to_save configure the LoRA adapter; None for ``--peft_type none``)."""
     model: ModelArguments
     data: DataArguments
     adapter: AdapterArguments
@@ -29,6 +34,7 @@ class ParsedArgs(NamedTuple):
     explicit: set
     throughput_warmup_steps: int
     use_cache: bool
+    paca_config: Optional[PaCAConfig] = None
 
 
 def given(argv: Sequence[str], name: str, aliases: Sequence[str] = ()) -> bool:
@@ -52,8 +58,8 @@ def deepspeed_requested(argv: Sequence[str]) -> bool:
 def typed_flag(argv: Sequence[str], name: str) -> str:
     """How the user spelled the flag of field ``name`` (``--paca_r``, ``--paca-r`` or an alias like ``--lora_rank``);
     ``--name`` when it was not on the command line (a JSON argument file, a default)."""
-    spec = next((f for dt in (AdapterArguments, DataArguments) for f in dataclasses.fields(dt) if f.name == name),
-                None)
+    spec = next((f for dt in (AdapterArguments, PaCAConfigArguments, DataArguments) for f in dataclasses.fields(dt)
+                 if f.name == name), None)
     aliases = spec.metadata.get("aliases", []) if spec is not None else []
     spellings = {f"--{name}", f"--{name.replace('_', '-')}", *aliases}
     typed = [a.split("=", 1)[0] for a in argv if a.split("=", 1)[0] in spellings]
@@ -144,7 +150,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, info: Optional[_device.Devi
     :mod:`paca_hpu._optimum_habana`: the Gaudi plugin reads them when it starts).
 
     Raises:
-        UsageError: unknown keys in a JSON argument file, or training arguments the dataclass rejects.
+        UsageError: unknown keys in a JSON argument file, training arguments the dataclass rejects, or adapter
+            flags ``PaCAConfig`` rejects (named as typed).
         SystemExit: (argparse, exit code 2) an unknown flag or a bad value on the command line.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -179,4 +186,40 @@ def parse_args(argv: Optional[Sequence[str]] = None, info: Optional[_device.Devi
     use_cache = bool(getattr(training_args, "use_cache", values.get("use_cache", True)))
     if not hasattr(training_args, "overwrite_output_dir"):  # transformers >= 5 dropped the field
         training_args.overwrite_output_dir = bool(values.get("overwrite_output_dir", False))
-    return ParsedArgs(model_args, data_args, adapter_args, training_args, explicit, warmup, use_cache)
+    paca_config = _paca_config(values, adapter_args.peft_type, argv)
+    return ParsedArgs(model_args, data_args, adapter_args, training_args, explicit, warmup, use_cache, paca_config)
+
+
+#: What ``r`` is, per ``--peft_type``, in the message that refuses a value below 1.
+_R_MEANS = {"paca": "the number of trained columns per layer", "lora": "the LoRA rank"}
+
+
+def _paca_config(values: Dict[str, Any], peft_type: str, argv: Sequence[str]) -> Optional[PaCAConfig]:
+    """The run's one :class:`~paca_hpu.PaCAConfig`, from the parsed ``PaCAConfigArguments`` values (flag names of
+    :func:`~paca_hpu.recipe.arguments.paca_config_flag`; a one-element ``--target_modules`` list that is
+    ``all-linear`` or a regular expression becomes that string, :func:`paca_hpu.trainer.paca_config`); None for
+    ``--peft_type none`` (its adapter flags are warned about as not applicable, and not checked).
+
+    Raises:
+        UsageError: a field ``PaCAConfig`` refuses, named by its flag as typed (``--paca_r 0``, ``--lora_rank 0``,
+            ``--paca_alpha 0``, ``--target_modules`` with a broken regular expression).
+    """
+    if peft_type == "none":
+        return None
+    flags = {f.name: paca_config_flag(f.name) for f in dataclasses.fields(PaCAConfig)}
+    v = {name: values[flag] for name, flag in flags.items()}
+    try:
+        return _tr.paca_config(v["r"], v["paca_alpha"], v["target_modules"], v["exclude_modules"],
+                               v["modules_to_save"], v["random_seed"], v["init_indices"])
+    except ValueError as err:
+        named = re.match(r"PaCAConfig\.(\w+)", str(err))  # PaCAConfig's messages name the field first
+        name = named.group(1) if named else None
+        if name not in flags:
+            raise UsageError(str(err)) from None
+        flag = typed_flag(argv, flags[name])
+        if name == "r":
+            raise UsageError(f"{flag} {v['r']} is not allowed: {_R_MEANS[peft_type]} must be >= 1 (e.g. 8)") from None
+        if name == "paca_alpha":
+            raise UsageError(f"{flag} {v['paca_alpha']:g} is not allowed: the scaling numerator must be a finite "
+                             "number > 0 (e.g. 16; the update is scaled by alpha / r)") from None
+        raise UsageError(f"{flag}: {err}") from None

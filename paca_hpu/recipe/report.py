@@ -112,10 +112,13 @@ def _fmt_bytes(n: Optional[int]) -> str:
 
 
 def print_summary(m: Dict[str, Any], out: str) -> None:
+    """Print the run's summary (device, method, parameters, held-out losses, times, memory) from its metrics."""
     def f(x, spec=".4f"):
         return "n/a" if x is None else format(x, spec)
 
     loss_on = "prompt and response" if m.get("train_on_inputs") else "responses only"
+    targets = m.get("target_modules") or []  # PaCAConfig's: "all-linear", one regular expression, or names
+    targets = targets if isinstance(targets, str) else " ".join(targets)
     lines = [
         "",
         "=" * 64,
@@ -123,7 +126,7 @@ def print_summary(m: Dict[str, Any], out: str) -> None:
         "-" * 64,
         f"device                : {m['device_description']}  [{m['trainer']}]",
         f"method                : {m['peft_type']}"
-        + (f" (r={m.get('r')}, alpha={m.get('alpha')}, targets={' '.join(m.get('target_modules') or [])})"
+        + (f" (r={m.get('r')}, alpha={m.get('alpha')}, targets={targets})"
            if m["peft_type"] != "none" else " (full fine-tuning)"),
         *([f"base weights          : {m['quantization']}"] if m.get("quantization") else []),
         f"trainable parameters  : {m['trainable_params']:,} of {m['total_params']:,} ({m['trainable_percent']:.4f} %)",

@@ -12,7 +12,7 @@ from .. import trainer as _tr
 from ..atomic import write_json_atomic
 from ..hub import one_line
 from ..model import trainable_parameters
-from .checks import (check_adapter_numbers, check_batch_sizes, check_distributed, check_not_the_model,
+from .checks import (check_batch_sizes, check_distributed, check_not_the_model,
                      check_output_dir, check_quantization, check_resume, check_resume_selection, check_targets,
                      fit_seq_len)
 from .errors import UsageError, environment_error
@@ -42,6 +42,7 @@ class _Run:
         self.info = _device.get_device_info()
         self.model_args, self.data_args = self.args.model, self.args.data
         self.adapter_args, self.training_args = self.args.adapter, self.args.training
+        self.config = self.args.paca_config  # the run's one PaCAConfig (None for --peft_type none), passed down
         self.eval_seconds = 0.0  # evaluations outside the trainer (the saved-adapter check)
         self.evals = 0
 
@@ -66,7 +67,6 @@ class _Run:
             raise UsageError(f"--learning_rate {ta.learning_rate:g} is negative; pass a positive value")
         check_distributed(ta, self.info, self.adapter_args.save_merged)
         check_quantization(self.model_args, self.adapter_args.peft_type, self.args.explicit, self.info.type)
-        check_adapter_numbers(self.adapter_args, self.argv)
         if self.adapter_args.paca_calibration_batches < 1:
             raise UsageError("--paca_calibration_batches must be >= 1, got "
                              f"{self.adapter_args.paca_calibration_batches}")
@@ -109,7 +109,8 @@ class _Run:
         except (OSError, ValueError) as err:
             raise UsageError(f"cannot load the tokenizer from '{self.model_args.tokenizer_name or model_path}': "
                              f"{one_line(err)}") from err
-        self.check_selection = bool(self.resume) and check_resume(self.resume, self.adapter_args)
+        self.resumed_config = (check_resume(self.resume, self.adapter_args.peft_type, self.config) if self.resume
+                               else None)
         self._load_base_model()
         fit_seq_len(self.base_model, self.data_args, self.argv)
         ta = self.training_args
@@ -135,7 +136,9 @@ class _Run:
         except (OSError, ValueError) as err:
             raise UsageError(f"cannot load the model from '{self.model_path}': {one_line(err)}") from err
         configure_gaudi_generation(model, self.model_args, self.training_args)
-        check_targets(model, a, self.argv)
+        check_targets(model, a.peft_type, self.config, self.argv)
+        if self.resumed_config is not None:
+            check_resume_selection(self.resume, model, self.resumed_config, self.config, self.argv)
         self.base_model = model
 
     # -- 3. model with the adapter
@@ -143,19 +146,15 @@ class _Run:
         """The base model (loaded in step 2) with ``--peft_type`` applied; counts trainable parameters."""
         a = self.adapter_args
         model, self.base_model = self.base_model, None
-        self.calibration = calibration_batches(a, self.train_ds, self.collator, self.training_args)
+        self.calibration = calibration_batches(a, self.config, self.train_ds, self.collator, self.training_args)
         try:
             self.model = _tr.prepare_model(
-                model, a.peft_type, r=a.paca_r, alpha=a.paca_alpha, target_modules=a.target_modules,
-                exclude_modules=a.exclude_modules, modules_to_save=a.modules_to_save, random_seed=a.random_seed,
-                lora_dropout=a.lora_dropout, gradient_checkpointing=self.training_args.gradient_checkpointing,
-                init_indices=a.paca_init_indices, calibration_data=self.calibration,
+                model, a.peft_type, config=self.config, lora_dropout=a.lora_dropout,
+                gradient_checkpointing=self.training_args.gradient_checkpointing, calibration_data=self.calibration,
                 lora_dtype=lora_dtype(self.training_args, self.model_args),
             )
         except ValueError as err:
             raise UsageError(str(err)) from err
-        if self.check_selection:
-            check_resume_selection(self.resume, self.model, a)
         self.trainable, self.total = trainable_parameters(self.model)
         logger.info("%s: %s trainable parameters of %s (%.4f %%)", a.peft_type, f"{self.trainable:,}",
                     f"{self.total:,}", 100.0 * self.trainable / max(self.total, 1))
@@ -188,9 +187,10 @@ class _Run:
             "train_on_inputs": bool(self.data_args.train_on_inputs), "max_seq_len": self.data_args.max_seq_len,
         }
         if a.peft_type != "none":
-            self.metrics.update(r=a.paca_r, alpha=a.paca_alpha, target_modules=a.target_modules)
+            c = self.config
+            self.metrics.update(r=c.r, alpha=c.paca_alpha, target_modules=c.target_modules)
         if a.peft_type == "paca":
-            self.metrics.update(init_indices=a.paca_init_indices,
+            self.metrics.update(init_indices=self.config.init_indices,
                                 calibration_batches=len(self.calibration) if self.calibration is not None else 0)
         self.metrics.update(quantization_metrics(self.model))
 
