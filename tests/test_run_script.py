@@ -506,7 +506,11 @@ def test_help_lists_every_flag_of_the_old_parser_with_its_help():
         parser = cli.build_parser(args_cls)
         text = parser.format_help()
         library = [o for a in HfArgumentParser(args_cls)._actions for o in a.option_strings if o.startswith("--")]
-        for flag in OLD_SCRIPT_FLAGS + library:
+        # --no_use_cache came with the script's own use_cache (default True) where TrainingArguments lacks one
+        # (transformers 4.x); transformers 5's use_cache defaults to False and has no --no_ form, then as now
+        own_cache = any(f.name == "use_cache" for f in dataclasses.fields(args_cls))
+        old = [f for f in OLD_SCRIPT_FLAGS if not (own_cache and f in ("--no_use_cache", "--no-use-cache"))]
+        for flag in old + library:
             action = parser._option_string_actions.get(flag)
             assert action is not None, (args_cls.__name__, flag)
             assert action.help and action.help != argparse.SUPPRESS, (args_cls.__name__, flag)
@@ -531,6 +535,21 @@ def test_one_run_builds_its_paca_config_once(tiny, tmp_path, monkeypatch):
     assert len(built) == 1, built
     saved = json.load(open(out / "adapter_config.json"))
     assert (saved["r"], saved["target_modules"]) == (4, ["q_proj", "v_proj"]) == (built[0].r, built[0].target_modules)
+
+
+def test_prepare_model_takes_a_config_or_its_arguments_not_both():
+    """The script hands its one PaCAConfig to prepare_model; an argument given beside it would be ignored silently,
+    so it is refused, and the config's own values are the ones applied."""
+    from paca_hpu import PaCAConfig, paca_layers
+    from paca_hpu.trainer import prepare_model
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    with pytest.raises(ValueError, match="pass r, random_seed in config"):
+        prepare_model(model, "paca", r=4, random_seed=3, config=PaCAConfig(r=2))
+    config = PaCAConfig(r=2, paca_alpha=6, target_modules=["2"], random_seed=5)
+    prepare_model(model, "paca", config=config)
+    (name, layer), = paca_layers(model)
+    assert name == "2" and layer.r == 2 and layer.scaling == 3.0 and model.paca_config is config
 
 
 def test_help_shows_one_default_per_flag_the_script_sets():

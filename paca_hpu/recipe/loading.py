@@ -32,6 +32,29 @@ def calibration_batches(adapter_args, config, train_ds, collator, training_args)
     return list(itertools.islice(loader, adapter_args.paca_calibration_batches))
 
 
+def model_source(model_name_or_path: Optional[str]) -> str:
+    """Where the base model loads from: the embedded SmolLM2-135M-Instruct when ``--model_name_or_path`` is not
+    given, a local folder as its absolute path (the adapter records it, and must reload from anywhere), else the
+    Hub id (:func:`paca_hpu.hub.base_model_source`).
+
+    Raises:
+        UsageError: the embedded model is not installed, or the path / id names no model.
+    """
+    if model_name_or_path is None:
+        from ..embedded import embedded_model_path
+
+        try:
+            return embedded_model_path()
+        except (ModuleNotFoundError, FileNotFoundError) as err:
+            raise UsageError(str(err)) from err
+    from ..hub import ModelSourceError, base_model_source
+
+    try:
+        return base_model_source(model_name_or_path, label="--model_name_or_path")
+    except ModelSourceError as err:
+        raise UsageError(str(err)) from err
+
+
 def from_hub_or_cache(load, name: str, **kwargs):
     """:func:`paca_hpu.hub.from_pretrained_cache_first`, with its one-line errors as :class:`UsageError`."""
     from ..hub import ModelSourceError, from_pretrained_cache_first

@@ -16,7 +16,8 @@ from .checks import (check_batch_sizes, check_distributed, check_not_the_model,
                      check_output_dir, check_quantization, check_resume, check_resume_selection, check_targets,
                      fit_seq_len)
 from .errors import UsageError, environment_error
-from .loading import calibration_batches, configure_gaudi_generation, load_data, load_model, load_tokenizer, lora_dtype
+from .loading import (calibration_batches, configure_gaudi_generation, load_data, load_model, load_tokenizer, lora_dtype,
+                      model_source)
 from .parsing import parse_args
 from .report import plot_losses, plot_title, print_summary, quantization_metrics, setup_logging
 from .training import checkpoint_step, default_eval_steps, divergence_check, reloaded_eval_loss, total_steps, \
@@ -88,22 +89,7 @@ class _Run:
         """Model path (the embedded default when none is given), tokenizer, the base model (checked against
         --target_modules before the data are processed: a typo must not wait for the tokenization of a large data
         set), tokenized splits and collator."""
-        model_path = self.model_args.model_name_or_path
-        if model_path is None:
-            from ..embedded import embedded_model_path
-
-            try:
-                model_path = embedded_model_path()
-            except (ModuleNotFoundError, FileNotFoundError) as err:
-                raise UsageError(str(err)) from err
-        else:  # a local folder as its absolute path: the adapter records it, and must reload from anywhere
-            from ..hub import ModelSourceError, base_model_source
-
-            try:
-                model_path = base_model_source(model_path, label="--model_name_or_path")
-            except ModelSourceError as err:
-                raise UsageError(str(err)) from err
-        self.model_path = model_path
+        self.model_path = model_path = model_source(self.model_args.model_name_or_path)
         try:
             self.tokenizer = load_tokenizer(self.model_args, model_path)
         except (OSError, ValueError) as err:
