@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
-from .selection import check_init_indices, check_r
+from .selection import INIT_INDICES, check_init_indices, check_r
 
 __all__ = ["PaCAConfig"]
 
@@ -49,13 +49,30 @@ class PaCAConfig:
         ValueError: a field has an invalid value; the message names the field and the fix.
     """
 
-    r: int = 8
-    paca_alpha: float = 16
-    target_modules: Union[str, List[str]] = "all-linear"
-    exclude_modules: Optional[Union[str, List[str]]] = None
-    random_seed: int = 0
-    modules_to_save: Optional[List[str]] = None
-    init_indices: str = "random"
+    # each field's "help" is what the training script's --help shows for it (transformers' HfArgumentParser
+    # convention, as peft's configs); paca_hpu.recipe.arguments names the flags and adds the script's defaults
+    r: int = field(default=8, metadata={"help": "PaCA: trained input columns per layer (>= 1, <= in_features of "
+                                                "every targeted layer)."})
+    paca_alpha: float = field(default=16, metadata={"help": "Scaling numerator (> 0): the update is scaled by "
+                                                            "alpha / r."})
+    target_modules: Union[str, List[str]] = field(
+        default="all-linear",
+        metadata={"help": "'all-linear' (every linear layer but the output head), module names / suffixes (q_proj "
+                          "v_proj ...), or one regular expression matching whole qualified names."})
+    exclude_modules: Optional[Union[str, List[str]]] = field(
+        default=None, metadata={"help": "Modules to leave alone (names, suffixes or one regular expression)."})
+    random_seed: int = field(default=0, metadata={"help": "PaCA: seed of the column selection (init_indices "
+                                                          "random; with the layer name, never the global RNG)."})
+    modules_to_save: Optional[List[str]] = field(
+        default=None, metadata={"help": "Modules trained fully and saved with the adapter (e.g. lm_head)."})
+    init_indices: str = field(
+        default="random",
+        metadata={"help": "PaCA: how each layer's r columns are chosen: random (default; seed and layer name), "
+                          "weight_norm (largest L2 norm of the pretrained weight's columns) or activation_norm "
+                          "(largest input-activation L2 norm per input channel over a few calibration batches; its "
+                          "columns meet the largest inputs, so tune its learning rate, likely lower). The indices "
+                          "are saved with the adapter.",
+                  "choices": list(INIT_INDICES)})
 
     def __post_init__(self) -> None:
         check_r(self.r)

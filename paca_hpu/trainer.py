@@ -33,6 +33,7 @@ import contextlib
 import copy
 import dataclasses
 import errno
+import inspect
 import logging
 import os
 import shutil
@@ -124,6 +125,25 @@ def paca_config(
                       modules_to_save=list(modules_to_save) if modules_to_save else None, init_indices=init_indices)
 
 
+def _spec_of(config, *given) -> tuple:
+    """``config``'s ``(r, paca_alpha, target_modules, exclude_modules, modules_to_save, random_seed, init_indices)``
+    for :func:`prepare_model`, which takes a config or these arguments (``given``, in that order), not both;
+    ``given`` itself when ``config`` is None.
+
+    Raises:
+        ValueError: naming the arguments passed beside ``config`` (not at their defaults).
+    """
+    if config is None:
+        return given
+    names = ("r", "alpha", "target_modules", "exclude_modules", "modules_to_save", "random_seed", "init_indices")
+    defaults = inspect.signature(prepare_model).parameters
+    clash = [n for n, v in zip(names, given) if v != defaults[n].default]
+    if clash:
+        raise ValueError(f"prepare_model: pass {', '.join(clash)} in config, not beside it")
+    return (config.r, config.paca_alpha, config.target_modules, config.exclude_modules, config.modules_to_save,
+            config.random_seed, config.init_indices)
+
+
 def prepare_model(
     model: nn.Module,
     peft_type: str = "paca",
@@ -139,8 +159,12 @@ def prepare_model(
     init_indices: str = "random",
     calibration_data: Optional[Iterable] = None,
     lora_dtype: Optional[torch.dtype] = None,
+    config=None,
 ) -> nn.Module:
     """Make ``model`` trainable with ``peft_type`` and return the model to hand to the trainer.
+
+    ``config`` (a :class:`paca_hpu.PaCAConfig`, e.g. the training script's one per run) replaces ``r`` to
+    ``init_indices``, which then stay at their defaults (LoRA takes its r, paca_alpha, targets, modules_to_save).
 
     * ``"paca"``: :func:`paca_hpu.apply_paca` with ``PaCAConfig(r, paca_alpha=alpha, ..., init_indices)`` (in
       place). With ``calibration_data`` (a few training batches, dicts for ``model(**batch)``; needed by a
@@ -162,17 +186,20 @@ def prepare_model(
     Raises:
         ValueError: unknown ``peft_type``; no module matches ``target_modules`` (message from apply_paca / peft);
             unknown ``init_indices``, or a data-aware one without ``calibration_data``; a 4-bit layer that
-            bitsandbytes already repacked for CPU inference.
+            bitsandbytes already repacked for CPU inference; ``config`` and one of the arguments it replaces.
     """
     if peft_type not in PEFT_TYPES:
         raise ValueError(f"peft_type must be one of {', '.join(PEFT_TYPES)}, got {peft_type!r}")
+    r, alpha, target_modules, exclude_modules, modules_to_save, random_seed, init_indices = _spec_of(
+        config, r, alpha, target_modules, exclude_modules, modules_to_save, random_seed, init_indices)
     target = _as_target(target_modules)
     exclude = _as_target(exclude_modules)
     mts = list(modules_to_save) if modules_to_save else None
     if peft_type == "paca":
         from . import apply_paca, calibrate_indices
 
-        config = paca_config(r, alpha, target_modules, exclude_modules, modules_to_save, random_seed, init_indices)
+        if config is None:
+            config = paca_config(r, alpha, target_modules, exclude_modules, modules_to_save, random_seed, init_indices)
         indices = None if calibration_data is None else calibrate_indices(model, config, calibration_data)
         model = apply_paca(model, config, indices=indices)
     elif peft_type == "lora":

@@ -3,7 +3,7 @@
 
 Flags follow optimum-habana's examples/language-modeling/run_lora_clm.py; run with --help for the list.
 Without arguments it fine-tunes the embedded default (SmolLM2-135M-Instruct on GSM8K).
-All logic lives in paca_hpu.cli.
+All logic lives in paca_hpu.recipe (paca_hpu.cli keeps its names).
 """
 import os
 import sys

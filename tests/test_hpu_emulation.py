@@ -787,14 +787,14 @@ def _hpu_training_values(argv):
     from paca_hpu.trainer import adjust_for_device, arguments_class
 
     hpu = dev.DeviceInfo("hpu", torch.device("hpu"), lazy_mode=True, name="GAUDI2", count=8)
-    classes = cli.argument_classes(arguments_class("hpu"))
-    parser = HfArgumentParser(classes)
+    args_cls = arguments_class("hpu")
+    parser = HfArgumentParser(cli.argument_classes(args_cls))
     namespace, unknown = parser.parse_known_args(argv)
     assert unknown == [], unknown
     values = vars(namespace)
-    training_fields = {f.name for f in __import__("dataclasses").fields(classes[3]) if f.init}
+    training_fields = {f.name for f in __import__("dataclasses").fields(args_cls) if f.init}
     given = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
-    training = adjust_for_device({k: v for k, v in values.items() if k in training_fields}, hpu, classes[3], given)
+    training = adjust_for_device({k: v for k, v in values.items() if k in training_fields}, hpu, args_cls, given)
     return values, training
 
 

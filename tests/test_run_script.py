@@ -417,28 +417,29 @@ def test_parse_args_defaults_aliases_and_json(tmp_path):
     from paca_hpu import device as dev
     from paca_hpu.cli import UsageError, parse_args
 
-    m, d, a, t, explicit, _, _ = parse_args(["--model_name_or_path", "x", "--train_file", "t.jsonl",
-                                          "--max_seq_length", "128", "--lora_rank", "4", "--lora_alpha", "32",
-                                          "--lora_target_modules", "q_proj", "v_proj", "--output_dir", str(tmp_path)])
-    assert d.max_seq_len == 128 and a.paca_r == 4 and a.paca_alpha == 32 and a.target_modules == ["q_proj", "v_proj"]
+    m, d, a, t, explicit, _, _, c = parse_args(["--model_name_or_path", "x", "--train_file", "t.jsonl",
+                                             "--max_seq_length", "128", "--lora_rank", "4", "--lora_alpha", "32",
+                                             "--lora_target_modules", "q_proj", "v_proj", "--output_dir",
+                                             str(tmp_path)])
+    assert d.max_seq_len == 128 and c.r == 4 and c.paca_alpha == 32 and c.target_modules == ["q_proj", "v_proj"]
     assert {"max_seq_len", "paca_r", "paca_alpha", "target_modules"} <= explicit
     assert a.peft_type == "paca" and t.learning_rate == 2e-4 and t.logging_steps == 1
     # off: False on transformers 4.x, "no" on 5.x (the field became a choice of "no", "all", "non_padding")
     assert t.report_to == [] and t.do_train and t.do_eval and t.include_num_input_tokens_seen in (False, "no")
     assert t.max_steps == -1  # the short CPU default applies only to the embedded default run
-    _, _, _, t, _, _, _ = parse_args(["--model_name_or_path", "x", "--peft_type", "none", "--output_dir", str(tmp_path)])
+    _, _, _, t, *_ = parse_args(["--model_name_or_path", "x", "--peft_type", "none", "--output_dir", str(tmp_path)])
     assert t.learning_rate == 2e-5 and t.eval_strategy == "steps"
-    _, _, _, t, _, _, _ = parse_args(["--model_name_or_path", "x", "--do_eval", "False", "--output_dir", str(tmp_path)])
+    _, _, _, t, *_ = parse_args(["--model_name_or_path", "x", "--do_eval", "False", "--output_dir", str(tmp_path)])
     assert not t.do_eval and t.eval_strategy == "no"
-    _, d, _, t, _, _, _ = parse_args(["--output_dir", str(tmp_path)])  # embedded default on CPU: short run
+    _, d, _, t, *_ = parse_args(["--output_dir", str(tmp_path)])  # embedded default on CPU: short run
     assert t.max_steps == 40 and d.max_seq_len == 256 and t.per_device_train_batch_size == 4
-    _, d, _, t, _, _, _ = parse_args(["--output_dir", str(tmp_path), "--num_train_epochs", "1", "--max_seq_len", "100"])
+    _, d, _, t, *_ = parse_args(["--output_dir", str(tmp_path), "--num_train_epochs", "1", "--max_seq_len", "100"])
     assert t.max_steps == -1 and d.max_seq_len == 100
     cfg = tmp_path / "args.json"
     cfg.write_text(json.dumps({"model_name_or_path": "x", "paca_r": 2, "learning_rate": 1e-3,
                                "output_dir": str(tmp_path), "use_lazy_mode": True}))
-    _, _, a, t, _, _, _ = parse_args([str(cfg)])
-    assert a.paca_r == 2 and t.learning_rate == 1e-3 and not getattr(t, "use_lazy_mode", False)
+    _, _, _, t, *_, c = parse_args([str(cfg)])
+    assert c.r == 2 and t.learning_rate == 1e-3 and not getattr(t, "use_lazy_mode", False)
     # the CUDA argument set (transformers.TrainingArguments) still accepts a Gaudi command line
     cuda = dev.DeviceInfo("cuda", torch.device("cuda"), name="fake")
     p = parse_args(["--model_name_or_path", "x", "--use_habana", "--use_lazy_mode", "--use_hpu_graphs_for_training",
@@ -447,6 +448,108 @@ def test_parse_args_defaults_aliases_and_json(tmp_path):
     cfg.write_text(json.dumps({"no_such_key": 1}))
     with pytest.raises(UsageError, match="no_such_key"):
         parse_args([str(cfg)])
+
+
+#: The script's own flags (model, data, method and adapter, the Gaudi flags accepted off Gaudi, the version-dependent
+#: training flags; aliases and dash spellings included) as the parser of paca_hpu/cli.py had them before it became
+#: the recipe package (taken from build_parser(transformers.TrainingArguments) at f354785).  The training arguments'
+#: own flags are compared with HfArgumentParser(args_cls) below, since they depend on the installed transformers.
+OLD_SCRIPT_FLAGS = [
+    "--allow-unspec-int-on-nn-module", "--allow_unspec_int_on_nn_module", "--attn-implementation",
+    "--attn-softmax-bf16", "--attn_implementation", "--attn_softmax_bf16", "--bnb-4bit-compute-dtype",
+    "--bnb-4bit-quant-type", "--bnb-4bit-use-double-quant", "--bnb_4bit_compute_dtype", "--bnb_4bit_quant_type",
+    "--bnb_4bit_use_double_quant", "--cache-dir", "--cache-size-limit", "--cache_dir", "--cache_size_limit",
+    "--chat-prompt", "--chat_prompt", "--compile-from-sec-iteration", "--compile_from_sec_iteration",
+    "--context-parallel-size", "--context_parallel_size", "--dataset-concatenation", "--dataset-config-name",
+    "--dataset-name", "--dataset-seed", "--dataset_concatenation", "--dataset_config_name", "--dataset_name",
+    "--dataset_seed", "--disable-tensor-cache-hpu-graphs", "--disable_tensor_cache_hpu_graphs",
+    "--distribution-strategy", "--distribution_strategy", "--exclude-modules", "--exclude_modules",
+    "--flash-attention-causal-mask", "--flash-attention-fast-softmax", "--flash-attention-fp8",
+    "--flash-attention-recompute", "--flash_attention_causal_mask", "--flash_attention_fast_softmax",
+    "--flash_attention_fp8", "--flash_attention_recompute", "--fp8", "--gaudi-config-name", "--gaudi_config_name",
+    "--load-in-4bit", "--load_in_4bit", "--lora-dropout", "--lora_alpha", "--lora_dropout", "--lora_rank",
+    "--lora_target_modules", "--low-cpu-mem-usage", "--low_cpu_mem_usage", "--max-eval-samples", "--max-hpu-graphs",
+    "--max-seq-len", "--max-train-samples", "--max_eval_samples", "--max_hpu_graphs", "--max_seq_len",
+    "--max_seq_length", "--max_train_samples", "--minimize-memory", "--minimize_memory", "--model-name-or-path",
+    "--model-revision", "--model_name_or_path", "--model_revision", "--modules-to-save", "--modules_to_save",
+    "--no-use-cache", "--no-use-fused-rope", "--no-use-lazy-mode", "--no_use_cache", "--no_use_fused_rope",
+    "--no_use_lazy_mode", "--overwrite-output-dir", "--overwrite_output_dir", "--paca-alpha",
+    "--paca-calibration-batches", "--paca-init-indices", "--paca-r", "--paca_alpha", "--paca_calibration_batches",
+    "--paca_init_indices", "--paca_r", "--pad-to-max-length", "--pad_to_max_length", "--peft-type", "--peft_type",
+    "--pipelining-fwd-bwd", "--pipelining_fwd_bwd", "--random-seed", "--random_seed", "--save-merged",
+    "--save_merged", "--target-modules", "--target_modules", "--throughput-warmup-steps",
+    "--throughput_warmup_steps", "--token", "--tokenizer-name", "--tokenizer_name", "--train-file",
+    "--train-on-inputs", "--train_file", "--train_on_inputs", "--trust-remote-code", "--trust_remote_code",
+    "--use-cache", "--use-fused-rope", "--use-habana", "--use-hpu-graphs", "--use-hpu-graphs-for-inference",
+    "--use-hpu-graphs-for-training", "--use-lazy-mode", "--use-regional-compilation", "--use_cache",
+    "--use_fused_rope", "--use_habana", "--use_hpu_graphs", "--use_hpu_graphs_for_inference",
+    "--use_hpu_graphs_for_training", "--use_lazy_mode", "--use_regional_compilation", "--validation-file",
+    "--validation-split-percentage", "--validation_file", "--validation_split_percentage", "--verify-adapter",
+    "--verify_adapter", "--warmup-ratio", "--warmup_ratio",
+]
+
+
+def test_help_lists_every_flag_of_the_old_parser_with_its_help():
+    """Every flag the script's parser had (OLD_SCRIPT_FLAGS, and every flag of the training-arguments class), on
+    both argument sets the script uses, is still accepted and shown by --help with a help text; the adapter flags'
+    help is PaCAConfig's own (declared once, in paca_hpu/config.py)."""
+    import argparse
+    import dataclasses
+    import re
+
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from paca_hpu import PaCAConfig, cli
+    from paca_hpu.trainer import arguments_class
+
+    for args_cls in {TrainingArguments, arguments_class("cpu")}:
+        parser = cli.build_parser(args_cls)
+        text = parser.format_help()
+        library = [o for a in HfArgumentParser(args_cls)._actions for o in a.option_strings if o.startswith("--")]
+        # --no_use_cache came with the script's own use_cache (default True) where TrainingArguments lacks one
+        # (transformers 4.x); transformers 5's use_cache defaults to False and has no --no_ form, then as now
+        own_cache = any(f.name == "use_cache" for f in dataclasses.fields(args_cls))
+        old = [f for f in OLD_SCRIPT_FLAGS if not (own_cache and f in ("--no_use_cache", "--no-use-cache"))]
+        for flag in old + library:
+            action = parser._option_string_actions.get(flag)
+            assert action is not None, (args_cls.__name__, flag)
+            assert action.help and action.help != argparse.SUPPRESS, (args_cls.__name__, flag)
+            assert re.search(rf"(^|[\s,\[]){re.escape(flag)}([\s,\]=]|$)", text, flags=re.M), (args_cls.__name__, flag)
+        config_help = {f.name: f.metadata["help"] for f in dataclasses.fields(PaCAConfig)}
+        for flag, name in (("--paca_r", "r"), ("--lora_alpha", "paca_alpha"), ("--exclude_modules", "exclude_modules"),
+                           ("--lora_target_modules", "target_modules"), ("--paca_init_indices", "init_indices")):
+            assert parser._option_string_actions[flag].help.startswith(config_help[name]), flag
+
+
+def test_one_run_builds_its_paca_config_once(tiny, tmp_path, monkeypatch):
+    """Issue 21 item 2: the run's PaCAConfig is built once from the flags and passed down (the target check, the
+    r-fits check and prepare_model each built their own before: three per run, four when resuming)."""
+    from paca_hpu import PaCAConfig
+
+    built = []
+    post_init = PaCAConfig.__post_init__
+    monkeypatch.setattr(PaCAConfig, "__post_init__", lambda self: (built.append(self), post_init(self))[1])
+    out = tmp_path / "out"
+    assert _main(_argv(tiny, out, "--max_steps", "1", "--do_eval", "False", "--save_strategy", "no", "--paca_r", "4",
+                       "--target_modules", "q_proj", "v_proj")) == 0
+    assert len(built) == 1, built
+    saved = json.load(open(out / "adapter_config.json"))
+    assert (saved["r"], saved["target_modules"]) == (4, ["q_proj", "v_proj"]) == (built[0].r, built[0].target_modules)
+
+
+def test_prepare_model_takes_a_config_or_its_arguments_not_both():
+    """The script hands its one PaCAConfig to prepare_model; an argument given beside it would be ignored silently,
+    so it is refused, and the config's own values are the ones applied."""
+    from paca_hpu import PaCAConfig, paca_layers
+    from paca_hpu.trainer import prepare_model
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    with pytest.raises(ValueError, match="pass r, random_seed in config"):
+        prepare_model(model, "paca", r=4, random_seed=3, config=PaCAConfig(r=2))
+    config = PaCAConfig(r=2, paca_alpha=6, target_modules=["2"], random_seed=5)
+    prepare_model(model, "paca", config=config)
+    (name, layer), = paca_layers(model)
+    assert name == "2" and layer.r == 2 and layer.scaling == 3.0 and model.paca_config is config
 
 
 def test_help_shows_one_default_per_flag_the_script_sets():
