@@ -62,7 +62,7 @@ test-all: test test-latest
 # Multi-rank engine tests beyond CI's set (tests marked dist_heavy: ZeRO-1, ZeRO-3, FSDP1 loops, the training script
 # under torchrun with scripts/ds_zero*.json, resume): 2 CPU processes each, 6.5 minutes on 2 busy cores. Not in CI.
 test-dist: setup
-	$(BIN)/python -m pytest -q -m dist_heavy tests/test_distributed.py
+	$(BIN)/python -m pytest -q -m dist_heavy tests/distributed/test_distributed.py
 
 bench: setup
 	$(BIN)/python scripts/benchmark.py $(BENCH_ARGS)

@@ -102,7 +102,7 @@ def _check(args, paca, opt, batch) -> str:
     from paca_hpu import experimental, paca_layers
 
     if args.candidate == "compile":
-        return "compile: see tests/test_experimental.py (compiled vs eager)"
+        return "compile: see tests/unit/test_experimental.py (compiled vs eager)"
     results = {}
     for arm in ("old", "new"):
         model = copy.deepcopy(paca.model)

@@ -7,7 +7,7 @@ ZeRO-3 parameter all-gathers happen ``k`` times, the gradient reduction once):
 * **Collective payload** (:func:`step_communication`): the bytes of the tensors a rank hands to each collective, as a
   DDP communication hook or DeepSpeed's comms logger sees them (``all_reduce``: the whole tensor;
   ``reduce_scatter``: the whole input; ``all_gather``: the whole gathered output, the sum over ranks of what
-  DeepSpeed logs per rank). Measured on CPU for a tiny LLaMA (tests/test_distributed.py), DeepSpeed 0.19.8:
+  DeepSpeed logs per rank). Measured on CPU for a tiny LLaMA (tests/distributed/test_distributed.py), DeepSpeed 0.19.8:
 
   - DDP: one ``all_reduce`` of every trainable gradient (param dtype);
   - ZeRO-1 and ZeRO-2: ``all_reduce`` of the trainable gradients (communication dtype: bf16 under ``bf16``), then an

@@ -2,7 +2,7 @@
 
 Each candidate computes exactly what the default path computes (``bf16_delta_grad`` excepted, see there) and is
 switched on and off at run time, so that ``python -m benchmarks.ab --candidate NAME`` can time the old and new
-path interleaved in one process on the same model. The correctness tests are in ``tests/test_experimental.py``.
+path interleaved in one process on the same model. The correctness tests are in ``tests/unit/test_experimental.py``.
 
 * ``fused_writeback``: the write-back after an optimizer step for all stepped layers at once: the merged columns
   ``original_columns + scaling * delta`` of every layer of one (weight dtype, device, scaling) group in one

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from paca_hpu import device as _device  # noqa: E402
 
 R, ALPHA, MICRO, SEQ, LR, CLIP, STEPS = 4, 8.0, 2, 12, 1e-2, 1.0, 3
-#: (losses, deltas, logits) relative tolerances against one card; ZeRO-3's as on CPU (tests/test_distributed.py
+#: (losses, deltas, logits) relative tolerances against one card; ZeRO-3's as on CPU (tests/distributed/test_distributed.py
 #: BF16_TOL), ZeRO-2's looser than CPU's exact match (another all-reduce implementation)
 TOLERANCES = {2: (1e-4, 1e-3, 1e-2), 3: (5e-4, 2e-2, 3e-2)}
 

@@ -1,12 +1,19 @@
 
-# ---- core tests (test_layer / test_model / test_adapter / test_core_errors): make tests/helpers.py importable
-# ---- as `helpers` whatever pytest's import mode or rootdir.
+# ---- make tests/helpers.py importable as `helpers` (and each tests/<kind>/ folder's modules by name) whatever
+# ---- pytest's import mode or rootdir.
 import os as _core_os
 import sys as _core_sys
 
 _core_tests_dir = _core_os.path.dirname(_core_os.path.abspath(__file__))
 if _core_tests_dir not in _core_sys.path:
     _core_sys.path.insert(0, _core_tests_dir)
+# Test modules live in tests/<kind>/ (unit, integration, scripts, distributed, hpu); some reuse another's builders and
+# fixtures (``from test_trainer import make_tiny_checkpoint``), whichever folder that module is in.
+for _core_kind in sorted(_core_os.listdir(_core_tests_dir)):
+    _core_path = _core_os.path.join(_core_tests_dir, _core_kind)
+    if _core_os.path.isdir(_core_path) and _core_kind not in ("fake_habana", "__pycache__") \
+            and _core_path not in _core_sys.path:
+        _core_sys.path.append(_core_path)
 # ---- end core tests section
 
 # ---- datasets and transformers bind a logging.StreamHandler to the sys.stderr of the moment they are first

@@ -1,4 +1,4 @@
-"""Per-rank bodies of tests/test_distributed.py: real engines (torch DDP, FSDP, FSDP2, DeepSpeed ZeRO-1/2/3,
+"""Per-rank bodies of tests/distributed/test_distributed.py: real engines (torch DDP, FSDP, FSDP2, DeepSpeed ZeRO-1/2/3,
 optimum-habana's GaudiTrainer and transformers.Trainer) on CPU processes over gloo, plus the single-process
 reference they are compared with.
 

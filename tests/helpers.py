@@ -6,6 +6,7 @@ reference computations without depending on the implementation under test.
 from __future__ import annotations
 
 import copy
+import os
 from typing import Callable, Dict, Iterable, Tuple
 
 import torch
@@ -283,3 +284,8 @@ class ZeroStyleOptimizer:
 
     def load_state_dict(self, sd):
         self.optimizer.load_state_dict(sd)
+
+
+#: The repository root and the tests folder (test modules live in tests/<kind>/; these support files stay in tests/).
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_DIR = os.path.dirname(TESTS_DIR)

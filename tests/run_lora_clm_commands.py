@@ -1,5 +1,5 @@
 """Every ``run_lora_clm.py`` command line of optimum-habana's language-modeling README, verbatim (data for
-tests/test_run_lora_clm_parity.py).
+tests/scripts/test_run_lora_clm_parity.py).
 
 Source: github.com/huggingface/optimum-habana, ``examples/language-modeling/README.md`` at commit
 1d8504c6c7666a19d71968dba50976dceaf7c6b6 (2026-01-14), section "PEFT / LORA/ADALORA/IA3/LLAMA_ADAPTER/VERA/LN_TUNING"

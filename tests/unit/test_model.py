@@ -1,5 +1,6 @@
 """Model-level tests of apply_paca / sync_paca / disable_paca / merge_paca / unload_paca, written from
 the spec. References are dense copies of the base model (float64 where exactness matters)."""
+from helpers import REPO_DIR, TESTS_DIR  # the repository root / tests folder
 import copy
 import json
 import os
@@ -30,8 +31,8 @@ from helpers import (
 
 from paca_hpu import PaCAConfig, PaCALinear, apply_paca, disable_paca, merge_paca, sync_paca, unload_paca
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = REPO_DIR
+TESTS = TESTS_DIR
 
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 

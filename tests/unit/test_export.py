@@ -1,6 +1,7 @@
 """python -m paca_hpu export: the LoRA export against peft's own loading (PeftModel, merge_and_unload) and the merged
 export against AutoModelForCausalLM, both compared with the PaCA model they come from; bad inputs."""
 
+from helpers import REPO_DIR  # the repository root / tests folder
 import copy
 import json
 import os
@@ -335,7 +336,7 @@ def test_disk_full_while_writing_the_lora_file_is_one_line(llama, tmp_path, caps
 def test_module_entry_point(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "paca_hpu", "export", str(tmp_path / "missing"), "--to", "lora",
                            "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                          cwd=REPO_DIR)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "not found" in proc.stderr
 

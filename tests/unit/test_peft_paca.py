@@ -3,7 +3,7 @@
 Skipped where the installed peft has no PaCA tuner (peft <= 0.21 on PyPI). To run it: a separate environment with
 peft from its main branch (docs/benchmarks.md, "upstream peft PaCA"), e.g. ``pip install
 git+https://github.com/huggingface/peft`` into a fresh virtual environment, then ``python -m pytest
-tests/test_peft_paca.py`` with its Python.
+tests/unit/test_peft_paca.py`` with its Python.
 
 Both models start from the same float64 tiny LLaMA; peft's per-layer column indices are overwritten with
 paca_hpu's, both get the same random update of the selected columns, and then: logits equal each other and a dense

@@ -1,7 +1,7 @@
 """PaCALinear on a weight it does not own (what FSDP / FSDP2 / DeepSpeed ZeRO-3 hand a layer inside forward, or
 ``torch.func.functional_call`` with a substituted weight), single process: the rank-r correction path against a
 dense float64 reference, what it saves for backward, and the refusals for sharded weights. The engines themselves
-run in tests/test_distributed.py."""
+run in tests/distributed/test_distributed.py."""
 
 import copy
 

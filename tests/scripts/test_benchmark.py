@@ -1,6 +1,7 @@
 """Smoke test of the benchmark (scripts/benchmark.py) on a tiny in-process LLaMA: every section but the profile,
 two steps, checks the outputs. The real runs (SmolLM2-135M) are not tests; see docs/benchmarks.md."""
 
+from helpers import REPO_DIR  # the repository root / tests folder
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_DIR
 
 pytest.importorskip("peft")
 pytest.importorskip("matplotlib")

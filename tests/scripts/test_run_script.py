@@ -2,6 +2,7 @@
 GaudiTrainer CPU path where optimum-habana is installed (the pinned Gaudi stack), on transformers.Trainer where it is
 not (the newest stack, transformers 5.x)."""
 
+from helpers import REPO_DIR  # the repository root / tests folder
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ import torch
 
 from test_trainer import WEIGHT_FILES, StopAt, make_tiny_checkpoint, qa_records, write_jsonl
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = REPO_DIR
 SCRIPT = os.path.join(REPO, "scripts", "run_paca_clm.py")
 
 

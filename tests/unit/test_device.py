@@ -1,5 +1,6 @@
 """paca_hpu.device (device choice, fake habana_frameworks) and the optimum-habana CPU-emulation shims."""
 
+from helpers import REPO_DIR  # the repository root / tests folder
 import logging
 import os
 import subprocess
@@ -12,7 +13,7 @@ import torch
 from paca_hpu import device as dev
 from paca_hpu import _optimum_habana as oh
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = REPO_DIR
 
 FAKE_HPU = textwrap.dedent(
     """

@@ -25,6 +25,7 @@ What only a real Gaudi can confirm is listed in docs/hpu.md ("Verified where").
 """
 from __future__ import annotations
 
+from helpers import REPO_DIR, TESTS_DIR  # the repository root / tests folder
 import contextlib
 import importlib
 import importlib.util
@@ -44,7 +45,7 @@ from paca_hpu import PaCAConfig, PaCALinear, apply_paca, paca_layers
 from paca_hpu import device as dev
 from paca_hpu.layer import _PaCAFunction, default_index_dtype
 
-FAKE_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_habana")
+FAKE_ROOT = os.path.join(TESTS_DIR, "fake_habana")
 #: on a real Gaudi machine the fake must not shadow (or unload) the real plugin: those tests are skipped there
 REAL_PLUGIN = FAKE_ROOT not in sys.path and importlib.util.find_spec("habana_frameworks") is not None
 
@@ -117,7 +118,7 @@ def test_fake_plugin_is_scoped_and_never_shipped():
     # never shipped: the package list is paca_hpu only, and nothing in paca_hpu refers to the fake
     import configparser
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = REPO_DIR
     cfg = configparser.ConfigParser()
     cfg.read(os.path.join(repo, "setup.cfg"))
     assert cfg["options.packages.find"]["include"].split(",")[0].strip() == "paca_hpu"
@@ -752,7 +753,7 @@ def test_write_back_reaches_the_weights_with_a_zero_style_optimizer(tmp_path, re
 # the Gaudi launchers (scripts/): their commands are valid run_paca_clm.py command lines for an HPU
 # --------------------------------------------------------------------------------------------------------------
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = REPO_DIR
 SCRIPTS = os.path.join(REPO, "scripts")
 
 

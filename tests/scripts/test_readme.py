@@ -1,5 +1,6 @@
 """The README's Python usage example runs as written (in a fresh process, in an empty directory)."""
 
+from helpers import REPO_DIR  # the repository root / tests folder
 import os
 import re
 import subprocess
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(REPO_DIR) / "README.md"
 
 
 def _python_blocks():

@@ -1,6 +1,7 @@
 """Dependencies by need (setup.cfg): the core install requires only what the core imports, so it never moves a
 user's transformers / accelerate / datasets; optimum-habana and its version caps live in the ``gaudi`` extra only."""
 
+from helpers import REPO_DIR  # the repository root / tests folder
 import configparser
 import os
 import subprocess
@@ -9,7 +10,7 @@ import textwrap
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = REPO_DIR
 
 
 def _setup_cfg():

@@ -3,6 +3,7 @@ subprocess, a full disk), run lineage in rotation and resume, Hub ids from the l
 of scripts/run_paca_clm.py. Tiny LLaMA on CPU; the CLI runs in-process except where a process must die, where its exit
 status is the point (a full disk) or where the environment must differ (HF_HUB_OFFLINE)."""
 
+from helpers import REPO_DIR  # the repository root / tests folder
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ import torch
 from test_run_script import tiny  # noqa: F401  (fixture: tiny LLaMA checkpoint + 24 GSM8K-style rows)
 from test_trainer import StopAt
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = REPO_DIR
 
 
 def _argv(tiny, out, *extra):

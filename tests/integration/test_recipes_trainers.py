@@ -3,6 +3,7 @@ SFTTrainer / DPOTrainer, transformers.Trainer with schedule-free and LOMO optimi
 in CPU mode, the run_paca_clm command line), each checked against an independent reference: a dense float64 model
 with the deltas merged by hand, the base model itself, or a second run without the feature.
 """
+from helpers import REPO_DIR  # the repository root / tests folder
 import copy
 import json
 import math
@@ -19,7 +20,7 @@ from test_trainer import make_tiny_checkpoint, qa_records, write_jsonl
 
 from paca_hpu import PaCAReferenceModel, disable_paca, load_adapter, paca_layers, save_adapter
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(REPO_DIR) / "README.md"
 R, ALPHA = 4, 8.0
 
 
