@@ -456,8 +456,8 @@ def save_pretrained(model: nn.Module, save_directory: Union[str, os.PathLike], *
 
     The arguments are those ``transformers.Trainer._save`` passes (4.x and 5.x; TRL's trainers inherit it).
     ``state_dict`` is as in :func:`save_adapter` (None: gathered here, so every rank of a partitioned model calls
-    this; the Trainer passes the one DeepSpeed / FSDP gathered, and paca_hpu's trainer ``{}`` otherwise);
-    ``is_main_process`` says whether this process writes. ``safe_serialization`` and the other options of
+    this, and of the processes with ``is_main_process`` only global rank 0 writes; the Trainer passes the one
+    DeepSpeed / FSDP gathered, and paca_hpu's trainer ``{}`` otherwise: then ``is_main_process`` decides). ``safe_serialization`` and the other options of
     ``PreTrainedModel.save_pretrained`` are ignored (the adapter is always safetensors). Once the model has no PaCA
     layers (after ``merge_paca`` / ``unload_paca``) the class's own ``save_pretrained`` runs.
 
@@ -474,10 +474,12 @@ def save_pretrained(model: nn.Module, save_directory: Union[str, os.PathLike], *
         raise ValueError("save_pretrained(push_to_hub=True) is not supported for a PaCA adapter; save it, then "
                          "upload the directory with huggingface_hub.upload_folder")
     path = Path(save_directory)
-    if is_main_process and (path / "config.json").exists():
+    # gathering here (no state_dict): every rank calls this, global rank 0 writes, as save_adapter does
+    writes = is_main_process and (state_dict is not None or _dist.is_main_process())
+    if writes and (path / "config.json").exists():
         raise ValueError(f"'{path}' holds a full model (config.json); a PaCA adapter saved there would make "
                          "transformers load its model.safetensors as that model. Save into another directory")
-    if save_adapter(model, path, state_dict=state_dict, is_main_process=is_main_process):
+    if save_adapter(model, path, state_dict=state_dict, is_main_process=writes):
         _write_alias(path)
     return None
 
