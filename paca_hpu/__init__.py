@@ -7,11 +7,10 @@ effect is registering the global optimizer step post-hook that refreshes PaCA's 
 
 from .adapter import load_adapter, save_adapter
 from .config import PaCAConfig
-from .integration import from_pretrained
+from .integration import apply_paca, from_pretrained
 from .layer import PaCADelta, PaCALayerBase, PaCALinear, PaCALinear4bit
 from .reference import PaCAReferenceModel
 from .model import (
-    apply_paca,
     calibrate_indices,
     disable_paca,
     functional_paca,

@@ -14,6 +14,12 @@ with an ``adapter_config.json`` to peft (``AutoModelForCausalLM.from_pretrained(
 and peft looks the ``peft_type`` up in its table of methods. With this value the lookup fails with an error that
 names the right call, and no peft version (upstream peft has its own ``"PACA"`` tuner with other tensor names)
 can mistake the file for one of its adapters and load it half-way. Files written before (``"PACA"``) still load.
+
+This module is the one writer and the one reader of that format, each under two names: :func:`save_adapter` and
+``model.save_pretrained`` (:func:`save_pretrained`, which also writes ``model.safetensors``, the same bytes, for
+transformers' resume), :func:`load_adapter` and ``model.load_state_dict`` of an adapter state dict; :func:`attach`
+sets the second names on a model instance. Every trainer (``transformers.Trainer``, TRL's, paca_hpu's
+``PaCATrainerMixin``) saves through ``save_pretrained``; both readers check and write with the same code.
 """
 
 from __future__ import annotations
@@ -22,28 +28,33 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from . import atomic as _atomic
+from . import device as _device
 from . import distributed as _dist
 from .config import PaCAConfig
 from .hub import one_line
 from .layer import PaCALayerBase, is_dtensor
-from .model import (ORIGINAL_PREFIX, _is_supported, _weight_shape, apply_paca, find_target_modules, keep_originals,
-                    name_matches, paca_layers)
+from .model import (ORIGINAL_PREFIX, _is_supported, _originals, _weight_shape, apply_paca, find_target_modules,
+                    keep_originals, name_matches, paca_layers)
 from .selection import check_indices
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["save_adapter", "load_adapter", "read_adapter", "is_paca_adapter_config", "ADAPTER_CONFIG_NAME",
-           "ADAPTER_WEIGHTS_NAME", "FORMAT_VERSION", "PEFT_TYPE"]
+__all__ = ["save_adapter", "load_adapter", "read_adapter", "save_pretrained", "attach", "adapter_state_dict_keys",
+           "is_paca_adapter_config", "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "STATE_DICT_ALIAS",
+           "FORMAT_VERSION", "PEFT_TYPE"]
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+#: The file name under which the Trainer looks for the weights of a model that is no PeftModel.
+STATE_DICT_ALIAS = "model.safetensors"
 FORMAT_NAME = "paca_hpu"
 FORMAT_VERSION = 1
 _MTS_PREFIX = "modules_to_save."
@@ -88,6 +99,15 @@ def _modules_to_save_parameters(model: nn.Module):
             for pname, p in module.named_parameters() if not pname.rpartition(".")[2].startswith(ORIGINAL_PREFIX)]
 
 
+def adapter_state_dict_keys(model: nn.Module) -> set:
+    """The keys of a ``model.state_dict()``-style mapping that :func:`adapter_state_dict` reads: ``<name>.delta``
+    and ``<name>.indices`` of every PaCA layer and the ``modules_to_save`` parameters (trained copies), names as in
+    the unwrapped model. A gathered state dict (DeepSpeed, FSDP) can be cut down to these before it is handed on."""
+    model = _dist.unwrap(model)
+    keys = {f"{_dist.clean_name(n)}.{t}" for n, _ in paca_layers(model) for t in ("delta", "indices")}
+    return keys | {key for key, _ in _modules_to_save_parameters(model)}
+
+
 def adapter_state_dict(model: nn.Module,
                        state_dict: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
     """The tensors :func:`save_adapter` writes (contiguous CPU copies): ``<name>.delta`` float32 ``(out_features, r)``,
@@ -123,17 +143,25 @@ def adapter_state_dict(model: nn.Module,
 
 
 def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
-                 state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
+                 state_dict: Optional[Dict[str, torch.Tensor]] = None,
+                 is_main_process: Optional[bool] = None) -> bool:
     """Save the PaCA adapter of ``model`` into directory ``path`` (created if missing).
 
     Files are written atomically one by one (weights first, config last), so an interrupted save never leaves a
     half-written file; other files in ``path`` (e.g. a Trainer checkpoint's optimizer state) are left alone.
 
-    Data-parallel runs (``model`` may be wrapped: DDP, a DeepSpeed engine, FSDP, FSDP2): only global rank 0 writes;
-    when an engine partitions the deltas (ZeRO-3, FSDP, FSDP2) every rank must call this (the deltas are gathered
-    with collectives). With ``state_dict`` (see :func:`adapter_state_dict`: a gathered state dict, as DeepSpeed
-    ZeRO-3 or FSDP hand to a Trainer's save) partitioned tensors come from it, nothing is gathered, and the calling
-    process writes (the caller chose it).
+    Data-parallel runs (``model`` may be wrapped: DDP, a DeepSpeed engine, FSDP, FSDP2): when an engine partitions
+    the deltas (ZeRO-3, FSDP, FSDP2) every rank must call this (the deltas are gathered with collectives). With
+    ``state_dict`` (see :func:`adapter_state_dict`: a gathered state dict, as DeepSpeed ZeRO-3 or FSDP hand to a
+    Trainer's save; ``{}`` where the model's own tensors are whole) partitioned tensors come from it and nothing is
+    gathered: a partitioned tensor it lacks is an error, never a collective on one rank.
+
+    Args:
+        is_main_process: whether this process writes; default: global rank 0 without ``state_dict``, the calling
+            process with one (the caller chose it).
+
+    Returns:
+        Whether this process wrote the files.
 
     Raises:
         ValueError: ``model`` has no PaCA layers, or ``state_dict`` lacks a layer's tensors.
@@ -144,9 +172,11 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"save_adapter: '{path}' is a file; pass a directory path")
-    state = adapter_state_dict(model, state_dict)
-    if state_dict is None and not _dist.is_main_process():
-        return
+    state = adapter_state_dict(model, state_dict)  # on every rank: it may gather
+    if is_main_process is None:
+        is_main_process = state_dict is not None or _dist.is_main_process()
+    if not is_main_process:
+        return False
     model = _dist.unwrap(model)
     config: Optional[PaCAConfig] = getattr(model, "paca_config", None)
     if config is None:  # PaCA layers were built by hand: record what they use
@@ -163,6 +193,7 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
     }
     _atomic.write_atomic(path / ADAPTER_WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     _atomic.write_json_atomic(path / ADAPTER_CONFIG_NAME, meta, indent=2, sort_keys=True)
+    return True
 
 
 def _base_model_record(model: nn.Module) -> Optional[str]:
@@ -218,11 +249,11 @@ def read_adapter(path: Union[str, os.PathLike]):
         tensors = load_file(str(w_file))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise _garbled(w_file, err) from err
-    _check_finite(tensors, w_file)
+    _check_finite(tensors, f"adapter file '{w_file}'")
     return config, meta, tensors
 
 
-def _check_finite(tensors: Dict[str, torch.Tensor], w_file: Path) -> None:
+def _check_finite(tensors: Dict[str, torch.Tensor], where: str) -> None:
     """Every floating-point tensor of the file (deltas, ``modules_to_save`` parameters) is finite.
 
     Raises:
@@ -234,7 +265,7 @@ def _check_finite(tensors: Dict[str, torch.Tensor], w_file: Path) -> None:
             bad = int((~torch.isfinite(value)).sum())
             what = (f"layer '{key[: -len('.delta')]}' ('{key}')" if key.endswith(".delta")
                     and not key.startswith(_MTS_PREFIX) else f"'{key}'")
-            raise ValueError(f"adapter file '{w_file}': {bad} of {value.numel()} values of {what} are not finite "
+            raise ValueError(f"{where}: {bad} of {value.numel()} values of {what} are not finite "
                              "(NaN or inf); the file is garbled, or it was saved from a run whose training diverged: "
                              "restore the file, or save the adapter again from a model with finite values")
 
@@ -327,7 +358,8 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
         index_dtype: gather index dtype for new layers (default: int32 on HPU, int64 elsewhere).
 
     A base model other than the one the adapter records (``base_model_name_or_path``, compared with
-    ``model.config._name_or_path``) is loaded onto with a warning naming both.
+    ``model.config._name_or_path``) is loaded onto with a warning naming both. The model returned saves and loads
+    its adapter through ``save_pretrained`` / ``load_state_dict`` too (:func:`attach`).
 
     Raises:
         FileNotFoundError / ValueError: see :func:`read_adapter` (a truncated or garbled file is named; a delta with
@@ -358,22 +390,35 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
     if new_names:
         apply_paca(model, config, indices={n: tensors[f"{n}.indices"] for n in new_names}, index_dtype=index_dtype)
     model.paca_config = config
+    _write_into(model, tensors, names, mts, config.scaling)
+    return attach(model)
+
+
+def _write_into(model: nn.Module, tensors: Dict[str, torch.Tensor], names: List[str],
+                mts: Dict[str, torch.Tensor], scaling: Optional[float]) -> None:
+    """Write validated adapter tensors into the PaCA layers ``names`` of ``model`` (``<name>.indices``: other columns
+    re-selected, :meth:`PaCALayerBase.set_indices`; ``<name>.delta`` copied in place, so an optimizer holding it
+    stays valid; merged columns rewritten) and the ``modules_to_save`` parameters ``mts`` into trainable copies
+    beside their frozen originals (:func:`paca_hpu.model.keep_originals`, as ``apply_paca`` makes them); then the
+    queued work runs (``mark_step`` on HPU, not inside the first training graph). ``scaling`` (None: kept) is set on
+    each layer. :func:`load_adapter` and ``load_state_dict`` of an adapter (:func:`attach`) both end here."""
+    modules = dict(model.named_modules())
     with torch.no_grad():
-        for name, layer in paca_layers(model):
-            idx = tensors[f"{name}.indices"]
+        for name in names:
+            layer, idx = modules[name], tensors[f"{name}.indices"].to("cpu", torch.int64)
             if not torch.equal(layer.indices.to("cpu", torch.int64), idx):
                 layer.set_indices(idx)
-            layer.scaling = config.scaling
+            if scaling is not None:
+                layer.scaling = scaling
             layer.delta.copy_(tensors[f"{name}.delta"].to(layer.delta.dtype))
             layer.sync()
-        if mts:  # trained copies beside the frozen originals (keep_originals), as apply_paca makes them
-            modules = dict(model.named_modules())
+        if mts:
             keep_originals(model, [modules[key.rpartition(".")[0]] for key in mts])
             params = dict(model.named_parameters(remove_duplicate=False))
             for key, value in mts.items():
                 params[key].copy_(value.to(params[key].dtype))
                 params[key].requires_grad_(True)
-    return model
+    _device.mark_step()
 
 
 def _check_modules_to_save(model: nn.Module, mts: Dict[str, torch.Tensor], names) -> None:
@@ -394,3 +439,154 @@ def _check_modules_to_save(model: nn.Module, mts: Dict[str, torch.Tensor], names
         if params[key].shape != value.shape:
             raise ValueError(f"adapter modules_to_save parameter '{key}' has shape {tuple(value.shape)}, "
                              f"model has {tuple(params[key].shape)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the same writer and reader as ``model.save_pretrained`` / ``model.load_state_dict`` (what the HF trainers call)
+# ---------------------------------------------------------------------------------------------------------------
+
+_ATTACHED = "_paca_integration_attached"
+_LOADING = "_paca_loading_adapter"
+
+
+def save_pretrained(model: nn.Module, save_directory: Union[str, os.PathLike], *args, state_dict=None,
+                    is_main_process: bool = True, **kwargs) -> None:
+    """``model.save_pretrained`` of a PaCA model (:func:`attach`): the adapter (:func:`save_adapter`) plus
+    ``model.safetensors`` (:data:`STATE_DICT_ALIAS`, the same bytes), never the base weights.
+
+    The arguments are those ``transformers.Trainer._save`` passes (4.x and 5.x; TRL's trainers inherit it).
+    ``state_dict`` is as in :func:`save_adapter` (None: gathered here, so every rank of a partitioned model calls
+    this, and of the processes with ``is_main_process`` only global rank 0 writes; the Trainer passes the one
+    DeepSpeed / FSDP gathered, and paca_hpu's trainer ``{}`` otherwise: then ``is_main_process`` decides). ``safe_serialization`` and the other options of
+    ``PreTrainedModel.save_pretrained`` are ignored (the adapter is always safetensors). Once the model has no PaCA
+    layers (after ``merge_paca`` / ``unload_paca``) the class's own ``save_pretrained`` runs.
+
+    Raises:
+        ValueError: ``save_directory`` holds a ``config.json`` (a full model); ``push_to_hub=True``; see
+            :func:`save_adapter`.
+    """
+    if next(paca_layers(model), None) is None:
+        base = getattr(type(model), "save_pretrained", None)
+        if base is None:
+            raise AttributeError(f"{type(model).__name__} has no save_pretrained")
+        return base(model, save_directory, *args, state_dict=state_dict, is_main_process=is_main_process, **kwargs)
+    if kwargs.get("push_to_hub"):
+        raise ValueError("save_pretrained(push_to_hub=True) is not supported for a PaCA adapter; save it, then "
+                         "upload the directory with huggingface_hub.upload_folder")
+    path = Path(save_directory)
+    # gathering here (no state_dict): every rank calls this, global rank 0 writes, as save_adapter does
+    writes = is_main_process and (state_dict is not None or _dist.is_main_process())
+    if writes and (path / "config.json").exists():
+        raise ValueError(f"'{path}' holds a full model (config.json); a PaCA adapter saved there would make "
+                         "transformers load its model.safetensors as that model. Save into another directory")
+    if save_adapter(model, path, state_dict=state_dict, is_main_process=writes):
+        _write_alias(path)
+    return None
+
+
+class _AdapterSavePretrained:
+    """The bound ``save_pretrained`` :func:`attach` sets on a model instance."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model  # a strong reference: deepcopy / pickle of the model map it to the copy
+
+    def __call__(self, save_directory: Union[str, os.PathLike], *args, **kwargs):
+        return save_pretrained(self.model, save_directory, *args, **kwargs)
+
+
+def _write_alias(path: Path) -> None:
+    """``model.safetensors`` = ``adapter_model.safetensors`` (hard link, else copy), replaced atomically."""
+    def link_or_copy(tmp: str) -> None:
+        os.unlink(tmp)
+        try:
+            os.link(path / ADAPTER_WEIGHTS_NAME, tmp)
+        except OSError:  # file systems without hard links
+            shutil.copyfile(path / ADAPTER_WEIGHTS_NAME, tmp)
+
+    _atomic.write_atomic(path / STATE_DICT_ALIAS, link_or_copy)
+
+
+def _fill_originals(module: nn.Module, state_dict, prefix: str) -> None:
+    """A full state dict without the ``modules_to_save`` originals (pretrained weights loaded after ``apply_paca``)
+    is the base model: its value of such a parameter goes into the frozen original too, not only into the copy."""
+    names = {id(m): n for n, m in module.named_modules()}
+    for holder, pname in _originals(module):
+        path = f"{prefix}{names[id(holder)]}." if names[id(holder)] else prefix
+        if path + pname in state_dict and path + ORIGINAL_PREFIX + pname not in state_dict:
+            state_dict[path + ORIGINAL_PREFIX + pname] = state_dict[path + pname]
+
+
+def _load_state_dict_adapter(module: nn.Module, state_dict, prefix: str, layers: Dict[str, nn.Module]) -> set:
+    """Validate the adapter tensors of ``state_dict`` (keys under ``prefix``) as :func:`load_adapter` does and write
+    them into ``module`` (:func:`_write_into`); they are taken out of ``state_dict``. Returns the keys loaded.
+
+    Raises:
+        ValueError: a tensor is not finite, a layer's delta has another shape, its indices are missing, out of
+            range or repeated (names the layer); a ``modules_to_save`` parameter has another shape.
+    """
+    tensors = {k: state_dict[prefix + k] for k in adapter_state_dict_keys(module) if prefix + k in state_dict}
+    names = [n for n in layers if f"{n}.delta" in tensors]
+    mts = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in layers}
+    tensors = {k: v for k, v in tensors.items() if k in mts or k.rpartition(".")[0] in names}
+    _check_finite(tensors, "adapter state dict")
+    first = next(iter(layers.values()))
+    _check_layers_fit(module, getattr(module, "paca_config", None) or PaCAConfig(r=first.r), tensors, names)
+    _check_modules_to_save(module, mts, names)
+    _write_into(module, tensors, names, mts, None)
+    for key in tensors:
+        del state_dict[prefix + key]
+    return {prefix + k for k in tensors}
+
+
+def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    layers = dict(paca_layers(module))
+    if not layers:
+        return
+    mts_prefix = prefix + _MTS_PREFIX
+    for key in [k for k in state_dict if k.startswith(mts_prefix)]:
+        state_dict[prefix + key[len(mts_prefix):]] = state_dict.pop(key)
+    if not any(f"{prefix}{n}.delta" in state_dict for n in layers) or any(
+            f"{prefix}{n}.weight" in state_dict for n in layers):
+        _fill_originals(module, state_dict, prefix)
+        return  # not an adapter state dict (e.g. a full one): plain torch semantics
+    expected = {prefix + k for k in adapter_state_dict_keys(module)}
+    loaded = _load_state_dict_adapter(module, state_dict, prefix, layers)
+    setattr(module, _LOADING, (prefix, expected - loaded))
+
+
+def _load_post_hook(module, incompatible_keys):
+    loading = module.__dict__.pop(_LOADING, None)
+    if loading is None:
+        return
+    prefix, not_loaded = loading
+    # of this module, only the adapter tensors the state dict lacked are missing: its frozen base tensors are no part
+    # of an adapter (they keep their values), and the adapter tensors were loaded by the pre-hook
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys
+                                         if k in not_loaded or not k.startswith(prefix)]
+
+
+def attach(model: nn.Module) -> nn.Module:
+    """Make ``model.save_pretrained`` and ``model.load_state_dict`` of ``model`` (a PaCA model) this module's
+    writer and reader, on this instance only (nothing on its class, nothing in any library); idempotent. Returns
+    ``model``. :func:`paca_hpu.apply_paca` and :func:`load_adapter` call it.
+
+    * ``save_pretrained``: :func:`save_pretrained`.
+    * ``load_state_dict`` (hooks on the root module): a state dict that holds PaCA ``delta`` / ``indices`` but no
+      PaCA ``weight`` is an adapter. Its ``modules_to_save.`` keys are mapped to the parameters; its tensors are
+      checked and written in as :func:`load_adapter` writes them (other columns re-selected, ``delta`` copied in
+      place, so an optimizer holding it stays valid), and the frozen base tensors it does not hold are not reported
+      as missing (``strict=True`` works, the Trainer logs no list of "missing keys"); a partial adapter's absent
+      layers still are. Any other state dict (e.g. pretrained weights loaded after ``apply_paca``) is the base
+      model's, loaded by torch and the layers (``PaCALinear._load_from_state_dict``): where it holds a
+      ``modules_to_save`` parameter but not its frozen original (``paca_original_<name>``), the value goes into both.
+    """
+    if model.__dict__.get(_ATTACHED):
+        return model
+    model.save_pretrained = _AdapterSavePretrained(model)
+    if hasattr(model, "register_load_state_dict_pre_hook"):
+        model.register_load_state_dict_pre_hook(_load_pre_hook)
+    else:  # torch < 2.5: the same hook through the older spelling
+        model._register_load_state_dict_pre_hook(_load_pre_hook, with_module=True)
+    model.register_load_state_dict_post_hook(_load_post_hook)
+    model.__dict__[_ATTACHED] = True
+    return model

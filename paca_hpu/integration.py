@@ -1,168 +1,35 @@
-"""A PaCA model inside Hugging Face tooling: adapter-only saves and resumes in ``transformers.Trainer``, TRL's
-trainers and ``accelerator.unwrap_model(model).save_pretrained``, with no paca_hpu trainer class; one call that
-loads a trained adapter onto its base model (:func:`from_pretrained`).
+"""The public entry points that tie PaCA's conversion to its adapter files: :func:`apply_paca` and
+:func:`from_pretrained` (peft's ``AutoPeftModelForCausalLM.from_pretrained`` for PaCA).
 
-Mechanism (why this one: docs/integration.md). :func:`paca_hpu.apply_paca` calls :func:`attach` on the model, which
-sets two things on that model instance, nothing on its class and nothing in any library:
-
-* ``model.save_pretrained``: writes the adapter (``adapter_config.json`` + ``adapter_model.safetensors``, see
-  :mod:`paca_hpu.adapter`) and ``model.safetensors``, a hard link to (or, where links fail, a copy of)
-  ``adapter_model.safetensors``. ``transformers.Trainer._save`` (4.x and 5.x; TRL's trainers inherit it) calls
-  ``model.save_pretrained`` for every checkpoint and final save. The Trainer restores a model that is no
-  ``PeftModel`` (resume, ``load_best_model_at_end``) only from ``model.safetensors`` through
-  ``model.load_state_dict(state_dict, strict=False)``: hence the second name for the same bytes.
-* ``load_state_dict`` hooks on the root module (``register_load_state_dict_pre_hook`` / ``_post_hook``): a state
-  dict that holds PaCA ``delta`` / ``indices`` but no PaCA ``weight`` is an adapter. Its ``modules_to_save.`` keys
-  are mapped to the parameters and the frozen base tensors it does not hold are not reported as missing (so
-  ``strict=True`` works and the Trainer logs no list of "missing keys"); a partial adapter still is. Each
-  ``PaCALinear`` re-captures its base columns under the loaded indices and rewrites its merged columns
-  (``PaCALinear._load_from_state_dict``). ``delta`` is copied in place, so an optimizer holding it stays valid.
-  Any other state dict (e.g. pretrained weights loaded after ``apply_paca``) is the base model's: where it holds a
-  ``modules_to_save`` parameter but not its frozen original (``paca_original_<name>``), the value goes into both.
-
-A directory such an instance writes never holds ``config.json``; one that already does is refused (transformers 5
-would load the ``model.safetensors`` there as a complete model).
+:func:`apply_paca` is :func:`paca_hpu.model.apply_paca` (the conversion, which knows nothing of files) followed by
+:func:`paca_hpu.adapter.attach`, which makes that model instance's ``save_pretrained`` and ``load_state_dict`` the
+adapter writer and reader of :mod:`paca_hpu.adapter`. That is all ``transformers.Trainer``, TRL's trainers and
+``accelerator.unwrap_model(model).save_pretrained`` need for adapter-only checkpoints and exact resumes, with no
+paca_hpu trainer class; :class:`paca_hpu.trainer.PaCATrainerMixin` saves through the same ``save_pretrained``. Why
+instance hooks: docs/integration.md. The imports run one way: model <- adapter <- integration.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-from pathlib import Path
 from typing import Dict, Union
 
 from torch import nn
 
 from . import model as _model
-from .adapter import ADAPTER_WEIGHTS_NAME, _MTS_PREFIX, load_adapter, read_adapter, save_adapter
-from .atomic import write_atomic
-from .model import ORIGINAL_PREFIX, _originals, name_matches, paca_layers, paca_parameters
+from .adapter import attach, load_adapter, read_adapter
 
-__all__ = ["attach", "from_pretrained", "STATE_DICT_ALIAS"]
+__all__ = ["apply_paca", "from_pretrained"]
 
 
-#: The file name under which the Trainer looks for the weights of a model that is no PeftModel.
-STATE_DICT_ALIAS = "model.safetensors"
-_ATTACHED = "_paca_integration_attached"
-_LOADING = "_paca_loading_adapter"
+def apply_paca(model: nn.Module, config, *, indices=None, index_dtype=None) -> nn.Module:
+    return attach(_model.apply_paca(model, config, indices=indices, index_dtype=index_dtype))
 
 
-class _AdapterSavePretrained:
-    """``model.save_pretrained`` of a PaCA model: the adapter, never the base weights.
-
-    ``save_pretrained(save_directory, *, state_dict=None, is_main_process=True, **ignored)`` (the arguments
-    ``transformers.Trainer._save`` passes in 4.x and 5.x). ``state_dict`` serves only to fill DeepSpeed ZeRO-3
-    placeholders; ``safe_serialization`` and other options of ``PreTrainedModel.save_pretrained`` are ignored (the
-    adapter is always safetensors). Once the model has no PaCA layers (after ``merge_paca`` / ``unload_paca``) the
-    class's own ``save_pretrained`` runs.
-
-    Raises:
-        ValueError: ``save_directory`` holds a ``config.json`` (a full model); ``push_to_hub=True``.
+apply_paca.__doc__ = (_model.apply_paca.__doc__ or "") + """
+    The model returned saves and loads its adapter through ``save_pretrained`` / ``load_state_dict``
+    (:func:`paca_hpu.adapter.attach`); :func:`paca_hpu.model.apply_paca` is the conversion alone.
     """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model  # a strong reference: deepcopy / pickle of the model map it to the copy
-
-    def __call__(self, save_directory: Union[str, os.PathLike], *args, state_dict=None, is_main_process: bool = True,
-                 **kwargs):
-        model = self.model
-        if not paca_parameters(model):
-            base = getattr(type(model), "save_pretrained", None)
-            if base is None:
-                raise AttributeError(f"{type(model).__name__} has no save_pretrained")
-            return base(model, save_directory, *args, state_dict=state_dict, is_main_process=is_main_process,
-                        **kwargs)
-        if kwargs.get("push_to_hub"):
-            raise ValueError("save_pretrained(push_to_hub=True) is not supported for a PaCA adapter; save it, then "
-                             "upload the directory with huggingface_hub.upload_folder")
-        if not is_main_process:
-            return None
-        path = Path(save_directory)
-        if (path / "config.json").exists():
-            raise ValueError(f"'{path}' holds a full model (config.json); a PaCA adapter saved there would make "
-                             "transformers load its model.safetensors as that model. Save into another directory")
-        save_adapter(model, path, state_dict=state_dict)
-        _write_alias(path)
-        return None
-
-
-def _write_alias(path: Path) -> None:
-    """``model.safetensors`` = ``adapter_model.safetensors`` (hard link, else copy), replaced atomically."""
-    def link_or_copy(tmp: str) -> None:
-        os.unlink(tmp)
-        try:
-            os.link(path / ADAPTER_WEIGHTS_NAME, tmp)
-        except OSError:  # file systems without hard links
-            shutil.copyfile(path / ADAPTER_WEIGHTS_NAME, tmp)
-
-    write_atomic(path / STATE_DICT_ALIAS, link_or_copy)
-
-
-def _adapter_keys(module: nn.Module, prefix: str) -> set:
-    """``model.state_dict()`` keys an adapter of ``module`` holds (with ``prefix``)."""
-    keys = set()
-    for name, _ in paca_layers(module):
-        keys.update((f"{prefix}{name}.delta", f"{prefix}{name}.indices"))
-    config = getattr(module, "paca_config", None)
-    if config is not None and config.modules_to_save:
-        for mname, sub in module.named_modules():
-            if mname and name_matches(mname, config.modules_to_save):
-                keys.update(f"{prefix}{mname}.{pname}" for pname, _ in sub.named_parameters()
-                            if not pname.rpartition(".")[2].startswith(ORIGINAL_PREFIX))
-    return keys
-
-
-def _fill_originals(module: nn.Module, state_dict, prefix: str) -> None:
-    """A full state dict without the ``modules_to_save`` originals (pretrained weights loaded after ``apply_paca``)
-    is the base model: its value of such a parameter goes into the frozen original too, not only into the copy."""
-    names = {id(m): n for n, m in module.named_modules()}
-    for holder, pname in _originals(module):
-        path = f"{prefix}{names[id(holder)]}." if names[id(holder)] else prefix
-        if path + pname in state_dict and path + ORIGINAL_PREFIX + pname not in state_dict:
-            state_dict[path + ORIGINAL_PREFIX + pname] = state_dict[path + pname]
-
-
-def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-    layers = dict(paca_layers(module))
-    if not layers:
-        return
-    mts_prefix = prefix + _MTS_PREFIX
-    for key in [k for k in state_dict if k.startswith(mts_prefix)]:
-        state_dict[prefix + key[len(mts_prefix):]] = state_dict.pop(key)
-    if not any(f"{prefix}{n}.delta" in state_dict for n in layers) or any(
-            f"{prefix}{n}.weight" in state_dict for n in layers):
-        _fill_originals(module, state_dict, prefix)
-        return  # not an adapter state dict (e.g. a full one): plain torch semantics
-    # each PaCALinear re-captures its base columns under the loaded indices and rewrites its merged columns itself
-    setattr(module, _LOADING, (prefix, _adapter_keys(module, prefix)))
-
-
-def _load_post_hook(module, incompatible_keys):
-    loading = module.__dict__.pop(_LOADING, None)
-    if loading is None:
-        return
-    prefix, expected = loading
-    # this module's frozen base tensors are not part of an adapter: they keep their values and are not missing
-    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys
-                                         if k in expected or not k.startswith(prefix)]
-
-
-def attach(model: nn.Module) -> nn.Module:
-    """Give ``model`` (a PaCA model) the adapter-only ``save_pretrained`` and the adapter-aware ``load_state_dict``
-    described in the module docstring; idempotent. :func:`paca_hpu.apply_paca` calls it. Returns ``model``."""
-    if model.__dict__.get(_ATTACHED):
-        return model
-    model.save_pretrained = _AdapterSavePretrained(model)
-    if hasattr(model, "register_load_state_dict_pre_hook"):
-        model.register_load_state_dict_pre_hook(_load_pre_hook)
-    else:  # torch < 2.5: the same hook through the older spelling
-        model._register_load_state_dict_pre_hook(_load_pre_hook, with_module=True)
-    model.register_load_state_dict_post_hook(_load_post_hook)
-    model.__dict__[_ATTACHED] = True
-    return model
-
-
-_model.APPLY_CALLBACKS.append(attach)
 
 
 def _dtype_kwargs(dtype) -> Dict[str, object]:

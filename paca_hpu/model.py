@@ -12,6 +12,8 @@
   module that holds it (tied weights stay tied), by a trainable copy, and the frozen original stays registered
   beside it as ``paca_original_<name>``; :func:`disable_paca` switches the originals in, :func:`unload_paca` puts
   them back, :func:`merge_paca` keeps the copies.
+* :func:`apply_paca` here is the conversion alone; the public ``paca_hpu.apply_paca`` (:mod:`paca_hpu.integration`)
+  also makes the model's ``save_pretrained`` / ``load_state_dict`` handle the adapter (this module knows no files).
 """
 
 from __future__ import annotations
@@ -48,10 +50,6 @@ __all__ = [
     "trainable_parameters",
 ]
 
-#: Called with the model at the end of every :func:`apply_paca`. :mod:`paca_hpu.integration` registers the
-#: instance hooks that make ``save_pretrained`` / ``load_state_dict`` of a PaCA model handle the adapter; this module
-#: itself knows nothing of files (and importing that module here would be an import cycle).
-APPLY_CALLBACKS: List = []
 
 # ---------------------------------------------------------------------------------------------------------------
 # target selection
@@ -472,8 +470,6 @@ def apply_paca(
     keep_originals(model, to_save)
     model.paca_config = config
     install_step_hook()
-    for callback in APPLY_CALLBACKS:
-        callback(model)
     return model
 
 

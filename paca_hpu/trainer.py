@@ -13,15 +13,18 @@ Device -> trainer (the device is decided by :mod:`paca_hpu.device`):
 The same code runs three fine-tuning methods (``peft_type``): ``"paca"`` (this package), ``"lora"`` (peft
 0.21.2 ``LoraConfig``, same rank / alpha / target modules, dropout 0 by default) and ``"none"`` (full fine-tuning).
 
-With PaCA the trainer writes adapter-only checkpoints: :func:`paca_hpu.save_adapter` (deltas + indices +
-config) plus the usual trainer / optimizer / scheduler / RNG state, never the base weights.  Resuming
-(``trainer.train(resume_from_checkpoint=...)``) loads the adapter into the freshly adapted model with
-:func:`paca_hpu.load_adapter` (in place, the ``delta`` Parameters the optimizer holds are kept) and refreshes the
-merged weight columns (:func:`paca_hpu.sync_paca`), so training continues exactly where it stopped.
+With PaCA the trainer writes adapter-only checkpoints through the base class's ``_save``, which calls the model's
+own ``save_pretrained`` (:func:`paca_hpu.adapter.save_pretrained`: the adapter files plus ``model.safetensors``, the
+same bytes), so a checkpoint holds the files a plain ``model.save_pretrained`` writes, plus the usual trainer /
+optimizer / scheduler / RNG state, never the base weights.  Resuming (``trainer.train(resume_from_checkpoint=...)``)
+and ``load_best_model_at_end`` load the adapter into the adapted model with :func:`paca_hpu.load_adapter`, the
+reader of :func:`paca_hpu.from_pretrained` (in place: the ``delta`` Parameters the optimizer holds are kept, the
+merged weight columns rewritten), so training continues exactly where it stopped.
 
 Of PaCA itself this module uses the package's public API (``PaCAConfig``, ``apply_paca``, ``calibrate_indices``,
-``paca_parameters``, ``sync_paca``, ``save_adapter`` / ``load_adapter``, ``merge_paca``) plus
-:func:`paca_hpu.distributed.unwrap` and :func:`paca_hpu.quantized.prevent_cpu_repack`; besides, it imports
+``paca_parameters``, ``sync_paca``, ``load_adapter``, ``merge_paca``) plus
+:func:`paca_hpu.adapter.adapter_state_dict_keys`, :func:`paca_hpu.distributed.unwrap` and
+:func:`paca_hpu.quantized.prevent_cpu_repack`; besides, it imports
 :mod:`paca_hpu.checkpoints`, :mod:`paca_hpu.device` and :mod:`paca_hpu._optimum_habana`. After the optimizer steps
 that PaCA's global write-back hook does not see, :class:`_WriteBackGuard` asks :mod:`paca_hpu.writeback` to write
 back (:func:`~paca_hpu.writeback.hook_covers`, :func:`~paca_hpu.writeback.write_back_model`).
@@ -70,8 +73,6 @@ __all__ = [
 ]
 
 PEFT_TYPES = ("paca", "lora", "none")
-
-TRAINING_ARGS_NAME = "training_args.bin"
 
 
 # --------------------------------------------------------------------------- models
@@ -593,8 +594,9 @@ def _quantized_base_accepted(model: Optional[nn.Module]):
 class PaCATrainerMixin:
     """Adds to a ``transformers.Trainer`` subclass (``GaudiTrainer`` or ``Trainer``):
 
-    * adapter-only checkpoints for PaCA models (``_save``), resume (``_load_from_checkpoint``) and
-      ``load_best_model_at_end`` (``_load_best_model``) through ``save_adapter`` / ``load_adapter`` / ``sync_paca``;
+    * adapter-only checkpoints for PaCA models: ``_save`` through the model's own ``save_pretrained`` (the files a
+      plain ``model.save_pretrained`` writes; :func:`_paca_save_state_dict`), resume (``_load_from_checkpoint``)
+      and ``load_best_model_at_end`` (``_load_best_model``) through ``load_adapter``;
     * a PaCA write-back after every optimizer step that PaCA's global step hook does not see (DeepSpeed ZeRO style
       optimizers; see :class:`_WriteBackGuard`);
     * the Gaudi-only ``generation_config`` fields for the duration of ``train`` / ``evaluate`` / ``predict``
@@ -796,34 +798,12 @@ class PaCATrainerMixin:
     # -- saving ----------------------------------------------------------------------------------
     def _save(self, output_dir: Optional[str] = None, state_dict=None):
         model = _unwrap(self.model)
-        if not is_paca_model(model):
-            with _oh.hidden_generation_fields(model, self._paca_gen_fields_added):
-                return super()._save(output_dir, state_dict=state_dict)
-        from . import save_adapter
-
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        os.makedirs(output_dir, exist_ok=True)
-        logger.info("Saving PaCA adapter to %s", output_dir)
-        # This runs on the saving process only, so nothing may be gathered here (a collective would wait for the
-        # other ranks forever): DeepSpeed and FSDP hand the state dict they gathered on every rank; otherwise the
-        # model's own tensors are whole, and an empty dict makes a partitioned one an error instead of a gather.
-        save_adapter(model, output_dir, state_dict=state_dict if state_dict is not None else {})
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        gaudi_config = getattr(self, "gaudi_config", None)
-        if gaudi_config is not None:
-            gaudi_config.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        if is_paca_model(model):
+            state_dict = _paca_save_state_dict(model, state_dict)
+        with _oh.hidden_generation_fields(model, self._paca_gen_fields_added):
+            return super()._save(output_dir, state_dict=state_dict)
 
     # -- loading ---------------------------------------------------------------------------------
-    def _load_paca_adapter(self, checkpoint: str, model: Optional[nn.Module] = None) -> None:
-        from . import load_adapter, sync_paca
-
-        model = _unwrap(model if model is not None else self.model)
-        load_adapter(model, checkpoint)  # in place: the optimizer's delta Parameters are kept
-        sync_paca(model)  # merged weight columns = base columns + scaling * loaded delta
-        _device.mark_step()  # HPU lazy mode: run the queued copies now, not inside the first training graph
-
     def _load_optimizer_and_scheduler(self, checkpoint):
         """Upstream's, with ``args.device`` read as plain ``cpu`` while it runs on CPU processes.
 
@@ -838,17 +818,47 @@ class PaCATrainerMixin:
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         target = model if model is not None else self.model
         if is_paca_model(target):
+            from . import load_adapter
+
             logger.info("Resuming PaCA adapter from %s", resume_from_checkpoint)
-            self._load_paca_adapter(resume_from_checkpoint, target)
+            load_adapter(_unwrap(target), resume_from_checkpoint)  # in place: the optimizer's deltas are kept
             return None
         return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
 
     def _load_best_model(self):
         if is_paca_model(self.model) and self.state.best_model_checkpoint:
+            from . import load_adapter
+
             logger.info("Loading best PaCA adapter from %s", self.state.best_model_checkpoint)
-            self._load_paca_adapter(self.state.best_model_checkpoint)
+            load_adapter(_unwrap(self.model), self.state.best_model_checkpoint)
             return None
         return super()._load_best_model()
+
+
+def _paca_save_state_dict(model: nn.Module, state_dict):
+    """What ``PaCATrainerMixin._save`` hands the base class's ``_save`` as ``state_dict`` for a PaCA model, whose
+    ``save_pretrained`` (:func:`paca_hpu.adapter.save_pretrained`) the base class then calls: of a state dict
+    DeepSpeed / FSDP gathered, only the adapter's tensors (``GaudiTrainer._save`` copies every tensor it is given
+    to the CPU); without one, ``{}``: ``_save`` runs on the saving process only, so nothing may be gathered there
+    (a collective would wait for the other ranks forever), and with ``{}`` a partitioned tensor is an error instead
+    (a ``None`` would also make ``GaudiTrainer._save`` copy the whole ``model.state_dict()``).
+
+    Raises:
+        TypeError: ``model`` is no transformers ``PreTrainedModel``: the base class would save its state dict itself,
+            not through ``save_pretrained``.
+    """
+    from transformers import PreTrainedModel
+
+    from .adapter import adapter_state_dict_keys
+
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"a PaCA {type(model).__name__} is no transformers PreTrainedModel: the Trainer would save its "
+                        "whole state dict instead of the adapter; train a transformers model (AutoModelForCausalLM), "
+                        "or save with paca_hpu.save_adapter yourself")
+    if state_dict is None:
+        return {}
+    keys = adapter_state_dict_keys(model)
+    return {k: v for k, v in state_dict.items() if k in keys}
 
 
 def side_seconds(trainer) -> Dict[str, float]:

@@ -1,6 +1,7 @@
 """paca_hpu.trainer on the CPU GaudiTrainer path: adapter-only checkpoints, exact resume, merged export,
 peft LoRA and full fine-tuning through the same code."""
 
+import filecmp
 import json
 import os
 
@@ -13,6 +14,16 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+
+
+def base_weight_files(path) -> set:
+    """The model weight files in ``path``; ``model.safetensors`` counts only when it is not the adapter's second name
+    (the same bytes as ``adapter_model.safetensors``, written for transformers' resume)."""
+    found = set(os.listdir(path)) & set(WEIGHT_FILES)
+    alias, adapter = os.path.join(path, "model.safetensors"), os.path.join(path, "adapter_model.safetensors")
+    if "model.safetensors" in found and os.path.isfile(adapter) and filecmp.cmp(alias, adapter, shallow=False):
+        found.discard("model.safetensors")
+    return found
 
 
 # ----------------------------------------------------------------------------- shared builders (also used by
@@ -190,7 +201,7 @@ def test_resume_is_exact(tiny_ckpt, tmp_path, peft_type):
     assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= files
     if peft_type == "paca":
         assert {"adapter_config.json", "adapter_model.safetensors"} <= files
-        assert not files & set(WEIGHT_FILES), files  # adapter only: no base weights in the checkpoint
+        assert not base_weight_files(ckpt), files  # adapter only: no base weights in the checkpoint
         assert os.path.getsize(ckpt / "adapter_model.safetensors") < 64 * 1024
         from paca_hpu.adapter import PEFT_TYPE
 
@@ -222,7 +233,7 @@ def test_plain_transformers_trainer_path(tiny_ckpt, tmp_path):
     assert type(full).__name__ == "PaCATrainer"
     _run(tiny_ckpt, tmp_path / "cut", "paca", stop=3, hf=True)
     ckpt = tmp_path / "cut" / "checkpoint-3"
-    assert "adapter_model.safetensors" in os.listdir(ckpt) and not set(os.listdir(ckpt)) & set(WEIGHT_FILES)
+    assert "adapter_model.safetensors" in os.listdir(ckpt) and not base_weight_files(ckpt)
     resumed, resumed_model, _ = _run(tiny_ckpt, tmp_path / "cut", "paca", resume=str(ckpt), hf=True)
     assert _losses(resumed) == _losses(full)
     ref, got = full_model.state_dict(), resumed_model.state_dict()
@@ -238,7 +249,7 @@ def test_paca_final_save_and_merged_export(tiny_ckpt, tmp_path):
     trainer, model, _ = _run(tiny_ckpt, tmp_path / "run", "paca", max_steps=3)
     trainer.save_model()
     out = tmp_path / "run"
-    assert not set(os.listdir(out)) & set(WEIGHT_FILES)
+    assert not base_weight_files(out)
     model.eval()
     ids = torch.tensor([[1, 5, 9, 40, 77, 120, 3]])
     with torch.no_grad():

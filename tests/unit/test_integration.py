@@ -4,6 +4,7 @@ AutoModelForCausalLM.from_pretrained(adapter_dir). References: an uninterrupted 
 model's own size."""
 
 import copy
+import json
 import os
 import pickle
 
@@ -124,6 +125,57 @@ def test_adapter_only_checkpoints_and_exact_resume(kind, base_dir, tmp_path, res
     assert torch.equal(logits(loaded, ids), logits(model_a.eval(), ids))
 
 
+@pytest.mark.parametrize("hf", [False, True], ids=["device_trainer", "transformers_args"])
+def test_paca_trainer_checkpoint_is_what_save_pretrained_writes(base_dir, tmp_path, hf, reset_accelerate):
+    """Issue 21 item 1: paca_hpu's trainer (``make_trainer``: GaudiTrainer on CPU where optimum-habana is installed,
+    else transformers.Trainer) saves through ``model.save_pretrained``: its checkpoint holds the files a plain
+    ``save_pretrained`` writes, tensor for tensor, besides the trainer's own. Resuming from it through that trainer,
+    and loading its ``model.safetensors`` as transformers.Trainer resumes (``load_state_dict``), give models whose
+    logits equal those of ``paca_hpu.from_pretrained(checkpoint)``, a fresh base with the adapter reloaded."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, TrainingArguments, default_data_collator
+
+    from paca_hpu.trainer import build_training_arguments, make_trainer
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    ds = _dataset(tok).remove_columns("text")
+
+    def trainer(model, out):
+        kw = dict(output_dir=str(out), per_device_train_batch_size=2, max_steps=2, save_steps=2, logging_steps=1,
+                  report_to="none", learning_rate=1e-2, seed=5)
+        args = TrainingArguments(use_cpu=True, **kw) if hf else build_training_arguments(**kw)
+        return make_trainer(model, args, train_dataset=ds, data_collator=default_data_collator, processing_class=tok)
+
+    model = _model(base_dir, modules_to_save=["lm_head"])
+    trainer(model, tmp_path / "run").train()
+    ckpt, plain = tmp_path / "run" / "checkpoint-2", tmp_path / "plain"
+    model.save_pretrained(plain)
+    assert set(os.listdir(plain)) == ADAPTER_FILES
+    in_ckpt = set(os.listdir(ckpt))
+    assert ADAPTER_FILES <= in_ckpt and not in_ckpt - ADAPTER_FILES - TRAINER_FILES - TOKENIZER_FILES - {
+        "gaudi_config.json", "paca_run.json"}, sorted(in_ckpt)
+    for name in ("adapter_model.safetensors", "model.safetensors"):
+        got, want = load_file(str(ckpt / name)), load_file(str(plain / name))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
+        assert any(k.startswith("modules_to_save.") for k in got)
+    assert json.loads((ckpt / "adapter_config.json").read_text()) == json.loads((plain / "adapter_config.json").
+                                                                                read_text())
+
+    reference = paca_hpu.from_pretrained(ckpt)
+    ids = random_ids(2, 10, seed=6, vocab=len(tok))
+    want = logits(reference, ids)
+    assert torch.equal(logits(model.eval(), ids), want)
+    resumed = _model(base_dir, modules_to_save=["lm_head"], random_seed=11)  # other columns until it resumes
+    trainer(resumed, tmp_path / "resumed").train(resume_from_checkpoint=str(ckpt))  # at max_steps: loads only
+    assert torch.equal(logits(resumed.eval(), ids), want)
+    hooked = _model(base_dir, modules_to_save=["lm_head"], random_seed=12)
+    # transformers.Trainer's resume of a model that is no PeftModel (its optimizer state has other groups than this
+    # trainer's, so it cannot resume this checkpoint itself)
+    result = hooked.load_state_dict(load_file(str(ckpt / "model.safetensors")), False)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert torch.equal(logits(hooked.eval(), ids), want)
+
+
 def test_load_best_model_at_end_restores_best_adapter(base_dir, tmp_path, reset_accelerate):
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
@@ -226,6 +278,28 @@ def test_load_state_dict_accepts_an_adapter_state_dict(tmp_path):
     result = other.load_state_dict(partial, strict=False)
     assert result.missing_keys and all("layers.1." in k for k in result.missing_keys)
     assert all(k.endswith((".delta", ".indices")) for k in result.missing_keys)
+
+
+def test_load_state_dict_of_an_adapter_checks_it_as_load_adapter_does(tmp_path):
+    """Issue 21 item 1: ``load_state_dict`` of an adapter (transformers.Trainer's resume) reads it as
+    ``load_adapter`` does: repeated columns or a non-finite delta are refused naming the layer, before the model is
+    touched (torch alone would load both)."""
+    from safetensors.torch import load_file
+
+    apply_paca(tiny_llama(seed=0), PaCAConfig(**CONFIG)).save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    layer = "model.layers.1.self_attn.v_proj"
+    repeated = {**state, f"{layer}.indices": state[f"{layer}.indices"].clone()}
+    repeated[f"{layer}.indices"][1] = repeated[f"{layer}.indices"][0]
+    nan = {**state, f"{layer}.delta": state[f"{layer}.delta"].clone()}
+    nan[f"{layer}.delta"][0, 0] = float("nan")
+    model = apply_paca(tiny_llama(seed=0), PaCAConfig(**{**CONFIG, "random_seed": 4}))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for bad, message in ((repeated, "distinct columns"), (nan, "not finite")):
+        with pytest.raises(ValueError, match=message) as err:
+            model.load_state_dict(bad, strict=False)
+        assert layer in str(err.value)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_save_pretrained_survives_copies_and_merge(tmp_path):
