@@ -246,7 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--maxseq_start", type=int, default=512, help="search: first length")
     mem.add_argument("--maxseq_limit", type=int, default=None,
                      help="search: largest length tried (default: max_position_embeddings)")
-    mem.add_argument("--maxseq_granularity", type=int, default=128)
+    mem.add_argument("--maxseq_granularity", type=int, default=32,
+                     help="search: the answer's resolution in tokens")
+    mem.add_argument("--maxseq_guess", default="model", choices=["model", "none"],
+                     help="CPU search: 'model' starts at the straight-line model's answer and brackets the limit "
+                          "with growing steps from there (2-7 probes); 'none' doubles from --maxseq_start")
     q = p.add_argument_group("quality")
     q.add_argument("--steps", type=int, default=20, help="training steps per quality run")
     q.add_argument("--quality_variants", default="lora,paca",
@@ -328,14 +332,35 @@ def _git_commit(root: Path) -> str:
 
 
 def _cpu_model() -> str:
+    """``model name`` of ``/proc/cpuinfo`` with its ``cpu family`` / ``model`` numbers (a virtual machine's name
+    alone, e.g. 'AMD EPYC', does not tell the generation apart) and the vector extensions that decide bf16 speed."""
+    fields: Dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break
+                key, _, val = line.partition(":")
+                fields[key.strip()] = val.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    ext = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return (f"{fields['model name']} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')}; "
+            f"{' '.join(ext) or 'no AVX2'})")
+
+
+def _mkldnn_bf16() -> Optional[bool]:
+    """Whether oneDNN runs bf16 GEMMs natively on this CPU (AVX-512 BF16 / AMX); False means torch's slow
+    reference kernel. None where torch does not say."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def environment(info, threads: int) -> Dict[str, str]:
@@ -353,6 +378,7 @@ def environment(info, threads: int) -> Dict[str, str]:
     except ImportError:
         pass
     env["cpu"] = f"{_cpu_model()}, {os.cpu_count()} cores, torch threads {threads}"
+    env["cpu bf16 GEMM (torch.ops.mkldnn._is_mkldnn_bf16_supported())"] = str(_mkldnn_bf16())
     try:
         import psutil
 
@@ -531,7 +557,8 @@ def _memory_sections(args, spec, info, sections, variants, splits, results, log)
         torch.save(inputs["stream"], stream_path)
         for v in variants:
             model = results["maxseq"][v]
-            results["maxseq"][v] = dict(search_cpu(child_cfg, v, stream_path, tmp, log), model=model)
+            guess = model.get("max_seq_len") if args.maxseq_guess == "model" else None
+            results["maxseq"][v] = dict(search_cpu(child_cfg, v, stream_path, tmp, log, guess=guess), model=model)
             log(f"maxseq: {v}: {results['maxseq'][v]['max_seq_len']} tokens (model: {model['max_seq_len']:.0f})")
 
 

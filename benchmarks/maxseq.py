@@ -1,8 +1,9 @@
 """Longest sequence at batch 1 that trains within a memory budget: a real search, each CPU probe in a fresh process.
 
 A length ``L`` *fits* when one training step (forward + backward + optimizer step) at ``(1, L)`` completes and its
-peak memory stays within the budget. Lengths double from ``start`` until one does not fit (or ``limit``), then
-bisection narrows the boundary to ``granularity`` tokens (:func:`search_longest`).
+peak memory stays within the budget. Lengths double from ``start`` until one does not fit (or ``limit``), or, given a
+guess (the straight-line model below), steps of growing size from the guess bracket the boundary; then bisection
+narrows it to ``granularity`` tokens (:func:`search_longest`).
 
 * CUDA/HPU: the probes run in the variant's measuring process (:mod:`benchmarks.child`); out-of-memory errors
   are recoverable there.
@@ -20,6 +21,7 @@ search as a cross-check.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Callable, Dict, List, Optional
@@ -31,18 +33,30 @@ __all__ = ["search_longest", "probe_child", "search_cpu", "DEFAULT_CPU_BUDGET_GB
 DEFAULT_CPU_BUDGET_GB = 4.0
 
 
-def search_longest(fits: Callable[[int], bool], start: int, limit: int, granularity: int) -> Dict[str, object]:
-    """Doubling from ``start`` while ``fits``, then bisection between the last fitting and the first failing length
-    down to ``granularity`` tokens (lengths probed are multiples of ``granularity`` during bisection).
+def search_longest(fits: Callable[[int], bool], start: int, limit: int, granularity: int,
+                   guess: Optional[float] = None) -> Dict[str, object]:
+    """The longest length that ``fits``, to ``granularity`` tokens.
+
+    Without ``guess``: doubling from ``start`` while ``fits``, then bisection between the last fitting and the first
+    failing length. With ``guess`` (e.g. the straight-line memory model's answer; ignored unless a finite positive
+    number): the first probe is ``guess`` rounded down to a multiple of ``granularity``; from there steps of
+    ``granularity``, doubling, go up while the probes fit (or down while they do not) until the boundary is
+    bracketed, then bisection. An accurate guess
+    brackets the answer in two probes; a wrong one costs about as many probes as the plain doubling. Lengths probed
+    during the bracketing and bisection are multiples of ``granularity`` (or ``limit`` itself); none exceeds
+    ``limit``.
 
     Returns:
         ``{"max_seq_len": longest length that fitted (0 if none), "hit_limit": whether that is >= limit}``.
     """
-    lo, length = 0, int(start)
-    while length <= limit and fits(length):
-        lo, length = length, length * 2
-    hi = min(length, limit + granularity)
-    if lo:
+    if guess is not None and math.isfinite(guess) and guess > 0:  # else (no model, nan, inf): doubling
+        lo, hi = _bracket_from_guess(fits, guess, limit, granularity)
+    else:
+        lo, length = 0, int(start)
+        while length <= limit and fits(length):
+            lo, length = length, length * 2
+        hi = min(length, limit + granularity)
+    if lo and hi is not None:
         while hi - lo > granularity:
             mid = (lo + hi) // 2 // granularity * granularity
             if mid <= lo:
@@ -52,6 +66,28 @@ def search_longest(fits: Callable[[int], bool], start: int, limit: int, granular
             else:
                 hi = mid
     return {"max_seq_len": lo, "hit_limit": lo >= limit}
+
+
+def _bracket_from_guess(fits: Callable[[int], bool], guess: float, limit: int, gran: int) -> tuple:
+    """``(lo, hi)``: a fitting length (0 if none) and a failing one (None when ``lo`` reached ``limit``), found by
+    growing steps from ``guess`` (see :func:`search_longest`)."""
+    first = min(max(gran, int(guess) // gran * gran), limit)
+    step = gran
+    if fits(first):
+        lo = first
+        while lo < limit:
+            nxt = min(lo + step, limit)
+            if not fits(nxt):
+                return lo, nxt
+            lo, step = nxt, step * 2
+        return lo, None
+    hi = first
+    while hi > gran:
+        nxt = max(hi - step, gran)
+        if fits(nxt):
+            return nxt, hi
+        hi, step = nxt, step * 2
+    return 0, hi
 
 
 def _status_bytes() -> Dict[str, int]:
@@ -123,16 +159,17 @@ def probe_child(cfg: dict, variant_name: str, length: int, stream_path: str, out
 
 
 def search_cpu(cfg: dict, variant_name: str, stream_path: str, tmp_dir: str,
-               log: Callable[[str], None] = print) -> Dict[str, object]:
+               log: Callable[[str], None] = print, guess: Optional[float] = None) -> Dict[str, object]:
     """The CPU search for ``variant_name``, one fresh process per probe.
 
     ``cfg``: as for the memory children, with ``budget_bytes``, ``maxseq_start``, ``maxseq_limit``,
     ``maxseq_granularity``. ``stream_path``: a saved ``(1, >= maxseq_limit)`` batch (``input_ids`` /
-    ``attention_mask`` / ``labels``).
+    ``attention_mask`` / ``labels``). ``guess``: where to start (see :func:`search_longest`; the CLI passes the
+    straight-line model's answer), or None for doubling from ``maxseq_start``.
 
     Returns:
         ``{"method": "search", "isolation": "fresh process per probe", "budget_bytes", "probes": [[L, peak bytes or
-        None, fits, error or None], ...], "max_seq_len", "hit_limit", "limit", "granularity"}``.
+        None, fits, error or None], ...], "max_seq_len", "hit_limit", "limit", "granularity", "guess"}``.
     """
     from .proc import run_fresh
 
@@ -153,7 +190,7 @@ def search_cpu(cfg: dict, variant_name: str, stream_path: str, tmp_dir: str,
         return bool(p[2])
 
     limit, gran = int(cfg["maxseq_limit"]), int(cfg["maxseq_granularity"])
-    found = search_longest(fits, int(cfg["maxseq_start"]), limit, gran)
+    found = search_longest(fits, int(cfg["maxseq_start"]), limit, gran, guess=guess)
     return {"method": "search", "isolation": "fresh process per probe, RLIMIT_AS cap",
             "budget_bytes": float(cfg["budget_bytes"]), "probes": probes, **found, "limit": limit,
-            "granularity": gran}
+            "granularity": gran, "guess": guess}

@@ -141,6 +141,8 @@ def run_title(res: dict) -> str:
     sections = c.get("sections") or []
     if sections and set(sections) <= {"quality"}:
         extra += f", quality only ({(res.get('quality') or {}).get('steps', '?')} steps)"
+    if sections == ["maxseq"]:
+        extra += ", longest sequence only"
     if sections == ["qpaca"]:
         q = res.get("qpaca", {}).get("quant", {})
         extra += f", QPaCA vs QLoRA ({q.get('quant_type', '?')}{' + double quant' if q.get('double_quant') else ''})"
@@ -346,7 +348,9 @@ def _maxseq_markdown(ms: dict, h: str) -> List[str]:
         return lines + [""]
     iso = first.get("isolation", "")
     lines = [f"{h}# Longest sequence at batch 1 within {budget:.2f} GiB (measured: out-of-memory search)", "",
-             f"Doubling, then bisection to {first.get('granularity', '?')} tokens; probes: {iso}. A length fits when "
+             (f"From the straight-line model's answer, steps of growing size up or down until a length fits and a "
+              f"longer one does not" if first.get("guess") is not None else "Doubling") +
+             f", then bisection to {first.get('granularity', '?')} tokens; probes: {iso}. A length fits when "
              "one full training step completes within the budget." + (
                  " On CPU the address space is capped (`RLIMIT_AS`) at the budget's unused part and the peak RSS "
                  "must stay within the budget; the straight-line model (peak RSS at two lengths) is shown as a "

@@ -48,6 +48,10 @@ def test_json_sections_and_keys(bench_run):
     assert res["meta"]["command"].startswith("python ") and "--tiny" in res["meta"]["command"]
     for k in ("torch", "transformers", "peft", "cpu", "git"):
         assert k in res["meta"]["environment"], k
+    env = res["meta"]["environment"]  # the CPU generation and whether bf16 GEMMs are native decide the figures
+    assert env["cpu bf16 GEMM (torch.ops.mkldnn._is_mkldnn_bf16_supported())"] == str(
+        bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+    assert "family" in env["cpu"] or not os.path.exists("/proc/cpuinfo")
     timing = res["timing"]
     assert set(timing["variants"]) == set(variants)
     # the adapters in one fresh process, full with the floor in another; balanced order, no gc.collect
@@ -74,7 +78,9 @@ def test_json_sections_and_keys(bench_run):
         assert plain["peak_bytes"] >= plain["before_bytes"] > 0 and plain["malloc_mmap_threshold_fixed"] is False
         ms = res["maxseq"][v]  # the real search, one fresh process per probe; the straight-line model beside it
         assert ms["method"] == "search" and "RLIMIT_AS" in ms["isolation"]
-        assert [p[0] for p in ms["probes"]] == [32, 64] and all(p[2] for p in ms["probes"])
+        # started from the straight-line model's answer (far above the limit for the tiny model): one probe
+        assert ms["guess"] == ms["model"]["max_seq_len"] > 64
+        assert [p[0] for p in ms["probes"]] == [64] and all(p[2] for p in ms["probes"])
         assert ms["max_seq_len"] == 64 and ms["hit_limit"] is True
         assert ms["budget_bytes"] == 4 * 1024 ** 3  # the CPU default budget
         assert ms["model"]["method"] == "model" and [p[0] for p in ms["model"]["points"]] == [32, 64]
@@ -541,3 +547,27 @@ def test_merge_with_another_shape_is_refused_before_measuring(fake_root, tmp_pat
     assert (tmp_path / "run" / "results.json").read_bytes() == before
     assert (tmp_path / "run" / "log.txt").read_text().count("saved: floor") == 1  # the refused run measured nothing
 
+
+
+@pytest.mark.parametrize("true_max", [0, 40, 1000, 1990, 5000, 8192, 9000])
+@pytest.mark.parametrize("guess", [None, 10, 1500, 1990, 2100, 20000, float("inf"), float("nan")])
+def test_longest_sequence_search_from_a_guess_finds_the_same_limit(true_max, guess):
+    """Started from a guess (the straight-line model's answer), the search brackets the limit with growing steps and
+    finds the same answer as the doubling search, to the granularity, never probing past the limit; an accurate
+    guess needs two probes."""
+    from benchmarks.maxseq import search_longest
+
+    probes = []
+
+    def fits(length):
+        probes.append(length)
+        return length <= true_max
+
+    res = search_longest(fits, 512, 8192, 32, guess=guess)
+    expected = 8192 if true_max >= 8192 else true_max // 32 * 32
+    if not (guess is not None and 0 < guess < float("inf")) and true_max < 512:
+        expected = 0  # doubling starts at 512
+    assert res == {"max_seq_len": expected, "hit_limit": true_max >= 8192}
+    assert max(probes) <= 8192 and len(probes) == len(set(probes))
+    if guess is not None and expected and guess // 32 * 32 == expected:
+        assert len(probes) == 2 or res["hit_limit"]
