@@ -562,8 +562,10 @@ HEADLINE_DEVICES = [
 
 
 def _headline_value(res: dict, key: str) -> Optional[tuple]:
-    """``(value, measured text, shape text)`` of one claim in one run, or None when the run has no measurement of it
-    (a modelled longest sequence and step times of the harness before its protocol fix do not count)."""
+    """``(value, measured text, shape text, (low, high) or None)`` of one claim in one run, or None when the run has
+    no measurement of it (a modelled longest sequence and step times of the harness before its protocol fix do not
+    count). ``(low, high)``: the range the ratio of two searched limits lies in, each known to the search's
+    granularity (the true limit of a search that found ``L`` is in ``[L, L + granularity - 1]``)."""
     c = res.get("config", {})
     shape = f"{c.get('batch')} x {c.get('seq_len')}"
     val = measured_ratios(res).get(key)
@@ -574,20 +576,31 @@ def _headline_value(res: dict, key: str) -> Optional[tuple]:
         if "groups" not in t or (t.get("protocol") or {}).get("legacy"):
             return None
         s = t["ratios"]["paca/lora"]
-        return val, f"{val:.3f} [{s['q1']:.3f}, {s['q3']:.3f}]", shape
+        return val, f"{val:.3f} [{s['q1']:.3f}, {s['q3']:.3f}]", shape, None
     if key == "peak_paca_lora":
         plain = measured_ratios(res).get("peak_plain_paca_lora")
-        return val, f"{val:.3f}" + (f" (plain RSS {plain:.3f})" if plain else ""), shape
+        return val, f"{val:.3f}" + (f" (plain RSS {plain:.3f})" if plain else ""), shape, None
     if key == "maxseq_paca_lora":
-        ms = res["maxseq"]
-        budget = ms["paca"]["budget_bytes"] / 1024 ** 3
-        return val, f"{val:.3f} ({ms['paca']['max_seq_len']:,} / {ms['lora']['max_seq_len']:,} tokens)", \
-            f"1 x longest, {budget:g} GiB"
+        return _headline_maxseq(res["maxseq"], val)
     mb = res["maxbatch"]
     s = mb["ratios"]["paca/lora"]
     b = {v: mb["variants"][v]["batch"] for v in ("paca", "lora")}
     return val, f"{val:.3f} [{s['q1']:.3f}, {s['q3']:.3f}]", \
-        f"{b['paca']} / {b['lora']} x {mb['seq_len']}, {mb['budget_bytes'] / 1024 ** 3:g} GiB"
+        f"{b['paca']} / {b['lora']} x {mb['seq_len']}, {mb['budget_bytes'] / 1024 ** 3:g} GiB", None
+
+
+def _headline_maxseq(ms: dict, val: float) -> tuple:
+    """The longest-sequence cell of :func:`_headline_value`: the two limits (and the floor's), the search's
+    granularity, and the range of the ratio that granularity leaves (an upper limit is open when a search reached
+    its length limit)."""
+    p, lo = ms["paca"], ms["lora"]
+    g = int(p.get("granularity") or 1)
+    high = float("inf") if p.get("hit_limit") else (p["max_seq_len"] + g - 1) / lo["max_seq_len"]
+    low = p["max_seq_len"] / (lo["max_seq_len"] + (0 if lo.get("hit_limit") else g - 1))
+    floor = f"; floor {ms['floor']['max_seq_len']:,}" if "floor" in ms else ""
+    text = (f"{val:.3f} ({p['max_seq_len']:,} / {lo['max_seq_len']:,} tokens{floor}; to {g} tokens: "
+            f"{low:.3f}-{high:.3f})")
+    return val, text, f"1 x longest, {p['budget_bytes'] / 1024 ** 3:g} GiB", (low, high)
 
 
 def _host(res: dict) -> str:
@@ -612,8 +625,10 @@ def headline_markdown(runs: List[tuple]) -> List[str]:
             got = _headline_value(res, key)
             if got is None:
                 continue
-            val, text, shape = got
+            val, text, shape, span = got
             met = "yes" if (val <= bound if is_max else val >= bound) else "**no**"
+            if span and span[0] < bound <= span[1]:
+                met = "open: finer search needed"
             busy = sec in ("timing", "maxbatch") and (res["meta"].get("section_busy") or {}).get(sec)
             cmd = (res["meta"].get("section_commands") or {}).get(sec) or res["meta"].get("command", "")
             name = os.path.basename(run_dir)
