@@ -28,7 +28,8 @@ def bench_run(tmp_path_factory):
         "--maxseq_start", "32", "--maxseq_limit", "64", "--maxseq_granularity", "32",
         "--max_train_samples", "40", "--max_eval_samples", "8", "--threads", "1",
         "--lr_grid", "lora=1e-3;paca=1e-3",
-        "--sections", "timing,saved,memory,maxseq,quality,qpaca", "--bnb_4bit_use_double_quant",
+        "--sections", "timing,saved,memory,maxseq,maxbatch,quality,qpaca", "--bnb_4bit_use_double_quant",
+        "--maxbatch_limit", "4",
         "--output_dir", str(run_dir), "--docs", str(docs),
     ]
     env = dict(os.environ, PACA_DEVICE="cpu", TOKENIZERS_PARALLELISM="false")
@@ -84,6 +85,13 @@ def test_json_sections_and_keys(bench_run):
         assert ms["max_seq_len"] == 64 and ms["hit_limit"] is True
         assert ms["budget_bytes"] == 4 * 1024 ** 3  # the CPU default budget
         assert ms["model"]["method"] == "model" and [p[0] for p in ms["model"]["points"]] == [32, 64]
+        # the largest batch: started from the longest sequence (64 // 32 = 2), up to the limit, then timed at it
+        mb = res["maxbatch"]["search"][v]
+        assert [p[0] for p in mb["probes"]] == [2, 3, 4] and mb["max_batch"] == 4 and mb["hit_limit"] is True
+        t = res["maxbatch"]["variants"][v]
+        assert t["batch"] == 4 and t["tokens_per_step"] == 128 and len(t["raw_wall_s"]) == 2
+    assert res["maxbatch"]["groups"] == [["floor", "lora", "paca"], ["floor", "full"]]
+    assert "paca/lora" in res["maxbatch"]["ratios"] and "full/floor" in res["maxbatch"]["ratios"]
     q = res["quality"]
     assert set(q["best"]) == {"lora", "paca"} and q["steps"] == 2
     for m in ("lora", "paca"):
@@ -107,6 +115,7 @@ def test_markdown_and_pngs(bench_run):
     assert "| variant | median s |" in md and "| paca/lora |" in md
     assert "Bytes saved for backward" in md and "out-of-memory search" in md and "held-out loss" in md
     assert "Peak RSS with glibc's default malloc" in md
+    assert "Throughput at the largest batch within 4.00 GiB (seq 32)" in md and "| 4 (limit) |" in md
     for name in ("step_time.png", "memory.png", "loss_curves.png"):
         path = run_dir / name
         assert path.is_file() and path.stat().st_size > 1000
