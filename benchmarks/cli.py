@@ -330,10 +330,14 @@ class _Log:
 
 
 def _git_commit(root: Path) -> str:
+    """The checkout's short commit, ``+dirty`` when tracked files differ from it; the benchmark's own outputs
+    (``docs/benchmarks/``, ``docs/benchmarks.md``: a run appends to its folder's ``log.txt`` before this is read) do
+    not count."""
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)docs/benchmarks", ":(exclude)docs/benchmarks.md"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
     except (OSError, subprocess.SubprocessError):

@@ -546,7 +546,7 @@ HEADLINE_TODO = {
     "memory": "python scripts/benchmark.py --dtype {dtype} --batch 4 --seq_len 256 --sections memory --merge",
     "maxseq": "python scripts/benchmark.py --dtype {dtype} --batch 4 --seq_len 256 --sections maxseq --variants "
               "floor,lora,paca --threads 1 --memory_budget_gb 4 --memory_warmup 0 --memory_steps 1 --maxseq_lengths "
-              "1024,2048 --run_name cpu-smollm2-135m-{dtype}-maxseq-4gib",
+              "1024,2048 --maxseq_granularity 8 --run_name cpu-smollm2-135m-{dtype}-maxseq-4gib",
     "maxbatch": "python scripts/benchmark.py --dtype {dtype} --batch 4 --seq_len 256 --sections maxbatch --variants "
                 "floor,lora,paca --memory_budget_gb 4 --threads 2 --run_name cpu-smollm2-135m-{dtype}-maxseq-4gib "
                 "--merge",

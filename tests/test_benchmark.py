@@ -687,3 +687,34 @@ def test_headline_table_holds_measured_ratios_only_with_their_commands():
     # bf16 has no measurement: each claim names the command, and the devices the paper used are marked as such
     assert text.count("bf16 on CPU: `python scripts/benchmark.py --dtype bf16") == 4
     assert "`bash scripts/gpu_bench.sh`" in text and "`bash scripts/gaudi_check.sh`" in text
+
+
+def test_run_commit_is_dirty_for_code_changes_not_for_the_benchmarks_own_outputs(tmp_path):
+    """A run writes its log into a tracked docs/benchmarks/<run>/ folder before it records the commit: that must not
+    mark the commit '+dirty'; a changed source file must."""
+    import shutil
+    from pathlib import Path
+
+    from benchmarks.cli import _git_commit
+
+    if shutil.which("git") is None:
+        pytest.skip("git not installed")
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "docs" / "benchmarks" / "run").mkdir(parents=True)
+    (tmp_path / "docs" / "benchmarks" / "run" / "log.txt").write_text("a\n")
+    (tmp_path / "docs" / "benchmarks.md").write_text("# page\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "c")
+    clean = _git_commit(Path(tmp_path))
+    assert clean != "unknown" and not clean.endswith("+dirty")
+    (tmp_path / "docs" / "benchmarks" / "run" / "log.txt").write_text("a\nb\n")
+    (tmp_path / "docs" / "benchmarks.md").write_text("# page 2\n")
+    assert _git_commit(Path(tmp_path)) == clean
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert _git_commit(Path(tmp_path)) == clean + "+dirty"
