@@ -7,6 +7,8 @@ request; ``all`` = every section):
 * ``saved``: bytes saved for backward per step;
 * ``memory``: peak memory, each variant in its own subprocess;
 * ``maxseq``: longest sequence at batch 1 within a memory budget (same subprocesses);
+* ``maxbatch``: tokens/s of each variant at the largest batch it fits within the same budget (CPU; fresh-process
+  probes, then the step-time section's interleaved timing, each variant at its own batch; :mod:`benchmarks.maxbatch`);
 * ``quality``: held-out loss after ``--steps`` steps at each method's best learning rate;
 * ``profile``: where PaCA's step time goes beyond the floor's (torch.profiler + component timings);
 * ``qpaca``: QPaCA vs QLoRA on the model quantized to 4 bits by bitsandbytes (step time, saved bytes, peak memory,
@@ -34,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-SECTIONS = ("timing", "saved", "memory", "maxseq", "quality", "profile", "qpaca")
+SECTIONS = ("timing", "saved", "memory", "maxseq", "maxbatch", "quality", "profile", "qpaca")
 QPACA_PARTS = ("timing", "saved", "memory", "quality")
 DEFAULT_SECTIONS = "timing,saved,memory,maxseq,quality"
 DEFAULT_VARIANTS = "floor,lora,paca,peft_paca,full"
@@ -159,6 +161,11 @@ def check_args(args) -> Optional[str]:
         return problem
     if args.lr_extend < 0:
         return f"--lr_extend must be >= 0, got {args.lr_extend}"
+    if args.maxbatch_limit < 1:
+        return f"--maxbatch_limit must be >= 1, got {args.maxbatch_limit}"
+    if "maxbatch" in sections and args.device in ("cuda", "hpu"):
+        return ("--sections maxbatch: CPU only (the interleaved timing keeps every variant's model resident, so a "
+                "batch that fits one variant alone in device memory would not fit there); use --device cpu")
     if args.paca_calibration_batches < 1:
         return f"--paca_calibration_batches must be >= 1, got {args.paca_calibration_batches}"
     try:
@@ -246,7 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--maxseq_start", type=int, default=512, help="search: first length")
     mem.add_argument("--maxseq_limit", type=int, default=None,
                      help="search: largest length tried (default: max_position_embeddings)")
-    mem.add_argument("--maxseq_granularity", type=int, default=128)
+    mem.add_argument("--maxseq_granularity", type=int, default=32,
+                     help="search: the answer's resolution in tokens")
+    mem.add_argument("--maxbatch_limit", type=int, default=64,
+                     help="maxbatch section: largest batch (of --seq_len tokens) the search tries")
+    mem.add_argument("--maxseq_guess", default="model", choices=["model", "none"],
+                     help="CPU search: 'model' starts at the straight-line model's answer and brackets the limit "
+                          "with growing steps from there (2-7 probes); 'none' doubles from --maxseq_start")
     q = p.add_argument_group("quality")
     q.add_argument("--steps", type=int, default=20, help="training steps per quality run")
     q.add_argument("--quality_variants", default="lora,paca",
@@ -317,10 +330,14 @@ class _Log:
 
 
 def _git_commit(root: Path) -> str:
+    """The checkout's short commit, ``+dirty`` when tracked files differ from it; the benchmark's own outputs
+    (``docs/benchmarks/``, ``docs/benchmarks.md``: a run appends to its folder's ``log.txt`` before this is read) do
+    not count."""
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)docs/benchmarks", ":(exclude)docs/benchmarks.md"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
     except (OSError, subprocess.SubprocessError):
@@ -328,14 +345,35 @@ def _git_commit(root: Path) -> str:
 
 
 def _cpu_model() -> str:
+    """``model name`` of ``/proc/cpuinfo`` with its ``cpu family`` / ``model`` numbers (a virtual machine's name
+    alone, e.g. 'AMD EPYC', does not tell the generation apart) and the vector extensions that decide bf16 speed."""
+    fields: Dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break
+                key, _, val = line.partition(":")
+                fields[key.strip()] = val.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    ext = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return (f"{fields['model name']} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')}; "
+            f"{' '.join(ext) or 'no AVX2'})")
+
+
+def _mkldnn_bf16() -> Optional[bool]:
+    """Whether oneDNN runs bf16 GEMMs natively on this CPU (AVX-512 BF16 / AMX); False means torch's slow
+    reference kernel. None where torch does not say."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def environment(info, threads: int) -> Dict[str, str]:
@@ -353,6 +391,7 @@ def environment(info, threads: int) -> Dict[str, str]:
     except ImportError:
         pass
     env["cpu"] = f"{_cpu_model()}, {os.cpu_count()} cores, torch threads {threads}"
+    env["cpu bf16 GEMM (torch.ops.mkldnn._is_mkldnn_bf16_supported())"] = str(_mkldnn_bf16())
     try:
         import psutil
 
@@ -476,18 +515,56 @@ def _results_skeleton(args, spec, info, threads: int, variants: List[str], secti
     }
 
 
+def _budget_bytes(args, info) -> Optional[float]:
+    """The memory budget of the longest-sequence and largest-batch figures in bytes: ``--memory_budget_gb``, else
+    :data:`~benchmarks.maxseq.DEFAULT_CPU_BUDGET_GB` on CPU, else None (the device's memory, read by the child)."""
+    from .maxseq import DEFAULT_CPU_BUDGET_GB
+
+    if args.memory_budget_gb:
+        return args.memory_budget_gb * 1024 ** 3
+    return DEFAULT_CPU_BUDGET_GB * 1024 ** 3 if info.type == "cpu" else None
+
+
+def _maxbatch_section(args, spec, info, variants, splits, results, log, out_dir: Path) -> None:
+    """Throughput at the largest batch each variant fits (:mod:`benchmarks.maxbatch`); starts each variant's batch
+    search from the longest-sequence result of this invocation or, with ``--merge``, of the earlier run in
+    ``out_dir`` (when it was measured within the same budget)."""
+    from .inputs import fixed_batches, token_stream
+    from .maxbatch import run_maxbatch
+
+    if info.type != "cpu":
+        raise ValueError("--sections maxbatch: CPU only (the interleaved timing keeps every variant's model resident, "
+                         "so a batch that fits one variant alone in device memory would not fit there)")
+    probe_cfg = {"model": spec.to_dict(), "dtype": args.dtype, "seed": args.seed, "r": args.r, "alpha": args.alpha,
+                 "threads": args.threads, "cpu_malloc": "default" if args.cpu_malloc == "default" else "tuned",
+                 "budget_bytes": _budget_bytes(args, info)}
+    maxseq = results.get("maxseq")
+    if not maxseq and args.merge and (out_dir / "results.json").is_file():
+        with open(out_dir / "results.json", encoding="utf-8") as f:
+            maxseq = json.load(f).get("maxseq")
+    guesses = {v: d["max_seq_len"] / args.seq_len for v, d in (maxseq or {}).items()
+               if d.get("max_seq_len") and d.get("budget_bytes") == probe_cfg["budget_bytes"]}
+    log(f"maxbatch: largest batch of {args.seq_len} tokens within {probe_cfg['budget_bytes'] / 1024 ** 3:.2f} GiB, "
+        f"one fresh process per probe (limit {args.maxbatch_limit}"
+        f"{', starting from the longest-sequence results' if guesses else ''})")
+    results["maxbatch"] = run_maxbatch(
+        probe_cfg, _timing_cfg(args, spec, []), variants,
+        lambda b: fixed_batches(splits["train"], b, args.rounds + args.warmup, seed=args.seed), args.seq_len,
+        token_stream(splits["train"], args.maxbatch_limit * args.seq_len), args.maxbatch_limit, guesses, log,
+        str(out_dir / "log.txt"))
+    for k, s in results["maxbatch"]["ratios"].items():
+        log(f"maxbatch: tokens/s {k}: median {s['median']:.3f} [q1 {s['q1']:.3f}, q3 {s['q3']:.3f}]")
+
+
 def _memory_sections(args, spec, info, sections, variants, splits, results, log) -> None:
     """Peak memory and the longest sequence: fresh processes only, before this process touches the device."""
     from transformers import AutoConfig
 
     from paca_hpu import device as _device
     from .inputs import fixed_batches, token_stream
-    from .maxseq import DEFAULT_CPU_BUDGET_GB, search_cpu
+    from .maxseq import search_cpu
 
-    if args.memory_budget_gb:
-        budget = args.memory_budget_gb * 1024 ** 3
-    else:
-        budget = DEFAULT_CPU_BUDGET_GB * 1024 ** 3 if info.type == "cpu" else None
+    budget = _budget_bytes(args, info)
     if spec.random_init:
         max_pos = 4096
     else:
@@ -531,7 +608,8 @@ def _memory_sections(args, spec, info, sections, variants, splits, results, log)
         torch.save(inputs["stream"], stream_path)
         for v in variants:
             model = results["maxseq"][v]
-            results["maxseq"][v] = dict(search_cpu(child_cfg, v, stream_path, tmp, log), model=model)
+            guess = model.get("max_seq_len") if args.maxseq_guess == "model" else None
+            results["maxseq"][v] = dict(search_cpu(child_cfg, v, stream_path, tmp, log, guess=guess), model=model)
             log(f"maxseq: {v}: {results['maxseq'][v]['max_seq_len']} tokens (model: {model['max_seq_len']:.0f})")
 
 
@@ -631,6 +709,8 @@ def run(args) -> dict:
     # ---- fresh processes first (memory, longest sequence, timing), before this process touches the accelerator
     if "memory" in sections or "maxseq" in sections:
         _memory_sections(args, spec, info, sections, variants, splits, results, log)
+    if "maxbatch" in sections:
+        _maxbatch_section(args, spec, info, variants, splits, results, log, out_dir)
     n_batches = max(args.rounds + args.warmup, args.profile_rounds + 1, 1)
     train_batches = fixed_batches(splits["train"], args.batch, n_batches, seed=args.seed)
     if "timing" in sections and "inprocess" not in legacy:
@@ -705,7 +785,8 @@ def _write_outputs(args, results: dict, sections: List[str], out_dir: Path, root
 
 
 _MERGE_KEYS = {"timing": ["timing"], "saved": ["saved"], "memory": ["memory", "memory_plain_rss"],
-               "maxseq": ["maxseq", "maxseq_max_position_embeddings"], "quality": ["quality"], "profile": ["profile"],
+               "maxseq": ["maxseq", "maxseq_max_position_embeddings"], "maxbatch": ["maxbatch"],
+               "quality": ["quality"], "profile": ["profile"],
                "qpaca": ["qpaca"]}
 
 

@@ -1,8 +1,9 @@
 """Longest sequence at batch 1 that trains within a memory budget: a real search, each CPU probe in a fresh process.
 
 A length ``L`` *fits* when one training step (forward + backward + optimizer step) at ``(1, L)`` completes and its
-peak memory stays within the budget. Lengths double from ``start`` until one does not fit (or ``limit``), then
-bisection narrows the boundary to ``granularity`` tokens (:func:`search_longest`).
+peak memory stays within the budget. Lengths double from ``start`` until one does not fit (or ``limit``), or, given a
+guess (the straight-line model below), steps of growing size from the guess bracket the boundary; then bisection
+narrows it to ``granularity`` tokens (:func:`search_longest`).
 
 * CUDA/HPU: the probes run in the variant's measuring process (:mod:`benchmarks.child`); out-of-memory errors
   are recoverable there.
@@ -20,29 +21,42 @@ search as a cross-check.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Callable, Dict, List, Optional
 
-__all__ = ["search_longest", "probe_child", "search_cpu", "DEFAULT_CPU_BUDGET_GB"]
+__all__ = ["search_longest", "probe_child", "fresh_probe", "search_cpu", "DEFAULT_CPU_BUDGET_GB"]
 
 #: Budget of the CPU search when ``--memory_budget_gb`` is not given (the machine's RAM would put every variant past
 #: the model's position limit and make the search a long run that shows nothing).
 DEFAULT_CPU_BUDGET_GB = 4.0
 
 
-def search_longest(fits: Callable[[int], bool], start: int, limit: int, granularity: int) -> Dict[str, object]:
-    """Doubling from ``start`` while ``fits``, then bisection between the last fitting and the first failing length
-    down to ``granularity`` tokens (lengths probed are multiples of ``granularity`` during bisection).
+def search_longest(fits: Callable[[int], bool], start: int, limit: int, granularity: int,
+                   guess: Optional[float] = None) -> Dict[str, object]:
+    """The longest length that ``fits``, to ``granularity`` tokens.
+
+    Without ``guess``: doubling from ``start`` while ``fits``, then bisection between the last fitting and the first
+    failing length. With ``guess`` (e.g. the straight-line memory model's answer; ignored unless a finite positive
+    number): the first probe is ``guess`` rounded down to a multiple of ``granularity``; from there steps of
+    ``granularity``, doubling, go up while the probes fit (or down while they do not) until the boundary is
+    bracketed, then bisection. An accurate guess
+    brackets the answer in two probes; a wrong one costs about as many probes as the plain doubling. Lengths probed
+    during the bracketing and bisection are multiples of ``granularity`` (or ``limit`` itself); none exceeds
+    ``limit``.
 
     Returns:
         ``{"max_seq_len": longest length that fitted (0 if none), "hit_limit": whether that is >= limit}``.
     """
-    lo, length = 0, int(start)
-    while length <= limit and fits(length):
-        lo, length = length, length * 2
-    hi = min(length, limit + granularity)
-    if lo:
+    if guess is not None and math.isfinite(guess) and guess > 0:  # else (no model, nan, inf): doubling
+        lo, hi = _bracket_from_guess(fits, guess, limit, granularity)
+    else:
+        lo, length = 0, int(start)
+        while length <= limit and fits(length):
+            lo, length = length, length * 2
+        hi = min(length, limit + granularity)
+    if lo and hi is not None:
         while hi - lo > granularity:
             mid = (lo + hi) // 2 // granularity * granularity
             if mid <= lo:
@@ -52,6 +66,28 @@ def search_longest(fits: Callable[[int], bool], start: int, limit: int, granular
             else:
                 hi = mid
     return {"max_seq_len": lo, "hit_limit": lo >= limit}
+
+
+def _bracket_from_guess(fits: Callable[[int], bool], guess: float, limit: int, gran: int) -> tuple:
+    """``(lo, hi)``: a fitting length (0 if none) and a failing one (None when ``lo`` reached ``limit``), found by
+    growing steps from ``guess`` (see :func:`search_longest`)."""
+    first = min(max(gran, int(guess) // gran * gran), limit)
+    step = gran
+    if fits(first):
+        lo = first
+        while lo < limit:
+            nxt = min(lo + step, limit)
+            if not fits(nxt):
+                return lo, nxt
+            lo, step = nxt, step * 2
+        return lo, None
+    hi = first
+    while hi > gran:
+        nxt = max(hi - step, gran)
+        if fits(nxt):
+            return nxt, hi
+        hi, step = nxt, step * 2
+    return 0, hi
 
 
 def _status_bytes() -> Dict[str, int]:
@@ -65,7 +101,7 @@ def _status_bytes() -> Dict[str, int]:
     return out
 
 
-def _probe(cfg: dict, variant_name: str, length: int, stream_path: str) -> dict:
+def _probe(cfg: dict, variant_name: str, length: int, stream_path: str, batch: int = 1) -> dict:
     import resource
 
     import torch
@@ -79,6 +115,9 @@ def _probe(cfg: dict, variant_name: str, length: int, stream_path: str) -> dict:
         torch.set_num_threads(int(cfg["threads"]))
     malloc_fixed = cfg.get("cpu_malloc", "tuned") == "tuned" and fix_malloc_mmap_threshold()
     stream = torch.load(stream_path)
+    if stream["input_ids"].shape[1] < batch * length:
+        raise ValueError(f"probe at batch {batch} x {length}: the saved token stream holds only "
+                         f"{stream['input_ids'].shape[1]} tokens; save at least {batch * length}")
     _device.manual_seed_all(cfg["seed"])
     base = load_base_model(ModelSpec(**cfg["model"]), DTYPES[cfg["dtype"]], torch.device("cpu"))
     variant = build_variant(variant_name, base, r=cfg["r"], alpha=cfg["alpha"], copy_base=False)
@@ -89,7 +128,8 @@ def _probe(cfg: dict, variant_name: str, length: int, stream_path: str) -> dict:
     release_host_memory()
     budget = int(cfg["budget_bytes"])
     st = _status_bytes()
-    res = {"length": length, "rss_before": st["VmRSS"], "vm_before": st["VmSize"], "budget_bytes": budget,
+    res = {"length": length, "batch": batch, "rss_before": st["VmRSS"], "vm_before": st["VmSize"],
+           "budget_bytes": budget,
            "malloc_mmap_threshold_fixed": bool(malloc_fixed), "peak_bytes": None, "fits": False, "error": None}
     if st["VmRSS"] >= budget:
         res["error"] = "the model and optimizer state alone exceed the budget"
@@ -98,11 +138,11 @@ def _probe(cfg: dict, variant_name: str, length: int, stream_path: str) -> dict:
     cap = st["VmSize"] + budget - st["VmRSS"]
     if hard != resource.RLIM_INFINITY:
         cap = min(cap, hard)
-    batch = {k: v[:, :length] for k, v in stream.items()}
+    shaped = {k: v[:, :batch * length].reshape(batch, length) for k, v in stream.items()}
     _device.reset_peak_memory("cpu")
     resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
     try:
-        train_step(variant, opt, batch)
+        train_step(variant, opt, shaped)
         res["peak_bytes"] = int(_device.peak_memory_bytes("cpu"))
         res["fits"] = res["peak_bytes"] <= budget
     except Exception as err:  # noqa: BLE001 - the allocator's failure surfaces as RuntimeError or MemoryError
@@ -115,45 +155,56 @@ def _probe(cfg: dict, variant_name: str, length: int, stream_path: str) -> dict:
     return res
 
 
-def probe_child(cfg: dict, variant_name: str, length: int, stream_path: str, out_path: str) -> None:
-    """Entry point of one fresh probe process (see the module docstring): result JSON to ``out_path``."""
+def probe_child(cfg: dict, variant_name: str, length: int, stream_path: str, out_path: str, batch: int = 1) -> None:
+    """Entry point of one fresh probe process (see the module docstring): one step at ``(batch, length)``, cut from
+    the saved ``(1, N)`` token stream (``N >= batch * length``); result JSON to ``out_path``."""
     from paca_hpu.atomic import write_json_atomic
 
-    write_json_atomic(out_path, _probe(cfg, variant_name, length, stream_path))
+    write_json_atomic(out_path, _probe(cfg, variant_name, length, stream_path, batch))
+
+
+def fresh_probe(cfg: dict, variant_name: str, length: int, stream_path: str, tmp_dir: str, probes: List[list],
+                log: Callable[[str], None], batch: int = 1, by_batch: bool = False) -> bool:
+    """Run :func:`probe_child` for one shape in a fresh process, append ``[value, peak bytes or None, fits, error or
+    None]`` to ``probes`` (value: ``batch`` if ``by_batch`` else ``length``), log it, and return whether it fit."""
+    from .proc import run_fresh
+
+    t0 = time.perf_counter()
+    tag = f"{variant_name}-{batch}x{length}"
+    out = os.path.join(tmp_dir, f"probe-{tag}.json")
+    res: Optional[dict] = run_fresh(probe_child, (cfg, variant_name, length, stream_path, out, batch), out,
+                                    name=f"probe-{tag}", allow_failure=True)
+    value = batch if by_batch else length
+    if res is None:
+        probes.append([value, None, False, "probe process died under the memory cap"])
+    else:
+        probes.append([value, res["peak_bytes"], res["fits"], res["error"]])
+    p = probes[-1]
+    log(f"probe {variant_name} {batch} x {length}: {'fits' if p[2] else 'does not fit'} "
+        f"({'peak ' + format(p[1] / 2 ** 20, ',.0f') + ' MB' if p[1] else p[3]}) [{time.perf_counter() - t0:.0f} s]")
+    return bool(p[2])
 
 
 def search_cpu(cfg: dict, variant_name: str, stream_path: str, tmp_dir: str,
-               log: Callable[[str], None] = print) -> Dict[str, object]:
+               log: Callable[[str], None] = print, guess: Optional[float] = None) -> Dict[str, object]:
     """The CPU search for ``variant_name``, one fresh process per probe.
 
     ``cfg``: as for the memory children, with ``budget_bytes``, ``maxseq_start``, ``maxseq_limit``,
     ``maxseq_granularity``. ``stream_path``: a saved ``(1, >= maxseq_limit)`` batch (``input_ids`` /
-    ``attention_mask`` / ``labels``).
+    ``attention_mask`` / ``labels``). ``guess``: where to start (see :func:`search_longest`; the CLI passes the
+    straight-line model's answer), or None for doubling from ``maxseq_start``.
 
     Returns:
         ``{"method": "search", "isolation": "fresh process per probe", "budget_bytes", "probes": [[L, peak bytes or
-        None, fits, error or None], ...], "max_seq_len", "hit_limit", "limit", "granularity"}``.
+        None, fits, error or None], ...], "max_seq_len", "hit_limit", "limit", "granularity", "guess"}``.
     """
-    from .proc import run_fresh
-
     probes: List[list] = []
 
     def fits(length: int) -> bool:
-        t0 = time.perf_counter()
-        out = os.path.join(tmp_dir, f"probe-{variant_name}-{length}.json")
-        res: Optional[dict] = run_fresh(probe_child, (cfg, variant_name, length, stream_path, out), out,
-                                        name=f"maxseq-{variant_name}-{length}", allow_failure=True)
-        if res is None:
-            probes.append([length, None, False, "probe process died under the memory cap"])
-        else:
-            probes.append([length, res["peak_bytes"], res["fits"], res["error"]])
-        p = probes[-1]
-        log(f"maxseq: {variant_name} L={length}: {'fits' if p[2] else 'does not fit'} "
-            f"({'peak ' + format(p[1] / 2 ** 20, ',.0f') + ' MB' if p[1] else p[3]}) [{time.perf_counter() - t0:.0f} s]")
-        return bool(p[2])
+        return fresh_probe(cfg, variant_name, length, stream_path, tmp_dir, probes, log)
 
     limit, gran = int(cfg["maxseq_limit"]), int(cfg["maxseq_granularity"])
-    found = search_longest(fits, int(cfg["maxseq_start"]), limit, gran)
+    found = search_longest(fits, int(cfg["maxseq_start"]), limit, gran, guess=guess)
     return {"method": "search", "isolation": "fresh process per probe, RLIMIT_AS cap",
             "budget_bytes": float(cfg["budget_bytes"]), "probes": probes, **found, "limit": limit,
-            "granularity": gran}
+            "granularity": gran, "guess": guess}

@@ -13,7 +13,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -133,7 +133,7 @@ def _minor_faults() -> int:
 def time_rounds(
     variants: Dict[str, object],
     optimizers: Dict[str, Optional[torch.optim.Optimizer]],
-    batches: List[Dict[str, torch.Tensor]],
+    batches: Union[List[Dict[str, torch.Tensor]], Dict[str, List[Dict[str, torch.Tensor]]]],
     rounds: int,
     warmup: int,
     log: Callable[[str], None] = print,
@@ -143,28 +143,33 @@ def time_rounds(
     """Interleaved round-robin timing in this process.
 
     ``warmup`` steps per variant first (discarded), then ``rounds`` rounds; in round ``k`` every variant runs one
-    step on batch ``k`` (so all variants see the same data), in the order of :func:`balanced_orders` (``order=
-    "balanced"``; ``"rotate"``: :func:`rotated_orders`, the protocol before the fix). Each step is bracketed by a
-    device synchronize and nothing else: Python's garbage collector runs when it would in a user's loop
-    (``collect_garbage=True`` restores the old ``gc.collect()`` before every timed step, outside the timing).
+    step on batch ``k`` (so all variants see the same data; ``batches`` may instead map each variant to its own
+    list, e.g. each at the largest batch it fits, see :mod:`benchmarks.maxbatch`), in the order of
+    :func:`balanced_orders` (``order="balanced"``; ``"rotate"``: :func:`rotated_orders`, the protocol before the
+    fix). Each step is bracketed by a device synchronize and nothing else: Python's garbage collector runs when it
+    would in a user's loop (``collect_garbage=True`` restores the old ``gc.collect()`` before every timed step, outside the timing).
 
     Returns:
-        ``{variant: {"wall_s": [...], "cpu_s": [...], "minflt": [...], "loss": [...]}}`` in round order
-        (``cpu_s``: process CPU time, all threads, a contention-insensitive companion to wall time on CPU;
-        ``minflt``: minor page faults during the step, i.e. fresh memory pages the allocator had to map).
+        ``{variant: {"wall_s": [...], "cpu_s": [...], "minflt": [...], "loss": [...], "tokens": [...]}}`` in round
+        order (``tokens``: the step's batch x sequence length; ``cpu_s``: process CPU time, all threads, a
+        contention-insensitive companion to wall time on CPU; ``minflt``: minor page faults during the step, i.e. fresh memory pages the allocator had to map).
     """
     names = list(variants)
     dev = _device.get_device()
-    batches = [_to(b, dev) for b in batches]
+    if isinstance(batches, dict):
+        per = {n: [_to(b, dev) for b in batches[n]] for n in names}
+    else:
+        moved = [_to(b, dev) for b in batches]
+        per = {n: moved for n in names}
     for name in names:
         for i in range(warmup):
-            train_step(variants[name], optimizers[name], batches[i % len(batches)])
+            train_step(variants[name], optimizers[name], per[name][i % len(per[name])])
         _device.synchronize()
-    out = {n: {"wall_s": [], "cpu_s": [], "minflt": [], "loss": []} for n in names}
+    out = {n: {"wall_s": [], "cpu_s": [], "minflt": [], "loss": [], "tokens": []} for n in names}
     orders = balanced_orders(names, rounds) if order == "balanced" else rotated_orders(names, rounds)
     for k, round_order in enumerate(orders):
-        batch = batches[(warmup + k) % len(batches)]
         for name in round_order:
+            batch = per[name][(warmup + k) % len(per[name])]
             if collect_garbage:
                 gc.collect()
             _device.synchronize()
@@ -177,6 +182,7 @@ def time_rounds(
             out[name]["wall_s"].append(t1 - t0)
             out[name]["cpu_s"].append(c1 - c0)
             out[name]["loss"].append(float(loss))
+            out[name]["tokens"].append(int(batch["input_ids"].numel()))
         log(f"  round {k + 1}/{rounds} ({' '.join(round_order)}): "
             + ", ".join(f"{n} {out[n]['wall_s'][-1]:.3f}s" for n in names))
     return out

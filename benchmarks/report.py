@@ -65,6 +65,12 @@ def measured_ratios(res: dict) -> Dict[str, float]:
         mem = res.get(sec) or {}
         if "paca" in mem and "lora" in mem:
             out[key] = mem["paca"]["peak_bytes"] / mem["lora"]["peak_bytes"]
+    mb_ratios = (res.get("maxbatch") or {}).get("ratios") or {}
+    if "paca/lora" in mb_ratios:
+        out["throughput_paca_lora"] = mb_ratios["paca/lora"]["median"]
+    ms = res.get("maxseq") or {}
+    if (ms.get("paca") or {}).get("method") == "search" and (ms.get("lora") or {}).get("max_seq_len"):
+        out["maxseq_paca_lora"] = ms["paca"]["max_seq_len"] / ms["lora"]["max_seq_len"]
     q = res.get("quality") or {}
     if "ratio_paca_lora" in q:
         out["loss_paca_lora"] = q["ratio_paca_lora"]
@@ -111,7 +117,7 @@ def evaluate_targets(res: dict) -> List[dict]:
             note = res.get("meta", {}).get("peft_paca_note")
             if not note:
                 continue
-        elif val is None and key != "loss_paca_lora":
+        elif val is None and (key != "loss_paca_lora" or "quality" not in res["config"].get("sections", ["quality"])):
             continue  # section not run here (e.g. a quality-only run)
         rows.append({"key": key, "target": desc, "limit": limit, "measured": val, "floor_bound": bounds.get(key),
                      "met": None if val is None else bool(val <= limit), "note": note})
@@ -139,6 +145,8 @@ def run_title(res: dict) -> str:
     c = res["config"]
     extra = f", r {c['r']}" if c.get("r", 8) != 8 else ""
     sections = c.get("sections") or []
+    if sections and set(sections) <= {"maxseq", "maxbatch"}:
+        extra += ", memory-budget figures only"
     if sections and set(sections) <= {"quality"}:
         extra += f", quality only ({(res.get('quality') or {}).get('steps', '?')} steps)"
     if sections == ["qpaca"]:
@@ -229,6 +237,8 @@ def run_markdown(res: dict, image_prefix: str = "", heading: str = "###") -> str
     ms = res.get("maxseq")
     if ms:
         lines += _maxseq_markdown(ms, h)
+    if res.get("maxbatch"):
+        lines += _maxbatch_markdown(res["maxbatch"], h)
 
     q = res.get("quality")
     if q:
@@ -326,6 +336,16 @@ def _timing_markdown(timing: dict, c: dict, h: str) -> List[str]:
     return lines
 
 
+def _probe_error(probe: list) -> str:
+    """Why a probe ``[value, peak, fits, error]`` has no peak, short: torch's allocator message becomes 'allocating
+    N MB failed under the cap'."""
+    import re
+
+    err = probe[3] if len(probe) > 3 and probe[3] else "OOM"
+    m = re.search(r"allocate (\d+) bytes", err)
+    return f"allocating {int(m.group(1)) / MB:,.0f} MB failed under the cap" if m else err
+
+
 def _maxseq_markdown(ms: dict, h: str) -> List[str]:
     """Markdown lines of the longest-sequence section (a search, with the straight-line model as a cross-check on
     CPU; or the model alone)."""
@@ -346,7 +366,9 @@ def _maxseq_markdown(ms: dict, h: str) -> List[str]:
         return lines + [""]
     iso = first.get("isolation", "")
     lines = [f"{h}# Longest sequence at batch 1 within {budget:.2f} GiB (measured: out-of-memory search)", "",
-             f"Doubling, then bisection to {first.get('granularity', '?')} tokens; probes: {iso}. A length fits when "
+             (f"From the straight-line model's answer, steps of growing size up or down until a length fits and a "
+              f"longer one does not" if first.get("guess") is not None else "Doubling") +
+             f", then bisection to {first.get('granularity', '?')} tokens; probes: {iso}. A length fits when "
              "one full training step completes within the budget." + (
                  " On CPU the address space is capped (`RLIMIT_AS`) at the budget's unused part and the peak RSS "
                  "must stay within the budget; the straight-line model (peak RSS at two lengths) is shown as a "
@@ -354,12 +376,36 @@ def _maxseq_markdown(ms: dict, h: str) -> List[str]:
              "| variant | max L | / lora | modelled max L (cross-check) | probes (L: peak MB, or why not) |",
              "|---|---:|---:|---:|---|"]
     for v, d in ms.items():
-        pr = ", ".join(f"{p[0]}: {_mb(p[1]) if p[1] is not None else (p[3] if len(p) > 3 and p[3] else 'OOM')}"
-                       f"{'' if p[2] else ' (no)'}" for p in d["probes"])
+        pr = ", ".join(f"{p[0]}: {_mb(p[1]) if p[1] is not None else _probe_error(p)}{'' if p[2] else ' (no)'}"
+                       for p in d["probes"])
         limit = " (limit)" if d.get("hit_limit") else ""
         model = d.get("model") or {}
         lines.append(f"| {v} | {d['max_seq_len']}{limit} | {_fmt(d['max_seq_len'] / lm) if lm else '-'} | "
                      f"{_fmt(model.get('max_seq_len'), 0)} | {pr} |")
+    return lines + [""]
+
+
+def _maxbatch_markdown(mb: dict, h: str) -> List[str]:
+    """Markdown lines of the throughput-at-the-largest-batch section (:mod:`benchmarks.maxbatch`)."""
+    lines = [f"{h}# Throughput at the largest batch within {mb['budget_bytes'] / 1024 ** 3:.2f} GiB (seq "
+             f"{mb['seq_len']})", "",
+             "Largest batch: fresh-process probes under an address-space cap, as for the longest sequence (limit "
+             f"{mb['limit']}). Then {mb['rounds']} interleaved rounds after {mb['warmup']} warm-up steps per variant "
+             "(the step-time section's protocol), each variant at its own largest batch; tokens/s ratios are "
+             "computed per round.", "",
+             "| variant | largest batch | probes (batch: peak MB, or why not) | s per step (median) | tokens/s median "
+             "[q1, q3] |", "|---|---:|---|---:|---:|"]
+    for v, d in mb["search"].items():
+        pr = ", ".join(f"{p[0]}: {_mb(p[1]) if p[1] is not None else _probe_error(p)}{'' if p[2] else ' (no)'}"
+                       for p in d["probes"])
+        t = mb["variants"].get(v)
+        tps = (f"{t['tokens_per_s']['median']:,.1f} [{t['tokens_per_s']['q1']:,.1f}, {t['tokens_per_s']['q3']:,.1f}]"
+               if t else "not timed")
+        lines.append(f"| {v} | {d['max_batch']}{' (limit)' if d['hit_limit'] else ''} | {pr} | "
+                     f"{_fmt(t['wall_s']['median']) if t else '-'} | {tps} |")
+    lines += ["", "| tokens/s ratio | median | q1 | q3 | min | max |", "|---|---:|---:|---:|---:|---:|"]
+    for k, s in mb["ratios"].items():
+        lines.append(f"| {k} | " + " | ".join(_summary_row(s)) + " |")
     return lines + [""]
 
 
@@ -479,6 +525,138 @@ def write_charts(res: dict, out_dir: str) -> List[str]:
     return names
 
 
+# --------------------------------------------------------------------------- headline table
+
+#: The paper's four headline claims against LoRA (Woo et al. 2025; LLaMA on A100 and Gaudi 2), as PaCA / LoRA
+#: ratios: (key of :func:`measured_ratios`, claim, ratio, bound, whether the bound is a maximum, results section).
+PAPER_CLAIMS = [
+    ("time_paca_lora", "22 % less training time", "step time PaCA / LoRA", 0.78, True, "timing"),
+    ("peak_paca_lora", "16 % less memory", "peak memory PaCA / LoRA", 0.84, True, "memory"),
+    ("maxseq_paca_lora", "23 % longer sequences", "longest sequence at batch 1 in one budget, PaCA / LoRA", 1.23, False,
+     "maxseq"),
+    ("throughput_paca_lora", "16 % more throughput", "tokens/s at each one's largest batch in one budget, PaCA / LoRA",
+     1.16, False, "maxbatch"),
+]
+
+#: The command that measures a claim (CPU, the embedded SmolLM2-135M) where the page has no measurement of it yet;
+#: ``{dtype}`` is filled in.
+HEADLINE_TODO = {
+    "timing": "python scripts/benchmark.py --dtype {dtype} --batch 4 --seq_len 256 --sections timing --merge "
+              "--rounds 12 --threads 2 --variants floor,lora,paca",
+    "memory": "python scripts/benchmark.py --dtype {dtype} --batch 4 --seq_len 256 --sections memory --merge",
+    "maxseq": "python scripts/benchmark.py --dtype {dtype} --batch 4 --seq_len 256 --sections maxseq --variants "
+              "floor,lora,paca --threads 1 --memory_budget_gb 4 --memory_warmup 0 --memory_steps 1 --maxseq_lengths "
+              "1024,2048 --maxseq_granularity 8 --run_name cpu-smollm2-135m-{dtype}-maxseq-4gib",
+    "maxbatch": "python scripts/benchmark.py --dtype {dtype} --batch 4 --seq_len 256 --sections maxbatch --variants "
+                "floor,lora,paca --memory_budget_gb 4 --threads 2 --run_name cpu-smollm2-135m-{dtype}-maxseq-4gib "
+                "--merge",
+}
+
+#: Devices the paper measured on that the page may not hold a run of: (device type, name, what measures it).
+HEADLINE_DEVICES = [
+    ("cuda", "CUDA GPU (the paper: A100)", "`bash scripts/gpu_bench.sh` on a machine with a GPU (step time, peak "
+     "memory, longest sequence in bf16; steps at the top of that script; the throughput figure is CPU-only so far)"),
+    ("hpu", "Gaudi 2", "`bash scripts/gaudi_check.sh` on a Gaudi machine (docs/hpu.md), then `python "
+     "scripts/benchmark.py --device hpu --dtype bf16 --batch 8 --seq_len 1024 --sections timing,memory,maxseq`"),
+]
+
+
+def _headline_value(res: dict, key: str) -> Optional[tuple]:
+    """``(value, measured text, shape text, (low, high) or None)`` of one claim in one run, or None when the run has
+    no measurement of it (a modelled longest sequence and step times of the harness before its protocol fix do not
+    count). ``(low, high)``: the range the ratio of two searched limits lies in, each known to the search's
+    granularity (the true limit of a search that found ``L`` is in ``[L, L + granularity - 1]``)."""
+    c = res.get("config", {})
+    shape = f"{c.get('batch')} x {c.get('seq_len')}"
+    val = measured_ratios(res).get(key)
+    if val is None:
+        return None
+    if key == "time_paca_lora":
+        t = res["timing"]
+        if "groups" not in t or (t.get("protocol") or {}).get("legacy"):
+            return None
+        s = t["ratios"]["paca/lora"]
+        return val, f"{val:.3f} [{s['q1']:.3f}, {s['q3']:.3f}]", shape, None
+    if key == "peak_paca_lora":
+        plain = measured_ratios(res).get("peak_plain_paca_lora")
+        return val, f"{val:.3f}" + (f" (plain RSS {plain:.3f})" if plain else ""), shape, None
+    if key == "maxseq_paca_lora":
+        return _headline_maxseq(res["maxseq"], val)
+    mb = res["maxbatch"]
+    s = mb["ratios"]["paca/lora"]
+    b = {v: mb["variants"][v]["batch"] for v in ("paca", "lora")}
+    return val, f"{val:.3f} [{s['q1']:.3f}, {s['q3']:.3f}]", \
+        f"{b['paca']} / {b['lora']} x {mb['seq_len']}, {mb['budget_bytes'] / 1024 ** 3:g} GiB", None
+
+
+def _headline_maxseq(ms: dict, val: float) -> tuple:
+    """The longest-sequence cell of :func:`_headline_value`: the two limits (and the floor's), the search's
+    granularity, and the range of the ratio that granularity leaves (an upper limit is open when a search reached
+    its length limit)."""
+    p, lo = ms["paca"], ms["lora"]
+    g = int(p.get("granularity") or 1)
+    high = float("inf") if p.get("hit_limit") else (p["max_seq_len"] + g - 1) / lo["max_seq_len"]
+    low = p["max_seq_len"] / (lo["max_seq_len"] + (0 if lo.get("hit_limit") else g - 1))
+    floor = f"; floor {ms['floor']['max_seq_len']:,}" if "floor" in ms else ""
+    text = (f"{val:.3f} ({p['max_seq_len']:,} / {lo['max_seq_len']:,} tokens{floor}; to {g} tokens: "
+            f"{low:.3f}-{high:.3f})")
+    return val, text, f"1 x longest, {p['budget_bytes'] / 1024 ** 3:g} GiB", (low, high)
+
+
+def _host(res: dict) -> str:
+    env = res.get("meta", {}).get("environment", {})
+    bf16 = env.get("cpu bf16 GEMM (torch.ops.mkldnn._is_mkldnn_bf16_supported())")
+    flag = {"True": ", native bf16 GEMM", "False": ", no native bf16 GEMM"}.get(bf16, "")
+    return f"{env.get('cpu', '?')}{flag}; {env.get('date', '?')[:10]}"
+
+
+def headline_markdown(runs: List[tuple]) -> List[str]:
+    """The page's first table: the paper's four PaCA/LoRA ratios (:data:`PAPER_CLAIMS`) beside every measurement of
+    each on the page (embedded SmolLM2-135M runs; modelled figures left out), each with its host, dtype, shape,
+    whether it meets the paper's figure, and the command that produced it; claims without one name the command
+    that would measure them."""
+    lines = ["| paper's claim | PaCA / LoRA | paper | measured here | dtype | shape | host; date | met | run and "
+             "command |", "|---|---|---:|---:|---|---|---|:---:|---|"]
+    runs = [(d, r) for d, r in runs if r.get("config", {}).get("model", {}).get("kind") != "tiny"]
+    missing = []
+    for key, claim, ratio, bound, is_max, sec in PAPER_CLAIMS:
+        rows, dtypes = [], set()
+        for run_dir, res in runs:
+            got = _headline_value(res, key)
+            if got is None:
+                continue
+            val, text, shape, span = got
+            met = "yes" if (val <= bound if is_max else val >= bound) else "**no**"
+            if span and span[0] < bound <= span[1]:
+                met = "open: finer search needed"
+            busy = sec in ("timing", "maxbatch") and (res["meta"].get("section_busy") or {}).get(sec)
+            cmd = (res["meta"].get("section_commands") or {}).get(sec) or res["meta"].get("command", "")
+            name = os.path.basename(run_dir)
+            if res["config"].get("model", {}).get("kind") != "embedded":
+                shape += f", {res['meta'].get('model', '?')}"
+            dtypes.add(res["config"]["dtype"])
+            rows.append(f"| {claim} | {ratio} | {bound} | {text}{' (noisy run)' if busy else ''} | "
+                        f"{res['config']['dtype']} | {shape} | {_host(res)} | {met} | "
+                        f"[{name}](#{_anchor(run_title(res))}): `{cmd}` |")
+        if not rows:
+            rows.append(f"| {claim} | {ratio} | {bound} | not measured yet | | | | - | "
+                        f"`{HEADLINE_TODO[sec].format(dtype='fp32')}` |")
+            dtypes.add("fp32")
+        lines += rows
+        missing += [f"* {ratio}, {d} on CPU: `{HEADLINE_TODO[sec].format(dtype=d)}`" for d in ("fp32", "bf16")
+                    if d not in dtypes]
+    if missing:
+        lines += ["", "No measurement on this page yet (modelled figures and step times of the harness before its "
+                      "protocol fix do not count; time needs an otherwise idle machine):", ""]
+        lines += missing
+    devices = {r["meta"].get("device_type") for _, r in runs}
+    todo = [f"* {name}: not measured on this host; {how}." for dev, name, how in HEADLINE_DEVICES
+            if dev not in devices]
+    if todo:
+        lines += ["", "Not measured on the paper's devices:", ""] + todo
+    return lines + [""]
+
+
 # --------------------------------------------------------------------------- docs page
 
 
@@ -503,7 +681,8 @@ def write_docs_page(docs_path: str, results_root: Optional[str] = None) -> str:
     docs_dir = os.path.dirname(os.path.abspath(docs_path))
     from .study import study_markdown
 
-    parts = [render("page.md") + study_markdown(results_root), "## Results\n"]
+    parts = [render("page.md", headline="\n".join(headline_markdown(runs))) + study_markdown(results_root),
+             "## Results\n"]
     parts[-1:-1] = minimal_loop_markdown(results_root, runs)
     if not runs:
         parts.append("No results yet: run `python scripts/benchmark.py`.\n")
