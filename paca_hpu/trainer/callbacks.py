@@ -1,6 +1,8 @@
 """Trainer callbacks: the PaCA write-back after optimizer steps PaCA's global step hook does not see
 (:class:`_WriteBackGuard`, which asks :mod:`paca_hpu.writeback`), and the training throughput without warm-up,
 evaluation and checkpoint time (:class:`ThroughputCallback`, :func:`side_seconds`, the host-side token count).
+``PaCATrainerMixin`` below is :class:`paca_hpu.trainer.mixin.PaCATrainerMixin`, which adds the write-back guard and
+counts the tokens.
 """
 
 from __future__ import annotations
