@@ -23,7 +23,7 @@ scoped to the smallest region possible, and names the upstream code it works aro
 
 3. ``GaudiTrainingArguments(use_lazy_mode=True)`` (the default!) raises ``ValueError`` without
    ``use_habana``.  Upstream: ``GaudiTrainingArguments.__post_init__``.  Workaround: the argument
-   builder in :mod:`paca_hpu.trainer` sets ``use_cpu=True, use_habana=False, use_lazy_mode=False``
+   builder in :mod:`paca_hpu.trainer.arguments` sets ``use_cpu=True, use_habana=False, use_lazy_mode=False``
    (and no HPU graphs) off HPU, before the dataclass is constructed.
 
 4. ``torch_compile=True`` defaults to backend ``"hpu_backend"``, which only exists with the Gaudi
@@ -48,8 +48,8 @@ scoped to the smallest region possible, and names the upstream code it works aro
 6. ``GaudiTrainer.log()`` calls ``optimum.habana.utils.get_hpu_memory_stats()``, which imports
    ``habana_frameworks.torch.hpu`` -> ``ImportError`` on CPU at the first logging step.
    Upstream: ``optimum.habana.transformers.trainer.GaudiTrainer.log``.  Workaround: the trainer
-   mixin in :mod:`paca_hpu.trainer` overrides ``log`` when ``args.use_habana`` is False (same
-   bookkeeping, memory numbers from :func:`paca_hpu.device.memory_stats` instead).
+   class in :mod:`paca_hpu.trainer` (``trainer_class("gaudi")``) overrides ``log`` when ``args.use_habana`` is False
+   (same bookkeeping, memory numbers from :func:`paca_hpu.device.memory_stats` instead).
 
 7. ``optimum.habana.utils.set_seed`` imports ``habana_frameworks``; use ``transformers.set_seed``
    off HPU (``GaudiTrainer.train`` only calls it with ``model_init``, which we do not use).

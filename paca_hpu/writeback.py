@@ -15,7 +15,8 @@ forwards. The triggers, all of them here:
   weight (:func:`check_unshared_weights`).
 * **after an optimizer step the hook cannot see** (an optimizer that is no ``torch.optim.Optimizer`` and steps a
   master copy, copying it back afterwards: DeepSpeed ZeRO): :func:`hook_covers` says whether a training loop must
-  write back itself, :func:`write_back_model` does it. The Trainer callback of :mod:`paca_hpu.trainer` calls both.
+  write back itself, :func:`write_back_model` does it. The Trainer callback of :mod:`paca_hpu.trainer.callbacks`
+  calls both.
 * **before a forward** of a layer whose ``delta`` changed by any other route (schedule-free ``eval()/train()``,
   LOMO's update in backward, ``load_state_dict``, a manual edit): the layer's host-side staleness test
   (:meth:`PaCALinear.is_stale`: another ``delta`` version or object, or a write through ``delta.data``), then
