@@ -62,8 +62,13 @@ def main(argv=None) -> int:
         from benchmarks.report import write_docs_page
         from benchmarks.study import plot_study
 
-        plot_study(str(study_dir))
-        write_docs_page(str(ROOT / "docs" / "benchmarks.md"))
+        try:
+            plot_study(str(study_dir))
+            write_docs_page(str(ROOT / "docs" / "benchmarks.md"))
+        except Exception as err:  # noqa: BLE001 - the run file is written; hours of training must not stop here
+            # (e.g. the checkout's page templates changed under this long-running process)
+            log(f"the page was not rebuilt ({type(err).__name__}: {err}); the run files are complete: the next "
+                "start of scripts/study.py rebuilds it")
 
     summary = run_study(StudyConfig(name=name, dtype=dtype), study_dir, ckpt, ROOT, log, only=only,
                         on_record=rebuild)
