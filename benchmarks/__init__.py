@@ -12,10 +12,12 @@ Modules: :mod:`~benchmarks.variants` (how each variant is built), :mod:`~benchma
 (the step-time section: groups, fresh processes, ratios), :mod:`~benchmarks.proc` (fresh processes),
 :mod:`~benchmarks.child` (per-variant memory subprocess), :mod:`~benchmarks.maxseq` (longest-sequence
 search), :mod:`~benchmarks.quality` (held-out loss), :mod:`~benchmarks.profile` (PaCA vs floor),
-:mod:`~benchmarks.qpaca` (QPaCA vs QLoRA, memory model), :mod:`~benchmarks.report` (Markdown, charts, docs page),
+:mod:`~benchmarks.qpaca` (QPaCA vs QLoRA, memory model), :mod:`~benchmarks.report` (Markdown, charts, docs page;
+its tables in :mod:`~benchmarks.report_tables`, targets and headline in :mod:`~benchmarks.report_headline`),
 :mod:`~benchmarks.prose` (the page's templates), :mod:`~benchmarks.study_runs` / :mod:`~benchmarks.study` (the
 resumable parity study and its page section), :mod:`~benchmarks.scale_out` (communication and memory under
-DeepSpeed ZeRO), :mod:`~benchmarks.cli`, and :mod:`~benchmarks.ab` (A/B timing of the candidates in
+DeepSpeed ZeRO), :mod:`~benchmarks.cli` (with :mod:`~benchmarks.arguments`, :mod:`~benchmarks.sections`,
+:mod:`~benchmarks.runinfo`, :mod:`~benchmarks.merge`), and :mod:`~benchmarks.ab` (A/B timing of the candidates in
 :mod:`paca_hpu.experimental`).
 
 Importing this package imports nothing heavy; peft, matplotlib and torch.profiler load only when used.

@@ -29,9 +29,7 @@ def _run(cfg: dict, variant_name: str, inputs_path: str) -> dict:
     import torch
 
     from paca_hpu import device as _device
-    from .maxseq import search_longest
-    from .measure import (_to, fix_malloc_mmap_threshold, is_oom_error, linear_memory_model,
-                          peak_memory_of_steps, release_host_memory, train_step)
+    from .measure import fix_malloc_mmap_threshold, peak_memory_of_steps, release_host_memory
     from .variants import DTYPES, ModelSpec, build_variant, load_base_model, make_optimizer
 
     if cfg.get("threads"):
@@ -62,55 +60,67 @@ def _run(cfg: dict, variant_name: str, inputs_path: str) -> dict:
     out["batch"], out["seq_len"] = cfg["batch"], cfg["seq_len"]
 
     if cfg.get("maxseq"):
-        stream = inputs["stream"]
-        if cfg.get("budget_bytes"):
-            budget = float(cfg["budget_bytes"])
-        else:
-            budget = default_budget_bytes(info)
-
-        def step_peak(length: int) -> int:
-            batch = {k: v[:, :length] for k, v in stream.items()}
-            release_host_memory()
-            if info.type == "cuda":
-                torch.cuda.empty_cache()
-            _device.reset_peak_memory()
-            train_step(variant, opt, _to(batch, dev))
-            _device.synchronize()
-            return int(_device.peak_memory_bytes())
-
-        ms: dict = {"budget_bytes": budget}
-        if info.type == "cpu":
-            # the cross-check: the real CPU search runs one fresh process per probe (benchmarks.maxseq)
-            points = [[length, step_peak(length)] for length in sorted(cfg["maxseq_lengths"])]
-            ms.update({"method": "model", "points": points, **linear_memory_model(points, budget)})
-        else:
-            probes = []
-
-            def fits(length: int) -> bool:
-                try:
-                    p = step_peak(length)
-                    ok = p <= budget
-                    probes.append([length, p, ok, None])
-                    return ok
-                except Exception as err:  # noqa: BLE001 - OOM surfaces as different types per device
-                    if not is_oom_error(err):
-                        raise
-                    probes.append([length, None, False, "out of memory"])
-                    if opt is not None:  # floor has no optimizer
-                        opt.zero_grad(set_to_none=True)
-                    variant.model.zero_grad(set_to_none=True)
-                    gc.collect()
-                    if info.type == "cuda":
-                        torch.cuda.empty_cache()
-                    return False
-
-            limit, gran = int(cfg["maxseq_limit"]), int(cfg["maxseq_granularity"])
-            found = search_longest(fits, int(cfg["maxseq_start"]), limit, gran)
-            ms.update({"method": "search", "isolation": "the variant's measuring process", "probes": probes,
-                       **found, "limit": limit, "granularity": gran})
-        out["maxseq"] = ms
+        out["maxseq"] = _longest_sequence(cfg, info, variant, opt, inputs["stream"])
     out["seconds"] = time.perf_counter() - t0
     return out
+
+
+def _longest_sequence(cfg: dict, info, variant, opt, stream: dict) -> dict:
+    """The longest-sequence figure in the measuring process: on CPU the straight-line model through
+    ``cfg["maxseq_lengths"]`` (the cross-check of the fresh-process search), elsewhere an out-of-memory search."""
+    import torch
+
+    from paca_hpu import device as _device
+    from .maxseq import search_longest
+    from .measure import _to, is_oom_error, linear_memory_model, release_host_memory, train_step
+
+    dev = info.device
+    if cfg.get("budget_bytes"):
+        budget = float(cfg["budget_bytes"])
+    else:
+        budget = default_budget_bytes(info)
+
+    def step_peak(length: int) -> int:
+        batch = {k: v[:, :length] for k, v in stream.items()}
+        release_host_memory()
+        if info.type == "cuda":
+            torch.cuda.empty_cache()
+        _device.reset_peak_memory()
+        train_step(variant, opt, _to(batch, dev))
+        _device.synchronize()
+        return int(_device.peak_memory_bytes())
+
+    ms: dict = {"budget_bytes": budget}
+    if info.type == "cpu":
+        # the cross-check: the real CPU search runs one fresh process per probe (benchmarks.maxseq)
+        points = [[length, step_peak(length)] for length in sorted(cfg["maxseq_lengths"])]
+        ms.update({"method": "model", "points": points, **linear_memory_model(points, budget)})
+    else:
+        probes = []
+
+        def fits(length: int) -> bool:
+            try:
+                p = step_peak(length)
+                ok = p <= budget
+                probes.append([length, p, ok, None])
+                return ok
+            except Exception as err:  # noqa: BLE001 - OOM surfaces as different types per device
+                if not is_oom_error(err):
+                    raise
+                probes.append([length, None, False, "out of memory"])
+                if opt is not None:  # floor has no optimizer
+                    opt.zero_grad(set_to_none=True)
+                variant.model.zero_grad(set_to_none=True)
+                gc.collect()
+                if info.type == "cuda":
+                    torch.cuda.empty_cache()
+                return False
+
+        limit, gran = int(cfg["maxseq_limit"]), int(cfg["maxseq_granularity"])
+        found = search_longest(fits, int(cfg["maxseq_start"]), limit, gran)
+        ms.update({"method": "search", "isolation": "the variant's measuring process", "probes": probes,
+                   **found, "limit": limit, "granularity": gran})
+    return ms
 
 
 def run_child(cfg: dict, variant_name: str, inputs_path: str, out_path: str) -> None:

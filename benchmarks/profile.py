@@ -80,10 +80,10 @@ def _tiny_layer_pairs(layers: List[tuple], dev, gen) -> List[tuple]:
     return pairs
 
 
-def _components(paca, optimizer, shapes: Dict[str, tuple], reps: int) -> Dict[str, Dict[str, float]]:
-    layers: List[tuple] = [(n, l) for n, l in paca_layers(paca.model) if n in shapes]
-    dev = _device.get_device()
-    gen = torch.Generator().manual_seed(0)
+def _delta_gradient_pieces(layers: List[tuple], shapes: Dict[str, tuple], dev, gen) -> tuple:
+    """``(gather, delta_gemm, delta_casts)``: the column gather and the delta-gradient GEMM of every layer in
+    ``layers`` at its captured input shape (``delta_gemm(order)`` returns the callable of one GEMM form), on
+    random inputs drawn from ``gen``."""
     xs, gs, sels = {}, {}, {}
     for name, layer in layers:
         dt = layer.weight.dtype
@@ -113,6 +113,15 @@ def _components(paca, optimizer, shapes: Dict[str, tuple], reps: int) -> Dict[st
         for name, layer in layers:
             gs[name].reshape(-1, layer.out_features).to(torch.float32)
             sels[name].reshape(-1, layer.r).to(torch.float32)
+
+    return gather, delta_gemm, delta_casts
+
+
+def _components(paca, optimizer, shapes: Dict[str, tuple], reps: int) -> Dict[str, Dict[str, float]]:
+    layers: List[tuple] = [(n, l) for n, l in paca_layers(paca.model) if n in shapes]
+    dev = _device.get_device()
+    gen = torch.Generator().manual_seed(0)
+    gather, delta_gemm, delta_casts = _delta_gradient_pieces(layers, shapes, dev, gen)
 
     tiny: List[tuple] = []  # built after the write-back is timed: the step hook looks at every live PaCA layer
 

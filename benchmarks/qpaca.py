@@ -277,9 +277,7 @@ def run_qpaca_section(args, spec, dtype: torch.dtype, splits, info, log: Callabl
     earlier run of the same model and shape (``--merge``), kept as they are; the memory-model check is recomputed
     from the kept and the new parts."""
     from paca_hpu import device as _device
-    from .inputs import all_batches, fixed_batches
-    from .measure import saved_tensor_bytes, summarize, time_rounds
-    from .variants import build_variant, make_optimizer
+    from .inputs import fixed_batches
 
     quant = {"quant_type": args.bnb_4bit_quant_type, "double_quant": bool(args.bnb_4bit_use_double_quant)}
     res: dict = {"quant": dict(quant, compute_dtype=args.dtype, library=_bnb_version()), "variants": QUANT_VARIANTS}
@@ -288,15 +286,7 @@ def run_qpaca_section(args, spec, dtype: torch.dtype, splits, info, log: Callabl
     batches = fixed_batches(splits["train"], args.batch, max(args.rounds + args.warmup, 1), seed=args.seed)
 
     if "memory" in args.qpaca_parts:
-        child_cfg = {"model": spec.to_dict(), "dtype": args.dtype, "seed": args.seed, "r": args.r, "alpha": args.alpha,
-                     "threads": args.threads, "batch": args.batch, "seq_len": args.seq_len,
-                     "memory_warmup": args.memory_warmup, "memory_steps": args.memory_steps, "maxseq": False,
-                     "cpu_malloc": "tuned" if args.cpu_malloc == "both" else args.cpu_malloc, "quant": quant}
-        log(f"qpaca memory: one subprocess per variant ({_device.peak_memory_kind()})")
-        child = run_children(child_cfg, [QUANT_VARIANTS[n] for n in names],
-                             {"batch": batches[0], "stream": batches[0]}, log)
-        res["memory"] = {n: {k: child[QUANT_VARIANTS[n]][k] for k in ("peak_bytes", "before_bytes", "kind",
-                                                                        "trainable")} for n in names}
+        res["memory"] = _qpaca_memory(args, spec, quant, names, batches, run_children, log)
 
     _device.manual_seed_all(args.seed)
     base = load_quantized_base(spec, dtype, info.device, **quant)
@@ -305,38 +295,9 @@ def run_qpaca_section(args, spec, dtype: torch.dtype, splits, info, log: Callabl
         f"{res['weight_bytes'] / 2 ** 20:,.1f} MB of weights")
 
     if "saved" in args.qpaca_parts or "timing" in args.qpaca_parts:
-        built = {n: build_variant(QUANT_VARIANTS[n], base, r=args.r, alpha=args.alpha) for n in names}
-        opts = {n: make_optimizer(built[n], 1e-4) for n in names}
-        if "saved" in args.qpaca_parts:
-            res["saved"] = {n: saved_tensor_bytes(built[n].model, batches[0]) for n in names}
-            for n in names:
-                log(f"qpaca saved: {n}: {res['saved'][n]['bytes'] / 2 ** 20:,.2f} MB")
-        if "timing" in args.qpaca_parts:
-            raw = time_rounds(built, opts, batches, rounds=args.rounds, warmup=args.warmup, log=log)
-            tokens = args.batch * args.seq_len
-            res["timing"] = {"rounds": args.rounds, "warmup": args.warmup, "tokens_per_step": tokens, "variants": {
-                n: {"wall_s": summarize(raw[n]["wall_s"]), "cpu_s": summarize(raw[n]["cpu_s"]),
-                    "tokens_per_s": summarize([tokens / x for x in raw[n]["wall_s"]]),
-                    "trainable": built[n].trainable, "raw_wall_s": raw[n]["wall_s"]} for n in names}}
-            pairs = (("qpaca", "qlora"), ("qpaca", "qfloor"), ("qlora", "qfloor"))
-            res["timing"]["ratios"] = {
-                f"{a}/{b}": summarize([x / y for x, y in zip(raw[a]["wall_s"], raw[b]["wall_s"])]) for a, b in pairs}
-        del built, opts
-        gc.collect()
-
+        _qpaca_saved_and_timing(args, base, names, batches, res, log)
     if "quality" in args.qpaca_parts:
-        from .quality import run_quality
-
-        q_train = fixed_batches(splits["train"], args.batch, args.steps, seed=args.seed + 1)
-        val = splits["validation"]
-        q = run_quality(base, ["lora", "paca"], lr_grids, q_train, all_batches(val.select(range(0, len(val), 2)),
-                        args.batch), all_batches(val.select(range(1, len(val), 2)), args.batch), args.steps,
-                        args.eval_every, seed=args.seed, r=args.r, alpha=args.alpha, log=log)
-        q["best"] = {("q" + k): v for k, v in q["best"].items()}
-        q["runs"] = {("q" + k): v for k, v in q["runs"].items()}
-        if "ratio_paca_lora" in q:
-            q["ratio_qpaca_qlora"] = q.pop("ratio_paca_lora")
-        res["quality"] = q
+        res["quality"] = _qpaca_quality(args, base, splits, lr_grids, log)
 
     a = arch_of(base.config)
     e = 2 if dtype in (torch.bfloat16, torch.float16) else 4
@@ -350,6 +311,65 @@ def run_qpaca_section(args, spec, dtype: torch.dtype, splits, info, log: Callabl
     del base
     gc.collect()
     return res
+
+
+def _qpaca_memory(args, spec, quant: dict, names: List[str], batches, run_children: Callable, log) -> dict:
+    """Peak memory of each quantized variant, each in its own process (``run_children``)."""
+    from paca_hpu import device as _device
+
+    child_cfg = {"model": spec.to_dict(), "dtype": args.dtype, "seed": args.seed, "r": args.r, "alpha": args.alpha,
+                 "threads": args.threads, "batch": args.batch, "seq_len": args.seq_len,
+                 "memory_warmup": args.memory_warmup, "memory_steps": args.memory_steps, "maxseq": False,
+                 "cpu_malloc": "tuned" if args.cpu_malloc == "both" else args.cpu_malloc, "quant": quant}
+    log(f"qpaca memory: one subprocess per variant ({_device.peak_memory_kind()})")
+    child = run_children(child_cfg, [QUANT_VARIANTS[n] for n in names],
+                         {"batch": batches[0], "stream": batches[0]}, log)
+    return {n: {k: child[QUANT_VARIANTS[n]][k] for k in ("peak_bytes", "before_bytes", "kind", "trainable")}
+            for n in names}
+
+
+def _qpaca_saved_and_timing(args, base, names: List[str], batches, res: dict, log) -> None:
+    """Bytes saved for backward and interleaved step times of the quantized variants, built once on ``base``; into
+    ``res`` as ``saved`` / ``timing`` (the parts ``--qpaca_parts`` selects)."""
+    from .measure import saved_tensor_bytes, summarize, time_rounds
+    from .variants import build_variant, make_optimizer
+
+    built = {n: build_variant(QUANT_VARIANTS[n], base, r=args.r, alpha=args.alpha) for n in names}
+    opts = {n: make_optimizer(built[n], 1e-4) for n in names}
+    if "saved" in args.qpaca_parts:
+        res["saved"] = {n: saved_tensor_bytes(built[n].model, batches[0]) for n in names}
+        for n in names:
+            log(f"qpaca saved: {n}: {res['saved'][n]['bytes'] / 2 ** 20:,.2f} MB")
+    if "timing" in args.qpaca_parts:
+        raw = time_rounds(built, opts, batches, rounds=args.rounds, warmup=args.warmup, log=log)
+        tokens = args.batch * args.seq_len
+        res["timing"] = {"rounds": args.rounds, "warmup": args.warmup, "tokens_per_step": tokens, "variants": {
+            n: {"wall_s": summarize(raw[n]["wall_s"]), "cpu_s": summarize(raw[n]["cpu_s"]),
+                "tokens_per_s": summarize([tokens / x for x in raw[n]["wall_s"]]),
+                "trainable": built[n].trainable, "raw_wall_s": raw[n]["wall_s"]} for n in names}}
+        pairs = (("qpaca", "qlora"), ("qpaca", "qfloor"), ("qlora", "qfloor"))
+        res["timing"]["ratios"] = {
+            f"{a}/{b}": summarize([x / y for x, y in zip(raw[a]["wall_s"], raw[b]["wall_s"])]) for a, b in pairs}
+    del built, opts
+    gc.collect()
+
+
+def _qpaca_quality(args, base, splits, lr_grids: Dict[str, List[float]], log) -> dict:
+    """Held-out loss of QLoRA and QPaCA at each one's best learning rate (:func:`benchmarks.quality.run_quality`
+    with the results renamed ``qlora`` / ``qpaca``)."""
+    from .inputs import all_batches, fixed_batches
+    from .quality import run_quality
+
+    q_train = fixed_batches(splits["train"], args.batch, args.steps, seed=args.seed + 1)
+    val = splits["validation"]
+    q = run_quality(base, ["lora", "paca"], lr_grids, q_train, all_batches(val.select(range(0, len(val), 2)),
+                    args.batch), all_batches(val.select(range(1, len(val), 2)), args.batch), args.steps,
+                    args.eval_every, seed=args.seed, r=args.r, alpha=args.alpha, log=log)
+    q["best"] = {("q" + k): v for k, v in q["best"].items()}
+    q["runs"] = {("q" + k): v for k, v in q["runs"].items()}
+    if "ratio_paca_lora" in q:
+        q["ratio_qpaca_qlora"] = q.pop("ratio_paca_lora")
+    return q
 
 
 def _bnb_version() -> str:

@@ -698,7 +698,7 @@ def test_run_commit_is_dirty_for_code_changes_not_for_the_benchmarks_own_outputs
     import shutil
     from pathlib import Path
 
-    from benchmarks.cli import _git_commit
+    from benchmarks.runinfo import _git_commit
 
     if shutil.which("git") is None:
         pytest.skip("git not installed")
