@@ -12,6 +12,8 @@ parameters are present):
 * :func:`whole_parameters`: a context in which partitioned parameters are whole on every rank (ZeRO-3:
   ``deepspeed.zero.GatheredParameters``; FSDP1: ``FullyShardedDataParallel.summon_full_params``); FSDP2's ``DTensor``
   parameters are made whole one by one with :func:`whole_tensor`. Every rank must enter it (collectives);
+* :func:`gathered`: DeepSpeed ZeRO-3 placeholders among given parameters whole for a block (PaCA's conversion and the
+  ``modules_to_save`` copies read them once; a collective), a no-op for ordinary tensors;
 * :func:`is_main_process`: global rank 0, or no process group;
 * :func:`wrapping_engine`: the engine that already wraps a model (PaCA must be applied before wrapping).
 
@@ -30,7 +32,7 @@ from torch import nn
 from .layer import is_dtensor
 
 __all__ = ["unwrap", "clean_name", "is_partitioned", "whole_parameters", "whole_tensor", "is_main_process",
-           "wrapping_engine"]
+           "wrapping_engine", "gathered"]
 
 _WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 _WRAPPER_CLASSES = ("DistributedDataParallel", "DeepSpeedEngine", "FullyShardedDataParallel")
@@ -123,3 +125,18 @@ def wrapping_engine(model: nn.Module) -> Optional[str]:
         if fsdp2 and isinstance(module, fsdp2):
             return "fully_shard"
     return None
+
+
+@contextlib.contextmanager
+def gathered(params: Sequence[torch.Tensor]) -> Iterator[None]:
+    """DeepSpeed ZeRO-3 partitioned parameters among ``params`` gathered whole on every rank for the block
+    (``deepspeed.zero.GatheredParameters``, a collective: every rank converts the same layers in the same order);
+    a no-op for ordinary tensors."""
+    zero3 = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if not zero3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(zero3, modifier_rank=None):
+        yield

@@ -37,14 +37,15 @@ from typing import Dict, Iterator, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .adapter import (ADAPTER_WEIGHTS_NAME, _MTS_PREFIX, _check_complete, _check_layers_fit, load_adapter,
-                      read_adapter)
+from .adapter import ADAPTER_WEIGHTS_NAME, load_adapter, read_adapter
+from .adapter_state import MTS_PREFIX, check_complete, check_layers_fit
 from .atomic import atomic_directory
 from .checkpoints import is_disk_full
 from .config import PaCAConfig
 from .hub import ModelSourceError, base_model_source, from_pretrained_cache_first, one_line
-from .model import _is_supported, merge_paca, name_matches
+from .model import merge_paca
 from .selection import check_indices
+from .targets import is_supported, name_matches
 
 __all__ = ["ExportError", "DTYPES", "export_lora", "export_merged", "lora_state_dict"]
 
@@ -149,18 +150,18 @@ def _layer_shapes(base: str, names: List[str], config: PaCAConfig, tensors: Dict
     shapes = {}
     for name in names:
         module = modules.get(name)
-        if module is None or not _is_supported(module):
+        if module is None or not is_supported(module):
             raise ExportError(f"adapter layer '{name}' is no linear layer of the base model '{base}'; the adapter "
                               "was trained on another model (pass the right --base_model)")
         w = module.weight
         shapes[name] = ("conv1d", w.shape[1], w.shape[0]) if isinstance(module, Conv1D) else (
             "linear", w.shape[0], w.shape[1])
     try:
-        _check_layers_fit(model, config, tensors, names)
-        _check_complete(model, config, names, adapter_dir)
+        check_layers_fit(model, config, tensors, names)
+        check_complete(model, config, names, adapter_dir)
     except ValueError as err:
         raise ExportError(one_line(err, limit=None)) from err
-    return shapes, [n for n, m in model.named_modules() if n and _is_supported(m)], model
+    return shapes, [n for n, m in model.named_modules() if n and is_supported(m)], model
 
 
 def _target_modules(names: List[str], linear_names: List[str]) -> List[str]:
@@ -207,10 +208,10 @@ def _trained_by_id(model: nn.Module, tensors: Dict[str, torch.Tensor]) -> Dict[i
     params = dict(model.named_parameters(remove_duplicate=False))
     trained: Dict[int, torch.Tensor] = {}
     for key, value in tensors.items():
-        if key.startswith(_MTS_PREFIX):
-            p = params.get(key[len(_MTS_PREFIX):])
+        if key.startswith(MTS_PREFIX):
+            p = params.get(key[len(MTS_PREFIX):])
             if p is None:
-                raise ExportError(f"adapter modules_to_save parameter '{key[len(_MTS_PREFIX):]}' is not in the base "
+                raise ExportError(f"adapter modules_to_save parameter '{key[len(MTS_PREFIX):]}' is not in the base "
                                   "model; the adapter was trained on another model (pass the right --base_model)")
             trained[id(p)] = value
     return trained
@@ -316,8 +317,8 @@ def lora_state_dict(config: PaCAConfig, tensors: Dict[str, torch.Tensor],
         out[f"base_model.model.{name}.lora_A.weight"] = lora_a
         out[f"base_model.model.{name}.lora_B.weight"] = delta.to(dtype).contiguous()
     if modules_to_save is None:
-        modules_to_save = {f"base_model.model.{key[len(_MTS_PREFIX):]}": value for key, value in tensors.items()
-                           if key.startswith(_MTS_PREFIX)}
+        modules_to_save = {f"base_model.model.{key[len(MTS_PREFIX):]}": value for key, value in tensors.items()
+                           if key.startswith(MTS_PREFIX)}
     for key, value in modules_to_save.items():  # a copy each: tied modules are written as separate tensors
         out[key] = value.to(dtype=dtype, copy=True).contiguous()
     return out
@@ -348,7 +349,7 @@ def export_lora(adapter_dir: PathLike, output_dir: PathLike, *, base_model: Opti
     except ImportError as err:
         raise ImportError("export --to lora needs peft (it writes peft's adapter_config.json): pip install peft"
                           ) from err
-    names = [k[: -len(".delta")] for k in tensors if k.endswith(".delta") and not k.startswith(_MTS_PREFIX)]
+    names = [k[: -len(".delta")] for k in tensors if k.endswith(".delta") and not k.startswith(MTS_PREFIX)]
     shapes, linear_names, meta_model = _layer_shapes(base, names, config, tensors, adapter_dir)
     kinds = {kind for kind, _, _ in shapes.values()}
     if len(kinds) > 1:

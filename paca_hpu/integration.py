@@ -6,7 +6,8 @@
 adapter writer and reader of :mod:`paca_hpu.adapter`. That is all ``transformers.Trainer``, TRL's trainers and
 ``accelerator.unwrap_model(model).save_pretrained`` need for adapter-only checkpoints and exact resumes, with no
 paca_hpu trainer class; :class:`paca_hpu.trainer.PaCATrainerMixin` saves through the same ``save_pretrained``. Why
-instance hooks: docs/integration.md. The imports run one way: model <- adapter <- integration.
+instance hooks: docs/integration.md. The imports run one way: targets, modules_to_save <- model, adapter_state <- adapter
+<- integration.
 """
 
 from __future__ import annotations

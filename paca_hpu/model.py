@@ -8,10 +8,11 @@
   ``state_dict()``) is decided in one place, :mod:`paca_hpu.writeback`; :func:`apply_paca` makes sure its optimizer
   step hook is registered, and :func:`sync_paca` writes back on request.
 * :func:`sync_paca`, :func:`disable_paca`, :func:`functional_paca`, :func:`merge_paca`, :func:`unload_paca`.
-* ``modules_to_save`` train a copy (peft's ``ModulesToSaveWrapper``): each of their parameters is replaced, in every
-  module that holds it (tied weights stay tied), by a trainable copy, and the frozen original stays registered
-  beside it as ``paca_original_<name>``; :func:`disable_paca` switches the originals in, :func:`unload_paca` puts
-  them back, :func:`merge_paca` keeps the copies.
+* ``modules_to_save`` train a copy beside the frozen original (:mod:`paca_hpu.modules_to_save`): :func:`apply_paca`
+  makes the copies, :func:`disable_paca` switches the originals in, :func:`unload_paca` puts them back,
+  :func:`merge_paca` keeps the copies.
+* Which layers are converted is :mod:`paca_hpu.targets` (:func:`find_target_modules`, :func:`name_matches` and
+  :func:`paca_layers` are importable from here as before).
 * :func:`apply_paca` here is the conversion alone; the public ``paca_hpu.apply_paca`` (:mod:`paca_hpu.integration`)
   also makes the model's ``save_pretrained`` / ``load_state_dict`` handle the adapter (this module knows no files).
 """
@@ -19,20 +20,21 @@
 from __future__ import annotations
 
 import contextlib
-import re
-import sys
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from .config import PaCAConfig
-from .distributed import wrapping_engine
-from .layer import PaCALayerBase, PaCALinear, PaCALinear4bit, is_dtensor
+from .distributed import gathered, wrapping_engine
+from .layer import PaCALinear, PaCALinear4bit
 from .layer.quantized4bit import (clear_quantization_markers, is_linear4bit, linear_features, prevent_cpu_repack,
                                   unsupported_reason)
+from .modules_to_save import ORIGINAL_PREFIX  # noqa: F401 (importable from here, as before the split)
+from .modules_to_save import find_modules_to_save, keep_originals, originals_in_place, settle_originals
 from .selection import (DATA_AWARE_INIT_INDICES, activation_norms, agree_across_ranks, check_indices,
                         initial_indices, select_indices, top_r)
+from .targets import find_target_modules, is_supported, name_matches, paca_layers, weight_shape
 from .writeback import install_step_hook, write_back_model
 
 __all__ = [
@@ -52,109 +54,6 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# target selection
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _conv1d_class():
-    """transformers' GPT-2 style ``Conv1D`` if transformers is already imported (never imports it)."""
-    mod = sys.modules.get("transformers.pytorch_utils")
-    return getattr(mod, "Conv1D", None) if mod is not None else None
-
-
-def _is_supported(module: nn.Module) -> bool:
-    conv1d = _conv1d_class()
-    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
-
-
-def name_matches(name: str, patterns: Union[str, Sequence[str]]) -> bool:
-    """Whether the qualified module name ``name`` is selected by ``patterns``, as ``PaCAConfig.target_modules`` /
-    ``exclude_modules`` / ``modules_to_save`` select (peft's rule): a string is a regular expression that must match
-    the whole name; a list selects names equal to an entry or ending with ``"." + entry``. (``"all-linear"`` is no
-    pattern: :func:`find_target_modules` resolves it.)"""
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
-
-
-def _output_head_names(model: nn.Module) -> set:
-    """Names of the output head and of every layer whose weight is the input embedding's weight."""
-    heads = set()
-    tied_ids = set()
-    get_in = getattr(model, "get_input_embeddings", None)
-    get_out = getattr(model, "get_output_embeddings", None)
-    emb = out = None
-    try:
-        emb = get_in() if callable(get_in) else None
-    except (NotImplementedError, AttributeError):
-        emb = None
-    try:
-        out = get_out() if callable(get_out) else None
-    except (NotImplementedError, AttributeError):
-        out = None
-    if emb is not None and getattr(emb, "weight", None) is not None:
-        tied_ids.add(id(emb.weight))
-    for module in model.modules():  # models without get_input_embeddings: any embedding table counts
-        if isinstance(module, nn.Embedding):
-            tied_ids.add(id(module.weight))
-    for name, module in model.named_modules():
-        if module is out or name.split(".")[-1] == "lm_head":
-            heads.add(name)
-        w = getattr(module, "weight", None)
-        if w is not None and id(w) in tied_ids and _is_supported(module):
-            heads.add(name)
-    return heads
-
-
-def find_target_modules(model: nn.Module, config: PaCAConfig) -> List[str]:
-    """Qualified names of the layers :func:`apply_paca` would convert, in ``named_modules`` order.
-
-    Raises:
-        ValueError: nothing matches (names the patterns and shows some linear layers), or a matched module is
-            not an ``nn.Linear`` / ``Conv1D`` (names it), or a match is already a PaCA layer.
-    """
-    for name, module in model.named_modules():
-        if isinstance(module, PaCALayerBase):
-            raise ValueError(f"module '{name}' is already a PaCALinear: the model already has PaCA applied; "
-                             "call unload_paca(model) or merge_paca(model) first")
-    heads = _output_head_names(model) if config.target_modules == "all-linear" else set()
-    names: List[str] = []
-    linear_names: List[str] = []
-    for name, module in model.named_modules():
-        if not name:
-            continue
-        if _is_supported(module):
-            linear_names.append(name)
-        if config.target_modules == "all-linear":
-            matched = _is_supported(module) and name not in heads
-        else:
-            matched = name_matches(name, config.target_modules)
-        if not matched or (config.exclude_modules is not None and name_matches(name, config.exclude_modules)):
-            continue
-        if isinstance(module, PaCALayerBase):
-            raise ValueError(f"module '{name}' is already a PaCALinear: the model already has PaCA applied; "
-                             "call unload_paca(model) or merge_paca(model) first")
-        reason = unsupported_reason(name, module)
-        if reason:
-            raise ValueError(reason)
-        if not _is_supported(module):
-            raise ValueError(
-                f"target module '{name}' is a {type(module).__name__}, which PaCA does not support; PaCA adapts "
-                "torch.nn.Linear, transformers Conv1D and bitsandbytes 4-bit Linear4bit layers. Narrow target_modules "
-                "to the linear layers (e.g. ['q_proj', 'v_proj'] or 'all-linear')"
-            )
-        names.append(name)
-    if not names:
-        shown = ", ".join(linear_names[:8]) + (" ..." if len(linear_names) > 8 else "")
-        raise ValueError(
-            f"PaCA target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) matched "
-            f"no layer of {type(model).__name__}. Linear layers in this model: {shown or 'none'}. "
-            "Use 'all-linear' or names from that list."
-        )
-    return names
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # conversion
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -163,41 +62,6 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
-
-
-def _weight_shape(name: str, module: nn.Module) -> Tuple[int, int]:
-    """``(out_features, in_features)`` of a target layer's base weight. A DeepSpeed ZeRO-3 parameter built under
-    ``deepspeed.zero.Init`` is a shape-``(0,)`` placeholder whose real shape is ``ds_shape``.
-
-    Raises:
-        ValueError: the weight is already sharded by FSDP / FSDP2 (PaCA must be applied before wrapping).
-    """
-    if is_linear4bit(module):
-        in_features, out_features = linear_features(module)
-        return out_features, in_features
-    w = module.weight
-    shape = tuple(getattr(w, "ds_shape", None) or w.shape)
-    expected = (module.out_features, module.in_features) if isinstance(module, nn.Linear) else None
-    if is_dtensor(w) or len(shape) != 2 or (expected is not None and shape != expected):
-        raise ValueError(f"the weight of layer '{name}' is sharded ({type(w).__name__} of shape {tuple(w.shape)}): "
-                         "apply_paca / load_adapter must run on the whole model, before wrapping it with FSDP or "
-                         "fully_shard")
-    return shape if isinstance(module, nn.Linear) else (shape[1], shape[0])
-
-
-@contextlib.contextmanager
-def _gathered(params: Sequence[torch.Tensor]) -> Iterator[None]:
-    """DeepSpeed ZeRO-3 partitioned parameters among ``params`` gathered whole on every rank for the block
-    (``deepspeed.zero.GatheredParameters``, a collective: every rank converts the same layers in the same order);
-    a no-op for ordinary tensors."""
-    zero3 = [p for p in params if p is not None and hasattr(p, "ds_id")]
-    if not zero3:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(zero3, modifier_rank=None):
-        yield
 
 
 def _to_paca(name: str, module: nn.Module, indices: torch.Tensor, scaling: float,
@@ -233,7 +97,7 @@ def _initial_indices(name: str, module: nn.Module, config: PaCAConfig) -> torch.
                              "bitsandbytes 4-bit; use init_indices='random', or 'activation_norm' with "
                              "calibrate_indices(model, config, batches)")
         return select_indices(name, linear_features(module)[0], config.r, config.random_seed)
-    with _gathered([module.weight]):  # a ZeRO-3 placeholder: whole (every rank the same) for the column choice
+    with gathered([module.weight]):  # a ZeRO-3 placeholder: whole (every rank the same) for the column choice
         return initial_indices(name, _linear_layout(module), config)
 
 
@@ -251,7 +115,7 @@ def _target_names(model: nn.Module, config: PaCAConfig, indices: Optional[Dict[s
         reason = unsupported_reason(name, modules[name])
         if reason:
             raise ValueError(reason)
-        if not _is_supported(modules[name]):
+        if not is_supported(modules[name]):
             raise ValueError(f"adapter module '{name}' is a {type(modules[name]).__name__} in this model, not an "
                              "nn.Linear / Conv1D")
     return names
@@ -272,7 +136,7 @@ def _plan(model: nn.Module, config: PaCAConfig, names: List[str], indices: Optio
     planned: List[Tuple[str, nn.Module, torch.Tensor]] = []
     for name in names:
         module = modules[name]
-        out_features, in_features = _weight_shape(name, module)
+        out_features, in_features = weight_shape(name, module)
         sharers = [o for o in owners.get(id(module.weight), []) if o != f"{name}.weight"]
         if sharers:
             raise ValueError(f"layer '{name}' shares its weight with {sharers[0]} (tied weights); PaCA cannot adapt "
@@ -287,115 +151,6 @@ def _plan(model: nn.Module, config: PaCAConfig, names: List[str], indices: Optio
                                  f"{in_features}: the indices belong to another model or are corrupt") from None
         planned.append((name, module, idx))
     return planned
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# modules_to_save: a trainable copy beside the frozen original (peft's ModulesToSaveWrapper)
-# ---------------------------------------------------------------------------------------------------------------
-
-#: Name prefix under which a module keeps the frozen original of a ``modules_to_save`` parameter: ``lm_head.weight`` is
-#: the trainable copy, ``lm_head.paca_original_weight`` the base weight (in ``state_dict``, moved and cast with the
-#: model, never in an adapter file).
-ORIGINAL_PREFIX = "paca_original_"
-
-
-def _modules_to_save(model: nn.Module, config: PaCAConfig, targets: Sequence[str]) -> List[nn.Module]:
-    """The modules ``config.modules_to_save`` selects (names as ``target_modules`` lists match).
-
-    Raises:
-        ValueError: nothing matches, or a selected module is, holds or sits inside a PaCA layer (one of ``targets``
-            or a layer already converted): it cannot be both adapted and trained whole.
-    """
-    if not config.modules_to_save:
-        return []
-    found = [(n, m) for n, m in model.named_modules() if n and name_matches(n, config.modules_to_save)]
-    if not found:
-        raise ValueError(f"modules_to_save={config.modules_to_save!r} matched no module of {type(model).__name__}")
-    adapted = set(targets) | {name for name, _ in paca_layers(model)}
-    for name, _ in found:
-        for target in sorted(adapted):
-            if target == name or target.startswith(name + ".") or name.startswith(target + "."):
-                raise ValueError(
-                    f"modules_to_save={config.modules_to_save!r} selects '{name}', which "
-                    f"{'is' if target == name else 'overlaps'} the PaCA layer '{target}': a module is either adapted "
-                    "by PaCA or trained whole. Remove it from modules_to_save, or leave it out of the PaCA targets "
-                    "(exclude_modules)")
-    return [m for _, m in found]
-
-
-def keep_originals(model: nn.Module, modules: Sequence[nn.Module]) -> None:
-    """Give every parameter of ``modules`` (and of their submodules) a trainable copy, as peft's
-    ``ModulesToSaveWrapper`` does, so that the base weights stay available: in every module of ``model`` that holds
-    such a parameter (tied weights: the input embedding and ``lm_head`` hold one), the parameter is replaced by one
-    shared copy (``requires_grad=True``, same dtype and device) and the original, frozen, is registered beside it as
-    ``ORIGINAL_PREFIX + name``. Parameters that already have a copy are left alone (idempotent). A DeepSpeed ZeRO-3
-    placeholder is gathered whole to be copied.
-
-    Raises:
-        ValueError: a PaCA layer holds one of these parameters (it would be adapted and trained whole at once).
-    """
-    wanted = {id(p) for module in modules for p in module.parameters()}
-    copies: Dict[int, nn.Parameter] = {}
-    for holder in list(model.modules()):
-        for pname, p in list(holder._parameters.items()):
-            if p is None or id(p) not in wanted or pname.startswith(ORIGINAL_PREFIX) \
-                    or ORIGINAL_PREFIX + pname in holder._parameters:
-                continue
-            if isinstance(holder, PaCALayerBase):
-                raise ValueError(f"modules_to_save: parameter '{pname}' of PaCA layer "
-                                 f"'{getattr(holder, 'paca_name', '?')}' cannot be trained whole as well")
-            if id(p) not in copies:
-                with _gathered([p]):
-                    copies[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=True)
-            p.requires_grad_(False)
-            holder.register_parameter(ORIGINAL_PREFIX + pname, p)
-            holder._parameters[pname] = copies[id(p)]
-
-
-def _originals(model: nn.Module) -> List[Tuple[nn.Module, str]]:
-    """``(module, name)`` of every parameter of ``model`` that is a ``modules_to_save`` copy."""
-    return [(m, key[len(ORIGINAL_PREFIX):]) for m in model.modules() for key in m._parameters
-            if key.startswith(ORIGINAL_PREFIX)]
-
-
-@contextlib.contextmanager
-def _originals_in_place(model: nn.Module) -> Iterator[None]:
-    """For the block, every ``modules_to_save`` parameter of ``model`` is its frozen original again (the module's
-    ``_parameters`` entry is switched; nothing is copied or written, so autograd graphs built before are untouched);
-    each entry's previous value comes back on exit (nests).
-
-    Raises:
-        RuntimeError: the parameters are managed by an engine that shards them (FSDP, FSDP2, DeepSpeed ZeRO-3),
-            which re-installs a module's parameters itself at each forward.
-    """
-    slots = _originals(model)
-    if not slots:
-        yield
-        return
-    engine = wrapping_engine(model)
-    if engine in ("FullyShardedDataParallel", "fully_shard") or any(
-            hasattr(m._parameters[n], "ds_id") or is_dtensor(m._parameters[n]) for m, n in slots):
-        raise RuntimeError(
-            f"disable_paca with modules_to_save under {engine or 'DeepSpeed ZeRO-3'}: the engine shards and "
-            "re-installs those parameters itself, so their base values cannot be switched in. Use a separate frozen "
-            "reference model, or leave modules_to_save empty")
-    prior = [(m, n, m._parameters[n]) for m, n in slots]
-    try:
-        for m, n, _ in prior:
-            m._parameters[n] = m._parameters[ORIGINAL_PREFIX + n]
-        yield
-    finally:
-        for m, n, p in prior:
-            m._parameters[n] = p
-
-
-def _settle_originals(model: nn.Module, keep_copies: bool) -> None:
-    """Drop the ``modules_to_save`` originals (``keep_copies``: the trained copies stay, as peft's
-    ``merge_and_unload``) or put them back in place of the copies (the base model)."""
-    for m, n in _originals(model):
-        original = m._parameters.pop(ORIGINAL_PREFIX + n)
-        if not keep_copies:
-            m._parameters[n] = original
 
 
 def apply_paca(
@@ -457,13 +212,13 @@ def apply_paca(
     planned = _plan(model, config, _target_names(model, config, indices), indices)
 
     # checked before anything changes: a failed apply_paca leaves the model untouched
-    to_save = _modules_to_save(model, config, [name for name, _, _ in planned])
+    to_save = find_modules_to_save(model, config, [name for name, _, _ in planned])
     prevent_cpu_repack(model)  # 4-bit layers: refused if repacked, never repacked from here on
 
     for p in model.parameters():
         p.requires_grad_(False)
     for name, module, idx in planned:
-        with _gathered([module.weight]):  # ZeRO-3 placeholders: whole once, to capture original_columns
+        with gathered([module.weight]):  # ZeRO-3 placeholders: whole once, to capture original_columns
             layer = _to_paca(name, module, idx, config.scaling, index_dtype)
         layer.paca_name = name  # for error messages only
         _set_submodule(model, name, layer)
@@ -516,14 +271,6 @@ def calibrate_indices(model: nn.Module, config: PaCAConfig, batches=None) -> Dic
     return agree_across_ranks(chosen)
 
 
-def paca_layers(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
-    """``(qualified_name, layer)`` for every PaCA layer in ``model``: every :class:`paca_hpu.layer.PaCALayerBase`
-    (dense :class:`PaCALinear`, 4-bit :class:`PaCALinear4bit`), in ``named_modules`` order."""
-    for name, module in model.named_modules():
-        if isinstance(module, PaCALayerBase):
-            yield name, module
-
-
 def paca_parameters(model: nn.Module) -> List[nn.Parameter]:
     """The trainable PaCA tensors of ``model``: every layer's ``delta`` (``(out_features, r)``, float32), in module
     order; empty for a model without PaCA layers. What an optimizer must hold for the write-back hook to fire."""
@@ -555,7 +302,7 @@ def disable_paca(model: nn.Module):
     Raises:
         RuntimeError: the model has ``modules_to_save`` and FSDP, FSDP2 or DeepSpeed ZeRO-3 shards its parameters
             (they re-install a module's parameters at each forward, so the originals cannot be switched in)."""
-    with _layers_set(model, "_paca_enabled", False), _originals_in_place(model):
+    with _layers_set(model, "_paca_enabled", False), originals_in_place(model):
         yield model
 
 
@@ -589,7 +336,7 @@ def _layers_set(model: nn.Module, attr: str, value) -> Iterator[None]:
 def _replace_all(model: nn.Module, merged: bool) -> nn.Module:
     for name, layer in list(paca_layers(model)):
         _set_submodule(model, name, layer.merged_layer() if merged else layer.unloaded())
-    _settle_originals(model, keep_copies=merged)
+    settle_originals(model, keep_copies=merged)
     if merged:
         clear_quantization_markers(model)
     if hasattr(model, "paca_config"):
