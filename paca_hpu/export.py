@@ -382,10 +382,10 @@ def _stored_dtype(config) -> Optional[torch.dtype]:
 def _load_base(base: str, load_dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    from .integration import _dtype_kwargs
+    from .hub import dtype_kwargs
 
     try:
-        return from_pretrained_cache_first(AutoModelForCausalLM.from_pretrained, base, **_dtype_kwargs(load_dtype))
+        return from_pretrained_cache_first(AutoModelForCausalLM.from_pretrained, base, **dtype_kwargs(load_dtype))
     except (OSError, ValueError) as err:
         raise ExportError(f"cannot load the base model '{base}': {one_line(err)}; pass --base_model PATH_OR_NAME"
                           ) from err

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 logger = logging.getLogger(__name__)
 
 __all__ = ["ModelSourceError", "HUB_ID", "check_model_source", "base_model_source", "cached_snapshot",
-           "from_pretrained_cache_first", "one_line"]
+           "from_pretrained_cache_first", "one_line", "dtype_kwargs"]
 
 #: A Hugging Face Hub model id: ``name`` or ``org/name`` (a name that is no local path is looked up there).
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -151,3 +151,14 @@ def from_pretrained_cache_first(load: Callable[..., Any], name: str, **kwargs) -
         return load(name, **kwargs)
     except OSError as err:
         raise ModelSourceError(_hub_error(name, err, kwargs.get("cache_dir"))) from err
+
+
+def dtype_kwargs(dtype) -> dict:
+    """The ``from_pretrained`` keyword for a dtype: ``{"dtype": dtype}`` for transformers >= 4.56 (``torch_dtype`` is
+    deprecated there), else ``{"torch_dtype": dtype}``; ``{}`` for ``None``."""
+    if dtype is None:
+        return {}
+    import transformers
+    from packaging.version import Version
+
+    return {"dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype": dtype}

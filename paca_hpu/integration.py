@@ -13,7 +13,7 @@ instance hooks: docs/integration.md. The imports run one way: targets, modules_t
 from __future__ import annotations
 
 import os
-from typing import Dict, Union
+from typing import Union
 
 from torch import nn
 
@@ -32,15 +32,6 @@ apply_paca.__doc__ = (_model.apply_paca.__doc__ or "") + """
     (:func:`paca_hpu.adapter.attach`); :func:`paca_hpu.model.apply_paca` is the conversion alone.
     """
 
-
-def _dtype_kwargs(dtype) -> Dict[str, object]:
-    """``{"dtype": ...}`` for transformers >= 4.56 (``torch_dtype`` is deprecated there), else ``torch_dtype``."""
-    if dtype is None:
-        return {}
-    import transformers
-    from packaging.version import Version
-
-    return {"dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype": dtype}
 
 
 def from_pretrained(adapter_dir: Union[str, os.PathLike], base_model: Union[str, os.PathLike, nn.Module, None] = None,
@@ -82,11 +73,11 @@ def from_pretrained(adapter_dir: Union[str, os.PathLike], base_model: Union[str,
     else:
         from transformers import AutoModelForCausalLM
 
-        from .hub import base_model_source, from_pretrained_cache_first
+        from .hub import base_model_source, dtype_kwargs, from_pretrained_cache_first
 
         source = base_model_source(str(base), None if base_model is not None else str(adapter_dir), fix)
         model = from_pretrained_cache_first(AutoModelForCausalLM.from_pretrained, source,
-                                            **_dtype_kwargs(torch_dtype), **model_kwargs)
+                                            **dtype_kwargs(torch_dtype), **model_kwargs)
     load_adapter(model, adapter_dir)
     if not is_trainable:
         for p in model.parameters():

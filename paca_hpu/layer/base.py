@@ -266,7 +266,7 @@ class PaCALayerBase(nn.Module, abc.ABC):
     def sync(self) -> None:
         """Make the layer's stored state reflect the current ``delta`` (write the merged columns where the layer
         keeps them; a no-op where forward reads ``delta`` itself). Called by :func:`paca_hpu.sync_paca`, and after
-        every optimizer step for the layers that keep merged columns (:mod:`paca_hpu.model`)."""
+        every optimizer step for the layers that keep merged columns (:mod:`paca_hpu.writeback`)."""
 
     @abc.abstractmethod
     def restore_original(self) -> None:
