@@ -243,22 +243,28 @@ def _load_state_dict_adapter(module: nn.Module, state_dict, prefix: str, layers:
     does and write them into ``module`` (:func:`write_into`); they are taken out of ``state_dict``. Returns the keys
     loaded.
 
+    A layer's ``delta`` without its ``indices`` keeps the layer's columns (``strict=False`` loads of deltas only;
+    under ``strict=True`` torch reports the indices missing).
+
     Raises:
-        ValueError: a tensor is not finite, a layer's delta has another shape, its indices are missing, out of
-            range or repeated (names the layer); a ``modules_to_save`` parameter has another shape.
+        ValueError: a tensor is not finite, a layer's delta has another shape, its indices are out of range or
+            repeated (names the layer); a ``modules_to_save`` parameter has another shape.
     """
     tensors = {k: state_dict[prefix + k] for k in adapter_state_dict_keys(module) if prefix + k in state_dict}
     names = [n for n in layers if f"{n}.delta" in tensors]
     mts = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in layers}
     tensors = {k: v for k, v in tensors.items() if k in mts or k.rpartition(".")[0] in names}
+    given = set(tensors)
+    for name in names:  # deltas without their indices (a partial state dict): the layer keeps its columns, as torch
+        tensors.setdefault(f"{name}.indices", layers[name].indices)  # keeps any tensor a state dict lacks
     check_finite(tensors, "adapter state dict")
     first = next(iter(layers.values()))
     check_layers_fit(module, getattr(module, "paca_config", None) or PaCAConfig(r=first.r), tensors, names)
     check_modules_to_save(module, mts, names)
     write_into(module, tensors, names, mts, None)
-    for key in tensors:
+    for key in given:
         del state_dict[prefix + key]
-    return {prefix + k for k in tensors}
+    return {prefix + k for k in given}
 
 
 def load_state_dict_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
