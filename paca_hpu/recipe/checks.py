@@ -2,6 +2,7 @@
 loaded, the output folder, the engine and quantization, the adapter against the loaded base model, and a checkpoint
 to resume from.  Every refusal is a :class:`~paca_hpu.recipe.errors.UsageError` naming the flag as typed."""
 
+import json
 import logging
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -259,6 +260,38 @@ def _checkpoint_adapter(checkpoint: str, peft_type: str):
     return "paca", config
 
 
+def check_trainer_files(checkpoint: str) -> None:
+    """The Trainer's own files of ``checkpoint`` must be readable before training starts: ``trainer_state.json``
+    parses as JSON, and each ``*.pt`` / ``*.pth`` (optimizer, scheduler, RNG states: zip archives written by
+    ``torch.save``) passes its zip CRC check. Nothing is unpickled here.
+
+    Raises:
+        UsageError: naming the damaged file (one line), with the fix: an earlier checkpoint, or no resume.
+    """
+    import zipfile
+
+    fix = "resume from an earlier checkpoint-N, or drop --resume_from_checkpoint to start over"
+    state = os.path.join(checkpoint, "trainer_state.json")
+    if os.path.isfile(state):
+        try:
+            with open(state, encoding="utf-8") as f:
+                json.load(f)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise UsageError(f"cannot resume from '{checkpoint}': trainer_state.json is damaged ({one_line(err)}); "
+                             f"{fix}") from err
+    for name in sorted(os.listdir(checkpoint)):
+        path = os.path.join(checkpoint, name)
+        if not (name.endswith((".pt", ".pth")) and os.path.isfile(path)):
+            continue
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as err:
+            bad = one_line(err) or "not a torch.save archive"
+        if bad is not None:
+            raise UsageError(f"cannot resume from '{checkpoint}': {name} is truncated or damaged ({bad}); {fix}")
+
+
 def check_resume(checkpoint: str, peft_type: str, config) -> Optional[Any]:
     """The checkpoint must hold what this run trains: the same ``--peft_type`` and, for PaCA, the same adapter shape
     as the run's ``config`` (else the optimizer state cannot fit).
@@ -272,6 +305,7 @@ def check_resume(checkpoint: str, peft_type: str, config) -> Optional[Any]:
     Raises:
         UsageError: naming the flag to pass to match the checkpoint.
     """
+    check_trainer_files(checkpoint)
     kind, saved = _checkpoint_adapter(checkpoint, peft_type)
     if kind != peft_type and (kind != "other" or peft_type == "none"):
         held = "an adapter that is no PaCA one" if kind == "other" else f"a --peft_type {kind} checkpoint"

@@ -1,6 +1,7 @@
 """One ``run_paca_clm`` run, step by step (:class:`_Run`), and the entry points :func:`run` and :func:`main`."""
 
 import logging
+import math
 import os
 import shutil
 import sys
@@ -64,6 +65,8 @@ class _Run:
         if ta.do_train and ta.max_steps < 0 and ta.num_train_epochs <= 0:
             raise UsageError(f"--num_train_epochs {ta.num_train_epochs:g} trains nothing; pass a positive "
                              "--num_train_epochs or --max_steps")
+        if not math.isfinite(ta.learning_rate):
+            raise UsageError(f"--learning_rate {ta.learning_rate:g} is not a finite number; pass a positive value")
         if ta.learning_rate < 0:
             raise UsageError(f"--learning_rate {ta.learning_rate:g} is negative; pass a positive value")
         check_distributed(ta, self.info, self.adapter_args.save_merged)

@@ -623,3 +623,38 @@ def test_default_eval_steps_keep_evaluation_a_minor_share(total, n_eval, per_ste
     assert evals_during <= EVALS_PER_RUN
     # evaluated examples (forward only) cost at most EVAL_BUDGET of the trained ones
     assert evals_during * n_eval * EVAL_COST <= EVAL_BUDGET * total * per_step + 1e-9
+
+
+@pytest.mark.parametrize("lr", ["nan", "inf"])
+def test_non_finite_learning_rate_is_refused_before_training(tiny, tmp_path, capsys, lr):
+    """A NaN learning rate crashed inside torch's AdamW with a traceback; an infinite one trained until the loss was
+    NaN. Both are refused up front, one line, exit 2, and the output folder stays empty."""
+    out = tmp_path / "run"
+    argv = _argv(tiny, out, "--max_steps", "1")
+    argv[argv.index("--learning_rate") + 1] = lr
+    assert _main(argv) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error: " in ln]
+    assert len(err) == 1 and "--learning_rate" in err[0] and "not a finite number" in err[0], err
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("damage", ["optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"])
+def test_resume_from_a_checkpoint_with_a_damaged_trainer_file_is_one_line(tiny, tmp_path, capsys, damage):
+    """A garbled optimizer / scheduler / RNG state or trainer_state.json in the checkpoint resumed gave a traceback
+    from inside the Trainer (IndexError, UnpicklingError advising weights_only=False, JSONDecodeError). Now: one line
+    naming the file and the fix, exit 2, before anything is trained or written; the checkpoint is left as it was."""
+    out = tmp_path / "run"
+    assert _main(_argv(tiny, out, "--max_steps", "2", "--save_steps", "2", "--do_eval", "False")) == 0
+    ck = out / "checkpoint-2"
+    target = ck / damage
+    assert target.is_file(), sorted(p.name for p in ck.iterdir())
+    data = target.read_bytes()
+    target.write_bytes(b"{\"global_step\": 2,\x01 oops" if damage.endswith(".json") else data[: len(data) // 2])
+    before = {p.name: p.read_bytes() for p in ck.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert _main(_argv(tiny, out, "--max_steps", "4", "--save_steps", "2", "--do_eval", "False",
+                       "--resume_from_checkpoint", str(ck))) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error: " in ln]
+    assert len(err) == 1 and damage in err[0] and "earlier checkpoint" in err[0], err
+    assert {p.name: p.read_bytes() for p in ck.iterdir() if p.is_file()} == before
+    assert not (out / "checkpoint-4").exists()
