@@ -178,8 +178,8 @@ def check_output_dir(training_args, resume: Optional[str]) -> None:
     if not os.path.isdir(out) or getattr(training_args, "overwrite_output_dir", False):
         return
     entries = sorted(os.listdir(out))
-    if not entries:
-        return
+    if not entries or entries == [_ckpt.RUN_FILE]:
+        return  # empty, or only the run id of an earlier run that failed before it saved anything
     if resume and os.path.isdir(resume) and os.path.samefile(os.path.dirname(os.path.abspath(resume)), out):
         return  # continuing the run that this directory holds
     shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")

@@ -638,6 +638,21 @@ def test_non_finite_learning_rate_is_refused_before_training(tiny, tmp_path, cap
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_a_run_that_failed_before_saving_does_not_block_the_next_one_in_its_folder(tiny, tmp_path, capsys):
+    """A run that diverged before its first save leaves only its run id (paca_run.json) in a new --output_dir; the
+    corrected rerun there was refused as "not empty". It now runs; a folder with anything else in it still is refused."""
+    out = tmp_path / "run"
+    argv = _argv(tiny, out, "--max_steps", "3", "--do_eval", "False")
+    argv[argv.index("--learning_rate") + 1] = "1e30"
+    assert _main(argv) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["paca_run.json"]
+    assert _main(_argv(tiny, out, "--max_steps", "1", "--do_eval", "False")) == 0
+    assert (out / "adapter_model.safetensors").is_file()
+    capsys.readouterr()
+    assert _main(_argv(tiny, out, "--max_steps", "1", "--do_eval", "False")) == 2
+    assert "is not empty" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("damage", ["optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"])
 def test_resume_from_a_checkpoint_with_a_damaged_trainer_file_is_one_line(tiny, tmp_path, capsys, damage):
     """A garbled optimizer / scheduler / RNG state or trainer_state.json in the checkpoint resumed gave a traceback
