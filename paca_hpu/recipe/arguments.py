@@ -282,11 +282,18 @@ def argument_classes(args_cls) -> tuple:
     return (ModelArguments, DataArguments, AdapterArguments, PaCAConfigArguments, args_cls) + extra
 
 
+#: What this script adds to a library flag's help text: values it takes beyond the library's.
+HELP_ADDENDA = {
+    "resume_from_checkpoint": " This script also takes 'last' (or 'true'): the newest complete checkpoint-N of the "
+                              "run in --output_dir.",
+}
+
+
 def build_parser(args_cls):
     """``HfArgumentParser`` over :func:`argument_classes` ``(args_cls)`` with this script's defaults
     (:data:`SCRIPT_DEFAULTS`, which may override any field's default, ``PaCAConfig``'s too); a help text that
     names the library's own default of such a flag (transformers 4.55: "Defaults to 'trainer_output'") loses that
-    sentence, so that ``--help`` shows the one default that applies."""
+    sentence, so that ``--help`` shows the one default that applies; :data:`HELP_ADDENDA` are appended."""
     from transformers import HfArgumentParser
 
     classes = argument_classes(args_cls)
@@ -297,6 +304,8 @@ def build_parser(args_cls):
     for action in parser._actions:
         if action.dest in defaults and action.help:
             action.help = _LIBRARY_DEFAULT.sub("", action.help)
+        if action.dest in HELP_ADDENDA:
+            action.help = (action.help or "").rstrip() + HELP_ADDENDA[action.dest]
     return parser
 
 

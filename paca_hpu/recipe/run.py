@@ -31,6 +31,17 @@ def _error(msg: str) -> int:
     return 2
 
 
+def _empty_eval_cause(data_args) -> str:
+    """Why the held-out set came out empty, for the warning: no held-out split was asked for, or every held-out
+    example was dropped by tokenization (no trained token within ``--max_seq_len``)."""
+    if not getattr(data_args, "validation_file", None) and not getattr(data_args, "validation_split_percentage", 0):
+        return "--validation_split_percentage is 0 and no --validation_file is given"
+    if getattr(data_args, "max_eval_samples", None) == 0:
+        return "--max_eval_samples is 0"
+    return (f"every held-out example was dropped: none has a trained token within --max_seq_len="
+            f"{getattr(data_args, 'max_seq_len', None)}; raise --max_seq_len or check the held-out data")
+
+
 class _Run:
     """One ``run_paca_clm`` run, step by step (:func:`run` calls the steps in order).  Holds what the steps
     share: the parsed arguments, tokenizer, data, model, trainer, the metrics dict and the time spent where."""
@@ -113,7 +124,7 @@ class _Run:
         if ta.do_train and (self.train_ds is None or len(self.train_ds) == 0):
             raise UsageError("the training set is empty")
         if self.eval_ds is not None and len(self.eval_ds) == 0:
-            logger.warning("the held-out set is empty (validation_split_percentage=0?): no held-out loss is reported")
+            logger.warning("the held-out set is empty: no held-out loss is reported (%s)", _empty_eval_cause(self.data_args))
             self.eval_ds = None
 
     def _load_base_model(self) -> None:

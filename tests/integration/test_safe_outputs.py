@@ -514,3 +514,26 @@ def test_hub_model_and_dataset_without_network_are_one_line(tiny, tmp_path):
     assert "RC1 2" in proc.stderr and "RC2 2" in proc.stderr and len(errors) == 2, proc.stderr[-3000:]
     assert "'tiny-org/not-cached'" in errors[0] and "Hub cannot be reached" in errors[0], errors[0]
     assert "'tatsu-lab/alpaca'" in errors[1] and "Hub cannot be reached" in errors[1], errors[1]
+
+
+@pytest.mark.parametrize("case", ["all_dropped", "no_split"])
+def test_empty_held_out_set_warning_names_its_cause(tiny, tmp_path, caplog, case):
+    """Newcomer finding: when --max_seq_len dropped every held-out example (each prompt longer than it), the warning
+    blamed validation_split_percentage. It now names --max_seq_len there, and the split only when the split is 0."""
+    from test_trainer import write_jsonl
+
+    out = tmp_path / "out"
+    if case == "all_dropped":
+        long = [{"question": "Add these numbers: " + " ".join(str(i) for i in range(80)), "answer": "#### 3160"}] * 4
+        extra = ["--validation_file", write_jsonl(tmp_path / "val.jsonl", long), "--train_on_inputs", "false"]
+    else:
+        extra = ["--validation_split_percentage", "0"]
+    argv = [a for a in _argv(tiny, out, "--max_steps", "1", "--do_eval", *extra)]
+    with caplog.at_level("WARNING"):
+        assert _main(argv) == 0
+    warned = [r.getMessage() for r in caplog.records if "held-out set is empty" in r.getMessage()]
+    assert len(warned) == 1, caplog.text[-3000:]
+    if case == "all_dropped":
+        assert "--max_seq_len=64" in warned[0] and "validation_split_percentage" not in warned[0]
+    else:
+        assert "--validation_split_percentage is 0" in warned[0]

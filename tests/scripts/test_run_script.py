@@ -673,3 +673,23 @@ def test_resume_from_a_checkpoint_with_a_damaged_trainer_file_is_one_line(tiny, 
     assert len(err) == 1 and damage in err[0] and "earlier checkpoint" in err[0], err
     assert {p.name: p.read_bytes() for p in ck.iterdir() if p.is_file()} == before
     assert not (out / "checkpoint-4").exists()
+
+
+def test_resume_from_checkpoint_help_names_last(tmp_path):
+    """Newcomer finding: ``--resume_from_checkpoint``'s help (transformers') did not say that this script takes
+    ``last``; it does, on every argument set, and ``last`` resolves to the newest complete checkpoint."""
+    import re
+
+    from transformers import TrainingArguments
+
+    from paca_hpu import cli
+    from paca_hpu.trainer import arguments_class, resolve_checkpoint
+
+    for args_cls in {TrainingArguments, arguments_class("cpu")}:
+        text = cli.build_parser(args_cls).format_help()
+        entry = re.search(r"^  --resume_from_checkpoint.*?(?=^  -|\Z)", text, flags=re.M | re.S).group(0)
+        assert "'last'" in " ".join(entry.split()), entry
+    for step in (2, 4):
+        os.makedirs(tmp_path / f"checkpoint-{step}")
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    assert resolve_checkpoint("last", str(tmp_path)) == str(tmp_path / "checkpoint-4")
