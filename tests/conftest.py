@@ -7,8 +7,8 @@ import sys as _core_sys
 _core_tests_dir = _core_os.path.dirname(_core_os.path.abspath(__file__))
 if _core_tests_dir not in _core_sys.path:
     _core_sys.path.insert(0, _core_tests_dir)
-# Test modules live in tests/<kind>/ (unit, integration, scripts, distributed, hpu); some reuse another's builders and
-# fixtures (``from test_trainer import make_tiny_checkpoint``), whichever folder that module is in.
+# Test modules live in tests/<kind>/ (unit, integration, scripts, distributed, hpu); a few reuse another module's
+# private helpers by name, whichever folder that module is in. Shared builders are in helpers.py.
 for _core_kind in sorted(_core_os.listdir(_core_tests_dir)):
     _core_path = _core_os.path.join(_core_tests_dir, _core_kind)
     if _core_os.path.isdir(_core_path) and _core_kind not in ("fake_habana", "__pycache__") \
@@ -107,3 +107,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ---- the training-script tests (tests/scripts/test_run_script.py, tests/integration/test_safe_outputs.py): a tiny
+# ---- LLaMA checkpoint on disk with its tokenizer, and 24 GSM8K-style rows, built once per module.
+@_emb_pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """``{"root", "model", "train"}``: a folder, a tiny LLaMA checkpoint in it (:func:`helpers.make_tiny_checkpoint`)
+    and a JSON-lines file of 24 question/answer rows (:func:`helpers.qa_records`)."""
+    from helpers import make_tiny_checkpoint, qa_records, write_jsonl
+
+    root = tmp_path_factory.mktemp("run_script")
+    return {"root": root, "model": make_tiny_checkpoint(root / "model"),
+            "train": write_jsonl(root / "train.jsonl", qa_records(24))}

@@ -372,7 +372,7 @@ def test_zero3_bytes_match_the_scale_out_model(heavy_runs, tiny_shape):
 
 @pytest.fixture(scope="module")
 def script_data(tmp_path_factory):
-    from test_trainer import make_tiny_checkpoint, qa_records, write_jsonl
+    from helpers import make_tiny_checkpoint, qa_records, write_jsonl
 
     root = tmp_path_factory.mktemp("script")
     return {"model": make_tiny_checkpoint(root / "model"), "train": write_jsonl(root / "train.jsonl", qa_records(24))}

@@ -894,7 +894,7 @@ def test_lora_factors_in_bf16_as_run_lora_clm(tmp_path, reset_accelerate):
 
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file
-    from test_trainer import make_tiny_checkpoint, qa_records, write_jsonl
+    from helpers import make_tiny_checkpoint, qa_records, write_jsonl
     from transformers import AutoModelForCausalLM
 
     from paca_hpu._transformers_compat import dtype_kwarg

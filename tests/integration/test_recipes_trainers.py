@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from test_recipes import _kl, _named, _random_deltas, dense_reference
-from test_trainer import make_tiny_checkpoint, qa_records, write_jsonl
+from helpers import make_tiny_checkpoint, qa_records, write_jsonl
 
 from paca_hpu import PaCAReferenceModel, disable_paca, load_adapter, paca_layers, save_adapter
 

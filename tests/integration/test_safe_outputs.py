@@ -14,8 +14,7 @@ import textwrap
 import pytest
 import torch
 
-from test_run_script import tiny  # noqa: F401  (fixture: tiny LLaMA checkpoint + 24 GSM8K-style rows)
-from test_trainer import StopAt
+from helpers import StopAt
 
 REPO = REPO_DIR
 
@@ -520,7 +519,7 @@ def test_hub_model_and_dataset_without_network_are_one_line(tiny, tmp_path):
 def test_empty_held_out_set_warning_names_its_cause(tiny, tmp_path, caplog, case):
     """Newcomer finding: when --max_seq_len dropped every held-out example (each prompt longer than it), the warning
     blamed validation_split_percentage. It now names --max_seq_len there, and the split only when the split is 0."""
-    from test_trainer import write_jsonl
+    from helpers import write_jsonl
 
     out = tmp_path / "out"
     if case == "all_dropped":

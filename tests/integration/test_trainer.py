@@ -1,78 +1,12 @@
 """paca_hpu.trainer on the CPU GaudiTrainer path: adapter-only checkpoints, exact resume, merged export,
 peft LoRA and full fine-tuning through the same code."""
 
-import filecmp
 import json
 import os
 
 import pytest
 import torch
-from helpers import ZeroStyleOptimizer
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
-
-
-def base_weight_files(path) -> set:
-    """The model weight files in ``path``; ``model.safetensors`` counts only when it is not the adapter's second name
-    (the same bytes as ``adapter_model.safetensors``, written for transformers' resume)."""
-    found = set(os.listdir(path)) & set(WEIGHT_FILES)
-    alias, adapter = os.path.join(path, "model.safetensors"), os.path.join(path, "adapter_model.safetensors")
-    if "model.safetensors" in found and os.path.isfile(adapter) and filecmp.cmp(alias, adapter, shallow=False):
-        found.discard("model.safetensors")
-    return found
-
-
-# ----------------------------------------------------------------------------- shared builders (also used by
-# test_run_script.py)
-
-
-def qa_records(n, offset=0):
-    out = []
-    for i in range(offset, offset + n):
-        a, b = i % 7 + 1, (3 * i) % 5 + 2
-        out.append({"question": f"What is {a} plus {b}?", "answer": f"{a} plus {b} is {a + b}. #### {a + b}"})
-    return out
-
-
-def write_jsonl(path, records):
-    with open(path, "w") as fh:
-        for r in records:
-            fh.write(json.dumps(r) + "\n")
-    return str(path)
-
-
-def make_tiny_checkpoint(path, seed=0, hidden_size=32):
-    """A tiny LlamaForCausalLM (hidden 32 by default, 2 layers) + a small byte-level BPE tokenizer with a chat
-    template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    corpus = [r["question"] + " " + r["answer"] for r in qa_records(200)]
-    bpe.train_from_iterator(corpus, trainer)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
-    tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(path)
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, attention_dropout=0.0,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return str(path)
+from helpers import StopAt, ZeroStyleOptimizer, base_weight_files, make_tiny_checkpoint, qa_records
 
 
 @pytest.fixture(scope="session")
@@ -96,21 +30,6 @@ def _collator(tok):
     from transformers import DataCollatorForSeq2Seq
 
     return DataCollatorForSeq2Seq(tok, padding=True)
-
-
-class StopAt:
-    """Simulates an interruption: stop (after saving) once ``global_step == k``."""
-
-    def __new__(cls, k):
-        from transformers import TrainerCallback
-
-        class _Stop(TrainerCallback):
-            def on_step_end(self, args, state, control, **kw):
-                if state.global_step >= k:
-                    control.should_save = True
-                    control.should_training_stop = True
-
-        return _Stop()
 
 
 def _run(tiny_ckpt, out, peft_type, stop=None, resume=None, max_steps=6, extra_callbacks=(), hf=False):

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 from run_lora_clm_commands import COMMANDS, DS_CONFIGS, script_argv
-from test_trainer import make_tiny_checkpoint, write_jsonl
+from helpers import make_tiny_checkpoint, write_jsonl
 
 from paca_hpu import cli
 from paca_hpu import device as dev

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from test_trainer import WEIGHT_FILES, StopAt, base_weight_files, make_tiny_checkpoint, qa_records, write_jsonl
+from helpers import WEIGHT_FILES, StopAt, base_weight_files, write_jsonl
 
 REPO = REPO_DIR
 SCRIPT = os.path.join(REPO, "scripts", "run_paca_clm.py")
@@ -25,14 +25,6 @@ def _gaudi_stack():
 
 #: the trainer the script picks on this CPU: GaudiTrainer's CPU path with optimum-habana, else transformers.Trainer
 CPU_TRAINER = "GaudiTrainer" if _gaudi_stack() else "transformers.Trainer"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("run_script")
-    ckpt = make_tiny_checkpoint(root / "model")
-    train = write_jsonl(root / "train.jsonl", qa_records(24))
-    return {"root": root, "model": ckpt, "train": train}
 
 
 def _argv(tiny, out, *extra):

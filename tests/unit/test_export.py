@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 from helpers import logits, random_ids, tiny_gpt2, tiny_llama
-from test_trainer import make_tiny_checkpoint
+from helpers import make_tiny_checkpoint
 
 from paca_hpu import PaCAConfig, apply_paca, merge_paca, paca_layers, sync_paca
 from paca_hpu.__main__ import main

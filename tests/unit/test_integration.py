@@ -11,7 +11,7 @@ import pickle
 import pytest
 import torch
 from helpers import logits, random_ids, tiny_llama
-from test_trainer import make_tiny_checkpoint, qa_records
+from helpers import make_tiny_checkpoint, qa_records
 
 import paca_hpu
 from paca_hpu import PaCAConfig, apply_paca, merge_paca, paca_layers

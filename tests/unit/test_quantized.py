@@ -475,7 +475,7 @@ def test_merge_of_a_partly_4bit_adapted_model_reloads_as_the_merged_model(tiny_d
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from test_trainer import make_tiny_checkpoint, qa_records, write_jsonl
+    from helpers import make_tiny_checkpoint, qa_records, write_jsonl
 
     root = tmp_path_factory.mktemp("qpaca_run")
     return {"model": make_tiny_checkpoint(root / "model", hidden_size=Q_HIDDEN),
