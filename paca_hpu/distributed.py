@@ -81,11 +81,7 @@ def whole_parameters(model: nn.Module, params: Sequence[torch.Tensor]) -> Iterat
     every rank (read-only: changes are not written back). A collective: call it on every rank, with the same
     ``params`` in the same order. A no-op for models without partitioned parameters."""
     with contextlib.ExitStack() as stack:
-        zero3 = [p for p in params if hasattr(p, "ds_id")]
-        if zero3:
-            import deepspeed
-
-            stack.enter_context(deepspeed.zero.GatheredParameters(zero3, modifier_rank=None))
+        stack.enter_context(gathered(params))
         if _fsdp1_modules(model):
             from torch.distributed.fsdp import FullyShardedDataParallel
 
