@@ -1,6 +1,7 @@
 """The flags of ``run_paca_clm.py``: model, data and method dataclasses, the Gaudi flags accepted off Gaudi, the
 version-dependent training flags, the script's defaults, and the ``HfArgumentParser`` over them all."""
 
+import argparse
 import dataclasses
 import os
 import re
@@ -200,12 +201,15 @@ PaCAConfigArguments = _paca_config_arguments()
 NOT_APPLICABLE = {
     "paca": {"lora_dropout": "PaCA trains the selected weight columns directly; it has no adapter input to drop out"},
     "lora": {"random_seed": "it seeds PaCA's column selection",
+             "paca_init_indices": "LoRA selects no columns", "paca_calibration_batches": "LoRA selects no columns",
              "verify_adapter": "the reload check runs for PaCA adapters only"},
     "none": {"paca_r": "full fine-tuning has no rank", "paca_alpha": "full fine-tuning has no scaling",
              "target_modules": "full fine-tuning trains every parameter",
              "exclude_modules": "full fine-tuning trains every parameter",
              "modules_to_save": "full fine-tuning saves the whole model", "lora_dropout": "LoRA only",
              "random_seed": "it seeds PaCA's column selection",
+             "paca_init_indices": "full fine-tuning selects no columns",
+             "paca_calibration_batches": "full fine-tuning selects no columns",
              "verify_adapter": "the reload check runs for PaCA adapters only"},
 }
 
@@ -287,13 +291,44 @@ HELP_ADDENDA = {
     "resume_from_checkpoint": " This script also takes 'last' (or 'true'): the newest complete checkpoint-N of the "
                               "run in --output_dir.",
 }
+#: Library help texts that say something else than what this script does (transformers' --overwrite_output_dir
+#: "use this to continue training"): replaced.
+HELP_REPLACED = {
+    "overwrite_output_dir": "Write this run into a non-empty --output_dir; the files it writes replace the earlier "
+                            "run's there. It does not resume: to continue a run, pass --resume_from_checkpoint last.",
+}
+
+
+def _default_text(dest: str, default: Any) -> Optional[str]:
+    """The ``(default: ...)`` of a flag whose default this script decides at run time (:data:`DEFAULT_LR`,
+    :data:`EMBEDDED_CPU_DEFAULTS`), else None (argparse shows the field's own)."""
+    if dest == "learning_rate":
+        by_lr: Dict[float, List[str]] = {}
+        for method, lr in DEFAULT_LR.items():
+            by_lr.setdefault(lr, []).append(method)
+        return "; ".join(f"{lr:g} for --peft_type {' and '.join(m)}" for lr, m in by_lr.items())
+    if dest in EMBEDDED_CPU_DEFAULTS:
+        return (f"{default}; {EMBEDDED_CPU_DEFAULTS[dest]} for the embedded model and data on CPU, i.e. without "
+                "--model_name_or_path and data flags")
+    return None
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``HfArgumentParser``'s formatter, except that a help text which already states its default (:func:`_default_text`)
+    gets no second ``(default: ...)``."""
+
+    def _get_help_string(self, action):
+        if getattr(action, "states_default", False):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser(args_cls):
     """``HfArgumentParser`` over :func:`argument_classes` ``(args_cls)`` with this script's defaults
     (:data:`SCRIPT_DEFAULTS`, which may override any field's default, ``PaCAConfig``'s too); a help text that
     names the library's own default of such a flag (transformers 4.55: "Defaults to 'trainer_output'") loses that
-    sentence, so that ``--help`` shows the one default that applies; :data:`HELP_ADDENDA` are appended."""
+    sentence, so that ``--help`` shows the one default that applies; :data:`HELP_REPLACED` and :data:`HELP_ADDENDA`
+    apply, and a flag whose default depends on the run states it (:func:`_default_text`)."""
     from transformers import HfArgumentParser
 
     classes = argument_classes(args_cls)
@@ -304,8 +339,15 @@ def build_parser(args_cls):
     for action in parser._actions:
         if action.dest in defaults and action.help:
             action.help = _LIBRARY_DEFAULT.sub("", action.help)
+        if action.dest in HELP_REPLACED:
+            action.help = HELP_REPLACED[action.dest]
         if action.dest in HELP_ADDENDA:
             action.help = (action.help or "").rstrip() + HELP_ADDENDA[action.dest]
+        text = _default_text(action.dest, action.default)
+        if text is not None and action.help:
+            action.help = f"{action.help.rstrip()} (default: {text})"
+            action.states_default = True
+    parser.formatter_class = _HelpFormatter
     return parser
 
 

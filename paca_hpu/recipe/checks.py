@@ -15,6 +15,7 @@ from ..model import name_matches
 from ..selection import check_r
 from .errors import UsageError
 from .parsing import typed_flag
+from .training import checkpoint_step
 
 logger = logging.getLogger("paca_hpu.run_paca_clm")
 
@@ -187,6 +188,32 @@ def check_output_dir(training_args, resume: Optional[str]) -> None:
     raise UsageError(f"--output_dir '{out}' is not empty ({shown}); pass --overwrite_output_dir to write over it"
                      + (", --resume_from_checkpoint last to continue the run in it" if resumable else "")
                      + ", or another --output_dir")
+
+
+def check_something_to_train(training_args, resume: Optional[str]) -> None:
+    """A resume that would train no step is refused before anything is written when its outputs would replace what
+    the output directory holds: a checkpoint past ``--max_steps``, or a run that already finished (its final
+    ``trainer_state.json`` at or past the checkpoint's step). A checkpoint at exactly ``--max_steps`` of a run that
+    was stopped before its final save is still finished (its adapter written as the run's output, :meth:`train`).
+
+    Raises:
+        UsageError: naming the checkpoint's step, ``--max_steps`` and the flag to change.
+    """
+    ta = training_args
+    if not (resume and ta.do_train and ta.max_steps and ta.max_steps > 0):
+        return
+    done = checkpoint_step(resume)
+    if done is None or done < ta.max_steps:
+        return
+    if done > ta.max_steps:
+        raise UsageError(f"checkpoint '{resume}' is at step {done}, past --max_steps {ta.max_steps}: there is nothing "
+                         f"to train; raise --max_steps above {done} to train further, or resume from a checkpoint-K "
+                         f"with K <= {ta.max_steps}")
+    final = checkpoint_step(ta.output_dir)
+    if final is not None and final >= done:
+        raise UsageError(f"the run in '{ta.output_dir}' already finished at step {final} and --max_steps is "
+                         f"{ta.max_steps}: there is nothing to train, and its outputs are left as they are; raise "
+                         f"--max_steps above {final} to train further")
 
 
 def check_distributed(training_args, info, save_merged: bool = False) -> None:

@@ -140,7 +140,7 @@ def print_summary(m: Dict[str, Any], out: str) -> None:
         per_step = f", {m['train_seconds'] / steps:.2f} s/step" if steps else ""
         resumed = f" ({start + 1} to {start + steps}, resumed at step {start})" if start and steps else ""
         lines += [
-            f"training              : {steps} steps{resumed} in {f(m.get('train_seconds'), '.1f')} s{per_step} "
+            f"training              : {steps} step{'' if steps == 1 else 's'}{resumed} in {f(m.get('train_seconds'), '.1f')} s{per_step} "
             "(optimizer steps only)",
             f"train tokens/s        : {f(m.get('train_tokens_per_second'), ',.1f')} (input tokens incl. padding; "
             f"{m.get('throughput_measured_steps')} steps after {m.get('throughput_warmup_steps')} warm-up, "

@@ -13,9 +13,8 @@ from .. import trainer as _tr
 from ..atomic import write_json_atomic
 from ..hub import one_line
 from ..model import trainable_parameters
-from .checks import (check_batch_sizes, check_distributed, check_not_the_model,
-                     check_output_dir, check_quantization, check_resume, check_resume_selection, check_targets,
-                     fit_seq_len)
+from .checks import (check_batch_sizes, check_distributed, check_not_the_model, check_output_dir, check_quantization,
+                     check_resume, check_resume_selection, check_something_to_train, check_targets, fit_seq_len)
 from .errors import UsageError, environment_error
 from .loading import (calibration_batches, configure_gaudi_generation, load_data, load_model, load_tokenizer, lora_dtype,
                       model_source)
@@ -31,15 +30,16 @@ def _error(msg: str) -> int:
     return 2
 
 
-def _empty_eval_cause(data_args) -> str:
-    """Why the held-out set came out empty, for the warning: no held-out split was asked for, or every held-out
-    example was dropped by tokenization (no trained token within ``--max_seq_len``)."""
-    if not getattr(data_args, "validation_file", None) and not getattr(data_args, "validation_split_percentage", 0):
+def _empty_split_cause(data_args, split: str) -> str:
+    """Why the ``"train"`` or ``"validation"`` split came out empty, with the fix: no held-out split was asked for,
+    ``--max_*_samples 0``, or tokenization dropped every example (none has a trained token within ``--max_seq_len``)."""
+    if split == "validation" and not data_args.validation_file and not data_args.validation_split_percentage:
         return "--validation_split_percentage is 0 and no --validation_file is given"
-    if getattr(data_args, "max_eval_samples", None) == 0:
-        return "--max_eval_samples is 0"
-    return (f"every held-out example was dropped: none has a trained token within --max_seq_len="
-            f"{getattr(data_args, 'max_seq_len', None)}; raise --max_seq_len or check the held-out data")
+    flag = "max_train_samples" if split == "train" else "max_eval_samples"
+    if getattr(data_args, flag, None) == 0:
+        return f"--{flag} is 0"
+    return (f"every example was dropped: none has a trained token within --max_seq_len={data_args.max_seq_len}; raise "
+            "--max_seq_len or check the data")
 
 
 class _Run:
@@ -91,6 +91,7 @@ class _Run:
             raise UsageError(str(err)) from err
         check_batch_sizes(ta)
         check_not_the_model(ta.output_dir, self.model_args.model_name_or_path)
+        check_something_to_train(ta, self.resume)
         check_output_dir(ta, self.resume)
         from transformers import set_seed
 
@@ -122,9 +123,9 @@ class _Run:
         self.train_ds = datasets["train"] if ta.do_train else None
         self.eval_ds = datasets["validation"] if (ta.do_eval and "validation" in datasets) else None
         if ta.do_train and (self.train_ds is None or len(self.train_ds) == 0):
-            raise UsageError("the training set is empty")
+            raise UsageError("the training set is empty: " + _empty_split_cause(self.data_args, "train"))
         if self.eval_ds is not None and len(self.eval_ds) == 0:
-            logger.warning("the held-out set is empty: no held-out loss is reported (%s)", _empty_eval_cause(self.data_args))
+            logger.warning("the held-out set is empty: no held-out loss is reported (%s)", _empty_split_cause(self.data_args, "validation"))
             self.eval_ds = None
 
     def _load_base_model(self) -> None:
@@ -224,9 +225,10 @@ class _Run:
         if self.trained and self.resume and ta.max_steps and ta.max_steps > 0:
             done = checkpoint_step(self.resume)
             if done is not None and done >= ta.max_steps:
-                # upstream would run one extra step when resuming at max_steps; there is nothing left to train
-                logger.info("checkpoint %s is at step %d >= max_steps %d: nothing left to train", self.resume, done,
-                            ta.max_steps)
+                # a run stopped after its last checkpoint, before its final save (check_something_to_train refused
+                # the other cases); upstream would run one extra step when resuming at max_steps
+                logger.warning("checkpoint %s is at --max_steps %d: nothing left to train; its adapter is written as "
+                               "this run's output (raise --max_steps to train further)", self.resume, ta.max_steps)
                 trainer._load_from_checkpoint(self.resume)
                 trainer.save_model()  # the output directory still gets the (loaded) final adapter / model
                 self.trained = False

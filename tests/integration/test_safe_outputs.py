@@ -515,6 +515,15 @@ def test_hub_model_and_dataset_without_network_are_one_line(tiny, tmp_path):
     assert "'tatsu-lab/alpaca'" in errors[1] and "Hub cannot be reached" in errors[1], errors[1]
 
 
+def test_training_set_emptied_by_max_seq_len_names_the_fix(tiny, tmp_path, capsys):
+    """Newcomer finding: --max_seq_len 2 dropped every training example and the error said only "the training set
+    is empty"; it now names --max_seq_len and the fix."""
+    assert _main(_argv(tiny, tmp_path / "out", "--max_steps", "1", "--max_seq_len", "2", "--train_on_inputs",
+                       "false")) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "the training set is empty" in line and "--max_seq_len=2" in line and "raise --max_seq_len" in line
+
+
 @pytest.mark.parametrize("case", ["all_dropped", "no_split"])
 def test_empty_held_out_set_warning_names_its_cause(tiny, tmp_path, caplog, case):
     """Newcomer finding: when --max_seq_len dropped every held-out example (each prompt longer than it), the warning

@@ -135,6 +135,16 @@ def test_lora_only_and_paca_only_flags_are_warned_about(tmp_path, caplog):
         cli.parse_args(base + ["--peft_type", "none", "--paca_r", "4"], CPU)
         assert "--paca_r 4 does not apply to --peft_type none" in caplog.text
         caplog.clear()
+        # newcomer finding: the column-selection flags were dropped without a word under LoRA and full fine-tuning
+        for method in ("lora", "none"):
+            cli.parse_args(base + ["--peft_type", method, "--paca_init_indices", "weight_norm",
+                                   "--paca_calibration_batches", "4"], CPU)
+            assert f"--paca_init_indices weight_norm does not apply to --peft_type {method}" in caplog.text
+            assert f"--paca_calibration_batches 4 does not apply to --peft_type {method}" in caplog.text
+            caplog.clear()
+        cli.parse_args(base + ["--paca_init_indices", "weight_norm"], CPU)
+        assert "does not apply" not in caplog.text
+        caplog.clear()
         cli.parse_args(base, CPU)
         assert "does not apply" not in caplog.text
 

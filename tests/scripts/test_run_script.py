@@ -117,10 +117,14 @@ def test_resume_through_script_is_exact(tiny, tmp_path, capsys):
     capsys.readouterr()
     assert _main(_argv(tiny, cut, *common, "--paca_r", "4", "--resume_from_checkpoint", str(cut / "checkpoint-3"))) == 2
     assert "--paca_r" in capsys.readouterr().err
-    # "--resume_from_checkpoint true" picks the last checkpoint; at max_steps there is nothing left to train
-    assert _main(_argv(tiny, cut, *common, "--resume_from_checkpoint", "true")) == 0
+    # "--resume_from_checkpoint true" picks the last checkpoint; the run already finished there: nothing to train,
+    # refused, and its outputs are left as they were (they used to be rewritten from the checkpoint, metrics.json
+    # without the training history)
+    before = {f: (cut / f).read_bytes() for f in ("metrics.json", "adapter_model.safetensors", "loss_curves.png")}
+    assert _main(_argv(tiny, cut, *common, "--resume_from_checkpoint", "true")) == 2
+    assert "already finished at step 6" in capsys.readouterr().err
     assert sorted(d for d in os.listdir(cut) if d.startswith("checkpoint-")) == ["checkpoint-3", "checkpoint-6"]
-    assert json.load(open(cut / "metrics.json"))["eval_loss_after"] == ma["eval_loss_after"]
+    assert {f: (cut / f).read_bytes() for f in before} == before
 
 
 def test_max_seq_len_above_the_model_positions_is_lowered_with_a_warning(tiny, tmp_path, capsys):
@@ -374,11 +378,33 @@ def test_resume_with_another_adapter_shape_or_a_broken_config_is_a_clean_error(t
 
 
 def test_resume_at_max_steps_still_writes_the_adapter(tiny, tmp_path):
+    """A run stopped after its last checkpoint, before its final save: resuming at --max_steps writes that
+    checkpoint's adapter as the run's output."""
     first, again = tmp_path / "first", tmp_path / "again"
     assert _main(_argv(tiny, first, "--max_steps", "2", "--save_steps", "2")) == 0
     assert _main(_argv(tiny, again, "--max_steps", "2", "--resume_from_checkpoint", str(first / "checkpoint-2"))) == 0
     a, b = _adapter(first), _adapter(again)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("which", ["last", "earlier"])
+def test_resume_with_nothing_to_train_leaves_the_outputs_alone(tiny, tmp_path, capsys, which):
+    """Newcomer finding: resuming with --max_steps at or below the checkpoint's step exited 0 after rewriting the
+    output folder: ``last`` (step 2) with --max_steps 1 replaced metrics.json by one without the training history;
+    ``checkpoint-1`` with --max_steps 1 replaced the step-2 final adapter by the step-1 one. Both are refused, exit 2,
+    naming the step and --max_steps; every file in the folder is byte-identical afterwards."""
+    out = tmp_path / "out"
+    assert _main(_argv(tiny, out, "--max_steps", "2", "--save_steps", "1", "--save_total_limit", "3")) == 0
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    before = {p: p.read_bytes() for p in files}
+    capsys.readouterr()
+    resume = "last" if which == "last" else str(out / "checkpoint-1")
+    assert _main(_argv(tiny, out, "--max_steps", "1", "--resume_from_checkpoint", resume)) == 2
+    err = capsys.readouterr().err
+    expected = "is at step 2, past --max_steps 1" if which == "last" else "already finished at step 2"
+    assert expected in err and "raise --max_steps above 2" in err, err[-2000:]
+    assert sorted(p for p in out.rglob("*") if p.is_file()) == files
+    assert {p: p.read_bytes() for p in files} == before
 
 
 def _run_subprocess(argv, timeout=600):
@@ -667,20 +693,34 @@ def test_resume_from_a_checkpoint_with_a_damaged_trainer_file_is_one_line(tiny, 
     assert not (out / "checkpoint-4").exists()
 
 
-def test_resume_from_checkpoint_help_names_last(tmp_path):
-    """Newcomer finding: ``--resume_from_checkpoint``'s help (transformers') did not say that this script takes
-    ``last``; it does, on every argument set, and ``last`` resolves to the newest complete checkpoint."""
+def test_help_states_the_defaults_the_script_applies(tmp_path):
+    """Newcomer findings: ``--help`` showed transformers' defaults where the script applies its own (--learning_rate
+    5e-05 against the 2e-4 used; batch 8 / 512 tokens / max_steps -1 against the embedded CPU run's 4 / 256 / 40), said
+    that --overwrite_output_dir "continues training" (here it does not resume), and did not say that
+    --resume_from_checkpoint takes 'last'. Each entry now states the defaults applied (read from the tables the parser
+    uses) once, on every argument set; 'last' resolves to the newest complete checkpoint."""
     import re
 
     from transformers import TrainingArguments
 
     from paca_hpu import cli
+    from paca_hpu.recipe.arguments import EMBEDDED_CPU_DEFAULTS
     from paca_hpu.trainer import arguments_class, resolve_checkpoint
 
     for args_cls in {TrainingArguments, arguments_class("cpu")}:
         text = cli.build_parser(args_cls).format_help()
-        entry = re.search(r"^  --resume_from_checkpoint.*?(?=^  -|\Z)", text, flags=re.M | re.S).group(0)
-        assert "'last'" in " ".join(entry.split()), entry
+        entries = {m.group(1): " ".join(m.group(0).split())
+                   for m in re.finditer(r"^  (--\w+).*?(?=^  -|\Z)", text, flags=re.M | re.S)}
+        lr = entries["--learning_rate"]
+        assert len(re.findall("default", lr)) == 1 and "5e-05" not in lr, lr
+        for method, value in cli.DEFAULT_LR.items():
+            assert re.search(rf"{value:g} for --peft_type [a-z ]*\b{method}\b", lr), (method, lr)
+        for flag, value in EMBEDDED_CPU_DEFAULTS.items():
+            entry = entries[f"--{flag}"]
+            assert len(re.findall(r"\(default:", entry)) == 1 and f"; {value} for the embedded model" in entry, entry
+        assert "continue training" not in entries["--overwrite_output_dir"]
+        assert "--resume_from_checkpoint last" in entries["--overwrite_output_dir"]
+        assert "'last'" in entries["--resume_from_checkpoint"]
     for step in (2, 4):
         os.makedirs(tmp_path / f"checkpoint-{step}")
         (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
