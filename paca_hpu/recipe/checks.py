@@ -281,10 +281,21 @@ def _checkpoint_adapter(checkpoint: str, peft_type: str):
     try:
         config, _, _ = read_adapter(checkpoint)
     except (OSError, ValueError) as err:
-        if peft_type == "paca":
-            raise UsageError(f"cannot resume from '{checkpoint}' with --peft_type paca: {one_line(err)}") from err
+        if peft_type == "paca":  # the reader's own fix (save the adapter again) is not the one for a checkpoint
+            raise UsageError(f"cannot resume from '{checkpoint}' with --peft_type paca: "
+                             f"{one_line(err).split('; ', 1)[0]}; {_resume_fix(checkpoint)}") from err
         return "other", None
     return "paca", config
+
+
+def _resume_fix(checkpoint: str) -> str:
+    """What to do instead of resuming from a damaged ``checkpoint``: another complete checkpoint in the same folder
+    (the newest two are named), or starting over."""
+    folder, here = os.path.dirname(os.path.abspath(checkpoint)), os.path.abspath(checkpoint)
+    earlier = [os.path.basename(p) for _, p in _ckpt.checkpoints_in(folder)
+               if os.path.abspath(p) != here and _ckpt.is_complete(p)]
+    named = f" ({', '.join(earlier[-2:])} there)" if earlier else ""
+    return f"resume from another complete checkpoint-N{named}, or drop --resume_from_checkpoint to start over"
 
 
 def check_trainer_files(checkpoint: str) -> None:
@@ -297,7 +308,7 @@ def check_trainer_files(checkpoint: str) -> None:
     """
     import zipfile
 
-    fix = "resume from an earlier checkpoint-N, or drop --resume_from_checkpoint to start over"
+    fix = _resume_fix(checkpoint)
     state = os.path.join(checkpoint, "trainer_state.json")
     if os.path.isfile(state):
         try:

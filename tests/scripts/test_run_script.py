@@ -671,24 +671,32 @@ def test_a_run_that_failed_before_saving_does_not_block_the_next_one_in_its_fold
     assert "is not empty" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("damage", ["optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"])
+@pytest.mark.parametrize("damage", ["optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json",
+                                    "adapter_model.safetensors", "adapter_model.safetensors:deleted"])
 def test_resume_from_a_checkpoint_with_a_damaged_trainer_file_is_one_line(tiny, tmp_path, capsys, damage):
     """A garbled optimizer / scheduler / RNG state or trainer_state.json in the checkpoint resumed gave a traceback
     from inside the Trainer (IndexError, UnpicklingError advising weights_only=False, JSONDecodeError). Now: one line
-    naming the file and the fix, exit 2, before anything is trained or written; the checkpoint is left as it was."""
+    naming the file and the fix, exit 2, before anything is trained or written; the checkpoint is left as it was.
+    Newcomer finding: a damaged or missing adapter file gave the fix for a save_adapter folder ("save the adapter
+    again") and did not name the intact checkpoint beside it; the fix now names it."""
     out = tmp_path / "run"
-    assert _main(_argv(tiny, out, "--max_steps", "2", "--save_steps", "2", "--do_eval", "False")) == 0
+    assert _main(_argv(tiny, out, "--max_steps", "2", "--save_steps", "1", "--do_eval", "False")) == 0
     ck = out / "checkpoint-2"
-    target = ck / damage
+    name, _, how = damage.partition(":")
+    target = ck / name
     assert target.is_file(), sorted(p.name for p in ck.iterdir())
     data = target.read_bytes()
-    target.write_bytes(b"{\"global_step\": 2,\x01 oops" if damage.endswith(".json") else data[: len(data) // 2])
+    if how == "deleted":
+        target.unlink()
+    else:
+        target.write_bytes(b"{\"global_step\": 2,\x01 oops" if name.endswith(".json") else data[: len(data) // 2])
     before = {p.name: p.read_bytes() for p in ck.iterdir() if p.is_file()}
     capsys.readouterr()
     assert _main(_argv(tiny, out, "--max_steps", "4", "--save_steps", "2", "--do_eval", "False",
                        "--resume_from_checkpoint", str(ck))) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if "error: " in ln]
-    assert len(err) == 1 and damage in err[0] and "earlier checkpoint" in err[0], err
+    assert len(err) == 1 and name in err[0] and "another complete checkpoint-N (checkpoint-1 there)" in err[0], err
+    assert "save the adapter again" not in err[0] and "save_adapter" not in err[0], err
     assert {p.name: p.read_bytes() for p in ck.iterdir() if p.is_file()} == before
     assert not (out / "checkpoint-4").exists()
 
