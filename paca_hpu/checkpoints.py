@@ -216,7 +216,8 @@ def resolve_checkpoint(resume_from_checkpoint: Union[str, bool, None], output_di
         if last is None:
             others = [p for _, p in checkpoints_in(output_dir) if is_complete(p)] if os.path.isdir(output_dir) else []
             hint = (f"; {os.path.basename(others[-1])} there belongs to an earlier run: pass its path to "
-                    "--resume_from_checkpoint to continue that run") if others else ""
+                    "--resume_from_checkpoint to continue that run") if others else \
+                "; drop --resume_from_checkpoint to start a new run"
             raise FileNotFoundError(f"no complete checkpoint-N directory of the latest run to resume from in "
                                     f"'{output_dir}'{hint}")
         return last

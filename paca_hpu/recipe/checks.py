@@ -283,12 +283,12 @@ def _checkpoint_adapter(checkpoint: str, peft_type: str):
     except (OSError, ValueError) as err:
         if peft_type == "paca":  # the reader's own fix (save the adapter again) is not the one for a checkpoint
             raise UsageError(f"cannot resume from '{checkpoint}' with --peft_type paca: "
-                             f"{one_line(err).split('; ', 1)[0]}; {_resume_fix(checkpoint)}") from err
+                             f"{one_line(err).split('; ', 1)[0]}; {_other_checkpoints_fix(checkpoint)}") from err
         return "other", None
     return "paca", config
 
 
-def _resume_fix(checkpoint: str) -> str:
+def _other_checkpoints_fix(checkpoint: str) -> str:
     """What to do instead of resuming from a damaged ``checkpoint``: another complete checkpoint in the same folder
     (the newest two are named), or starting over."""
     folder, here = os.path.dirname(os.path.abspath(checkpoint)), os.path.abspath(checkpoint)
@@ -308,7 +308,7 @@ def check_trainer_files(checkpoint: str) -> None:
     """
     import zipfile
 
-    fix = _resume_fix(checkpoint)
+    fix = _other_checkpoints_fix(checkpoint)
     state = os.path.join(checkpoint, "trainer_state.json")
     if os.path.isfile(state):
         try:

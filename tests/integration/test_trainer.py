@@ -207,7 +207,7 @@ def test_resolve_checkpoint(tmp_path):
 
     assert resolve_checkpoint(None, str(tmp_path)) is None
     assert resolve_checkpoint("False", str(tmp_path)) is None
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="drop --resume_from_checkpoint to start a new run"):  # nothing there
         resolve_checkpoint(True, str(tmp_path))
     (tmp_path / "checkpoint-2").mkdir()
     (tmp_path / "checkpoint-10").mkdir()
