@@ -159,7 +159,7 @@ PACA_CONFIG_FLAGS: Dict[str, Tuple[str, List[str], str]] = {
     "init_indices": ("paca_init_indices", [], " activation_norm computes them before training, over "
                                               "--paca_calibration_batches training batches. In the study "
                                               "(docs/benchmarks.md, 'Parity study and column selection') neither "
-                                              "beat random."),
+                                              "did better than random."),
 }
 
 
